@@ -1,0 +1,1 @@
+"""Services the request phases rely on: registry, caches, model loader, breaker, telemetry."""

@@ -1,0 +1,537 @@
+"""The model registry: which agents exist, the model each runs, and how to prompt and route to it.
+
+Parses and validates `models.json` (JSON Schema, then semantic checks) into frozen values.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import hashlib
+import importlib.util
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import jsonschema
+from jsonschema.exceptions import ValidationError as SchemaError
+from jsonschema.exceptions import best_match
+
+from orion_fsm._exceptions import ModelLoadError, RegistryError
+from orion_fsm._resources import data_file
+
+__all__ = [
+    "CHAT_TEMPLATE_PRESETS",
+    "AgentSpec",
+    "ChatTemplate",
+    "GenerationDefaults",
+    "ModelSource",
+    "QuantVariant",
+    "Registry",
+    "RoutingHints",
+]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model file lives: a filesystem `path`, or a `file` inside an installed `package`."""
+
+    path: Path | None = None
+    package: str | None = None
+    file: str | None = None
+
+    def describe(self) -> str:
+        if self.path is not None:
+            return str(self.path)
+        return f"{self.file} from package {self.package}"
+
+    def locate(self) -> Path:
+        """Return the model file's path, checking that it exists.
+
+        Package sources are found with `find_spec`, which does not import the package: model
+        packages often import heavy runtimes at import time.
+        """
+        if self.path is not None:
+            candidate = self.path
+        else:
+            assert self.package is not None and self.file is not None
+            spec = importlib.util.find_spec(self.package)
+            if spec is None or not spec.submodule_search_locations:
+                raise ModelLoadError(
+                    f"model package {self.package!r} is not installed; install it "
+                    f'or point the registry at a file with {{"path": ...}}'
+                )
+            candidate = Path(next(iter(spec.submodule_search_locations))) / self.file
+        if not candidate.is_file():
+            raise ModelLoadError(f"model file not found: {self.describe()} (looked at {candidate})")
+        return candidate
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """Format strings (with `{content}`) that turn (role, content) messages into a prompt."""
+
+    system: str
+    user: str
+    assistant: str
+    assistant_prefix: str
+
+    @classmethod
+    def preset(cls, name: str) -> ChatTemplate:
+        try:
+            return CHAT_TEMPLATE_PRESETS[name]
+        except KeyError:
+            known = ", ".join(CHAT_TEMPLATE_PRESETS)
+            raise KeyError(f"unknown chat template preset {name!r}; known: {known}") from None
+
+    def render(
+        self, messages: Sequence[tuple[str, str]], *, add_generation_prompt: bool = True
+    ) -> str:
+        formats = {"system": self.system, "user": self.user, "assistant": self.assistant}
+        parts: list[str] = []
+        for role, content in messages:
+            try:
+                fmt = formats[role]
+            except KeyError:
+                raise ValueError(
+                    f"unknown message role {role!r}; expected system, user or assistant"
+                ) from None
+            parts.append(fmt.format(content=content))
+        if add_generation_prompt:
+            parts.append(self.assistant_prefix)
+        return "".join(parts)
+
+
+CHAT_TEMPLATE_PRESETS: Mapping[str, ChatTemplate] = MappingProxyType(
+    {
+        "chatml": ChatTemplate(
+            system="<|im_start|>system\n{content}<|im_end|>\n",
+            user="<|im_start|>user\n{content}<|im_end|>\n",
+            assistant="<|im_start|>assistant\n{content}<|im_end|>\n",
+            assistant_prefix="<|im_start|>assistant\n",
+        ),
+        "zephyr": ChatTemplate(
+            system="<|system|>\n{content}</s>\n",
+            user="<|user|>\n{content}</s>\n",
+            assistant="<|assistant|>\n{content}</s>\n",
+            assistant_prefix="<|assistant|>\n",
+        ),
+        "llama3": ChatTemplate(
+            system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
+            user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>",
+            assistant="<|start_header_id|>assistant<|end_header_id|>\n\n{content}<|eot_id|>",
+            assistant_prefix="<|start_header_id|>assistant<|end_header_id|>\n\n",
+        ),
+    }
+)
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """Sampling parameters an agent uses unless the request overrides them."""
+
+    max_tokens: int = 256
+    temperature: float = 0.7
+    top_k: int = 40
+    top_p: float = 0.95
+    repetition_penalty: float = 1.1
+    seed: int = -1  # -1: a fresh seed per request
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class QuantVariant:
+    name: str
+    bits: int
+    source: ModelSource
+
+
+@dataclass(frozen=True)
+class RoutingHints:
+    """What a router matches requests against; patterns are Python regexes (ignore case)."""
+
+    keywords: tuple[str, ...] = ()
+    patterns: tuple[str, ...] = ()
+    examples: tuple[str, ...] = ()
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    id: str
+    role: str
+    description: str
+    capabilities: tuple[str, ...]
+    model: ModelSource
+    format: str
+    model_type: str
+    chat_template: ChatTemplate
+    system_prompt: str
+    context_length: int
+    generation: GenerationDefaults
+    quantization: tuple[QuantVariant, ...]
+    ram_estimate_mb: float
+    fallback: str | None
+    routing: RoutingHints
+
+
+@dataclass(frozen=True)
+class Registry:
+    """A validated registry; `agents` keeps the document's order."""
+
+    agents: Mapping[str, AgentSpec]
+    default_agent: str
+    source: Path | None
+    digest: str
+
+    def get(self, agent_id: str) -> AgentSpec:
+        try:
+            return self.agents[agent_id]
+        except KeyError:
+            known = ", ".join(self.agents)
+            raise RegistryError(
+                f"unknown agent {agent_id!r}; known agents: {known}", json_path="$.agents"
+            ) from None
+
+    def fallback_chain(self, agent_id: str) -> tuple[str, ...]:
+        chain = [self.get(agent_id).id]
+        nxt = self.agents[agent_id].fallback
+        # Loading rejects cycles; the membership test keeps hand-built registries from looping.
+        while nxt is not None and nxt not in chain and nxt in self.agents:
+            chain.append(nxt)
+            nxt = self.agents[nxt].fallback
+        return tuple(chain)
+
+    @classmethod
+    def load(cls, path: Path | str | None = None) -> Registry:
+        """Read and validate a registry file; None loads the packaged default `models.json`."""
+        file = data_file("models.json") if path is None else Path(path).expanduser()
+        try:
+            text = file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise RegistryError(
+                f"registry file {str(file)!r} does not exist; pass the path of a models.json "
+                "with --registry or Engine(registry=...)"
+            ) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RegistryError(
+                f"cannot read registry file {str(file)!r} ({exc}); pass the path of a "
+                "models.json with --registry or Engine(registry=...)"
+            ) from exc
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise RegistryError(
+                f"{file} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"
+            ) from None
+        return cls.from_dict(doc, source=file.resolve())
+
+    @classmethod
+    def from_dict(cls, doc: object, *, source: Path | None = None) -> Registry:
+        """Validate a parsed document; relative model paths resolve against `source`'s folder."""
+        error = best_match(_validator().iter_errors(doc))
+        if error is not None:
+            path, message = _describe_schema_error(error)
+            raise RegistryError(message, json_path=path)
+        assert isinstance(doc, dict)  # the schema guarantees it; this tells the type checker
+        _check_semantics(doc)
+        base = source.parent if source is not None else None
+        agents = {raw["id"]: _agent(raw, base) for raw in doc["agents"]}
+        return cls(
+            agents=MappingProxyType(agents),
+            default_agent=doc["default_agent"],
+            source=source,
+            digest=_digest(doc),
+        )
+
+
+# --- parsing --------------------------------------------------------------------------------
+
+
+def _source(raw: Mapping[str, Any], base: Path | None) -> ModelSource:
+    if "path" in raw:
+        path = Path(raw["path"]).expanduser()
+        if base is not None and not path.is_absolute():
+            path = base / path
+        return ModelSource(path=path)
+    return ModelSource(package=raw["package"], file=raw["file"])
+
+
+def _agent(raw: Mapping[str, Any], base: Path | None) -> AgentSpec:
+    template = raw["chat_template"]
+    gen = dict(raw.get("generation", {}))
+    if "stop" in gen:
+        gen["stop"] = tuple(gen["stop"])
+    for key in ("temperature", "top_p", "repetition_penalty"):
+        if key in gen:
+            gen[key] = float(gen[key])
+    routing = raw.get("routing", {})
+    return AgentSpec(
+        id=raw["id"],
+        role=raw["role"],
+        description=raw["description"],
+        capabilities=tuple(raw["capabilities"]),
+        model=_source(raw["model"], base),
+        format=raw["format"],
+        model_type=raw["model_type"],
+        chat_template=(
+            CHAT_TEMPLATE_PRESETS[template]
+            if isinstance(template, str)
+            else ChatTemplate(**template)
+        ),
+        system_prompt=raw["system_prompt"],
+        context_length=raw["context_length"],
+        generation=GenerationDefaults(**gen),
+        quantization=tuple(
+            QuantVariant(name=q["name"], bits=q["bits"], source=_source(q["source"], base))
+            for q in raw.get("quantization", ())
+        ),
+        ram_estimate_mb=float(raw["ram_estimate_mb"]),
+        fallback=raw.get("fallback"),
+        routing=RoutingHints(
+            keywords=tuple(routing.get("keywords", ())),
+            patterns=tuple(routing.get("patterns", ())),
+            examples=tuple(routing.get("examples", ())),
+            priority=routing.get("priority", 0),
+        ),
+    )
+
+
+def _digest(doc: object) -> str:
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+# --- validation -----------------------------------------------------------------------------
+
+
+@functools.cache
+def _schema() -> dict[str, Any]:
+    schema: dict[str, Any] = json.loads(data_file("models.schema.json").read_text(encoding="utf-8"))
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return schema
+
+
+@functools.cache
+def _validator() -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(_schema())
+
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_$][A-Za-z0-9_$]*$")
+
+
+def _json_path(parts: Sequence[str | int]) -> str:
+    out = "$"
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif _IDENTIFIER.match(part):
+            out += f".{part}"
+        else:
+            out += f"[{json.dumps(part)}]"
+    return out
+
+
+def _show(value: object) -> str:
+    text = repr(value) if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+_TYPE_NAMES = {
+    "integer": "an integer",
+    "number": "a number",
+    "string": "a string",
+    "boolean": "true or false",
+    "array": "an array",
+    "object": "an object",
+    "null": "null",
+}
+
+
+def _expected(schema: object) -> str:
+    """Say in words what a (sub)schema accepts, e.g. 'an integer ≥ 64'."""
+    if not isinstance(schema, Mapping):
+        return "nothing (this field is not allowed here)"
+    if "title" in schema:
+        return str(schema["title"])
+    if "$ref" in schema:
+        return _expected(_schema()["$defs"][schema["$ref"].rsplit("/", 1)[-1]])
+    if "const" in schema:
+        return _show(schema["const"])
+    if "enum" in schema:
+        return "one of " + ", ".join(_show(v) for v in schema["enum"])
+    for key in ("oneOf", "anyOf"):
+        if key in schema:
+            return " or ".join(_expected(s) for s in schema[key])
+    types = schema.get("type", [])
+    types = [types] if isinstance(types, str) else types
+    words = " or ".join(_TYPE_NAMES.get(t, t) for t in types) or "a value"
+    if schema.get("minLength") == 1:
+        words = "a non-empty string"
+    bounds = [
+        f"{sym} {schema[key]}"
+        for key, sym in (
+            ("minimum", "≥"),
+            ("exclusiveMinimum", ">"),
+            ("maximum", "≤"),
+            ("exclusiveMaximum", "<"),
+        )
+        if key in schema
+    ]
+    if bounds:
+        words += " " + " and ".join(bounds)
+    if "pattern" in schema:
+        words += f" matching {schema['pattern']}"
+    if schema.get("uniqueItems"):
+        words += " without duplicates"
+    return words
+
+
+def _describe_schema_error(error: SchemaError) -> tuple[str, str]:
+    """Turn the most relevant schema error into (JSON path, what was expected)."""
+    parts = list(error.absolute_path)
+    instance = error.instance
+    schema = error.schema if isinstance(error.schema, Mapping) else {}
+    if error.validator == "required" and isinstance(instance, Mapping):
+        required: list[str] = list(error.validator_value)  # type: ignore[arg-type]
+        missing = next(k for k in required if k not in instance)
+        field = schema.get("properties", {}).get(missing, {})
+        return _json_path([*parts, missing]), (
+            f"missing required field {missing!r} (expected {_expected(field)})"
+        )
+    if error.validator == "additionalProperties" and isinstance(instance, Mapping):
+        allowed = list(schema.get("properties", {}))
+        extra = next(k for k in instance if k not in allowed)
+        hint = difflib.get_close_matches(extra, allowed, n=1)
+        suggestion = f"did you mean {hint[0]!r}? " if hint else ""
+        return _json_path([*parts, extra]), (
+            f"unknown field {extra!r}; {suggestion}allowed fields: {', '.join(allowed)}"
+        )
+    if error.validator in ("oneOf", "anyOf") and isinstance(instance, Mapping) and error.context:
+        branch = _closest_branch(error)
+        if branch is not None:
+            return _describe_schema_error(branch)
+    if error.validator == "minItems":
+        return _json_path(parts), (
+            f"expected at least {error.validator_value} item(s), got {_show(instance)}"
+        )
+    if error.validator in ("maxItems", "uniqueItems"):
+        return _json_path(parts), error.message
+    return _json_path(parts), f"expected {_expected(error.schema)}, got {_show(instance)}"
+
+
+def _closest_branch(error: SchemaError) -> SchemaError | None:
+    """For an object matching no alternative, pick the alternative sharing the most field names.
+
+    `{"package": "x"}` is then reported as missing `file`, not as "not a model source"; a tie
+    (fields of two alternatives mixed) keeps the general message.
+    """
+    keys = set(error.instance)  # type: ignore[arg-type]
+    alternatives: list[object] = list(error.validator_value)  # type: ignore[arg-type]
+    scored: dict[int, int] = {}
+    for branch, sub in enumerate(alternatives):
+        if isinstance(sub, Mapping) and sub.get("type") == "object":
+            scored[branch] = len(keys & set(sub.get("properties", {})))
+    ranked = sorted(scored.items(), key=lambda item: -item[1])
+    if not ranked or ranked[0][1] == 0 or (len(ranked) > 1 and ranked[1][1] == ranked[0][1]):
+        return None
+    branch_errors = [e for e in error.context if e.relative_schema_path[0] == ranked[0][0]]
+    chosen: SchemaError | None = best_match(branch_errors)
+    return chosen
+
+
+def _check_semantics(doc: Mapping[str, Any]) -> None:
+    """Rules JSON Schema cannot express; each error names the JSON path to fix."""
+    agents: Sequence[Mapping[str, Any]] = doc["agents"]
+    index: dict[str, int] = {}
+    for i, agent in enumerate(agents):
+        if agent["id"] in index:
+            raise RegistryError(
+                f"duplicate agent id {agent['id']!r} (already defined at "
+                f"$.agents[{index[agent['id']]}]); agent ids must be unique",
+                json_path=f"$.agents[{i}].id",
+            )
+        index[agent["id"]] = i
+    known = ", ".join(index)
+
+    if doc["default_agent"] not in index:
+        raise RegistryError(
+            f"default_agent {doc['default_agent']!r} is not an agent; known agents: {known}",
+            json_path="$.default_agent",
+        )
+
+    for i, agent in enumerate(agents):
+        fallback = agent.get("fallback")
+        if fallback is not None and fallback not in index:
+            raise RegistryError(
+                f"fallback {fallback!r} is not an agent; known agents: {known}, or null",
+                json_path=f"$.agents[{i}].fallback",
+            )
+
+    for i, agent in enumerate(agents):
+        chain = [agent["id"]]
+        nxt = agent.get("fallback")
+        while nxt is not None:
+            if nxt in chain:
+                cycle = " -> ".join([*chain[chain.index(nxt) :], nxt])
+                raise RegistryError(
+                    f"fallback cycle {cycle}; end the chain with a null fallback",
+                    json_path=f"$.agents[{i}].fallback",
+                )
+            chain.append(nxt)
+            nxt = agents[index[nxt]].get("fallback")
+
+    for i, agent in enumerate(agents):
+        _check_agent(agent, f"$.agents[{i}]")
+
+
+def _check_agent(agent: Mapping[str, Any], at: str) -> None:
+    template = agent["chat_template"]
+    if isinstance(template, str):
+        if template not in CHAT_TEMPLATE_PRESETS:
+            raise RegistryError(
+                f"unknown chat template preset {template!r}; known presets: "
+                f"{', '.join(CHAT_TEMPLATE_PRESETS)}, or an object with system, user, "
+                "assistant and assistant_prefix",
+                json_path=f"{at}.chat_template",
+            )
+    else:
+        for key in ("system", "user", "assistant"):
+            try:
+                template[key].format(content="")
+            except (KeyError, IndexError, ValueError) as exc:
+                raise RegistryError(
+                    f"invalid format string ({exc!r}); only {{content}} may be substituted, "
+                    "write literal braces as {{ and }}",
+                    json_path=f"{at}.chat_template.{key}",
+                ) from None
+
+    for k, pattern in enumerate(agent.get("routing", {}).get("patterns", ())):
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise RegistryError(
+                f"invalid regular expression {pattern!r}: {exc}",
+                json_path=f"{at}.routing.patterns[{k}]",
+            ) from None
+
+    seen: set[str] = set()
+    for k, variant in enumerate(agent.get("quantization", ())):
+        if variant["name"] in seen:
+            raise RegistryError(
+                f"duplicate quantization variant {variant['name']!r}",
+                json_path=f"{at}.quantization[{k}].name",
+            )
+        seen.add(variant["name"])
+
+    max_tokens = agent.get("generation", {}).get("max_tokens")
+    if max_tokens is not None and max_tokens >= agent["context_length"]:
+        raise RegistryError(
+            f"max_tokens {max_tokens} leaves no room for the prompt in a context of "
+            f"{agent['context_length']} tokens; lower it or raise context_length",
+            json_path=f"{at}.generation.max_tokens",
+        )
