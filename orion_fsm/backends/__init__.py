@@ -1,0 +1,38 @@
+"""The model backend layer: GGUF conversion, tokenization and ctransformers generation.
+
+Nothing here imports the engine or its services; the only dependency inside orion_fsm is
+`orion_fsm._exceptions`.
+"""
+
+from ._convert import (
+    ConvertedModel,
+    GGUFHeader,
+    ensure_converted,
+    file_sha256,
+    read_gguf_header,
+    resolve_package_file,
+)
+from ._ctransformers import (
+    GenerationEvent,
+    GenerationOutcome,
+    GenerationStream,
+    LoadedModel,
+    SamplingParams,
+)
+from ._tokenizer import IncrementalDecoder, Tokenizer
+
+__all__ = [
+    "ConvertedModel",
+    "GGUFHeader",
+    "GenerationEvent",
+    "GenerationOutcome",
+    "GenerationStream",
+    "IncrementalDecoder",
+    "LoadedModel",
+    "SamplingParams",
+    "Tokenizer",
+    "ensure_converted",
+    "file_sha256",
+    "read_gguf_header",
+    "resolve_package_file",
+]

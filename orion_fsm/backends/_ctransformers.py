@@ -1,0 +1,422 @@
+"""A model loaded in ctransformers and its blocking, streaming generation loop.
+
+One `LoadedModel` owns one runtime context, so it runs one generation at a time; callers
+run `generate` in a worker thread and receive text deltas through a synchronous callback.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+import random
+import threading
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final
+
+from orion_fsm._exceptions import InferenceError, ModelLoadError
+
+from ._convert import read_gguf_header
+from ._tokenizer import IncrementalDecoder, Tokenizer
+
+__all__ = [
+    "GenerationEvent",
+    "GenerationOutcome",
+    "GenerationStream",
+    "LoadedModel",
+    "SamplingParams",
+]
+
+# Prompt tokens evaluated per runtime call: past ~32 throughput is flat (~250 tok/s for
+# SmolLM2 on 2 cores), and smaller chunks let a cancellation interrupt a long prompt sooner.
+_PROMPT_CHUNK: Final = 64
+_LAST_N_TOKENS: Final = 64  # window for the repetition penalty (ctransformers' default)
+_END_TOKENS: Final = ("<|im_end|>", "<|endoftext|>")
+_LOCK_POLL_SECONDS: Final = 0.05
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.7  # 0 = greedy
+    top_k: int = 40  # 0 = no top-k cut
+    top_p: float = 0.95
+    repetition_penalty: float = 1.1
+    seed: int = -1  # -1 = random
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationEvent:
+    """One emitted chunk of text and the token ids consumed since the previous chunk."""
+
+    token_ids: tuple[int, ...]
+    text: str
+
+
+@dataclass(frozen=True)
+class GenerationOutcome:
+    token_ids: tuple[int, ...]  # every generated id, end-of-sequence excluded
+    text: str  # exactly the text emitted through events
+    finish_reason: str  # "stop" (EOS or stop sequence) | "length" | "cancelled"
+
+
+@functools.cache
+def _runtime_library() -> str:
+    # ctransformers picks its CPU build (avx2/avx/basic) with py-cpuinfo on every load, which
+    # costs ~1.1 s against ~50 ms for the load itself. Decide once, from /proc/cpuinfo when
+    # there is one, and hand it the choice.
+    from ctransformers import lib
+
+    # A source build ("local") always wins in ctransformers; keep that.
+    local = (Path(lib.__file__).parent / "lib" / "local").is_dir()
+    path: str = lib.find_library(None if local else _x86_build())
+    return path
+
+
+def _x86_build() -> str | None:
+    """ctransformers' build for this x86 CPU on Linux; None lets ctransformers decide."""
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return None
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((x for x in f if x.startswith("flags")), "")
+    except OSError:
+        return None
+    flags = set(line.partition(":")[2].split())
+    if not flags:
+        return None
+    if "avx2" in flags:
+        return "avx2"
+    return "avx" if {"avx", "f16c"} <= flags else "basic"
+
+
+class LoadedModel:
+    """One ctransformers model and its tokenizer; a lock keeps generations one at a time."""
+
+    tokenizer: Tokenizer
+    context_length: int
+    eos_token_ids: frozenset[int]
+
+    def __init__(
+        self, llm: Any, tokenizer: Tokenizer, *, model_path: Path, threads: int | None
+    ) -> None:
+        self._llm: Any = llm
+        self._lock = threading.Lock()
+        self._threads = threads
+        self.model_path = model_path
+        self.tokenizer = tokenizer
+        self.context_length = int(llm.context_length)
+        ends = {tokenizer.token_id(t) for t in _END_TOKENS} | {int(llm.eos_token_id)}
+        self.eos_token_ids = frozenset(i for i in ends if i is not None)
+
+    @classmethod
+    def load(
+        cls,
+        model_path: Path,
+        tokenizer_path: Path,
+        *,
+        context_length: int,
+        threads: int | None = None,
+        model_type: str = "llama",
+    ) -> LoadedModel:
+        """Load a converted model (see `ensure_converted`). Blocking: ~0.15 s for SmolLM2."""
+        header = read_gguf_header(model_path)
+        if header.version != 2:
+            raise ModelLoadError(
+                f"{model_path} is GGUF v{header.version}; ctransformers only opens v2 files. "
+                "Pass it through ensure_converted() first"
+            )
+        tokenizer = Tokenizer.from_file(tokenizer_path)
+        if context_length <= 0:
+            raise ModelLoadError(f"context_length must be positive, got {context_length}")
+        try:
+            from ctransformers import LLM, Config
+
+            config = Config(
+                context_length=context_length,
+                gpu_layers=0,
+                threads=threads if threads is not None else -1,
+                batch_size=_PROMPT_CHUNK,
+            )
+            llm = LLM(str(model_path), model_type, config=config, lib=_runtime_library())
+        except Exception as exc:  # ctransformers raises RuntimeError/ValueError/OSError
+            raise ModelLoadError(
+                f"ctransformers could not load {model_path} as {model_type!r}: {exc}"
+            ) from exc
+        if llm.vocab_size != tokenizer.vocab_size:
+            raise ModelLoadError(
+                f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens but model "
+                f"{model_path} has {llm.vocab_size}; they do not belong together"
+            )
+        return cls(llm, tokenizer, model_path=model_path, threads=threads)
+
+    def __enter__(self) -> LoadedModel:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._llm is None
+
+    def close(self) -> None:
+        """Free the runtime's memory. Waits for a running generation; idempotent."""
+        with self._lock:
+            # The last reference: ctransformers frees the model in LLM.__del__.
+            self._llm = None
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        on_event: Callable[[GenerationEvent], None],
+        should_stop: Callable[[], bool],
+    ) -> GenerationOutcome:
+        """Generate from `prompt_ids`, streaming text deltas to `on_event`. Blocking.
+
+        Stops on an end-of-sequence id, a stop string (never emitted, nor anything after it),
+        `max_tokens`, or when `should_stop()` turns true (checked between tokens).
+        """
+        steps = self._steps(self._checked(prompt_ids), params, should_stop)
+        try:
+            while True:
+                try:
+                    event = next(steps)
+                except StopIteration as done:
+                    outcome: GenerationOutcome = done.value
+                    return outcome
+                on_event(event)
+        finally:
+            steps.close()  # also when on_event raises: releases the model
+
+    def open_stream(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> GenerationStream:
+        """The same generation, pulled one event at a time (see `GenerationStream`).
+
+        Does not block: the model is taken by the first `next_event()` call.
+        """
+        return GenerationStream(self, self._checked(prompt_ids), params, should_stop)
+
+    def _checked(self, prompt_ids: Sequence[int]) -> list[int]:
+        if not prompt_ids:
+            raise InferenceError("cannot generate from an empty prompt")
+        if min(prompt_ids) < 0 or max(prompt_ids) >= self.tokenizer.vocab_size:
+            # The runtime indexes its embedding table unchecked: a bad id would crash it.
+            raise InferenceError(
+                f"prompt holds token ids outside the vocabulary of {self.tokenizer.vocab_size}; "
+                "encode prompts with this model's tokenizer"
+            )
+        if len(prompt_ids) >= self.context_length:
+            raise InferenceError(
+                f"prompt of {len(prompt_ids)} tokens does not fit the context of "
+                f"{self.context_length}; shorten it or load the model with a longer context"
+            )
+        return list(prompt_ids)
+
+    def _steps(
+        self, prompt: list[int], params: SamplingParams, should_stop: Callable[[], bool]
+    ) -> Generator[GenerationEvent, None, GenerationOutcome]:
+        # Wait for the lock in short steps so a request cancelled while queued leaves at once.
+        while not self._lock.acquire(timeout=_LOCK_POLL_SECONDS):
+            if should_stop():
+                return GenerationOutcome((), "", "cancelled")
+        try:
+            llm = self._llm
+            if llm is None:
+                raise InferenceError(f"model {self.model_path} was closed; load it again")
+            generation = _Generation(self, llm, params, should_stop, threads=self._threads)
+            return (yield from generation.run(prompt))
+        finally:
+            # A plain Lock may be released by another thread: stream steps hop between
+            # worker threads.
+            self._lock.release()
+
+
+class GenerationStream:
+    """A generation pulled event by event, for callers that hop threads per step.
+
+    `next_event()` blocks (run it in a worker thread) and returns None once finished, when
+    `outcome` is set. `close()` ends it early ("cancelled") and frees the model; idempotent.
+    Steps must not run concurrently.
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        prompt: list[int],
+        params: SamplingParams,
+        should_stop: Callable[[], bool] | None,
+    ) -> None:
+        self._closed = False
+        stop = should_stop or (lambda: False)
+        self._steps = model._steps(prompt, params, lambda: self._closed or stop())
+        self._outcome: GenerationOutcome | None = None
+        self._token_ids: list[int] = []
+        self._texts: list[str] = []
+
+    def next_event(self) -> GenerationEvent | None:
+        if self._outcome is not None:
+            return None
+        try:
+            event = next(self._steps)
+        except StopIteration as done:
+            self._outcome = done.value
+            return None
+        self._token_ids.extend(event.token_ids)
+        self._texts.append(event.text)
+        return event
+
+    @property
+    def outcome(self) -> GenerationOutcome:
+        if self._outcome is None:
+            raise InferenceError("the generation has not finished; call next_event() until None")
+        return self._outcome
+
+    def close(self) -> None:
+        self._closed = True
+        self._steps.close()
+        if self._outcome is None:
+            self._outcome = GenerationOutcome(
+                tuple(self._token_ids), "".join(self._texts), "cancelled"
+            )
+
+
+class _Generation:
+    """State of one generate() call: sampling, detokenizing and stop-sequence handling."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        llm: Any,
+        params: SamplingParams,
+        should_stop: Callable[[], bool],
+        *,
+        threads: int | None,
+    ) -> None:
+        self._model = model
+        self._threads = threads
+        self._llm = llm
+        self._params = params
+        self._should_stop = should_stop
+        self._ready: list[GenerationEvent] = []  # events to yield at the next step
+        self._decoder = IncrementalDecoder(model.tokenizer)
+        self._generated: list[int] = []
+        self._unsent_ids: list[int] = []
+        self._held = ""  # decoded text that might be the start of a stop string
+        self._emitted: list[str] = []
+
+    def run(self, prompt: list[int]) -> Generator[GenerationEvent, None, GenerationOutcome]:
+        params, llm, threads = self._params, self._llm, self._threads
+        greedy = params.temperature <= 0
+        # ctransformers reseeds its generator with the given seed on *every* sample (and -1
+        # means time(NULL), one value per second), so draw a fresh seed per token here.
+        rng = random.Random(params.seed if params.seed >= 0 else None)
+        # This llama.cpp clamps top_k to at least 1, so 0 would mean greedy, not "disabled".
+        top_k = params.top_k if params.top_k > 0 else self._model.tokenizer.vocab_size
+        budget = min(params.max_tokens, self._model.context_length - len(prompt))
+
+        try:
+            # Reuses the evaluated prefix the previous generation left in the context.
+            pending = llm.prepare_inputs_for_generation(prompt, reset=True)
+            for start in range(0, len(pending), _PROMPT_CHUNK):
+                if self._should_stop():
+                    return (yield from self._finish("cancelled"))
+                llm.eval(pending[start : start + _PROMPT_CHUNK], threads=threads)
+        except Exception as exc:
+            raise InferenceError(
+                f"model {self._model.model_path} failed on the prompt: {exc}"
+            ) from exc
+
+        for _ in range(budget):
+            if self._should_stop():
+                return (yield from self._finish("cancelled"))
+            try:
+                token = int(
+                    llm.sample(
+                        # Greedy is top-k 1; temperature 0 itself would divide logits by zero.
+                        top_k=1 if greedy else top_k,
+                        top_p=1.0 if greedy else params.top_p,
+                        temperature=1.0 if greedy else params.temperature,
+                        repetition_penalty=params.repetition_penalty,
+                        last_n_tokens=_LAST_N_TOKENS,
+                        seed=rng.randrange(2**31 - 1),
+                    )
+                )
+            except Exception as exc:
+                raise InferenceError(
+                    f"model {self._model.model_path} failed to sample: {exc}"
+                ) from exc
+            if token in self._model.eos_token_ids:
+                return (yield from self._finish("stop"))
+            self._generated.append(token)
+            if self._push(token):
+                return (yield from self._finish("stop", flush=False))
+            yield from self._drain()
+            if len(self._generated) == budget:
+                break  # evaluating the last token would only feed a sample nobody takes
+            try:
+                llm.eval([token], threads=threads)
+            except Exception as exc:
+                raise InferenceError(
+                    f"model {self._model.model_path} failed to evaluate: {exc}"
+                ) from exc
+        return (yield from self._finish("length"))
+
+    def _push(self, token: int) -> bool:
+        """Feed one token; True when a stop string has appeared."""
+        self._unsent_ids.append(token)
+        self._held += self._decoder.push(token)
+        stops = self._params.stop
+        if not stops or not self._held:
+            self._send(self._held)
+            return False
+        hits = [i for i in (self._held.find(s) for s in stops if s) if i >= 0]
+        if hits:
+            self._send(self._held[: min(hits)])
+            return True
+        # Hold back the longest tail that could still grow into a stop string.
+        keep = 0
+        for s in stops:
+            for n in range(min(len(s) - 1, len(self._held)), keep, -1):
+                if self._held.endswith(s[:n]):
+                    keep = n
+                    break
+        self._send(self._held[: len(self._held) - keep])
+        return False
+
+    def _send(self, text: str) -> None:
+        if not text:
+            return
+        self._held = self._held[len(text) :]
+        self._emitted.append(text)
+        self._ready.append(GenerationEvent(tuple(self._unsent_ids), text))
+        self._unsent_ids.clear()
+
+    def _drain(self) -> Iterator[GenerationEvent]:
+        while self._ready:
+            yield self._ready.pop(0)
+
+    def _finish(
+        self, reason: str, *, flush: bool = True
+    ) -> Generator[GenerationEvent, None, GenerationOutcome]:
+        if flush:
+            # No stop string completed, so a held-back partial match is ordinary text.
+            self._held += self._decoder.flush()
+            self._send(self._held)
+        yield from self._drain()
+        return GenerationOutcome(tuple(self._generated), "".join(self._emitted), reason)

@@ -1,0 +1,193 @@
+"""Text <-> token ids for the backend, with the `tokenizers` library and a model's real vocabulary.
+
+Also owns building a byte-level BPE tokenizer.json from a GGUF vocabulary, and streaming
+detokenization that never splits a UTF-8 character.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Final
+
+import tokenizers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+
+from orion_fsm._exceptions import ModelLoadError
+
+__all__ = [
+    "BYTE_TO_UNICODE",
+    "UNICODE_TO_BYTE",
+    "IncrementalDecoder",
+    "Tokenizer",
+]
+
+# GGUF token types (gguf.TokenType); spelled out so this module does not need numpy-heavy gguf.
+_TOKEN_CONTROL: Final = 3
+_TOKEN_USER_DEFINED: Final = 4
+
+# llama.cpp pre-tokenizer names whose regex isolates every digit (`\p{N}` before the GPT-2 regex).
+_INDIVIDUAL_DIGIT_PRE: Final = frozenset({"smollm", "starcoder", "refact"})
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # GPT-2's reversible map: printable bytes stand for themselves, the rest move to U+0100.. so
+    # every byte-level BPE token is a printable string.
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    mapping = {b: chr(b) for b in printable}
+    shift = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + shift)
+            shift += 1
+    return mapping
+
+
+BYTE_TO_UNICODE: Final[Mapping[int, str]] = _bytes_to_unicode()
+UNICODE_TO_BYTE: Final[Mapping[str, int]] = {c: b for b, c in BYTE_TO_UNICODE.items()}
+
+
+class Tokenizer:
+    """A model's tokenizer. Special tokens written in text (`<|im_start|>`) encode to their ids."""
+
+    __slots__ = ("_backend", "_special_ids")
+
+    def __init__(self, backend: tokenizers.Tokenizer) -> None:
+        self._backend = backend
+        self._special_ids = frozenset(
+            i for i, tok in backend.get_added_tokens_decoder().items() if tok.special
+        )
+
+    @classmethod
+    def from_file(cls, path: Path) -> Tokenizer:
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises plain Exception for both I/O and JSON errors
+            raise ModelLoadError(
+                f"cannot read tokenizer {path}: {exc}; delete it and let ensure_converted() "
+                "rebuild it from the model file"
+            ) from exc
+        return cls(backend)
+
+    @classmethod
+    def from_byte_level_bpe(
+        cls,
+        tokens: Sequence[str],
+        token_types: Sequence[int],
+        merges: Sequence[str],
+        *,
+        pre: str = "gpt2",
+    ) -> Tokenizer:
+        """Build from a GGUF `gpt2` vocabulary: tokens in GPT-2's byte-to-unicode spelling.
+
+        `token_types` are GGUF token types (control tokens become special tokens); `merges` are
+        "left right" strings; `pre` is `tokenizer.ggml.pre`, which decides digit splitting.
+        """
+        vocab = {tok: i for i, tok in enumerate(tokens)}
+        pairs = [(left, right) for left, _, right in (m.partition(" ") for m in merges)]
+        backend = tokenizers.Tokenizer(
+            models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False)
+        )
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        if pre in _INDIVIDUAL_DIGIT_PRE:
+            backend.pre_tokenizer = pre_tokenizers.Sequence(
+                [pre_tokenizers.Digits(individual_digits=True), byte_level]
+            )
+        else:
+            backend.pre_tokenizer = byte_level
+        backend.decoder = decoders.ByteLevel()
+        # normalized=False: match the literal text, so "<|im_end|>" is never split by the BPE.
+        backend.add_special_tokens(
+            [
+                AddedToken(tok, special=True, normalized=False)
+                for tok, kind in zip(tokens, token_types, strict=True)
+                if kind == _TOKEN_CONTROL
+            ]
+        )
+        backend.add_tokens(
+            [
+                AddedToken(tok, special=False, normalized=False)
+                for tok, kind in zip(tokens, token_types, strict=True)
+                if kind == _TOKEN_USER_DEFINED
+            ]
+        )
+        return cls(backend)
+
+    def save(self, path: Path) -> None:
+        """Write tokenizer.json atomically (temp file + rename: readers never see half a file)."""
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            self._backend.save(tmp, pretty=False)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def encode(self, text: str) -> list[int]:
+        # No BOS/EOS added: prompts are built by the caller (ChatML), which places them itself.
+        ids: list[int] = self._backend.encode(text, add_special_tokens=False).ids
+        return ids
+
+    def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str:
+        text: str = self._backend.decode(list(ids), skip_special_tokens=skip_special)
+        return text
+
+    def token_id(self, token: str) -> int | None:
+        token_id: int | None = self._backend.token_to_id(token)
+        return token_id
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special_ids
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        return self._special_ids
+
+    @property
+    def vocab_size(self) -> int:
+        size: int = self._backend.get_vocab_size(with_added_tokens=True)
+        return size
+
+
+class IncrementalDecoder:
+    """Turns a stream of token ids into text deltas, holding back incomplete UTF-8 characters.
+
+    Decodes a short window of recent ids rather than single ids, so decoders that depend on
+    context (leading-space rules) give the same text as decoding the whole sequence at once.
+    """
+
+    __slots__ = ("_ids", "_prefix", "_read", "_skip_special", "_tokenizer")
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = True) -> None:
+        self._tokenizer = tokenizer
+        self._skip_special = skip_special
+        self._ids: list[int] = []
+        self._prefix = 0  # window start: ids already emitted, kept only as decoding context
+        self._read = 0  # ids before this index have been emitted
+
+    def push(self, token_id: int) -> str:
+        if self._skip_special and self._tokenizer.is_special(token_id):
+            return ""
+        self._ids.append(token_id)
+        emitted = self._tokenizer.decode(self._ids[self._prefix : self._read])
+        text = self._tokenizer.decode(self._ids[self._prefix :])
+        # U+FFFD at the end means the last token ended inside a multi-byte character: wait.
+        if text.endswith("\ufffd") or len(text) <= len(emitted):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(emitted) :]
+
+    def flush(self) -> str:
+        """Emit whatever is held back (an unfinished character decodes as U+FFFD)."""
+        emitted = self._tokenizer.decode(self._ids[self._prefix : self._read])
+        text = self._tokenizer.decode(self._ids[self._prefix :])
+        self._ids.clear()
+        self._prefix = self._read = 0
+        return text[len(emitted) :]

