@@ -1,0 +1,51 @@
+"""orion_fsm: serve local language models through an explicit, per-request async state machine.
+
+    async with Engine() as engine:
+        result = await engine.infer("What is the capital of France?")
+        async for text in engine.stream("Tell me a story"):
+            print(text, end="")
+"""
+
+from ._engine import Engine, ResponseStream
+from ._exceptions import (
+    InferenceError,
+    ModelError,
+    ModelLoadError,
+    OrionError,
+    RegistryError,
+    RequestFailed,
+    ValidationError,
+)
+from ._types import GenerationParams, Message, PhaseTiming, Request, Result, TokenUsage
+from .services._clock import Clock, ManualClock, SystemClock
+from .services._registry import AgentSpec, Registry
+from .services._router import Router, RoutingDecision, RuleRouter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AgentSpec",
+    "Clock",
+    "Engine",
+    "GenerationParams",
+    "InferenceError",
+    "ManualClock",
+    "Message",
+    "ModelError",
+    "ModelLoadError",
+    "OrionError",
+    "PhaseTiming",
+    "Registry",
+    "RegistryError",
+    "Request",
+    "RequestFailed",
+    "ResponseStream",
+    "Result",
+    "Router",
+    "RoutingDecision",
+    "RuleRouter",
+    "SystemClock",
+    "TokenUsage",
+    "ValidationError",
+    "__version__",
+]

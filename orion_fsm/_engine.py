@@ -1,0 +1,316 @@
+"""The Engine: the embeddable async API. Each request drives its own state machine.
+
+`async with Engine(...) as engine:` owns every background task (the trace writer) and every
+loaded model; nothing outlives the block. Works under asyncio and trio (anyio).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from contextlib import aclosing
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, Self
+
+import anyio
+from anyio.abc import TaskGroup
+from opentelemetry.trace import TracerProvider
+
+from ._exceptions import OrionError, RequestFailed
+from ._machine import request_chart
+from ._phases import PHASES, STREAMING_PHASES, RequestContext
+from ._types import GenerationParams, Message, PhaseTiming, Request, Result, TokenUsage
+from .services._clock import Clock, SystemClock
+from .services._loader import ModelLoader, ProgressCallback
+from .services._registry import Registry
+from .services._router import Router, RuleRouter
+from .services._telemetry import PhaseRecorder, resolve_tracer
+from .services._tracefile import TRACE_FORMAT, TRACE_VERSION, TraceWriter
+
+Prompt = str | Sequence[Message | Mapping[str, str]]
+
+
+def default_cache_dir() -> Path:
+    """Where converted models live: $ORION_FSM_CACHE, else ~/.cache/orion-fsm."""
+    env = os.environ.get("ORION_FSM_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "orion-fsm"
+
+
+def _messages(prompt: object, system: str | None) -> tuple[Message, ...]:
+    if isinstance(prompt, str):
+        messages = [Message("user", prompt)]
+    elif isinstance(prompt, Sequence) and not isinstance(prompt, bytes):
+        messages = []
+        for item in prompt:
+            if isinstance(item, Message):
+                messages.append(item)
+            elif isinstance(item, Mapping):
+                messages.append(Message(str(item.get("role", "")), item.get("content")))  # type: ignore[arg-type]
+            else:
+                messages.append(Message("", item))  # rejected by the validating phase
+    else:
+        messages = [Message("user", prompt)]  # type: ignore[arg-type]
+    if system is not None:
+        messages.insert(0, Message("system", system))
+    return tuple(messages)
+
+
+class ResponseStream:
+    """`async for text in engine.stream(...)`: text as it is generated; `.result` at the end.
+
+    Leaving the loop early (break, cancellation, `aclose()`) stops generation and ends the
+    request in `error` with reason `cancelled`. Also usable as `async with`.
+    """
+
+    def __init__(self, chunks: AsyncIterator[str], holder: list[Result]) -> None:
+        self._chunks = chunks
+        self._holder = holder
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> str:
+        return await self._chunks.__anext__()
+
+    async def aclose(self) -> None:
+        await self._chunks.aclose()  # type: ignore[attr-defined]
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    @property
+    def result(self) -> Result:
+        """The request's Result, once the stream is exhausted."""
+        if not self._holder:
+            raise OrionError("the stream has not finished yet: iterate it to the end first")
+        return self._holder[0]
+
+
+class Engine:
+    """Serve the registry's agents. Use as `async with Engine(...) as engine:`."""
+
+    def __init__(
+        self,
+        registry: Registry | str | Path | None = None,
+        *,
+        router: Router | None = None,
+        cache_dir: str | Path | None = None,
+        trace_path: str | Path | Literal[False] | None = None,
+        tracer_provider: TracerProvider | None = None,
+        clock: Clock | None = None,
+        threads: int | None = None,
+        progress: ProgressCallback | None = None,
+        machine: str | Path | None = None,
+    ) -> None:
+        self.registry = registry if isinstance(registry, Registry) else Registry.load(registry)
+        self.router: Router = router or RuleRouter(self.registry)
+        self.clock: Clock = clock or SystemClock()
+        self.loader = ModelLoader(Path(cache_dir) if cache_dir else default_cache_dir(),
+                                  threads=threads, progress=progress)
+        self._chart = request_chart(Path(machine) if machine else None)
+        self._tracer = resolve_tracer(tracer_provider)
+        if trace_path is False:
+            self.trace_path: Path | None = None
+        elif trace_path is None:
+            self.trace_path = Path("traces") / "orion-fsm.jsonl"
+        else:
+            self.trace_path = Path(trace_path)
+        self._traces = TraceWriter(self.trace_path)
+        self._task_group: TaskGroup | None = None
+        self._closed = False
+
+    # --- lifetime ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._task_group is not None or self._closed:
+            raise OrionError("an Engine can be entered once; create a new Engine instead")
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        await self._task_group.start(self._traces.run)
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> bool | None:
+        self._closed = True
+        self._traces.close()
+        assert self._task_group is not None
+        try:
+            return await self._task_group.__aexit__(exc_type, exc, tb)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.loader.aclose()
+
+    def _check_open(self) -> None:
+        if self._task_group is None or self._closed:
+            raise OrionError("the Engine is not running: use it inside `async with Engine(...)`")
+
+    # --- requests ---------------------------------------------------------------------------
+
+    def _request(self, prompt: object, agent: str | None, system: str | None,
+                 params: GenerationParams | None, overrides: dict[str, Any]) -> Request:
+        if params is None:
+            stop = overrides.pop("stop", None)
+            if isinstance(stop, str):
+                stop = (stop,)
+            params = GenerationParams(
+                **{k: v for k, v in overrides.items() if v is not None},
+                stop=None if stop is None else tuple(stop),
+            )
+        return Request(id=secrets.token_hex(8), messages=_messages(prompt, system), agent=agent,
+                       params=params, created_at=self.clock.time())
+
+    async def infer(
+        self, prompt: Prompt, *, agent: str | None = None, system: str | None = None,
+        params: GenerationParams | None = None, max_tokens: int | None = None,
+        temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+        repetition_penalty: float | None = None, seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+    ) -> Result:
+        """Run one request to its final state. Raises `RequestFailed` (with `.result`) on error."""
+        self._check_open()
+        request = self._request(prompt, agent, system, params, dict(
+            max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, seed=seed, stop=stop))
+        holder: list[Result] = []
+        async with aclosing(self._drive(request, holder, streaming=False)) as chunks:
+            async for _ in chunks:
+                pass
+        return self._outcome(holder[0])
+
+    def stream(
+        self, prompt: Prompt, *, agent: str | None = None, system: str | None = None,
+        params: GenerationParams | None = None, max_tokens: int | None = None,
+        temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+        repetition_penalty: float | None = None, seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+    ) -> ResponseStream:
+        """Text chunks as they are generated. A request that ends in error raises RequestFailed."""
+        self._check_open()
+        request = self._request(prompt, agent, system, params, dict(
+            max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, seed=seed, stop=stop))
+        holder: list[Result] = []
+
+        async def chunks() -> AsyncGenerator[str, None]:
+            # aclosing: an abandoned stream is closed here, in the consumer's task, so the
+            # model lock it holds is released by the task that took it.
+            async with aclosing(self._drive(request, holder, streaming=True)) as texts:
+                async for text in texts:
+                    yield text
+            self._outcome(holder[0])
+
+        return ResponseStream(chunks(), holder)
+
+    @staticmethod
+    def _outcome(result: Result) -> Result:
+        if result.state != "success":
+            raise RequestFailed(result.error or "request failed",
+                                reason=result.error_reason or "error",
+                                request_id=result.request_id, result=result)
+        return result
+
+    # --- the driver -------------------------------------------------------------------------
+
+    async def _drive(self, request: Request, holder: list[Result], *,
+                     streaming: bool) -> AsyncGenerator[str, None]:
+        """Run the request's machine: each state's phase returns the event to send next."""
+        recorder = PhaseRecorder(self._tracer, self.clock, request.id,
+                                 {"orion.registry.digest": self.registry.digest})
+        ctx = RequestContext(request=request, registry=self.registry, router=self.router,
+                             loader=self.loader, notes=recorder.notes, streaming=streaming,
+                             now=recorder.elapsed_ms)
+        machine = self._chart(listeners=[recorder])
+        machine.send("start")
+        try:
+            while not machine.is_terminated:
+                state = next(iter(machine.configuration_values))
+                stream_phase = STREAMING_PHASES.get(state)
+                if stream_phase is not None:
+                    async with aclosing(stream_phase(ctx)) as texts:
+                        async for text in texts:
+                            yield text
+                    event = ctx.notes.pop("orion.next_event")
+                else:
+                    event = await PHASES[state](ctx)
+                machine.send(event)
+        except BaseException as exc:
+            # Cancelled, consumer gone, or a bug in a phase: the request still ends in a final
+            # state, with its trace line.
+            if not machine.is_terminated:
+                cancelled = isinstance(exc, anyio.get_cancelled_exc_class() | GeneratorExit)
+                if cancelled:
+                    ctx.fail("cancelled", "the caller cancelled the request")
+                elif isinstance(exc, OrionError):
+                    ctx.fail("internal", str(exc))
+                else:
+                    ctx.fail("internal", f"{type(exc).__name__}: {exc}")
+                ctx.release_model()
+                self._finish(ctx, recorder, machine, abort=True)
+            raise
+        holder.append(self._finish(ctx, recorder, machine, abort=False))
+
+    def _finish(self, ctx: RequestContext, recorder: PhaseRecorder, machine: Any,
+                *, abort: bool) -> Result:
+        agent = ctx.agent.id if ctx.agent else None
+        requested = ctx.decision.agent if ctx.decision else None
+        ttft = ctx.first_token_at
+        recorder.annotate_request({
+            "orion.agent": agent, "orion.fallback": bool(requested and agent != requested),
+            "gen_ai.usage.input_tokens": len(ctx.prompt_ids),
+            "gen_ai.usage.output_tokens": len(ctx.token_ids),
+            "orion.error_reason": ctx.error_reason,
+        })
+        if abort:
+            machine.send("abort")
+        state = next(iter(machine.configuration_values))
+        total_ms = recorder.elapsed_ms()
+        result = Result(
+            request_id=ctx.request.id, trace_id=recorder.trace_id, state=state,
+            text="".join(ctx.text_parts), agent=agent, requested_agent=requested,
+            fallback=bool(requested and agent != requested),
+            agents_tried=tuple(ctx.chain[: ctx.attempt + 1]) if ctx.chain else (),
+            phases=tuple(PhaseTiming(p.state, p.start_ms, p.ms) for p in recorder.phases),
+            tokens=TokenUsage(len(ctx.prompt_ids), len(ctx.token_ids)),
+            ttft_ms=ttft, total_ms=total_ms, finish_reason=ctx.finish_reason,
+            error=ctx.error, error_reason=ctx.error_reason, token_ids=tuple(ctx.token_ids),
+            routing=ctx.decision.as_dict() if ctx.decision else {},
+        )
+        self._traces.submit(self._trace_record(ctx, recorder, result))
+        return result
+
+    def _trace_record(self, ctx: RequestContext, recorder: PhaseRecorder,
+                      result: Result) -> dict[str, Any]:
+        prepared = ctx.prepared
+        return {
+            "format": TRACE_FORMAT,
+            "version": TRACE_VERSION,
+            "request_id": result.request_id,
+            "trace_id": result.trace_id,
+            "started_at": ctx.request.created_at,
+            "request": ctx.request.as_dict(),
+            "registry_digest": self.registry.digest,
+            "model": None if prepared is None else {
+                "source": str(prepared.key.source),
+                "sha256": prepared.files.source_sha256,
+                "context_length": prepared.key.context_length,
+            },
+            "prompt_token_ids": list(ctx.prompt_ids),
+            "sampling": None if ctx.sampling is None else {
+                "max_tokens": ctx.sampling.max_tokens, "temperature": ctx.sampling.temperature,
+                "top_k": ctx.sampling.top_k, "top_p": ctx.sampling.top_p,
+                "repetition_penalty": ctx.sampling.repetition_penalty,
+                "seed": ctx.sampling.seed, "stop": list(ctx.sampling.stop),
+            },
+            "transitions": [t.as_dict() for t in recorder.transitions],
+            "phases": [p.as_dict() for p in recorder.phases],
+            "spans": recorder.spans,
+            "result": {**result.as_dict(), "token_ids": list(result.token_ids)},
+        }

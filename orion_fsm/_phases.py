@@ -1,0 +1,295 @@
+"""The work of each phase of the request machine (machines/request.scxml).
+
+A phase is an async callback named after its state. It does the work, leaves what it found
+in `ctx.notes` (the telemetry listener turns notes into span attributes), and returns the
+event to send. `inferencing` is an async generator: it yields text as it is generated.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from ._exceptions import InferenceError, ModelLoadError, RegistryError
+from ._types import GenerationParams, Message, Request
+from .backends import SamplingParams
+from .services._loader import ModelLease, ModelLoader, PreparedModel
+from .services._registry import AgentSpec, Registry
+from .services._router import Router, RoutingDecision
+
+_ROLES = frozenset({"system", "user", "assistant"})
+# Bounds a caller can reach with a typo but no model can use; the registry schema uses the same.
+_PARAM_BOUNDS: Mapping[str, tuple[float, float]] = {
+    "max_tokens": (1, 32768),
+    "temperature": (0.0, 2.0),
+    "top_k": (0, 1000),
+    "top_p": (1e-9, 1.0),
+    "repetition_penalty": (1.0, 2.0),
+    "seed": (-1, 2**31 - 1),
+}
+_MAX_STOP = 16
+
+
+@dataclass(eq=False)
+class RequestContext:
+    """Everything one request's phases share. Lives exactly as long as the request."""
+
+    request: Request
+    registry: Registry
+    router: Router
+    loader: ModelLoader
+    notes: dict[str, Any]
+    streaming: bool
+    chain: tuple[str, ...] = ()
+    attempt: int = 0
+    decision: RoutingDecision | None = None
+    agent: AgentSpec | None = None
+    prepared: PreparedModel | None = None
+    lease: ModelLease | None = None
+    prompt_ids: tuple[int, ...] = ()
+    sampling: SamplingParams | None = None
+    text_parts: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    emitted_chars: int = 0
+    first_token_at: float | None = None
+    finish_reason: str | None = None
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (agent, why)
+    error: str | None = None
+    error_reason: str | None = None
+    error_field: str | None = None
+    now: Callable[[], float] = field(default=lambda: 0.0)
+
+    def fail(self, reason: str, message: str, *, field: str | None = None) -> None:
+        self.error, self.error_reason, self.error_field = message, reason, field
+        self.notes["error.type"] = reason
+        self.notes["orion.error"] = message
+
+    def release_model(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+
+
+PhaseFn = Callable[[RequestContext], Awaitable[str]]
+StreamingPhaseFn = Callable[[RequestContext], AsyncGenerator[str, None]]
+
+
+# --- validating -----------------------------------------------------------------------------
+
+
+def _check_params(params: GenerationParams) -> tuple[str, str] | None:
+    for name, (low, high) in _PARAM_BOUNDS.items():
+        value = getattr(params, name)
+        if value is None:
+            continue
+        integral = name in ("max_tokens", "top_k", "seed")
+        if isinstance(value, bool) or not isinstance(value, int | float) or (
+            integral and not isinstance(value, int)
+        ):
+            kind = "an integer" if integral else "a number"
+            return name, f"{name} must be {kind}, got {value!r}"
+        if isinstance(value, float) and not math.isfinite(value):
+            return name, f"{name} must be finite, got {value!r}"
+        if not low <= value <= high:
+            shown_low = 0 if name == "top_p" else low
+            rel = "above 0 and at most" if name == "top_p" else f"between {shown_low} and"
+            return name, f"{name} must be {rel} {high}, got {value!r}"
+    if params.stop is not None:
+        if len(params.stop) > _MAX_STOP:
+            return "stop", f"at most {_MAX_STOP} stop sequences, got {len(params.stop)}"
+        for s in params.stop:
+            if not isinstance(s, str) or not s:
+                return "stop", f"stop sequences must be non-empty strings, got {s!r}"
+    return None
+
+
+def _check_messages(messages: Sequence[Message]) -> tuple[str, str] | None:
+    if not messages:
+        return "prompt", "the prompt is empty: pass a non-empty string or at least one message"
+    for i, m in enumerate(messages):
+        where = "prompt" if len(messages) == 1 else f"messages[{i}]"
+        if not isinstance(m.content, str):
+            return where, f"{where} must be text, got {type(m.content).__name__}"
+        if m.role not in _ROLES:
+            return where, f"{where} has role {m.role!r}; expected system, user or assistant"
+        if "\x00" in m.content:
+            return where, f"{where} contains a NUL character; remove it"
+    if not any(m.role == "user" and m.content.strip() for m in messages):
+        return "prompt", ("the prompt is empty or only whitespace: "
+                          "give the model a question or an instruction")
+    return None
+
+
+async def validating(ctx: RequestContext) -> str:
+    request = ctx.request
+    problem = _check_messages(request.messages) or _check_params(request.params)
+    if problem is None and request.agent is not None and request.agent not in ctx.registry.agents:
+        known = ", ".join(ctx.registry.agents)
+        problem = "agent", f"unknown agent {request.agent!r}; known agents: {known}"
+    if problem is not None:
+        ctx.fail("invalid", problem[1], field=problem[0])
+        return "invalid"
+    ctx.notes["orion.messages"] = len(request.messages)
+    return "valid"
+
+
+# --- routing --------------------------------------------------------------------------------
+
+
+async def routing(ctx: RequestContext) -> str:
+    text = next(m.content for m in reversed(ctx.request.messages) if m.role == "user")
+    try:
+        decision = await ctx.router.route(text, requested=ctx.request.agent)
+    except RegistryError as exc:
+        ctx.fail("invalid", exc.message, field="agent")
+        return "invalid"
+    ctx.decision = decision
+    ctx.chain = ctx.registry.fallback_chain(decision.agent)
+    ctx.notes.update({
+        "orion.agent": decision.agent,
+        "orion.routing.source": decision.source,
+        "orion.routing.score": decision.score,
+        "orion.routing.runner_up": decision.runner_up,
+        "orion.fallback_chain": list(ctx.chain),
+    })
+    return "routed"
+
+
+# --- loading_agent --------------------------------------------------------------------------
+
+
+def _sampling(agent: AgentSpec, params: GenerationParams, room: int) -> SamplingParams:
+    d = agent.generation
+    stop = params.stop if params.stop is not None else d.stop
+    return SamplingParams(
+        max_tokens=min(params.max_tokens or d.max_tokens, room),
+        temperature=d.temperature if params.temperature is None else params.temperature,
+        top_k=d.top_k if params.top_k is None else params.top_k,
+        top_p=d.top_p if params.top_p is None else params.top_p,
+        repetition_penalty=(d.repetition_penalty if params.repetition_penalty is None
+                            else params.repetition_penalty),
+        seed=d.seed if params.seed is None else params.seed,
+        stop=tuple(stop),
+    )
+
+
+async def loading_agent(ctx: RequestContext) -> str:
+    agent = ctx.registry.get(ctx.chain[ctx.attempt])
+    ctx.agent = agent
+    ctx.notes.update({"orion.agent": agent.id, "gen_ai.request.model": agent.id,
+                      "orion.attempt": ctx.attempt})
+    try:
+        prepared = await ctx.loader.prepare(agent)
+    except ModelLoadError as exc:
+        ctx.failures.append((agent.id, exc.message))
+        ctx.notes["orion.load_error"] = exc.message
+        return "load_failed"
+    ctx.prepared = prepared
+    messages = list(ctx.request.messages)
+    if agent.system_prompt and not any(m.role == "system" for m in messages):
+        messages.insert(0, Message("system", agent.system_prompt))
+    prompt = agent.chat_template.render([(m.role, m.content) for m in messages])
+    ids = prepared.tokenizer.encode(prompt)
+    room = agent.context_length - len(ids)
+    if room < 1:
+        ctx.fail("invalid", (
+            f"the prompt is {len(ids)} tokens but agent {agent.id!r} has a context of "
+            f"{agent.context_length} tokens: shorten the prompt or pick an agent with a "
+            "larger context_length"), field="prompt")
+        return "invalid"
+    ctx.prompt_ids = tuple(ids)
+    ctx.sampling = _sampling(agent, ctx.request.params, room)
+    ctx.notes.update({"gen_ai.usage.input_tokens": len(ids),
+                      "orion.model.sha256": prepared.files.source_sha256})
+    try:
+        ctx.lease = await ctx.loader.acquire(agent)
+    except ModelLoadError as exc:
+        ctx.failures.append((agent.id, exc.message))
+        ctx.notes["orion.load_error"] = exc.message
+        return "load_failed"
+    return "loaded"
+
+
+# --- inferencing ----------------------------------------------------------------------------
+
+
+async def inferencing(ctx: RequestContext) -> AsyncGenerator[str, None]:
+    """Yields text deltas; sets `ctx.finish_reason`. Ends with the event in `ctx.notes`."""
+    lease, sampling, agent = ctx.lease, ctx.sampling, ctx.agent
+    assert lease is not None and sampling is not None and agent is not None
+    ctx.notes.update({"gen_ai.operation.name": "chat", "gen_ai.system": "ctransformers",
+                      "gen_ai.request.model": agent.id,
+                      "gen_ai.request.max_tokens": sampling.max_tokens,
+                      "gen_ai.request.temperature": sampling.temperature,
+                      "gen_ai.request.top_p": sampling.top_p,
+                      "gen_ai.request.top_k": sampling.top_k,
+                      "gen_ai.usage.input_tokens": len(ctx.prompt_ids)})
+    try:
+        async with lease.generation_lock:
+            stream = lease.model.open_stream(ctx.prompt_ids, sampling)
+            try:
+                while True:
+                    event = await anyio.to_thread.run_sync(stream.next_event)
+                    if event is None:
+                        break
+                    if ctx.first_token_at is None:
+                        ctx.first_token_at = ctx.now()
+                    ctx.token_ids.extend(event.token_ids)
+                    if event.text:
+                        ctx.text_parts.append(event.text)
+                        ctx.emitted_chars += len(event.text)
+                        yield event.text
+                ctx.finish_reason = stream.outcome.finish_reason
+            finally:
+                stream.close()
+    except InferenceError as exc:
+        ctx.failures.append((agent.id, exc.message))
+        ctx.notes["orion.inference_error"] = exc.message
+        ctx.notes["orion.next_event"] = "inference_failed"
+        return
+    finally:
+        ctx.release_model()
+    if ctx.first_token_at is not None:
+        ctx.notes["gen_ai.server.time_to_first_token"] = ctx.first_token_at / 1e3
+    ctx.notes.update({"gen_ai.usage.output_tokens": len(ctx.token_ids),
+                      "gen_ai.response.finish_reasons": [ctx.finish_reason or "stop"],
+                      "orion.next_event": "completed"})
+
+
+# --- fallback -------------------------------------------------------------------------------
+
+
+async def fallback(ctx: RequestContext) -> str:
+    failed = ctx.chain[ctx.attempt]
+    why = ctx.failures[-1][1] if ctx.failures else "unknown failure"
+    ctx.notes.update({"orion.fallback.from": failed, "orion.fallback.cause": why})
+    if ctx.streaming and ctx.emitted_chars:
+        # Text already reached a streaming caller: another agent's answer would be spliced on.
+        ctx.fail("inference_failed", (
+            f"agent {failed!r} failed after streaming {ctx.emitted_chars} characters ({why}); "
+            "not retried on another agent so outputs are not mixed"))
+        return "abort"
+    ctx.attempt += 1
+    if ctx.attempt < len(ctx.chain):
+        ctx.notes["orion.fallback.to"] = ctx.chain[ctx.attempt]
+        ctx.text_parts.clear()
+        ctx.token_ids.clear()
+        ctx.first_token_at = None
+        return "retry"
+    tried = "; ".join(f"{a}: {w}" for a, w in ctx.failures)
+    ctx.fail("exhausted", f"no agent could serve the request ({tried})")
+    return "exhausted"
+
+
+# Bound to the statechart's states by name (see _machine.request_chart).
+PHASES: Mapping[str, PhaseFn] = {
+    "validating": validating,
+    "routing": routing,
+    "loading_agent": loading_agent,
+    "fallback": fallback,
+}
+STREAMING_PHASES: Mapping[str, StreamingPhaseFn] = {"inferencing": inferencing}

@@ -1,0 +1,126 @@
+"""Values that cross the public API: what a caller asks for and what it gets back.
+
+All frozen: a Result handed to a caller never changes under it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+FinalState = Literal["success", "error"]
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One chat turn. `role` is system, user or assistant."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationParams:
+    """Per-request overrides of the agent's generation defaults; None keeps the default."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            name: (list(value) if isinstance(value, tuple) else value)
+            for name in self.__slots__
+            if (value := getattr(self, name)) is not None
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """What the caller asked for, as the validating phase received it."""
+
+    id: str
+    messages: tuple[Message, ...]
+    agent: str | None
+    params: GenerationParams
+    created_at: float  # unix time, from the engine's clock
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "messages": [{"role": m.role, "content": m.content} for m in self.messages],
+            "agent": self.agent,
+            "params": self.params.as_dict(),
+            "created_at": self.created_at,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class PhaseTiming:
+    """How long the request spent in one state; a state entered twice appears twice."""
+
+    state: str
+    start_ms: float  # since the request started
+    ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class TokenUsage:
+    input: int
+    output: int
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """The outcome of one request: its final state, its text and how it got there."""
+
+    request_id: str
+    trace_id: str
+    state: FinalState
+    text: str
+    agent: str | None  # the agent that served it (or was last tried)
+    requested_agent: str | None  # the agent routing chose first
+    fallback: bool  # served by an agent other than the one routing chose
+    agents_tried: tuple[str, ...]
+    phases: tuple[PhaseTiming, ...]
+    tokens: TokenUsage
+    ttft_ms: float | None
+    total_ms: float
+    finish_reason: str | None  # stop | length | cancelled, when generation ran
+    error: str | None = None
+    error_reason: str | None = None  # invalid | exhausted | cancelled | timeout
+    token_ids: tuple[int, ...] = field(default=(), repr=False)
+    routing: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "success"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON shape printed by `orion-fsm run --json`."""
+        return {
+            "request_id": self.request_id,
+            "trace_id": self.trace_id,
+            "state": self.state,
+            "text": self.text,
+            "agent": self.agent,
+            "requested_agent": self.requested_agent,
+            "fallback": self.fallback,
+            "agents_tried": list(self.agents_tried),
+            "phases": [
+                {"state": p.state, "start_ms": round(p.start_ms, 3), "ms": round(p.ms, 3)}
+                for p in self.phases
+            ],
+            "tokens": {"input": self.tokens.input, "output": self.tokens.output},
+            "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 3),
+            "total_ms": round(self.total_ms, 3),
+            "finish_reason": self.finish_reason,
+            "error": self.error,
+            "error_reason": self.error_reason,
+            "routing": dict(self.routing),
+        }

@@ -1,0 +1,109 @@
+"""Routing: which agent serves a request. `Router` is the seam; `RuleRouter` is the first one.
+
+The rule router scores each agent by the keywords and patterns of its registry routing hints;
+an explicit agent always wins, and nothing matching means the registry's default agent.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from ._registry import Registry
+
+RoutingSource = Literal["explicit", "rules", "default", "embedding"]
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingDecision:
+    agent: str
+    source: RoutingSource
+    score: float = 0.0
+    runner_up: str | None = None
+    margin: float = 0.0
+    matched: tuple[str, ...] = field(default=())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "agent": self.agent,
+            "source": self.source,
+            "score": round(self.score, 4),
+            "runner_up": self.runner_up,
+            "margin": round(self.margin, 4),
+            "matched": list(self.matched),
+        }
+
+
+class Router(Protocol):
+    """Anything that picks an agent for a text. Routers never load models."""
+
+    async def route(self, text: str, *, requested: str | None) -> RoutingDecision: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _AgentRules:
+    agent: str
+    keywords: frozenset[str]
+    phrases: tuple[str, ...]  # multi-word keywords, matched as substrings
+    patterns: tuple[re.Pattern[str], ...]
+    priority: int
+
+
+class RuleRouter:
+    """Keyword and regex rules from the registry's routing hints.
+
+    Score = matched keywords + 2 x matched patterns (a pattern is a stronger, deliberate hint);
+    ties go to the higher priority, then to registry order.
+    """
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+        rules = []
+        for spec in registry.agents.values():
+            words = [k.lower() for k in spec.routing.keywords]
+            rules.append(
+                _AgentRules(
+                    agent=spec.id,
+                    keywords=frozenset(w for w in words if " " not in w),
+                    phrases=tuple(w for w in words if " " in w),
+                    patterns=tuple(re.compile(p, re.IGNORECASE) for p in spec.routing.patterns),
+                    priority=spec.routing.priority,
+                )
+            )
+        self._rules = tuple(rules)
+
+    async def route(self, text: str, *, requested: str | None) -> RoutingDecision:
+        return self.decide(text, requested=requested)
+
+    def decide(self, text: str, *, requested: str | None = None) -> RoutingDecision:
+        if requested is not None:
+            self._registry.get(requested)  # unknown agent -> RegistryError naming the known ones
+            return RoutingDecision(agent=requested, source="explicit", score=1.0)
+        lowered = text.lower()
+        words = set(_WORD.findall(lowered))
+        scored: list[tuple[float, int, int, str, tuple[str, ...]]] = []
+        for order, rule in enumerate(self._rules):
+            matched = [w for w in rule.keywords if w in words]
+            matched += [p for p in rule.phrases if p in lowered]
+            score = float(len(matched))
+            for pattern in rule.patterns:
+                if pattern.search(text):
+                    score += 2.0
+                    matched.append(pattern.pattern)
+            scored.append((score, rule.priority, -order, rule.agent, tuple(sorted(matched))))
+        scored.sort(reverse=True)
+        best = scored[0]
+        runner_up = scored[1] if len(scored) > 1 else None
+        if best[0] <= 0:
+            return RoutingDecision(agent=self._registry.default_agent, source="default")
+        return RoutingDecision(
+            agent=best[3],
+            source="rules",
+            score=best[0],
+            runner_up=runner_up[3] if runner_up else None,
+            margin=best[0] - (runner_up[0] if runner_up else 0.0),
+            matched=best[4],
+        )

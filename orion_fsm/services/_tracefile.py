@@ -1,0 +1,105 @@
+"""Trace files: one JSON line per request, appended by a background writer.
+
+The record holds everything needed to understand (and later replay) a run: the request,
+registry and model digests, every transition with its time, phase results and the spans.
+Format: see `TRACE_FORMAT` / `TRACE_VERSION` and docs in README ("Trace files").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from orion_fsm._exceptions import OrionError
+
+TRACE_FORMAT = "orion-fsm.trace"
+TRACE_VERSION = 1
+_BATCH = 256
+
+
+class TraceWriter:
+    """Appends trace records to `path` from a task of the engine's task group.
+
+    `submit` never blocks the request: records are queued, serialised and written in a
+    worker thread, in batches. Records submitted before `aclose` are always written.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._send: MemoryObjectSendStream[dict[str, Any]]
+        self._receive: MemoryObjectReceiveStream[dict[str, Any]]
+        self._send, self._receive = anyio.create_memory_object_stream[dict[str, Any]](math.inf)
+        self.written = 0
+
+    def submit(self, record: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        self._send.send_nowait(record)
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        if self.path is not None:
+            await anyio.to_thread.run_sync(self._prepare)
+        task_status.started()
+        async with self._receive:
+            async for first in self._receive:
+                batch = [first]
+                while len(batch) < _BATCH:
+                    try:
+                        batch.append(self._receive.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                await anyio.to_thread.run_sync(self._write, batch)
+
+    def close(self) -> None:
+        """No more records; `run` returns once the queued ones are written."""
+        self._send.close()
+
+    def _prepare(self) -> None:
+        assert self.path is not None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OrionError(
+                f"cannot create the trace directory {self.path.parent}: {exc.strerror}; "
+                "pass another trace_path (or --trace-file) or fix its permissions"
+            ) from exc
+
+    def _write(self, batch: list[dict[str, Any]]) -> None:
+        assert self.path is not None
+        lines = "".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n"
+                        for r in batch)
+        # One write of whole lines in append mode: concurrent writers never interleave a line.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            data = memoryview(lines.encode("utf-8"))
+            while data:
+                data = data[os.write(fd, data):]
+        finally:
+            os.close(fd)
+        self.written += len(batch)
+
+
+def read_traces(path: Path) -> Iterator[dict[str, Any]]:
+    """The records of a trace file, oldest first; refuses formats it does not know."""
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise OrionError(f"{path}:{number}: not a JSON trace line ({exc.msg})") from exc
+            if record.get("format") != TRACE_FORMAT or record.get("version", 0) > TRACE_VERSION:
+                raise OrionError(
+                    f"{path}:{number}: not an orion-fsm trace of version <= {TRACE_VERSION} "
+                    f"(format={record.get('format')!r}, version={record.get('version')!r})"
+                )
+            yield record

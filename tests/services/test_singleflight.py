@@ -1,0 +1,73 @@
+"""Concurrent callers of one key share one computation."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from orion_fsm.services._singleflight import SingleFlight
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_concurrent_callers_share_one_call() -> None:
+    flights: SingleFlight[int] = SingleFlight()
+    calls = 0
+    results: list[int] = []
+
+    async def compute() -> int:
+        nonlocal calls
+        calls += 1
+        await anyio.sleep(0.01)
+        return 42
+
+    async def caller() -> None:
+        results.append(await flights.run("k", compute))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(10):
+            tg.start_soon(caller)
+    assert calls == 1 and results == [42] * 10
+
+
+async def test_a_failure_reaches_every_waiter() -> None:
+    flights: SingleFlight[int] = SingleFlight()
+    errors: list[str] = []
+
+    async def compute() -> int:
+        await anyio.sleep(0.01)
+        raise ValueError("boom")
+
+    async def caller() -> None:
+        try:
+            await flights.run("k", compute)
+        except ValueError as exc:
+            errors.append(str(exc))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(3):
+            tg.start_soon(caller)
+    assert errors == ["boom"] * 3
+
+
+async def test_waiters_recompute_when_the_first_caller_is_cancelled() -> None:
+    flights: SingleFlight[int] = SingleFlight()
+    calls = 0
+
+    async def compute() -> int:
+        nonlocal calls
+        calls += 1
+        await anyio.sleep(0.05)
+        return calls
+
+    got: list[int] = []
+
+    async def waiter() -> None:
+        await anyio.sleep(0.01)
+        got.append(await flights.run("k", compute))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter)
+        with anyio.move_on_after(0.02):
+            await flights.run("k", compute)
+    assert calls == 2 and got == [2]
