@@ -1,0 +1,1 @@
+"""Benchmarks of orion_fsm (`make bench`): figures we measure, never figures we assume."""
