@@ -227,6 +227,13 @@ class Engine:
         ctx = RequestContext(request=request, registry=self.registry, router=self.router,
                              loader=self.loader, notes=recorder.notes, streaming=streaming,
                              now=recorder.elapsed_ms)
+        recorder.summary = lambda: {
+            "orion.agent": ctx.agent.id if ctx.agent else None,
+            "orion.fallback": ctx.attempt > 0,
+            "gen_ai.usage.input_tokens": len(ctx.prompt_ids),
+            "gen_ai.usage.output_tokens": len(ctx.token_ids),
+            "orion.error_reason": ctx.error_reason,
+        }
         machine = self._chart(listeners=[recorder])
         machine.send("start")
         try:
@@ -262,12 +269,6 @@ class Engine:
         agent = ctx.agent.id if ctx.agent else None
         requested = ctx.decision.agent if ctx.decision else None
         ttft = ctx.first_token_at
-        recorder.annotate_request({
-            "orion.agent": agent, "orion.fallback": bool(requested and agent != requested),
-            "gen_ai.usage.input_tokens": len(ctx.prompt_ids),
-            "gen_ai.usage.output_tokens": len(ctx.token_ids),
-            "orion.error_reason": ctx.error_reason,
-        })
         if abort:
             machine.send("abort")
         state = next(iter(machine.configuration_values))

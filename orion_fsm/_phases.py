@@ -8,7 +8,9 @@ event to send. `inferencing` is an async generator: it yields text as it is gene
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +18,7 @@ import anyio
 
 from ._exceptions import InferenceError, ModelLoadError, RegistryError
 from ._types import GenerationParams, Message, Request
-from .backends import SamplingParams
+from .backends import GenerationEvent, GenerationOutcome, LoadedModel, SamplingParams
 from .services._loader import ModelLease, ModelLoader, PreparedModel
 from .services._registry import AgentSpec, Registry
 from .services._router import Router, RoutingDecision
@@ -230,22 +232,12 @@ async def inferencing(ctx: RequestContext) -> AsyncGenerator[str, None]:
                       "gen_ai.usage.input_tokens": len(ctx.prompt_ids)})
     try:
         async with lease.generation_lock:
-            stream = lease.model.open_stream(ctx.prompt_ids, sampling)
-            try:
-                while True:
-                    event = await anyio.to_thread.run_sync(stream.next_event)
-                    if event is None:
-                        break
-                    if ctx.first_token_at is None:
-                        ctx.first_token_at = ctx.now()
-                    ctx.token_ids.extend(event.token_ids)
-                    if event.text:
-                        ctx.text_parts.append(event.text)
-                        ctx.emitted_chars += len(event.text)
-                        yield event.text
-                ctx.finish_reason = stream.outcome.finish_reason
-            finally:
-                stream.close()
+            if ctx.streaming:
+                async with aclosing(_stream_tokens(ctx, lease.model, sampling)) as texts:
+                    async for text in texts:
+                        yield text
+            else:
+                await _generate(ctx, lease.model, sampling)
     except InferenceError as exc:
         ctx.failures.append((agent.id, exc.message))
         ctx.notes["orion.inference_error"] = exc.message
@@ -258,6 +250,55 @@ async def inferencing(ctx: RequestContext) -> AsyncGenerator[str, None]:
     ctx.notes.update({"gen_ai.usage.output_tokens": len(ctx.token_ids),
                       "gen_ai.response.finish_reasons": [ctx.finish_reason or "stop"],
                       "orion.next_event": "completed"})
+
+
+def _record(ctx: RequestContext, event: GenerationEvent) -> None:
+    if ctx.first_token_at is None:
+        ctx.first_token_at = ctx.now()
+    ctx.token_ids.extend(event.token_ids)
+    if event.text:
+        ctx.text_parts.append(event.text)
+        ctx.emitted_chars += len(event.text)
+
+
+async def _stream_tokens(ctx: RequestContext, model: LoadedModel,
+                         sampling: SamplingParams) -> AsyncGenerator[str, None]:
+    """One worker-thread hop per chunk: the consumer sees each token as it is made."""
+    stream = model.open_stream(ctx.prompt_ids, sampling)
+    try:
+        while (event := await anyio.to_thread.run_sync(stream.next_event)) is not None:
+            _record(ctx, event)
+            if event.text:
+                yield event.text
+        ctx.finish_reason = stream.outcome.finish_reason
+    finally:
+        stream.close()
+
+
+async def _generate(ctx: RequestContext, model: LoadedModel, sampling: SamplingParams) -> None:
+    """The whole generation in one worker-thread hop: nobody waits for the chunks.
+
+    On cancellation the thread is told to stop and awaited (shielded) before the model's
+    lock is released, so the next request never finds the model still generating.
+    """
+    stop, finished = threading.Event(), threading.Event()
+
+    def work() -> GenerationOutcome:
+        try:
+            return model.generate(ctx.prompt_ids, sampling,
+                                  on_event=lambda event: _record(ctx, event),
+                                  should_stop=stop.is_set)
+        finally:
+            finished.set()
+
+    try:
+        outcome = await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
+    except anyio.get_cancelled_exc_class():
+        stop.set()
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(finished.wait)
+        raise
+    ctx.finish_reason = outcome.finish_reason
 
 
 # --- fallback -------------------------------------------------------------------------------

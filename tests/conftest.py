@@ -68,6 +68,7 @@ def registry_doc(tiny_models: dict[str, Path], tmp_path: Path) -> dict[str, Any]
                            "examples": []}),
             agent("broken", tmp_path / "missing.gguf", fallback="conversation"),
             agent("short", tiny_models["small"], context_length=64),
+            agent("long", tiny_models["small"], context_length=4096),
         ],
     }
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,6 +96,7 @@ class PhaseRecorder:
         "phases",
         "request_id",
         "spans",
+        "summary",
         "trace_id",
         "transitions",
     )
@@ -124,6 +125,8 @@ class PhaseRecorder:
         self.transitions: list[Transition] = []
         self.phases: list[PhaseRecord] = []
         self.spans: list[dict[str, Any]] = []
+        # Called on reaching a final state: attributes of the whole request (agent, usage).
+        self.summary: Callable[[], Mapping[str, Any]] | None = None
 
     def elapsed_ms(self) -> float:
         return (self._clock.monotonic() - self._origin) * 1e3
@@ -168,6 +171,8 @@ class PhaseRecorder:
             self._phase_span = None
 
     def _finish(self, state: str, now: float) -> None:
+        if self.summary is not None:
+            self.notes.update(self.summary())
         attributes = {k: _clean(v) for k, v in self.notes.items() if v is not None}
         self.notes.clear()
         span = self._request_span
@@ -177,11 +182,6 @@ class PhaseRecorder:
             span.set_status(Status(StatusCode.ERROR, str(attributes.get("orion.error", ""))))
         span.end(end_time=self._unix_ns(now))
         self.spans.insert(0, _span_record(span, "orion.request", 0.0, now, attributes))
-
-    def annotate_request(self, attributes: Mapping[str, Any]) -> None:
-        """Attributes that belong to the whole request (final agent, fallback, usage)."""
-        self._request_span.set_attributes({k: _clean(v) for k, v in attributes.items()
-                                           if v is not None})
 
 
 def _span_record(span: Span, name: str, start_ms: float, end_ms: float,
