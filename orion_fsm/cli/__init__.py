@@ -1,0 +1,43 @@
+"""`orion-fsm`: the command line, a client of the public API.
+
+Each command lives in its own module with an `add_parser(subparsers)` that sets `handler`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from orion_fsm import OrionError
+
+from . import _diagram, _models, _run
+
+_COMMANDS = (_run, _models, _diagram)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orion-fsm", description=__doc__)
+    parser.add_argument("--registry", help="models.json to use (default: the packaged one)")
+    parser.add_argument("--cache-dir", help="where converted models are kept "
+                        "(default: $ORION_FSM_CACHE or ~/.cache/orion-fsm)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in _COMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        code: int = args.handler(args)
+        return code
+    except OrionError as exc:
+        print(f"orion-fsm: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""`orion-fsm diagram`: render the request statechart (machines/request.scxml) as Mermaid."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def add_parser(sub: Any) -> None:
+    diagram = sub.add_parser("diagram", help="render the request statechart as Mermaid")
+    diagram.add_argument("--output", help="write to this file instead of stdout")
+    diagram.set_defaults(handler=_diagram)
+
+
+def _diagram(args: argparse.Namespace) -> int:
+    from statemachine.contrib.diagram import formatter
+
+    from orion_fsm._machine import request_chart
+
+    text = formatter.render(request_chart(), "mermaid")
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"wrote {args.output}")
+    else:
+        print(text)
+    return 0
