@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
-from contextlib import aclosing
+from contextlib import AsyncExitStack, aclosing
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -125,6 +125,7 @@ class Engine:
             self.trace_path = Path(trace_path)
         self._traces = TraceWriter(self.trace_path)
         self._task_group: TaskGroup | None = None
+        self._exit_stack = AsyncExitStack()
         self._closed = False
 
     # --- lifetime ---------------------------------------------------------------------------
@@ -132,21 +133,26 @@ class Engine:
     async def __aenter__(self) -> Self:
         if self._task_group is not None or self._closed:
             raise OrionError("an Engine can be entered once; create a new Engine instead")
-        self._task_group = anyio.create_task_group()
-        await self._task_group.__aenter__()
-        await self._task_group.start(self._traces.run)
+        # Unwound in reverse on exit: stop taking trace records, let the writer drain and the
+        # task group end, then unload the models.
+        await self._traces.prepare()
+        async with AsyncExitStack() as stack:
+            stack.push_async_callback(self._unload_models)
+            task_group = await stack.enter_async_context(anyio.create_task_group())
+            stack.callback(self._traces.close)
+            await task_group.start(self._traces.run)
+            self._task_group = task_group
+            self._exit_stack = stack.pop_all()
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> bool | None:
         self._closed = True
-        self._traces.close()
-        assert self._task_group is not None
-        try:
-            return await self._task_group.__aexit__(exc_type, exc, tb)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.loader.aclose()
+        return await self._exit_stack.__aexit__(exc_type, exc, tb)
+
+    async def _unload_models(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.loader.aclose()
 
     def _check_open(self) -> None:
         if self._task_group is None or self._closed:

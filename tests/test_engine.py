@@ -235,3 +235,13 @@ async def test_default_model_answers_a_real_question(tmp_path: Path) -> None:
         result = await engine.infer("What is the capital of France?", agent="conversation",
                                     temperature=0, max_tokens=16)
     assert "Paris" in result.text
+
+
+async def test_an_unusable_trace_path_fails_at_start_and_leaks_nothing(
+    make_engine: MakeEngine, tmp_path: Path
+) -> None:
+    (tmp_path / "file").write_text("a file where a directory should be")
+    engine = make_engine(trace_path=tmp_path / "file" / "t.jsonl")
+    with pytest.raises(OrionError, match="trace directory"):
+        async with engine:
+            pass

@@ -44,9 +44,13 @@ class TraceWriter:
             return
         self._send.send_nowait(record)
 
-    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def prepare(self) -> None:
+        """Create the trace directory; a clear OrionError if that is impossible."""
         if self.path is not None:
             await anyio.to_thread.run_sync(self._prepare)
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Write queued records until `close()`; call `prepare()` first."""
         task_status.started()
         async with self._receive:
             async for first in self._receive:

@@ -1,0 +1,102 @@
+"""`orion-fsm run` and `orion-fsm models` through the real entry point, on tiny models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orion_fsm.cli import main
+from tests.conftest import read_trace_lines
+
+WriteRegistry = Callable[[dict[str, Any]], Path]
+
+
+def test_run_json_prints_one_object_with_the_documented_keys(
+    registry_doc: dict[str, Any], write_registry: WriteRegistry, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    registry = write_registry(registry_doc)
+    trace = tmp_path / "t.jsonl"
+    code = main(["--registry", str(registry), "--cache-dir", str(tmp_path / "c"), "run", "hello",
+                 "--max-tokens", "4", "--json", "--trace-file", str(trace)])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"text", "state", "agent", "fallback", "phases", "tokens", "ttft_ms",
+            "trace_id"} <= set(out)
+    assert out["state"] == "success" and out["agent"] == "conversation"
+    assert [p["state"] for p in out["phases"]] == ["validating", "routing", "loading_agent",
+                                                   "inferencing"]
+    assert all(set(p) >= {"state", "ms"} for p in out["phases"])
+    assert set(out["tokens"]) == {"input", "output"}
+    assert read_trace_lines(trace)[0]["trace_id"] == out["trace_id"]
+
+
+def test_run_streams_text_then_the_timeline(
+    registry_doc: dict[str, Any], write_registry: WriteRegistry, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    registry = write_registry(registry_doc)
+    code = main(["--registry", str(registry), "--cache-dir", str(tmp_path / "c"), "run", "hello",
+                 "--max-tokens", "4", "--trace-file", str(tmp_path / "t.jsonl")])
+    assert code == 0
+    out = capsys.readouterr().out
+    for state in ("validating", "routing", "loading_agent", "inferencing", "total"):
+        assert state in out
+
+
+def test_a_failed_request_exits_non_zero_with_one_line(
+    registry_doc: dict[str, Any], write_registry: WriteRegistry, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    registry = write_registry(registry_doc)
+    code = main(["--registry", str(registry), "--cache-dir", str(tmp_path / "c"), "run", "hi",
+                 "--temperature", "9", "--json", "--trace-file", str(tmp_path / "t.jsonl")])
+    assert code == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["state"] == "error"
+    assert captured.err.strip().count("\n") == 0
+    assert "temperature" in captured.err
+
+
+def test_a_malformed_registry_fails_with_its_json_path(
+    registry_doc: dict[str, Any], write_registry: WriteRegistry,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    registry_doc["agents"][0]["context_length"] = "big"
+    registry = write_registry(registry_doc)
+    assert main(["--registry", str(registry), "models", "validate"]) == 2
+    err = capsys.readouterr().err
+    assert "$.agents[0].context_length" in err and err.strip().count("\n") == 0
+
+
+def test_models_list_and_show_describe_the_default_registry(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["models", "list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [a["id"] for a in listed] == ["conversation", "code", "logic"]
+    assert main(["models", "show", "code"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["fallback_chain"] == ["code", "conversation"]
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "orion-fsm"
+    done = subprocess.run([str(script), "models", "validate"], capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ok: 3 agents")
+
+
+def test_diagram_renders_every_state(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["diagram"]) == 0
+    out = capsys.readouterr().out
+    for state in ("idle", "validating", "routing", "loading_agent", "inferencing", "fallback",
+                  "success", "error"):
+        assert state in out

@@ -1,0 +1,48 @@
+"""The trace file: one JSON line per record, readers refuse formats they do not know."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anyio
+import pytest
+
+from orion_fsm import OrionError
+from orion_fsm.services._tracefile import TRACE_FORMAT, TRACE_VERSION, TraceWriter, read_traces
+
+pytestmark = pytest.mark.anyio
+
+
+def record(i: int) -> dict[str, object]:
+    return {"format": TRACE_FORMAT, "version": TRACE_VERSION, "request_id": f"r{i}",
+            "text": "é\n" * (i % 3)}
+
+
+async def test_every_submitted_record_is_written_before_close(tmp_path: Path) -> None:
+    writer = TraceWriter(tmp_path / "nested" / "t.jsonl")
+    async with anyio.create_task_group() as tg:
+        await writer.prepare()
+        await tg.start(writer.run)
+        for i in range(500):
+            writer.submit(record(i))
+        writer.close()
+    assert [r["request_id"] for r in read_traces(tmp_path / "nested" / "t.jsonl")] == [
+        f"r{i}" for i in range(500)]
+
+
+async def test_an_unusable_trace_directory_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    writer = TraceWriter(tmp_path / "file" / "t.jsonl")
+    with pytest.raises(OrionError, match="trace directory"):
+        await writer.prepare()
+
+
+def test_readers_refuse_newer_versions_and_other_formats(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"format": TRACE_FORMAT, "version": TRACE_VERSION + 1}) + "\n")
+    with pytest.raises(OrionError, match="version"):
+        list(read_traces(path))
+    path.write_text("{not json\n")
+    with pytest.raises(OrionError, match=":1: not a JSON trace line"):
+        list(read_traces(path))
