@@ -10,7 +10,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 
@@ -130,16 +130,23 @@ def engine_overhead(quick: bool = False) -> dict[str, Any]:
             "generation": {"max_tokens": 1, "temperature": 0}, "ram_estimate_mb": 1,
             "fallback": None}]})
         engine_ms: list[float] = []
+        untraced_ms: list[float] = []
         direct_ms: list[float] = []
 
-        async def main() -> None:
+        async def timed(trace_path: Path | Literal[False], into: list[float]) -> None:
             async with Engine(registry=registry, cache_dir=Path(tmp) / "cache", threads=1,
-                              trace_path=Path(tmp) / "trace.jsonl") as engine:
+                              trace_path=trace_path) as engine:
                 await engine.infer("hi")
                 for _ in range(n):
                     t = time.perf_counter()
                     await engine.infer("hi")
-                    engine_ms.append((time.perf_counter() - t) * 1e3)
+                    into.append((time.perf_counter() - t) * 1e3)
+
+        async def main() -> None:
+            await timed(Path(tmp) / "trace.jsonl", engine_ms)
+            await timed(False, untraced_ms)
+            async with Engine(registry=registry, cache_dir=Path(tmp) / "cache", threads=1,
+                              trace_path=False) as engine:
                 lease = await engine.loader.acquire(registry.get("a"))
                 prompt_ids = lease.prepared.tokenizer.encode(
                     registry.get("a").chat_template.render([("user", "hi")]))
@@ -169,7 +176,8 @@ def engine_overhead(quick: bool = False) -> dict[str, Any]:
             sm.send(event)
 
     component = {"statechart_bare_ms": _time(bare_machine, n),
-                 "statechart_with_telemetry_listener_ms": _time(machine_only, n)}
+                 "statechart_with_telemetry_listener_and_spans_ms": _time(machine_only, n),
+                 "engine_without_trace_file_ms": round(statistics.median(untraced_ms), 4)}
     overhead = statistics.median(engine_ms) - statistics.median(direct_ms)
     return {"requests": n,
             "engine_p50_ms": round(statistics.median(engine_ms), 4),
