@@ -1,0 +1,154 @@
+"""The disk tier of a cache level: a diskcache (SQLite) directory that survives restarts.
+
+Every method here blocks: callers run them in a worker thread. A corrupt directory is moved
+aside and rebuilt empty; a location that cannot hold a cache leaves the level memory-only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import diskcache
+
+from orion_fsm._exceptions import OrionError
+
+logger = logging.getLogger("orion_fsm.cache")
+
+DiskState = Literal["ok", "rebuilt", "unavailable", "none"]
+
+# A reader never waits long on another process's write lock: a slow disk tier is a miss.
+_SQLITE_TIMEOUT_S = 2.0
+_MISSING = object()
+
+
+@dataclass(frozen=True, slots=True)
+class DiskHit:
+    value: Any
+    expires_at: float | None  # unix time from the cache's Clock, None for no TTL
+
+
+@dataclass(frozen=True, slots=True)
+class DiskOpening:
+    """What opening a directory gave: a tier (or None) and what to report about it."""
+
+    tier: DiskTier | None
+    state: DiskState
+    problem: str | None
+
+
+class CacheError(OrionError):
+    """A cache was asked for something it does not have (an unknown level, a bad record)."""
+
+
+class DiskTier:
+    """One diskcache directory. Records are `(expires_at, value)`: expiry is judged by the
+    injectable clock, not by diskcache's own wall-clock expiry (kept only for housekeeping)."""
+
+    def __init__(self, cache: diskcache.Cache, *, max_entries: int | None) -> None:
+        self._cache = cache
+        self.directory = Path(cache.directory)
+        self.max_entries = max_entries
+        # Last observed figures, refreshed by writes so stats() never touches the disk.
+        self.entries = 0
+        self.nbytes = 0
+        self.refresh()
+
+    @classmethod
+    def open(cls, directory: Path, *, level: str, size_limit: int, max_entries: int | None,
+             now_unix: float) -> DiskOpening:
+        """Open `directory`; rebuild it empty if its database is corrupt; give up (memory-only)
+        if the location cannot hold a cache. Never raises."""
+        try:
+            return DiskOpening(cls(_open_cache(directory, size_limit), max_entries=max_entries),
+                               "ok", None)
+        except Exception as exc:
+            error = exc
+        # Only a database SQLite calls corrupt is moved aside: a locked or unopenable one
+        # (OperationalError, OSError) may be healthy and someone else's to fix.
+        corrupt = (isinstance(error, sqlite3.DatabaseError)
+                   and not isinstance(error, sqlite3.OperationalError) and directory.is_dir())
+        if not corrupt:
+            return _unavailable(level, directory, f"cannot open {directory}: {error!r}")
+        try:
+            moved_to = _move_aside(directory, now_unix)
+        except OSError as exc:
+            return _unavailable(level, directory,
+                                f"corrupt ({error!r}) and cannot be moved aside: {exc!r}")
+        problem = f"corrupt ({error!r}): moved to {moved_to} and rebuilt empty"
+        logger.warning("cache disk tier corrupt, rebuilt empty", extra={
+            "cache_level": level, "cache_dir": str(directory), "moved_to": str(moved_to),
+            "error": repr(error)})
+        try:
+            tier = cls(_open_cache(directory, size_limit), max_entries=max_entries)
+        except Exception as exc:
+            return _unavailable(level, directory, f"{problem}; reopening failed: {exc!r}")
+        return DiskOpening(tier, "rebuilt", problem)
+
+    def get(self, key: str, now_unix: float) -> tuple[DiskHit | None, bool]:
+        """`(hit or None, expired)`. An expired record is deleted on the way."""
+        record = self._cache.get(key, default=_MISSING)
+        if record is _MISSING:
+            return None, False
+        if not (isinstance(record, tuple) and len(record) == 2
+                and (record[0] is None or isinstance(record[0], float | int))):
+            raise CacheError(f"disk record of key {key!r} is a {type(record).__name__}, "
+                             "not an (expires_at, value) pair: clear this cache level")
+        expires_at, value = record
+        if expires_at is not None and now_unix >= expires_at:
+            self._cache.delete(key)
+            self.refresh()
+            return None, True
+        return DiskHit(value, expires_at), False
+
+    def set(self, key: str, value: Any, expires_at: float | None, ttl_s: float | None) -> int:
+        """Write one record (one SQLite transaction); returns how many old entries were
+        dropped to stay within `max_entries`."""
+        self._cache.set(key, (expires_at, value), expire=ttl_s)
+        dropped = 0
+        if self.max_entries is not None:
+            excess = len(self._cache) - self.max_entries
+            if excess > 0:
+                # Iteration order is rowid order: the oldest stored records go first.
+                for old in list(itertools.islice(iter(self._cache), excess)):
+                    dropped += int(self._cache.delete(old))
+        self.refresh()
+        return dropped
+
+    def clear(self) -> None:
+        self._cache.clear()
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.entries = len(self._cache)
+        self.nbytes = int(self._cache.volume())
+
+    def close(self) -> None:
+        self._cache.close()
+
+
+def _open_cache(directory: Path, size_limit: int) -> diskcache.Cache:
+    return diskcache.Cache(str(directory), size_limit=size_limit, timeout=_SQLITE_TIMEOUT_S,
+                           eviction_policy="least-recently-used")
+
+
+def _move_aside(directory: Path, now_unix: float) -> Path:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now_unix))
+    target = directory.with_name(f"{directory.name}.corrupt-{stamp}")
+    for n in itertools.count(1):
+        if not target.exists():
+            break
+        target = directory.with_name(f"{directory.name}.corrupt-{stamp}-{n}")
+    directory.rename(target)
+    return target
+
+
+def _unavailable(level: str, directory: Path, problem: str) -> DiskOpening:
+    logger.warning("cache disk tier unavailable, level is memory-only", extra={
+        "cache_level": level, "cache_dir": str(directory), "error": problem})
+    return DiskOpening(None, "unavailable", problem)
