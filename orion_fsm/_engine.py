@@ -22,6 +22,7 @@ from ._exceptions import OrionError, RequestFailed
 from ._machine import request_chart
 from ._phases import PHASES, STREAMING_PHASES, RequestContext
 from ._types import GenerationParams, Message, PhaseTiming, Request, Result, TokenUsage
+from .services._cache import CacheSet
 from .services._clock import Clock, SystemClock
 from .services._loader import ModelLoader, ProgressCallback
 from .services._registry import Registry
@@ -109,12 +110,16 @@ class Engine:
         threads: int | None = None,
         progress: ProgressCallback | None = None,
         machine: str | Path | None = None,
+        caches: CacheSet | Literal[False] | None = None,
     ) -> None:
         self.registry = registry if isinstance(registry, Registry) else Registry.load(registry)
         self.router: Router = router or RuleRouter(self.registry)
         self.clock: Clock = clock or SystemClock()
-        self.loader = ModelLoader(Path(cache_dir) if cache_dir else default_cache_dir(),
-                                  threads=threads, progress=progress)
+        root = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.loader = ModelLoader(root, threads=threads, progress=progress)
+        # Result, embedding and intermediate caches; False turns them off.
+        self.caches: CacheSet | None = (
+            None if caches is False else caches or CacheSet(root / "caches", clock=self.clock))
         self._chart = request_chart(Path(machine) if machine else None)
         self._tracer = resolve_tracer(tracer_provider)
         if trace_path is False:
@@ -126,6 +131,7 @@ class Engine:
         self._traces = TraceWriter(self.trace_path)
         self._task_group: TaskGroup | None = None
         self._exit_stack = AsyncExitStack()
+        self._l1_flights: dict[str, anyio.Event] = {}
         self._closed = False
 
     # --- lifetime ---------------------------------------------------------------------------
@@ -138,6 +144,8 @@ class Engine:
         await self._traces.prepare()
         async with AsyncExitStack() as stack:
             stack.push_async_callback(self._unload_models)
+            if self.caches is not None:
+                await stack.enter_async_context(self.caches)
             task_group = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(self._traces.close)
             await task_group.start(self._traces.run)
@@ -154,6 +162,12 @@ class Engine:
         with anyio.CancelScope(shield=True):
             await self.loader.aclose()
 
+    def cache_stats(self) -> dict[str, dict[str, Any]]:
+        """Hits, misses, evictions, hit rate and bytes of each cache level."""
+        if self.caches is None:
+            return {}
+        return {level: stats.to_dict() for level, stats in self.caches.stats().items()}
+
     def _check_open(self) -> None:
         if self._task_group is None or self._closed:
             raise OrionError("the Engine is not running: use it inside `async with Engine(...)`")
@@ -161,7 +175,8 @@ class Engine:
     # --- requests ---------------------------------------------------------------------------
 
     def _request(self, prompt: object, agent: str | None, system: str | None,
-                 params: GenerationParams | None, overrides: dict[str, Any]) -> Request:
+                 params: GenerationParams | None, overrides: dict[str, Any],
+                 cache: bool | None = None) -> Request:
         if params is None:
             stop = overrides.pop("stop", None)
             if isinstance(stop, str):
@@ -171,20 +186,24 @@ class Engine:
                 stop=None if stop is None else tuple(stop),
             )
         return Request(id=secrets.token_hex(8), messages=_messages(prompt, system), agent=agent,
-                       params=params, created_at=self.clock.time())
+                       params=params, created_at=self.clock.time(), cache=cache)
 
     async def infer(
         self, prompt: Prompt, *, agent: str | None = None, system: str | None = None,
         params: GenerationParams | None = None, max_tokens: int | None = None,
         temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
         repetition_penalty: float | None = None, seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
+        stop: str | Sequence[str] | None = None, cache: bool | None = None,
     ) -> Result:
-        """Run one request to its final state. Raises `RequestFailed` (with `.result`) on error."""
+        """Run one request to its final state. Raises `RequestFailed` (with `.result`) on error.
+
+        `cache`: None caches deterministic requests only (temperature 0 or a seed), True opts
+        a sampled request in, False bypasses the result cache.
+        """
         self._check_open()
         request = self._request(prompt, agent, system, params, dict(
             max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            repetition_penalty=repetition_penalty, seed=seed, stop=stop))
+            repetition_penalty=repetition_penalty, seed=seed, stop=stop), cache)
         holder: list[Result] = []
         async with aclosing(self._drive(request, holder, streaming=False)) as chunks:
             async for _ in chunks:
@@ -196,13 +215,13 @@ class Engine:
         params: GenerationParams | None = None, max_tokens: int | None = None,
         temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
         repetition_penalty: float | None = None, seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
+        stop: str | Sequence[str] | None = None, cache: bool | None = None,
     ) -> ResponseStream:
         """Text chunks as they are generated. A request that ends in error raises RequestFailed."""
         self._check_open()
         request = self._request(prompt, agent, system, params, dict(
             max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            repetition_penalty=repetition_penalty, seed=seed, stop=stop))
+            repetition_penalty=repetition_penalty, seed=seed, stop=stop), cache)
         holder: list[Result] = []
 
         async def chunks() -> AsyncGenerator[str, None]:
@@ -230,9 +249,12 @@ class Engine:
         """Run the request's machine: each state's phase returns the event to send next."""
         recorder = PhaseRecorder(self._tracer, self.clock, request.id,
                                  {"orion.registry.digest": self.registry.digest})
+        assert self._task_group is not None
         ctx = RequestContext(request=request, registry=self.registry, router=self.router,
                              loader=self.loader, notes=recorder.notes, streaming=streaming,
-                             now=recorder.elapsed_ms)
+                             now=recorder.elapsed_ms, caches=self.caches,
+                             background=self._task_group.start_soon,
+                             l1_flights=self._l1_flights)
         recorder.summary = lambda: {
             "orion.agent": ctx.agent.id if ctx.agent else None,
             "orion.fallback": ctx.attempt > 0,
@@ -254,7 +276,10 @@ class Engine:
                 else:
                     event = await PHASES[state](ctx)
                 machine.send(event)
+            if ctx.cache_level is not None and streaming:
+                yield "".join(ctx.text_parts)
         except BaseException as exc:
+            ctx.release_l1()
             # Cancelled, consumer gone, or a bug in a phase: the request still ends in a final
             # state, with its trace line.
             if not machine.is_terminated:
@@ -268,6 +293,7 @@ class Engine:
                 ctx.release_model()
                 self._finish(ctx, recorder, machine, abort=True)
             raise
+        ctx.release_l1()
         holder.append(self._finish(ctx, recorder, machine, abort=False))
 
     def _finish(self, ctx: RequestContext, recorder: PhaseRecorder, machine: Any,
@@ -289,6 +315,7 @@ class Engine:
             ttft_ms=ttft, total_ms=total_ms, finish_reason=ctx.finish_reason,
             error=ctx.error, error_reason=ctx.error_reason, token_ids=tuple(ctx.token_ids),
             routing=ctx.decision.as_dict() if ctx.decision else {},
+            cache=ctx.cache_level,
         )
         self._traces.submit(self._trace_record(ctx, recorder, result))
         return result
@@ -316,6 +343,7 @@ class Engine:
                 "repetition_penalty": ctx.sampling.repetition_penalty,
                 "seed": ctx.sampling.seed, "stop": list(ctx.sampling.stop),
             },
+            "cache": {"level": ctx.cache_level, "l1_key": ctx.l1_key},
             "transitions": [t.as_dict() for t in recorder.transitions],
             "phases": [p.as_dict() for p in recorder.phases],
             "spans": recorder.spans,

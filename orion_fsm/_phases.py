@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
+import unicodedata
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import anyio
 from ._exceptions import InferenceError, ModelLoadError, RegistryError
 from ._types import GenerationParams, Message, Request
 from .backends import GenerationEvent, GenerationOutcome, LoadedModel, SamplingParams
+from .services._cache import CacheSet, cache_key
 from .services._loader import ModelLease, ModelLoader, PreparedModel
 from .services._registry import AgentSpec, Registry
 from .services._router import Router, RoutingDecision
@@ -64,6 +66,20 @@ class RequestContext:
     error_reason: str | None = None
     error_field: str | None = None
     now: Callable[[], float] = field(default=lambda: 0.0)
+    caches: CacheSet | None = None
+    # Runs a coroutine function in the engine's task group: cache writes never delay a reply.
+    background: Callable[..., object] | None = None
+    l1_key: str | None = None
+    cache_level: str | None = None
+    # Keys some request is computing right now: identical requests wait for its answer.
+    l1_flights: dict[str, anyio.Event] = field(default_factory=dict)
+    l1_leader: bool = False
+
+    def release_l1(self) -> None:
+        """Wake the requests waiting for this one's answer (hit or not)."""
+        if self.l1_leader and self.l1_key is not None:
+            self.l1_leader = False
+            self.l1_flights.pop(self.l1_key).set()
 
     def fail(self, reason: str, message: str, *, field: str | None = None) -> None:
         self.error, self.error_reason, self.error_field = message, reason, field
@@ -158,10 +174,82 @@ async def routing(ctx: RequestContext) -> str:
         "orion.routing.runner_up": decision.runner_up,
         "orion.fallback_chain": list(ctx.chain),
     })
+    agent = ctx.registry.get(decision.agent)
+    if ctx.caches is not None and _cacheable(ctx, agent) and await _l1_lookup(ctx, agent):
+        return "cache_hit"
     return "routed"
 
 
+def _cacheable(ctx: RequestContext, agent: AgentSpec) -> bool:
+    """Deterministic requests only, unless the caller opted in (or out)."""
+    if ctx.request.cache is not None:
+        return ctx.request.cache
+    params = ctx.request.params
+    temperature = agent.generation.temperature if params.temperature is None else params.temperature
+    seed = agent.generation.seed if params.seed is None else params.seed
+    return temperature == 0 or seed >= 0
+
+
+def _normalised(messages: Sequence[Message]) -> list[tuple[str, str]]:
+    # Same question, same answer: Unicode form, line endings and outer blanks do not matter.
+    return [(m.role, unicodedata.normalize("NFC", m.content.replace("\r\n", "\n")).strip())
+            for m in messages]
+
+
+async def _l1_lookup(ctx: RequestContext, agent: AgentSpec) -> bool:
+    assert ctx.caches is not None
+    try:
+        prepared = await ctx.loader.prepare(agent)
+    except ModelLoadError:
+        return False  # loading_agent reports it and falls back; nothing to look up
+    sampling = _sampling(agent, ctx.request.params, agent.context_length)
+    key = cache_key("l1", _normalised(ctx.request.messages), agent.id, agent.system_prompt,
+                    agent.chat_template.assistant_prefix, sampling.__dict__,
+                    prepared.files.source_sha256)
+    ctx.l1_key = key
+    hit = ctx.caches.l1.get_memory(key)
+    if hit is None:
+        hit = await ctx.caches.l1.get(key)
+    while hit is None:
+        flight = ctx.l1_flights.get(key)
+        if flight is None:
+            # A leader may have stored the answer while this request read the disk tier.
+            hit = ctx.caches.l1.get_memory(key)
+            if hit is None:
+                ctx.l1_flights[key] = anyio.Event()
+                ctx.l1_leader = True
+                ctx.notes["cache.l1"] = "miss"
+                return False
+        else:
+            # Single flight: an identical request is generating this answer; wait for it.
+            await flight.wait()
+            ctx.notes["cache.l1.waited"] = True
+            hit = ctx.caches.l1.get_memory(key)
+    ctx.agent, ctx.prepared, ctx.cache_level = agent, prepared, "L1"
+    ctx.text_parts = [hit["text"]]
+    ctx.token_ids = list(hit["token_ids"])
+    ctx.prompt_ids = tuple(hit["prompt_token_ids"])
+    ctx.finish_reason = hit["finish_reason"]
+    ctx.notes.update({"cache.level": "L1", "cache.l1": "hit"})
+    return True
+
+
 # --- loading_agent --------------------------------------------------------------------------
+
+
+def _prompt_ids(ctx: RequestContext, prompt: str, prepared: PreparedModel) -> list[int]:
+    """Rendered prompt -> token ids, through L3 (memory tier only on the hot path)."""
+    if ctx.caches is None:
+        return prepared.tokenizer.encode(prompt)
+    key = cache_key("prompt-ids", prepared.files.source_sha256, prompt)
+    cached = ctx.caches.l3.get_memory(key)
+    if cached is not None:
+        ctx.notes["cache.l3"] = "hit"
+        return list(cached)
+    ids = prepared.tokenizer.encode(prompt)
+    if ctx.background is not None:
+        ctx.background(ctx.caches.l3.set, key, tuple(ids))
+    return ids
 
 
 def _sampling(agent: AgentSpec, params: GenerationParams, room: int) -> SamplingParams:
@@ -195,7 +283,7 @@ async def loading_agent(ctx: RequestContext) -> str:
     if agent.system_prompt and not any(m.role == "system" for m in messages):
         messages.insert(0, Message("system", agent.system_prompt))
     prompt = agent.chat_template.render([(m.role, m.content) for m in messages])
-    ids = prepared.tokenizer.encode(prompt)
+    ids = _prompt_ids(ctx, prompt, prepared)
     room = agent.context_length - len(ids)
     if room < 1:
         ctx.fail("invalid", (
@@ -247,9 +335,22 @@ async def inferencing(ctx: RequestContext) -> AsyncGenerator[str, None]:
         ctx.release_model()
     if ctx.first_token_at is not None:
         ctx.notes["gen_ai.server.time_to_first_token"] = ctx.first_token_at / 1e3
+    _l1_store(ctx)
     ctx.notes.update({"gen_ai.usage.output_tokens": len(ctx.token_ids),
                       "gen_ai.response.finish_reasons": [ctx.finish_reason or "stop"],
                       "orion.next_event": "completed"})
+
+
+def _l1_store(ctx: RequestContext) -> None:
+    # Only what the routed agent answered, completely: a fallback answer is not the answer
+    # this key asks for, and a cancelled one is not an answer.
+    if (ctx.l1_key is None or ctx.caches is None or ctx.background is None or ctx.attempt
+            or ctx.finish_reason not in ("stop", "length")):
+        return
+    value = {"text": "".join(ctx.text_parts), "token_ids": list(ctx.token_ids),
+             "prompt_token_ids": list(ctx.prompt_ids), "finish_reason": ctx.finish_reason}
+    ctx.caches.l1.put_memory(ctx.l1_key, value)  # visible to the next identical request now
+    ctx.background(ctx.caches.l1.set, ctx.l1_key, value)  # and persisted without delaying it
 
 
 def _record(ctx: RequestContext, event: GenerationEvent) -> None:

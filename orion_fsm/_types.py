@@ -49,6 +49,7 @@ class Request:
     agent: str | None
     params: GenerationParams
     created_at: float  # unix time, from the engine's clock
+    cache: bool | None = None  # None: results cached only when deterministic; False: bypass
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -57,6 +58,7 @@ class Request:
             "agent": self.agent,
             "params": self.params.as_dict(),
             "created_at": self.created_at,
+            "cache": self.cache,
         }
 
 
@@ -96,6 +98,7 @@ class Result:
     error_reason: str | None = None  # invalid | exhausted | cancelled | timeout
     token_ids: tuple[int, ...] = field(default=(), repr=False)
     routing: Mapping[str, Any] = field(default_factory=dict)
+    cache: str | None = None  # "L1" when served from the result cache
 
     @property
     def ok(self) -> bool:
@@ -123,4 +126,5 @@ class Result:
             "error": self.error,
             "error_reason": self.error_reason,
             "routing": dict(self.routing),
+            "cache": self.cache,
         }

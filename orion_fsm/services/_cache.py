@@ -196,6 +196,13 @@ class TieredCache(Generic[V]):
             self._coalesced += 1
         return value
 
+    def put_memory(self, key: str, value: V) -> None:
+        """The memory tier only, synchronously: visible to the next lookup at once. Follow it
+        with `set` (e.g. in a background task) to persist the value."""
+        if value is None:
+            raise CacheError(f"cannot cache None under {key!r}: None means 'not cached'")
+        self._memory.put(key, value)
+
     async def set(self, key: str, value: V) -> None:
         """Memory at once, then the disk tier in a worker thread (awaited: once this returns,
         a restart sees the value). A disk failure leaves the value in memory only."""
