@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import spine
+from bench import caches, spine
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -38,8 +38,8 @@ def main() -> int:
     parser.add_argument("--only", help="run only the benchmarks whose name contains this")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     args = parser.parse_args()
-    benchmarks = {name: fn for name, fn in spine.BENCHMARKS.items()
-                  if not args.only or args.only in name}
+    every = {**spine.BENCHMARKS, **caches.BENCHMARKS}
+    benchmarks = {name: fn for name, fn in every.items() if not args.only or args.only in name}
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": f"{platform.machine()} {platform.processor() or ''} python "

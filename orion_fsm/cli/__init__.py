@@ -11,16 +11,16 @@ from collections.abc import Sequence
 
 from orion_fsm import OrionError
 
-from . import _diagram, _models, _run
+from . import _cache, _diagram, _models, _run
 
-_COMMANDS = (_run, _models, _diagram)
+_COMMANDS = (_run, _models, _cache, _diagram)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orion-fsm", description=__doc__)
     parser.add_argument("--registry", help="models.json to use (default: the packaged one)")
-    parser.add_argument("--cache-dir", help="where converted models are kept "
-                        "(default: $ORION_FSM_CACHE or ~/.cache/orion-fsm)")
+    parser.add_argument("--cache-dir", help="where converted models and the L1/L2/L3 caches "
+                        "are kept (default: $ORION_FSM_CACHE or ~/.cache/orion-fsm)")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in _COMMANDS:
         command.add_parser(sub)
