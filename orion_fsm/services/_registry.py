@@ -177,6 +177,7 @@ class AgentSpec:
     ram_estimate_mb: float
     fallback: str | None
     routing: RoutingHints
+    keep_alive_s: float | None = None  # None: the loader's default for the RAM tier
 
 
 @dataclass(frozen=True)
@@ -298,6 +299,7 @@ def _agent(raw: Mapping[str, Any], base: Path | None) -> AgentSpec:
             examples=tuple(routing.get("examples", ())),
             priority=routing.get("priority", 0),
         ),
+        keep_alive_s=None if "keep_alive_s" not in raw else float(raw["keep_alive_s"]),
     )
 
 

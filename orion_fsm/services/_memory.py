@@ -1,0 +1,318 @@
+"""The memory monitor: samples process and system memory, grades the pressure, acts on it.
+
+High pressure unloads idle models; critical pressure makes the loader refuse new loads (the
+request falls back). Readings are kept as a bounded history and exported as OTel gauges.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+import anyio
+import psutil
+from anyio.abc import TaskStatus
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+
+from ._clock import Clock, SystemClock
+
+if TYPE_CHECKING:
+    from ._loader import ModelLoader, ResidentModel
+
+__all__ = [
+    "AlertCallback",
+    "MemoryMonitor",
+    "MemoryReading",
+    "MemorySnapshot",
+    "ModelMemory",
+    "PressureLevel",
+    "PressureThresholds",
+    "psutil_reading",
+    "register_memory_metrics",
+]
+
+_log = logging.getLogger("orion_fsm.memory")
+_MB: Final = 1 << 20
+
+
+class PressureLevel(enum.IntEnum):
+    LOW = 0
+    MEDIUM = 1
+    HIGH = 2
+    CRITICAL = 3
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+
+_GRADES: Final = (PressureLevel.MEDIUM, PressureLevel.HIGH, PressureLevel.CRITICAL)
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryReading:
+    """One raw reading; `probe` callables return these (psutil by default, fakes in tests)."""
+
+    process_rss_bytes: int
+    system_available_bytes: int
+    system_total_bytes: int
+
+
+def psutil_reading() -> MemoryReading:
+    memory = psutil.virtual_memory()
+    return MemoryReading(psutil.Process().memory_info().rss, memory.available, memory.total)
+
+
+@dataclass(frozen=True, slots=True)
+class PressureThresholds:
+    """Where each level starts; the worse of the two measures wins.
+
+    `available_pct`: system available memory, in % of total, at or below which medium, high
+    and critical start. `rss_budget_ratio`: process RSS over the loader's budget at or above
+    which they start (None: not used; RSS includes the interpreter, not only models).
+    """
+
+    available_pct: tuple[float, float, float] = (30.0, 15.0, 5.0)
+    rss_budget_ratio: tuple[float, float, float] | None = None
+
+    def __post_init__(self) -> None:
+        a = self.available_pct
+        if not a[0] >= a[1] >= a[2]:
+            raise ValueError(f"available_pct must decrease (medium, high, critical), got {a}")
+        r = self.rss_budget_ratio
+        if r is not None and not r[0] <= r[1] <= r[2]:
+            raise ValueError(f"rss_budget_ratio must increase (medium, high, critical), got {r}")
+
+    def level(self, reading: MemoryReading, budget_bytes: int | None) -> PressureLevel:
+        pct = 100.0 * reading.system_available_bytes / max(1, reading.system_total_bytes)
+        level = PressureLevel.LOW
+        for grade, bound in zip(_GRADES, self.available_pct, strict=True):
+            if pct <= bound:
+                level = max(level, grade)
+        if self.rss_budget_ratio is not None and budget_bytes:
+            ratio = reading.process_rss_bytes / budget_bytes
+            for grade, bound in zip(_GRADES, self.rss_budget_ratio, strict=True):
+                if ratio >= bound:
+                    level = max(level, grade)
+        return level
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMemory:
+    model: str
+    variant: str
+    estimate_bytes: int
+    pins: int
+    idle_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class MemorySnapshot:
+    at: float  # unix time
+    process_rss_bytes: int
+    system_available_bytes: int
+    system_total_bytes: int
+    budget_bytes: int | None
+    level: PressureLevel
+    models: tuple[ModelMemory, ...] = ()
+    caches: Mapping[str, int] = field(default_factory=dict)  # name -> bytes
+    recommendations: tuple[str, ...] = ()
+
+    @property
+    def available_pct(self) -> float:
+        return 100.0 * self.system_available_bytes / max(1, self.system_total_bytes)
+
+    @property
+    def models_bytes(self) -> int:
+        return sum(m.estimate_bytes for m in self.models)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "at": self.at,
+            "level": str(self.level),
+            "process_rss_mb": round(self.process_rss_bytes / _MB, 1),
+            "system_available_mb": round(self.system_available_bytes / _MB, 1),
+            "system_total_mb": round(self.system_total_bytes / _MB, 1),
+            "available_pct": round(self.available_pct, 1),
+            "budget_mb": None if self.budget_bytes is None else round(self.budget_bytes / _MB, 1),
+            "models": [{"model": m.model, "variant": m.variant,
+                        "estimate_mb": round(m.estimate_bytes / _MB, 1), "pins": m.pins,
+                        "idle_s": round(m.idle_s, 1)} for m in self.models],
+            "caches_mb": {k: round(v / _MB, 1) for k, v in self.caches.items()},
+            "recommendations": list(self.recommendations),
+        }
+
+
+# (previous level, the snapshot that changed it)
+AlertCallback = Callable[[PressureLevel, MemorySnapshot], None]
+
+
+def _recommend(level: PressureLevel, snap: MemorySnapshot) -> tuple[str, ...]:
+    idle = [m for m in snap.models if m.pins == 0]
+    idle_mb = sum(m.estimate_bytes for m in idle) / _MB
+    words: list[str] = []
+    if level == PressureLevel.LOW:
+        words.append("Memory is comfortable; nothing to do.")
+    elif level == PressureLevel.MEDIUM:
+        words.append(f"Memory is getting tight ({snap.available_pct:.0f}% of RAM available). "
+                     "Lower keep_alive_s or max_loaded_models to keep more headroom.")
+    elif level == PressureLevel.HIGH:
+        words.append(f"Memory is short ({snap.available_pct:.0f}% of RAM available): idle "
+                     "models are being unloaded. Prefer a q4 quantization variant or fewer "
+                     "loaded models.")
+    else:
+        words.append(f"Memory is critical ({snap.available_pct:.0f}% of RAM available): new "
+                     "model loads are refused and requests fall back to smaller agents. Close "
+                     "other programs or lower the memory budget.")
+    if level >= PressureLevel.MEDIUM and idle:
+        words.append(f"{len(idle)} idle model(s) hold about {idle_mb:.0f} MB and can be "
+                     "unloaded.")
+    cache_mb = sum(snap.caches.values()) / _MB
+    if level >= PressureLevel.MEDIUM and cache_mb >= 1:
+        words.append(f"Caches hold about {cache_mb:.0f} MB; shrinking them frees memory too.")
+    return tuple(words)
+
+
+class MemoryMonitor:
+    """Samples memory every `interval_s` in `run()`, keeps the last `history_size` snapshots.
+
+    Given a loader, it reports the loader's models, unloads idle ones under high pressure
+    and becomes the loader's pressure gate (`loader.monitor`): at critical, loads fail fast.
+    """
+
+    def __init__(
+        self,
+        *,
+        loader: ModelLoader | None = None,
+        probe: Callable[[], MemoryReading] = psutil_reading,
+        interval_s: float = 30.0,
+        history_size: int = 120,
+        thresholds: PressureThresholds | None = None,
+        caches: Callable[[], Mapping[str, int]] | None = None,
+        alerts: Sequence[AlertCallback] = (),
+        clock: Clock | None = None,
+    ) -> None:
+        if interval_s <= 0:
+            raise ValueError(f"interval_s must be positive, got {interval_s}")
+        self.loader = loader
+        self.interval_s = interval_s
+        self.thresholds = thresholds or PressureThresholds()
+        self.clock: Clock = clock or (loader.clock if loader is not None else SystemClock())
+        self._probe = probe
+        self._caches = caches
+        self._alerts: list[AlertCallback] = list(alerts)
+        self._history: deque[MemorySnapshot] = deque(maxlen=max(1, history_size))
+        self._level = PressureLevel.LOW
+        self._stopped = False
+        self._scope: anyio.CancelScope | None = None
+        if loader is not None:
+            loader.monitor = self
+
+    @property
+    def level(self) -> PressureLevel:
+        """The level of the last sample (LOW before the first)."""
+        return self._level
+
+    @property
+    def latest(self) -> MemorySnapshot | None:
+        return self._history[-1] if self._history else None
+
+    def on_alert(self, callback: AlertCallback) -> None:
+        """Call `callback(previous_level, snapshot)` whenever the level changes."""
+        self._alerts.append(callback)
+
+    def history(self) -> list[MemorySnapshot]:
+        return list(self._history)
+
+    def snapshot(self) -> MemorySnapshot:
+        """The latest snapshot, or a fresh sample if there is none yet."""
+        return self.latest or self.sample()
+
+    def sample(self) -> MemorySnapshot:
+        """Take one reading, grade it, record it, and alert if the level changed."""
+        reading = self._probe()
+        budget = self.loader.budget_bytes if self.loader is not None else None
+        level = self.thresholds.level(reading, budget)
+        models = tuple(_model_memory(m) for m in self.loader.models()) if self.loader else ()
+        caches = dict(self._caches()) if self._caches is not None else {}
+        snap = MemorySnapshot(self.clock.time(), reading.process_rss_bytes,
+                              reading.system_available_bytes, reading.system_total_bytes,
+                              budget, level, models, caches)
+        snap = dataclasses.replace(snap, recommendations=_recommend(level, snap))
+        self._history.append(snap)
+        previous, self._level = self._level, level
+        if level != previous:
+            _log.log(logging.WARNING if level > previous else logging.INFO,
+                     "memory_pressure_changed",
+                     extra={"level": str(level), "previous": str(previous),
+                            "available_pct": round(snap.available_pct, 1)})
+            for callback in list(self._alerts):
+                try:
+                    callback(previous, snap)
+                except Exception:
+                    # An alert sink that fails must not stop memory from being watched.
+                    _log.exception("memory_alert_failed", extra={"level": str(level)})
+        return snap
+
+    async def poll(self) -> MemorySnapshot:
+        """`sample()`, then relieve high pressure by unloading idle models one at a time."""
+        snap = self.sample()
+        while snap.level >= PressureLevel.HIGH and self.loader is not None:
+            if not await self.loader.unload_idle(limit=1):
+                break
+            snap = self.sample()
+        return snap
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Poll every `interval_s` until `stop()`."""
+        with anyio.CancelScope() as self._scope:
+            task_status.started()
+            while not self._stopped:
+                await self.poll()
+                await anyio.sleep(self.interval_s)
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+
+def _model_memory(model: ResidentModel) -> ModelMemory:
+    return ModelMemory(model.label, model.key.variant, model.estimate_bytes, model.pins,
+                       model.idle_s)
+
+
+def register_memory_metrics(meter: Meter, monitor: MemoryMonitor,
+                            loader: ModelLoader | None = None) -> None:
+    """Observable gauges over the monitor's latest snapshot and the loader's models."""
+    loader = loader or monitor.loader
+
+    def gauge(name: str, unit: str, description: str,
+              read: Callable[[], Iterable[Observation]]) -> None:
+        def callback(_options: CallbackOptions) -> Iterable[Observation]:
+            return list(read())
+
+        meter.create_observable_gauge(name, callbacks=[callback], unit=unit,
+                                      description=description)
+
+    def models() -> list[ModelMemory]:
+        if loader is not None:
+            return [_model_memory(m) for m in loader.models()]
+        return list(monitor.snapshot().models)
+
+    gauge("orion.memory.process.rss", "By", "Resident memory of this process",
+          lambda: [Observation(monitor.snapshot().process_rss_bytes)])
+    gauge("orion.memory.system.available", "By", "Memory available to new processes",
+          lambda: [Observation(monitor.snapshot().system_available_bytes)])
+    gauge("orion.memory.pressure", "1", "Memory pressure: 0 low, 1 medium, 2 high, 3 critical",
+          lambda: [Observation(int(monitor.level))])
+    gauge("orion.models.loaded", "{model}", "Models loaded in memory",
+          lambda: [Observation(len(models()))])
+    gauge("orion.model.memory.estimate", "By", "Estimated memory of each loaded model",
+          lambda: [Observation(m.estimate_bytes, {"orion.model": m.model,
+                                                  "orion.model.variant": m.variant})
+                   for m in models()])
