@@ -17,7 +17,10 @@ from ._exceptions import (
     ValidationError,
 )
 from ._types import GenerationParams, Message, PhaseTiming, Request, Result, TokenUsage
+from .services._cache import CacheConfig, CacheSet, CacheStats
 from .services._clock import Clock, ManualClock, SystemClock
+from .services._loader import InsufficientMemory, LoaderConfig
+from .services._memory import MemoryMonitor, PressureLevel, PressureThresholds
 from .services._registry import AgentSpec, Registry
 from .services._router import Router, RoutingDecision, RuleRouter
 
@@ -25,16 +28,24 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AgentSpec",
+    "CacheConfig",
+    "CacheSet",
+    "CacheStats",
     "Clock",
     "Engine",
     "GenerationParams",
     "InferenceError",
+    "InsufficientMemory",
+    "LoaderConfig",
     "ManualClock",
+    "MemoryMonitor",
     "Message",
     "ModelError",
     "ModelLoadError",
     "OrionError",
     "PhaseTiming",
+    "PressureLevel",
+    "PressureThresholds",
     "Registry",
     "RegistryError",
     "Request",

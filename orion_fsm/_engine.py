@@ -24,7 +24,8 @@ from ._phases import PHASES, STREAMING_PHASES, RequestContext
 from ._types import GenerationParams, Message, PhaseTiming, Request, Result, TokenUsage
 from .services._cache import CacheSet
 from .services._clock import Clock, SystemClock
-from .services._loader import ModelLoader, ProgressCallback
+from .services._loader import LoaderConfig, ModelLoader, ProgressCallback
+from .services._memory import MemoryMonitor, PressureThresholds
 from .services._registry import Registry
 from .services._router import Router, RuleRouter
 from .services._telemetry import PhaseRecorder, resolve_tracer
@@ -111,15 +112,21 @@ class Engine:
         progress: ProgressCallback | None = None,
         machine: str | Path | None = None,
         caches: CacheSet | Literal[False] | None = None,
+        loader_config: LoaderConfig | None = None,
+        memory_interval_s: float = 30.0,
+        memory_thresholds: PressureThresholds | None = None,
     ) -> None:
         self.registry = registry if isinstance(registry, Registry) else Registry.load(registry)
         self.router: Router = router or RuleRouter(self.registry)
         self.clock: Clock = clock or SystemClock()
         root = Path(cache_dir) if cache_dir else default_cache_dir()
-        self.loader = ModelLoader(root, threads=threads, progress=progress)
+        self.loader = ModelLoader(root, threads=threads, progress=progress, config=loader_config,
+                                  clock=self.clock)
         # Result, embedding and intermediate caches; False turns them off.
         self.caches: CacheSet | None = (
             None if caches is False else caches or CacheSet(root / "caches", clock=self.clock))
+        self.memory = MemoryMonitor(loader=self.loader, interval_s=memory_interval_s,
+                                    thresholds=memory_thresholds, caches=self._cache_bytes)
         self._chart = request_chart(Path(machine) if machine else None)
         self._tracer = resolve_tracer(tracer_provider)
         if trace_path is False:
@@ -147,8 +154,13 @@ class Engine:
             if self.caches is not None:
                 await stack.enter_async_context(self.caches)
             task_group = await stack.enter_async_context(anyio.create_task_group())
+            # Background duties end when the block ends; the trace writer drains first.
             stack.callback(self._traces.close)
+            stack.callback(self.loader.stop)
+            stack.callback(self.memory.stop)
             await task_group.start(self._traces.run)
+            await task_group.start(self.loader.run)
+            await task_group.start(self.memory.run)
             self._task_group = task_group
             self._exit_stack = stack.pop_all()
         return self
@@ -161,6 +173,11 @@ class Engine:
     async def _unload_models(self) -> None:
         with anyio.CancelScope(shield=True):
             await self.loader.aclose()
+
+    def _cache_bytes(self) -> dict[str, int]:
+        if self.caches is None:
+            return {}
+        return {level: stats.memory_bytes for level, stats in self.caches.stats().items()}
 
     def cache_stats(self) -> dict[str, dict[str, Any]]:
         """Hits, misses, evictions, hit rate and bytes of each cache level."""

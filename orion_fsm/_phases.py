@@ -301,6 +301,7 @@ async def loading_agent(ctx: RequestContext) -> str:
         ctx.failures.append((agent.id, exc.message))
         ctx.notes["orion.load_error"] = exc.message
         return "load_failed"
+    ctx.notes.update(ctx.lease.load_info.span_attributes())
     return "loaded"
 
 
