@@ -25,6 +25,10 @@ class RoutingDecision:
     runner_up: str | None = None
     margin: float = 0.0
     matched: tuple[str, ...] = field(default=())
+    # True when the preferred router could not decide (e.g. no embedding model) and a
+    # fallback router did; `note` says why.
+    degraded: bool = False
+    note: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -34,6 +38,8 @@ class RoutingDecision:
             "runner_up": self.runner_up,
             "margin": round(self.margin, 4),
             "matched": list(self.matched),
+            "degraded": self.degraded,
+            "note": self.note,
         }
 
 

@@ -56,7 +56,7 @@ def test_default_agents_run_smollm2_with_chatml_and_bilingual_routing() -> None:
         )
         assert agent.chat_template == CHAT_TEMPLATE_PRESETS["chatml"]
         assert agent.context_length == 2048
-        assert 8 <= len(agent.routing.examples) <= 15
+        assert len(agent.routing.examples) >= 8
         assert 100 <= agent.ram_estimate_mb <= 200
     conversation = registry.get("conversation")
     for focused in ("code", "logic"):
