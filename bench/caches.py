@@ -171,6 +171,7 @@ def l1_hit_through_engine(quick: bool = False) -> dict[str, Any]:
 
         async def main() -> None:
             async with Engine(registry=registry, cache_dir=Path(tmp) / "c", threads=1,
+                              embeddings=False,
                               trace_path=Path(tmp) / "t.jsonl") as engine:
                 first = await engine.infer("hello")
                 assert first.cache is None

@@ -84,7 +84,8 @@ def _engine(registry: Any, cache: Path, config: Any, load_model: Any = None) -> 
     options: dict[str, Any] = {}
     if "caches" in inspect.signature(Engine).parameters:
         options["caches"] = False  # result caches would answer repeats without a model
-    engine = Engine(registry=registry, cache_dir=cache, threads=1, trace_path=False, **options)
+    engine = Engine(registry=registry, cache_dir=cache, threads=1, trace_path=False,
+                    embeddings=False, **options)
     # Until the Engine takes loader options, replace its loader before it starts.
     engine.loader = ModelLoader(cache, threads=1, config=config, clock=engine.clock,
                                 load_model=load_model or LoadedModel.load)
@@ -235,7 +236,7 @@ _WARM_SCRIPT = textwrap.dedent("""
     t1 = time.perf_counter()
 
     async def main():
-        async with Engine(trace_path=False) as engine:
+        async with Engine(trace_path=False, embeddings=False) as engine:
             async with engine.stream("Hello!", max_tokens=4) as stream:
                 async for _ in stream:
                     t2 = time.perf_counter()

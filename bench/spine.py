@@ -55,7 +55,7 @@ def generation_throughput(quick: bool = False) -> dict[str, Any]:
     direct_tps: list[float] = []
 
     async def main() -> dict[str, Any]:
-        async with Engine(trace_path=False) as engine:
+        async with Engine(trace_path=False, embeddings=False) as engine:
             spec = engine.registry.get("conversation")
             warm = await engine.infer(PROMPT, agent="conversation", max_tokens=4, temperature=0)
             prepared = await engine.loader.prepare(spec)
@@ -135,6 +135,7 @@ def engine_overhead(quick: bool = False) -> dict[str, Any]:
 
         async def timed(trace_path: Path | Literal[False], into: list[float]) -> None:
             async with Engine(registry=registry, cache_dir=Path(tmp) / "cache", threads=1,
+                              embeddings=False,
                               trace_path=trace_path) as engine:
                 await engine.infer("hi")
                 for _ in range(n):
@@ -146,6 +147,7 @@ def engine_overhead(quick: bool = False) -> dict[str, Any]:
             await timed(Path(tmp) / "trace.jsonl", engine_ms)
             await timed(False, untraced_ms)
             async with Engine(registry=registry, cache_dir=Path(tmp) / "cache", threads=1,
+                              embeddings=False,
                               trace_path=False) as engine:
                 lease = await engine.loader.acquire(registry.get("a"))
                 prompt_ids = lease.prepared.tokenizer.encode(

@@ -24,6 +24,8 @@ from ._phases import PHASES, STREAMING_PHASES, RequestContext
 from ._types import GenerationParams, Message, PhaseTiming, Request, Result, TokenUsage
 from .services._cache import CacheSet
 from .services._clock import Clock, SystemClock
+from .services._embedding_router import EmbeddingRouter
+from .services._embeddings import EmbeddingService
 from .services._loader import LoaderConfig, ModelLoader, ProgressCallback
 from .services._memory import MemoryMonitor, PressureThresholds
 from .services._registry import Registry
@@ -32,6 +34,10 @@ from .services._telemetry import PhaseRecorder, resolve_tracer
 from .services._tracefile import TRACE_FORMAT, TRACE_VERSION, TraceWriter
 
 Prompt = str | Sequence[Message | Mapping[str, str]]
+
+# Precomputed into L2 at start-up: short requests people type again and again.
+FREQUENT_PATTERNS = ("hello", "hi", "thanks", "bonjour", "merci", "explain", "implement",
+                     "debug", "optimize", "explique", "corrige", "optimise")
 
 
 def default_cache_dir() -> Path:
@@ -115,9 +121,11 @@ class Engine:
         loader_config: LoaderConfig | None = None,
         memory_interval_s: float = 30.0,
         memory_thresholds: PressureThresholds | None = None,
+        embeddings: EmbeddingService | Literal[False] | None = None,
+        warm_up: bool = True,
+        frequent_patterns: Sequence[str] = FREQUENT_PATTERNS,
     ) -> None:
         self.registry = registry if isinstance(registry, Registry) else Registry.load(registry)
-        self.router: Router = router or RuleRouter(self.registry)
         self.clock: Clock = clock or SystemClock()
         root = Path(cache_dir) if cache_dir else default_cache_dir()
         self.loader = ModelLoader(root, threads=threads, progress=progress, config=loader_config,
@@ -127,6 +135,18 @@ class Engine:
             None if caches is False else caches or CacheSet(root / "caches", clock=self.clock))
         self.memory = MemoryMonitor(loader=self.loader, interval_s=memory_interval_s,
                                     thresholds=memory_thresholds, caches=self._cache_bytes)
+        # One embedding service for every component (L2 is its store); False: rules only.
+        self.embeddings: EmbeddingService | None = None if embeddings is False else (
+            embeddings or EmbeddingService(store=self.caches.l2 if self.caches else None,
+                                           clock=self.clock))
+        if router is None:
+            rules = RuleRouter(self.registry)
+            router = rules if self.embeddings is None else EmbeddingRouter(
+                self.registry, self.embeddings, fallback_router=rules,
+                decision_cache=self.caches.l3 if self.caches else None)
+        self.router: Router = router
+        self._warm_up = warm_up
+        self._frequent_patterns = tuple(frequent_patterns)
         self._chart = request_chart(Path(machine) if machine else None)
         self._tracer = resolve_tracer(tracer_provider)
         if trace_path is False:
@@ -161,6 +181,13 @@ class Engine:
             await task_group.start(self._traces.run)
             await task_group.start(self.loader.run)
             await task_group.start(self.memory.run)
+            if self.embeddings is not None and not self.embeddings.running:
+                await task_group.start(self.embeddings.run)
+                stack.push_async_callback(self.embeddings.aclose)
+            if self.embeddings is not None and self._warm_up:
+                # In the background: the first request never waits for the warm-up.
+                examples = getattr(self.router, "example_texts", ())
+                self.embeddings.precompute([*examples, *self._frequent_patterns])
             self._task_group = task_group
             self._exit_stack = stack.pop_all()
         return self

@@ -172,6 +172,9 @@ async def routing(ctx: RequestContext) -> str:
         "orion.routing.source": decision.source,
         "orion.routing.score": decision.score,
         "orion.routing.runner_up": decision.runner_up,
+        "orion.routing.margin": decision.margin,
+        "orion.routing.degraded": decision.degraded,
+        "orion.routing.note": decision.note,
         "orion.fallback_chain": list(ctx.chain),
     })
     agent = ctx.registry.get(decision.agent)

@@ -101,6 +101,7 @@ def make_engine(
         kwargs.setdefault("trace_path", tmp_path / "traces" / "test.jsonl")
         kwargs.setdefault("cache_dir", tmp_path / "cache")
         kwargs.setdefault("threads", 1)  # tiny models: one thread is faster and steadier
+        kwargs.setdefault("embeddings", False)  # rule routing: no 7 s embedding model load
         kwargs.setdefault("tracer_provider", spans[0])
         return Engine(registry=Registry.from_dict(doc or registry_doc), **kwargs)
 

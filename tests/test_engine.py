@@ -231,7 +231,7 @@ async def test_engine_refuses_requests_outside_its_block(make_engine: MakeEngine
 
 @pytest.mark.slow
 async def test_default_model_answers_a_real_question(tmp_path: Path) -> None:
-    async with Engine(trace_path=tmp_path / "t.jsonl") as engine:
+    async with Engine(trace_path=tmp_path / "t.jsonl", embeddings=False) as engine:
         result = await engine.infer("What is the capital of France?", agent="conversation",
                                     temperature=0, max_tokens=16)
     assert "Paris" in result.text

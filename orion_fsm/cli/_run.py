@@ -27,6 +27,8 @@ def add_parser(sub: Any) -> None:
     run.add_argument("--seed", type=int)
     run.add_argument("--stop", action="append", help="stop sequence (repeatable)")
     run.add_argument("--json", action="store_true", help="print one JSON object, no streaming")
+    run.add_argument("--router", choices=("embedding", "rules"), default="embedding",
+                     help="how to pick the agent when --agent is not given (default: embedding)")
     run.add_argument("--trace-file", default=os.environ.get("ORION_FSM_TRACE_FILE"),
                      help="JSONL trace file (default: traces/orion-fsm.jsonl)")
     run.set_defaults(handler=lambda args: anyio.run(_run, args))
@@ -52,7 +54,9 @@ def timeline(result: Result) -> str:
 
 async def _run(args: argparse.Namespace) -> int:
     progress = Progress(enabled=not args.json and sys.stderr.isatty())
+    # A one-shot command: no warm-up of embeddings nobody else will use.
     engine = Engine(registry=args.registry, trace_path=args.trace_file, progress=progress,
+                    embeddings=None if args.router == "embedding" else False, warm_up=False,
                     cache_dir=args.cache_dir)
     params: dict[str, Any] = {"agent": args.agent, "max_tokens": args.max_tokens,
                               "temperature": args.temperature, "seed": args.seed,

@@ -24,7 +24,7 @@ def test_run_json_prints_one_object_with_the_documented_keys(
     registry = write_registry(registry_doc)
     trace = tmp_path / "t.jsonl"
     code = main(["--registry", str(registry), "--cache-dir", str(tmp_path / "c"), "run", "hello",
-                 "--max-tokens", "4", "--json", "--trace-file", str(trace)])
+                 "--router", "rules", "--max-tokens", "4", "--json", "--trace-file", str(trace)])
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert {"text", "state", "agent", "fallback", "phases", "tokens", "ttft_ms",
@@ -43,7 +43,8 @@ def test_run_streams_text_then_the_timeline(
 ) -> None:
     registry = write_registry(registry_doc)
     code = main(["--registry", str(registry), "--cache-dir", str(tmp_path / "c"), "run", "hello",
-                 "--max-tokens", "4", "--trace-file", str(tmp_path / "t.jsonl")])
+                 "--router", "rules", "--max-tokens", "4",
+                 "--trace-file", str(tmp_path / "t.jsonl")])
     assert code == 0
     out = capsys.readouterr().out
     for state in ("validating", "routing", "loading_agent", "inferencing", "total"):
@@ -56,7 +57,8 @@ def test_a_failed_request_exits_non_zero_with_one_line(
 ) -> None:
     registry = write_registry(registry_doc)
     code = main(["--registry", str(registry), "--cache-dir", str(tmp_path / "c"), "run", "hi",
-                 "--temperature", "9", "--json", "--trace-file", str(tmp_path / "t.jsonl")])
+                 "--router", "rules", "--temperature", "9", "--json",
+                 "--trace-file", str(tmp_path / "t.jsonl")])
     assert code == 1
     captured = capsys.readouterr()
     assert json.loads(captured.out)["state"] == "error"

@@ -281,7 +281,8 @@ async def test_a_model_that_cannot_fit_falls_back_to_a_smaller_agent(
     sized_models: dict[str, Path], tmp_path: Path,
 ) -> None:
     reg = registry(sized_models, l={"fallback": "s"})
-    engine = Engine(registry=reg, cache_dir=tmp_path / "cache", threads=1, trace_path=False)
+    engine = Engine(registry=reg, cache_dir=tmp_path / "cache", threads=1, trace_path=False,
+                    embeddings=False)
     engine.loader = ModelLoader(tmp_path / "cache", threads=1, config=LoaderConfig(
         memory_budget_mb=estimate(sized_models["m"]) / MB, overhead_mb=0))
     async with engine:

@@ -70,7 +70,7 @@ def test_the_global_provider_of_the_application_receives_the_spans(
             "context_length": 128, "ram_estimate_mb": 1, "fallback": None}}]}})
 
         async def main():
-            async with Engine(registry=registry, trace_path=False, threads=1,
+            async with Engine(registry=registry, trace_path=False, threads=1, embeddings=False,
                               cache_dir={str(tmp_path / "c")!r}) as engine:
                 await engine.infer("hi", max_tokens=2)
 
