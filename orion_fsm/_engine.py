@@ -123,13 +123,14 @@ class Engine:
         memory_thresholds: PressureThresholds | None = None,
         embeddings: EmbeddingService | Literal[False] | None = None,
         warm_up: bool = True,
+        loader: ModelLoader | None = None,
         frequent_patterns: Sequence[str] = FREQUENT_PATTERNS,
     ) -> None:
         self.registry = registry if isinstance(registry, Registry) else Registry.load(registry)
         self.clock: Clock = clock or SystemClock()
         root = Path(cache_dir) if cache_dir else default_cache_dir()
-        self.loader = ModelLoader(root, threads=threads, progress=progress, config=loader_config,
-                                  clock=self.clock)
+        self.loader = loader or ModelLoader(root, threads=threads, progress=progress,
+                                            config=loader_config, clock=self.clock)
         # Result, embedding and intermediate caches; False turns them off.
         self.caches: CacheSet | None = (
             None if caches is False else caches or CacheSet(root / "caches", clock=self.clock))
