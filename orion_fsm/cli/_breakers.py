@@ -1,0 +1,111 @@
+"""`orion-fsm breakers`: each agent's circuit breaker, as the latest trace record saw it.
+
+A CLI process has no live engine, so the states come from the newest trace line that carries
+a `breakers` field (`BreakerBoard.snapshot()`); without one, the configured defaults are shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from orion_fsm import Registry
+from orion_fsm.services._breaker import BreakerConfig
+
+_BLOCK = 1 << 16
+# Older lines than this are history, not "the latest state": stop looking.
+_MAX_LINES_SCANNED = 10_000
+
+
+def add_parser(sub: Any) -> None:
+    breakers = sub.add_parser("breakers", help="circuit breaker state of each agent "
+                              "(from the latest trace record)")
+    breakers.add_argument("--trace-file", default=os.environ.get("ORION_FSM_TRACE_FILE"),
+                          help="JSONL trace file (default: traces/orion-fsm.jsonl)")
+    breakers.add_argument("--json", action="store_true", help="print one JSON object")
+    breakers.set_defaults(handler=_breakers)
+
+
+def _lines_backwards(path: Path) -> Iterator[bytes]:
+    """The file's lines, newest first, reading blocks from the end: trace files grow large."""
+    with path.open("rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        position = fh.tell()
+        tail = b""
+        while position > 0:
+            step = min(_BLOCK, position)
+            position -= step
+            fh.seek(position)
+            chunk = fh.read(step) + tail
+            lines = chunk.split(b"\n")
+            tail = lines.pop(0)  # may continue in the previous block
+            yield from reversed(lines)
+        yield tail
+
+
+def latest_breakers(path: Path) -> dict[str, Any] | None:
+    """The newest trace record with a `breakers` field, or None."""
+    if not path.is_file():
+        return None
+    for scanned, line in enumerate(_lines_backwards(path)):
+        if scanned >= _MAX_LINES_SCANNED:
+            break
+        if b'"breakers"' not in line:
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by a crash mid-write
+            continue
+        if isinstance(record, dict) and isinstance(record.get("breakers"), dict):
+            return record
+    return None
+
+
+def _defaults(agents: list[str]) -> dict[str, dict[str, Any]]:
+    config = BreakerConfig().as_dict()
+    return {a: {"state": "closed", "consecutive_failures": 0, "opened_count": 0,
+                "last_failure": None, "retry_at": None, "config": config} for a in agents}
+
+
+def _breakers(args: argparse.Namespace) -> int:
+    registry = Registry.load(args.registry)
+    path = Path(args.trace_file) if args.trace_file else Path("traces") / "orion-fsm.jsonl"
+    record = latest_breakers(path)
+    agents = list(registry.agents)
+    states = _defaults(agents)
+    if record is not None:
+        recorded: dict[str, Any] = record["breakers"]
+        states.update({a: s for a, s in recorded.items() if isinstance(s, dict)})
+        source = {"trace_file": str(path), "request_id": record.get("request_id"),
+                  "recorded_at": record.get("started_at")}
+    else:
+        source = {"trace_file": str(path), "request_id": None, "recorded_at": None}
+    if args.json:
+        print(json.dumps({"source": source, "breakers": states}, indent=2, ensure_ascii=False))
+        return 0
+    if record is None:
+        config = BreakerConfig()
+        print(f"no breaker state recorded in {path}; configured defaults: open after "
+              f"{config.failure_threshold} consecutive failures, one trial request after "
+              f"{config.reset_after_s:g} s")
+    else:
+        when = record.get("started_at")
+        shown = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) if when else "?"
+        print(f"as recorded in {path} by request {record.get('request_id')} at {shown}")
+    print(f"  {'agent':<16} {'state':<10} {'failures':>8} {'opened':>7}  {'retry at':<10} "
+          "last failure")
+    now = time.time()
+    for agent, s in states.items():
+        retry_at = s.get("retry_at")
+        retry = "-"
+        if isinstance(retry_at, int | float):
+            retry = "due" if retry_at <= now else time.strftime("%H:%M:%S",
+                                                                time.localtime(retry_at))
+        print(f"  {agent:<16} {s.get('state', '?'):<10} {s.get('consecutive_failures', 0):>8} "
+              f"{s.get('opened_count', 0):>7}  {retry:<10} {s.get('last_failure') or '-'}")
+    return 0

@@ -1,0 +1,325 @@
+"""Circuit breakers: the statechart's transitions, permits, time through a ManualClock, metrics,
+and `orion-fsm breakers` reading the latest trace record."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+from orion_fsm import ManualClock, OrionError
+from orion_fsm.cli import _breakers
+from orion_fsm.services._breaker import (
+    BreakerBoard,
+    BreakerConfig,
+    CircuitBreaker,
+    breaker_chart,
+    register_breaker_metrics,
+)
+
+
+def make(clock: ManualClock, **config: Any) -> tuple[CircuitBreaker, list[tuple[str, ...]]]:
+    seen: list[tuple[str, ...]] = []
+    breaker = CircuitBreaker("code", BreakerConfig(**config), clock=clock,
+                             on_transition=lambda *t: seen.append(t))
+    return breaker, seen
+
+
+def fail(breaker: CircuitBreaker, times: int, reason: str = "inference_failed") -> None:
+    for _ in range(times):
+        permit = breaker.allow()
+        assert permit is not None
+        permit.failure(reason)
+
+
+def test_statechart_is_the_documented_closed_open_half_open_cycle() -> None:
+    chart = breaker_chart()
+    transitions = {(t.source.id, str(t.event), t.target.id)
+                   for s in chart.states for t in s.transitions}
+    assert transitions == {
+        ("closed", "failure", "open"),
+        ("open", "retry_due", "half_open"), ("open", "reset", "closed"),
+        ("half_open", "success reset", "closed"), ("half_open", "failure", "open"),
+    }
+
+
+def test_breaker_chart_refuses_a_document_with_other_states(tmp_path: Path) -> None:
+    doc = tmp_path / "other.scxml"
+    doc.write_text('<scxml xmlns="http://www.w3.org/2005/07/scxml" version="1.0" '
+                   'initial="closed"><state id="closed"/><state id="broken"/></scxml>')
+    with pytest.raises(OrionError, match="half_open"):
+        breaker_chart(doc)
+
+
+def test_breaker_opens_after_three_consecutive_failures() -> None:
+    breaker, seen = make(ManualClock())
+    fail(breaker, 2)
+    assert breaker.state == "closed"
+    assert breaker.consecutive_failures == 2
+    fail(breaker, 1, "timeout")
+    assert breaker.state == "open"
+    assert seen == [("code", "closed", "open", "timeout")]
+    assert breaker.allow() is None
+
+
+def test_a_success_resets_the_consecutive_failure_count() -> None:
+    breaker, _ = make(ManualClock())
+    fail(breaker, 2)
+    permit = breaker.allow()
+    assert permit is not None
+    permit.success()
+    fail(breaker, 2)
+    assert breaker.state == "closed"
+    assert breaker.consecutive_failures == 2
+
+
+def test_open_breaker_lets_one_trial_through_after_reset_after_s() -> None:
+    clock = ManualClock()
+    breaker, seen = make(clock)
+    fail(breaker, 3)
+    clock.advance(29.9)
+    assert breaker.allow() is None
+    clock.advance(0.1)
+    trial = breaker.allow()
+    assert trial is not None and trial.trial
+    assert breaker.state == "half_open"
+    assert breaker.allow() is None  # one trial at a time
+    assert seen[-1][1:3] == ("open", "half_open")
+
+
+def test_successful_trial_closes_the_breaker() -> None:
+    clock = ManualClock()
+    breaker, seen = make(clock)
+    fail(breaker, 3)
+    clock.advance(30)
+    trial = breaker.allow()
+    assert trial is not None
+    transition = trial.success()
+    assert transition is not None and (transition.source, transition.target) == (
+        "half_open", "closed")
+    assert breaker.state == "closed"
+    assert breaker.consecutive_failures == 0
+    assert [t[1:3] for t in seen] == [("closed", "open"), ("open", "half_open"),
+                                      ("half_open", "closed")]
+
+
+def test_failed_trial_reopens_and_restarts_the_cool_down() -> None:
+    clock = ManualClock()
+    breaker, seen = make(clock)
+    fail(breaker, 3)
+    clock.advance(30)
+    trial = breaker.allow()
+    assert trial is not None
+    trial.failure("load_failed")
+    assert breaker.state == "open"
+    assert seen[-1] == ("code", "half_open", "open", "load_failed")
+    clock.advance(29)
+    assert breaker.allow() is None
+    clock.advance(1)
+    assert breaker.allow() is not None
+
+
+def test_released_trial_without_verdict_lets_the_next_request_try() -> None:
+    clock = ManualClock()
+    breaker, _ = make(clock)
+    fail(breaker, 3)
+    clock.advance(30)
+    trial = breaker.allow()
+    assert trial is not None
+    trial.release()  # the caller cancelled: nothing was learnt about the model
+    assert breaker.state == "half_open"
+    assert breaker.allow() is not None
+
+
+def test_lost_trial_permit_stops_blocking_after_trial_timeout() -> None:
+    clock = ManualClock()
+    breaker, _ = make(clock, trial_timeout_s=60)
+    fail(breaker, 3)
+    clock.advance(30)
+    assert breaker.allow() is not None  # never resolved
+    clock.advance(59)
+    assert breaker.allow() is None
+    clock.advance(1)
+    assert breaker.allow() is not None
+
+
+def test_verdicts_of_permits_issued_before_the_breaker_opened_are_ignored() -> None:
+    clock = ManualClock()
+    breaker, _ = make(clock)
+    late = breaker.allow()
+    assert late is not None
+    fail(breaker, 3)
+    clock.advance(30)
+    trial = breaker.allow()
+    assert trial is not None
+    assert late.success() is None  # a request from before: not the trial
+    assert breaker.state == "half_open"
+    trial.failure("timeout")
+    assert breaker.state == "open"
+
+
+def test_a_permit_gives_one_verdict_only() -> None:
+    breaker, _ = make(ManualClock())
+    permit = breaker.allow()
+    assert permit is not None
+    permit.failure("timeout")
+    permit.failure("timeout")
+    permit.success()
+    assert permit.resolved
+    assert breaker.consecutive_failures == 1
+
+
+def test_reset_closes_an_open_breaker() -> None:
+    breaker, seen = make(ManualClock())
+    fail(breaker, 3)
+    breaker.reset()
+    assert breaker.state == "closed"
+    assert seen[-1] == ("code", "open", "closed", "reset")
+    assert breaker.allow() is not None
+
+
+def test_failure_threshold_and_cool_down_come_from_config() -> None:
+    clock = ManualClock()
+    breaker, _ = make(clock, failure_threshold=1, reset_after_s=5)
+    fail(breaker, 1)
+    assert breaker.state == "open"
+    clock.advance(5)
+    assert breaker.allow() is not None
+
+
+@pytest.mark.parametrize("config", [{"failure_threshold": 0}, {"failure_threshold": 2.5},
+                                    {"reset_after_s": -1}, {"trial_timeout_s": "soon"}])
+def test_invalid_breaker_config_is_refused_naming_the_field(config: dict[str, Any]) -> None:
+    with pytest.raises(OrionError, match=next(iter(config))):
+        BreakerConfig(**config)
+
+
+def test_board_makes_one_breaker_per_agent_with_its_own_config() -> None:
+    board = BreakerBoard(BreakerConfig(failure_threshold=5),
+                         per_agent={"code": BreakerConfig(failure_threshold=1)},
+                         agents=["conversation"], clock=ManualClock())
+    assert [b.agent for b in board] == ["conversation"]
+    assert board.breaker("code") is board.breaker("code")
+    assert board.breaker("code").config.failure_threshold == 1
+    assert board.breaker("logic").config.failure_threshold == 5
+    fail(board.breaker("code"), 1)
+    assert board.breaker("code").state == "open"
+    assert board.breaker("conversation").state == "closed"
+    assert board.allow("code") is None
+
+
+def test_board_reports_every_transition_to_each_subscriber() -> None:
+    first: list[tuple[str, ...]] = []
+    second: list[tuple[str, ...]] = []
+    board = BreakerBoard(BreakerConfig(failure_threshold=1), clock=ManualClock(),
+                         on_transition=lambda *t: first.append(t))
+    board.subscribe(lambda *t: second.append(t))
+    fail(board.breaker("code"), 1, "load_failed")
+    assert first == second == [("code", "closed", "open", "load_failed")]
+
+
+def test_board_snapshot_is_json_with_state_failures_and_retry_time() -> None:
+    clock = ManualClock(start=100.0, unix_start=1_700_000_000.0)
+    board = BreakerBoard(clock=clock, agents=["conversation", "code"])
+    fail(board.breaker("code"), 3, "timeout")
+    clock.advance(10)
+    snapshot = json.loads(json.dumps(board.snapshot()))
+    assert snapshot["conversation"]["state"] == "closed"
+    code = snapshot["code"]
+    assert code["state"] == "open"
+    assert code["consecutive_failures"] == 3
+    assert code["opened_count"] == 1
+    assert code["last_failure"] == "timeout"
+    assert code["retry_at"] == pytest.approx(1_700_000_030.0)
+    assert code["last_transition"]["target"] == "open"
+    assert code["config"] == {"failure_threshold": 3, "reset_after_s": 30.0,
+                              "trial_timeout_s": 60.0}
+
+
+def test_metrics_report_state_and_consecutive_failures_per_agent() -> None:
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    board = BreakerBoard(clock=ManualClock(), agents=["conversation", "code"])
+    register_breaker_metrics(provider.get_meter("test"), board)
+    fail(board.breaker("code"), 3)
+    fail(board.breaker("conversation"), 1)
+
+    data = reader.get_metrics_data()
+    assert data is not None
+    points = {(m.name, dict(p.attributes or {})["orion.agent"]): getattr(p, "value", None)
+              for rm in data.resource_metrics for sm in rm.scope_metrics
+              for m in sm.metrics for p in m.data.data_points}
+    assert points[("orion.breaker.state", "code")] == 2
+    assert points[("orion.breaker.state", "conversation")] == 0
+    assert points[("orion.breaker.consecutive_failures", "code")] == 3
+    assert points[("orion.breaker.consecutive_failures", "conversation")] == 1
+    assert points[("orion.breaker.opened", "code")] == 1
+    provider.shutdown()
+
+
+# --- orion-fsm breakers ---------------------------------------------------------------------
+
+
+def run_cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--registry")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _breakers.add_parser(sub)
+    args = parser.parse_args(argv)
+    code: int = args.handler(args)
+    return code
+
+
+@pytest.fixture
+def registry_file(registry_doc: dict[str, Any], write_registry: Any) -> Path:
+    path: Path = write_registry(registry_doc)
+    return path
+
+
+def test_cli_shows_configured_defaults_without_recorded_breakers(
+        registry_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text(json.dumps({"format": "orion-fsm.trace", "request_id": "r1"}) + "\n")
+    assert run_cli(["--registry", str(registry_file), "breakers", "--trace-file", str(trace),
+                    "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["source"]["request_id"] is None
+    assert set(shown["breakers"]) == {"conversation", "code", "broken", "short", "long"}
+    assert {s["state"] for s in shown["breakers"].values()} == {"closed"}
+    assert shown["breakers"]["code"]["config"]["failure_threshold"] == 3
+
+
+def test_cli_shows_the_latest_recorded_breaker_states(
+        registry_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    clock = ManualClock()
+    board = BreakerBoard(clock=clock, agents=["conversation", "code"])
+    older = board.snapshot()
+    fail(board.breaker("code"), 3, "inference_failed")
+    trace = tmp_path / "trace.jsonl"
+    filler = "x" * 70_000  # records larger than one read block
+    lines = [{"request_id": "old", "started_at": 1.0, "breakers": older, "pad": filler},
+             {"request_id": "new", "started_at": 2.0, "breakers": board.snapshot(),
+              "pad": filler},
+             {"request_id": "unwired", "started_at": 3.0}]
+    trace.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"cut short')
+    assert run_cli(["--registry", str(registry_file), "breakers", "--trace-file",
+                    str(trace)]) == 0
+    out = capsys.readouterr().out
+    assert "request new" in out
+    row = next(line for line in out.splitlines() if line.strip().startswith("code "))
+    assert row.split()[:4] == ["code", "open", "3", "1"]
+    assert row.endswith("inference_failed")
+    assert "conversation" in out and "long" in out
+
+
+def test_cli_reports_no_trace_file_as_defaults(
+        registry_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nothing.jsonl"
+    assert run_cli(["--registry", str(registry_file), "breakers", "--trace-file",
+                    str(missing)]) == 0
+    assert "configured defaults: open after 3 consecutive failures" in capsys.readouterr().out
