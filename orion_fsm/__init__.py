@@ -17,9 +17,13 @@ from ._exceptions import (
     ValidationError,
 )
 from ._types import GenerationParams, Message, PhaseTiming, Request, Result, TokenUsage
+from .services._admission import Overloaded, RequestTimeout
+from .services._breaker import BreakerBoard, BreakerConfig
 from .services._cache import CacheConfig, CacheSet, CacheStats
 from .services._clock import Clock, ManualClock, SystemClock
+from .services._guardrails import GuardrailConfig, Guardrails
 from .services._loader import InsufficientMemory, LoaderConfig
+from .services._logging import configure_logging
 from .services._memory import MemoryMonitor, PressureLevel, PressureThresholds
 from .services._registry import AgentSpec, Registry
 from .services._router import Router, RoutingDecision, RuleRouter
@@ -28,12 +32,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AgentSpec",
+    "BreakerBoard",
+    "BreakerConfig",
     "CacheConfig",
     "CacheSet",
     "CacheStats",
     "Clock",
     "Engine",
     "GenerationParams",
+    "GuardrailConfig",
+    "Guardrails",
     "InferenceError",
     "InsufficientMemory",
     "LoaderConfig",
@@ -43,6 +51,7 @@ __all__ = [
     "ModelError",
     "ModelLoadError",
     "OrionError",
+    "Overloaded",
     "PhaseTiming",
     "PressureLevel",
     "PressureThresholds",
@@ -50,6 +59,7 @@ __all__ = [
     "RegistryError",
     "Request",
     "RequestFailed",
+    "RequestTimeout",
     "ResponseStream",
     "Result",
     "Router",
@@ -59,4 +69,5 @@ __all__ = [
     "TokenUsage",
     "ValidationError",
     "__version__",
+    "configure_logging",
 ]

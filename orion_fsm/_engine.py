@@ -6,9 +6,10 @@ loaded model; nothing outlives the block. Works under asyncio and trio (anyio).
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, aclosing
 from pathlib import Path
 from types import TracebackType
@@ -22,11 +23,16 @@ from ._exceptions import OrionError, RequestFailed
 from ._machine import request_chart
 from ._phases import PHASES, STREAMING_PHASES, RequestContext
 from ._types import GenerationParams, Message, PhaseTiming, Request, Result, TokenUsage
+from .backends import LoadedModel
+from .services._admission import AdmissionController, Overloaded, RequestTimeout, TimeoutPolicy
+from .services._breaker import BreakerBoard, BreakerConfig
 from .services._cache import CacheSet
 from .services._clock import Clock, SystemClock
 from .services._embedding_router import EmbeddingRouter
 from .services._embeddings import EmbeddingService
+from .services._guardrails import GuardrailConfig, Guardrails
 from .services._loader import LoaderConfig, ModelLoader, ProgressCallback
+from .services._logging import LogListener
 from .services._memory import MemoryMonitor, PressureThresholds
 from .services._registry import Registry
 from .services._router import Router, RuleRouter
@@ -34,6 +40,13 @@ from .services._telemetry import PhaseRecorder, resolve_tracer
 from .services._tracefile import TRACE_FORMAT, TRACE_VERSION, TraceWriter
 
 Prompt = str | Sequence[Message | Mapping[str, str]]
+_log = logging.getLogger("orion_fsm.engine")
+
+
+def _log_breaker(agent: str, source: str, target: str, reason: str) -> None:
+    level = logging.WARNING if target == "open" else logging.INFO
+    _log.log(level, "breaker", extra={"agent": agent, "source": source, "target": target,
+                                     "reason": reason})
 
 # Precomputed into L2 at start-up: short requests people type again and again.
 FREQUENT_PATTERNS = ("hello", "hi", "thanks", "bonjour", "merci", "explain", "implement",
@@ -124,13 +137,29 @@ class Engine:
         embeddings: EmbeddingService | Literal[False] | None = None,
         warm_up: bool = True,
         loader: ModelLoader | None = None,
+        load_model: Callable[..., LoadedModel] | None = None,
+        timeout_s: float = 60.0,
+        max_in_flight: int = 64,
+        max_queue: int = 1024,
+        breakers: BreakerBoard | BreakerConfig | None = None,
+        guardrails: Guardrails | GuardrailConfig | Literal[False] | None = None,
         frequent_patterns: Sequence[str] = FREQUENT_PATTERNS,
     ) -> None:
         self.registry = registry if isinstance(registry, Registry) else Registry.load(registry)
         self.clock: Clock = clock or SystemClock()
         root = Path(cache_dir) if cache_dir else default_cache_dir()
-        self.loader = loader or ModelLoader(root, threads=threads, progress=progress,
-                                            config=loader_config, clock=self.clock)
+        self.loader = loader or ModelLoader(
+            root, threads=threads, progress=progress, config=loader_config, clock=self.clock,
+            load_model=load_model or LoadedModel.load)
+        # Resilience: per-agent breakers, a bounded queue, a deadline per request, guardrails.
+        self.breakers = breakers if isinstance(breakers, BreakerBoard) else BreakerBoard(
+            breakers, agents=self.registry.agents, clock=self.clock,
+            on_transition=_log_breaker)
+        self.admission = AdmissionController(max_in_flight=max_in_flight, max_queue=max_queue)
+        self._timeout = TimeoutPolicy(timeout_s)
+        self.guardrails: Guardrails | None = (
+            None if guardrails is False else guardrails if isinstance(guardrails, Guardrails)
+            else Guardrails(guardrails))
         # Result, embedding and intermediate caches; False turns them off.
         self.caches: CacheSet | None = (
             None if caches is False else caches or CacheSet(root / "caches", clock=self.clock))
@@ -239,18 +268,21 @@ class Engine:
         temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
         repetition_penalty: float | None = None, seed: int | None = None,
         stop: str | Sequence[str] | None = None, cache: bool | None = None,
+        priority: int = 0,
     ) -> Result:
         """Run one request to its final state. Raises `RequestFailed` (with `.result`) on error.
 
         `cache`: None caches deterministic requests only (temperature 0 or a seed), True opts
-        a sampled request in, False bypasses the result cache.
+        a sampled request in, False bypasses the result cache. `priority`: lower is served
+        first when requests queue (past `max_queue`, the request fails at once: overloaded).
         """
         self._check_open()
         request = self._request(prompt, agent, system, params, dict(
             max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, seed=seed, stop=stop), cache)
         holder: list[Result] = []
-        async with aclosing(self._drive(request, holder, streaming=False)) as chunks:
+        async with aclosing(self._drive(request, holder, streaming=False,
+                                        priority=priority)) as chunks:
             async for _ in chunks:
                 pass
         return self._outcome(holder[0])
@@ -261,6 +293,7 @@ class Engine:
         temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
         repetition_penalty: float | None = None, seed: int | None = None,
         stop: str | Sequence[str] | None = None, cache: bool | None = None,
+        priority: int = 0,
     ) -> ResponseStream:
         """Text chunks as they are generated. A request that ends in error raises RequestFailed."""
         self._check_open()
@@ -272,7 +305,8 @@ class Engine:
         async def chunks() -> AsyncGenerator[str, None]:
             # aclosing: an abandoned stream is closed here, in the consumer's task, so the
             # model lock it holds is released by the task that took it.
-            async with aclosing(self._drive(request, holder, streaming=True)) as texts:
+            async with aclosing(self._drive(request, holder, streaming=True,
+                                            priority=priority)) as texts:
                 async for text in texts:
                     yield text
             self._outcome(holder[0])
@@ -289,8 +323,8 @@ class Engine:
 
     # --- the driver -------------------------------------------------------------------------
 
-    async def _drive(self, request: Request, holder: list[Result], *,
-                     streaming: bool) -> AsyncGenerator[str, None]:
+    async def _drive(self, request: Request, holder: list[Result], *, streaming: bool,
+                     priority: int) -> AsyncGenerator[str, None]:
         """Run the request's machine: each state's phase returns the event to send next."""
         recorder = PhaseRecorder(self._tracer, self.clock, request.id,
                                  {"orion.registry.digest": self.registry.digest})
@@ -299,7 +333,8 @@ class Engine:
                              loader=self.loader, notes=recorder.notes, streaming=streaming,
                              now=recorder.elapsed_ms, caches=self.caches,
                              background=self._task_group.start_soon,
-                             l1_flights=self._l1_flights)
+                             l1_flights=self._l1_flights, breakers=self.breakers,
+                             guardrails=self.guardrails)
         recorder.summary = lambda: {
             "orion.agent": ctx.agent.id if ctx.agent else None,
             "orion.fallback": ctx.attempt > 0,
@@ -307,47 +342,85 @@ class Engine:
             "gen_ai.usage.output_tokens": len(ctx.token_ids),
             "orion.error_reason": ctx.error_reason,
         }
-        machine = self._chart(listeners=[recorder])
-        machine.send("start")
+        listeners: list[object] = [recorder]
+        if _log.isEnabledFor(logging.INFO):
+            listeners.append(LogListener(_log, request.id, recorder.trace_id))
+        machine = self._chart(listeners=listeners)
         try:
-            while not machine.is_terminated:
-                state = next(iter(machine.configuration_values))
-                stream_phase = STREAMING_PHASES.get(state)
-                if stream_phase is not None:
-                    async with aclosing(stream_phase(ctx)) as texts:
-                        async for text in texts:
-                            yield text
-                    event = ctx.notes.pop("orion.next_event")
-                else:
-                    event = await PHASES[state](ctx)
-                machine.send(event)
-            if ctx.cache_level is not None and streaming:
-                yield "".join(ctx.text_parts)
+            await self.admission.acquire(priority, request_id=request.id)
+        except Overloaded as exc:
+            ctx.fail("overloaded", exc.message)
+            holder.append(self._finish(ctx, recorder, machine, event="rejected"))
+            return
+        except BaseException:
+            ctx.fail("cancelled", "the caller cancelled the request while it was queued")
+            self._finish(ctx, recorder, machine, event="abort")
+            raise
+        try:
+            async with aclosing(self._phases(ctx, machine)) as texts:
+                async for text in texts:
+                    yield text
+        except RequestTimeout as exc:
+            ctx.fail("timeout", exc.message)
+            holder.append(self._abort(ctx, recorder, machine))
         except BaseException as exc:
-            ctx.release_l1()
             # Cancelled, consumer gone, or a bug in a phase: the request still ends in a final
             # state, with its trace line.
             if not machine.is_terminated:
-                cancelled = isinstance(exc, anyio.get_cancelled_exc_class() | GeneratorExit)
-                if cancelled:
+                if isinstance(exc, anyio.get_cancelled_exc_class() | GeneratorExit):
                     ctx.fail("cancelled", "the caller cancelled the request")
                 elif isinstance(exc, OrionError):
                     ctx.fail("internal", str(exc))
                 else:
                     ctx.fail("internal", f"{type(exc).__name__}: {exc}")
-                ctx.release_model()
-                self._finish(ctx, recorder, machine, abort=True)
+                self._abort(ctx, recorder, machine)
             raise
-        ctx.release_l1()
-        holder.append(self._finish(ctx, recorder, machine, abort=False))
+        else:
+            holder.append(self._finish(ctx, recorder, machine))
+        finally:
+            ctx.release_l1()
+            self.admission.release()
+
+    async def _phases(self, ctx: RequestContext, machine: Any) -> AsyncGenerator[str, None]:
+        """Each state's phase, under the request's deadline, until a final state."""
+        deadline = ctx.deadline = self._timeout.start()
+        machine.send("start")
+        while not machine.is_terminated:
+            state = next(iter(machine.configuration_values))
+            stream_phase = STREAMING_PHASES.get(state)
+            if stream_phase is not None:
+                # No deadline scope across a yield: the phase scopes each worker-thread hop.
+                async with aclosing(stream_phase(ctx)) as texts:
+                    async for text in texts:
+                        yield text
+                event = ctx.notes.pop("orion.next_event")
+            else:
+                with deadline.scope() as scope:
+                    event = await PHASES[state](ctx)
+                if scope.cancelled_caught:
+                    raise deadline.error(state, request_id=ctx.request.id)
+            machine.send(event)
+        if ctx.cache_level is not None and ctx.streaming:
+            yield "".join(ctx.text_parts)
+
+    def _abort(self, ctx: RequestContext, recorder: PhaseRecorder, machine: Any) -> Result:
+        ctx.release_model()
+        if ctx.permit is not None:
+            ctx.verdict("timeout" if ctx.error_reason == "timeout" else None
+                        if ctx.error_reason == "cancelled" else "internal")
+        return self._finish(ctx, recorder, machine, event="abort")
 
     def _finish(self, ctx: RequestContext, recorder: PhaseRecorder, machine: Any,
-                *, abort: bool) -> Result:
+                *, event: str | None = None) -> Result:
+        """The final event (if not sent yet), the Result and its trace line."""
         agent = ctx.agent.id if ctx.agent else None
         requested = ctx.decision.agent if ctx.decision else None
         ttft = ctx.first_token_at
-        if abort:
-            machine.send("abort")
+        if event is not None:
+            machine.send(event)
+        if ctx.permit is not None:
+            ctx.permit.release()  # an attempt that ended without a verdict counts for nothing
+            ctx.permit = None
         state = next(iter(machine.configuration_values))
         total_ms = recorder.elapsed_ms()
         result = Result(
@@ -389,6 +462,7 @@ class Engine:
                 "seed": ctx.sampling.seed, "stop": list(ctx.sampling.stop),
             },
             "cache": {"level": ctx.cache_level, "l1_key": ctx.l1_key},
+            "breakers": self.breakers.snapshot(),
             "transitions": [t.as_dict() for t in recorder.transitions],
             "phases": [p.as_dict() for p in recorder.phases],
             "spans": recorder.spans,

@@ -13,14 +13,17 @@ import unicodedata
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import anyio
 
 from ._exceptions import InferenceError, ModelLoadError, RegistryError
 from ._types import GenerationParams, Message, Request
-from .backends import GenerationEvent, GenerationOutcome, LoadedModel, SamplingParams
+from .backends import GenerationEvent, LoadedModel, SamplingParams
+from .services._admission import Deadline
+from .services._breaker import BreakerBoard, BreakerPermit
 from .services._cache import CacheSet, cache_key
+from .services._guardrails import Guardrails, RepetitionGuard
 from .services._loader import ModelLease, ModelLoader, PreparedModel
 from .services._registry import AgentSpec, Registry
 from .services._router import Router, RoutingDecision
@@ -74,6 +77,15 @@ class RequestContext:
     # Keys some request is computing right now: identical requests wait for its answer.
     l1_flights: dict[str, anyio.Event] = field(default_factory=dict)
     l1_leader: bool = False
+    breakers: BreakerBoard | None = None
+    permit: BreakerPermit | None = None
+    guardrails: Guardrails | None = None
+    deadline: Deadline | None = None
+    # Set to stop the generation (caller gone, deadline, runaway repetition); read by the
+    # worker thread between tokens.
+    stop: threading.Event = field(default_factory=threading.Event)
+    repetition: RepetitionGuard | None = None
+    stopped_for: str | None = None  # finish reason when a guard stopped the generation
 
     def release_l1(self) -> None:
         """Wake the requests waiting for this one's answer (hit or not)."""
@@ -90,6 +102,16 @@ class RequestContext:
         if self.lease is not None:
             self.lease.release()
             self.lease = None
+
+    def verdict(self, failure: str | None) -> None:
+        """Tell the agent's breaker how its attempt went (None: it served)."""
+        permit, self.permit = self.permit, None
+        if permit is None:
+            return
+        change = permit.success() if failure is None else permit.failure(failure)
+        if change is not None:
+            self.notes["orion.breaker.transition"] = (
+                f"{change.agent}: {change.source} -> {change.target}")
 
 
 PhaseFn = Callable[[RequestContext], Awaitable[str]]
@@ -152,6 +174,16 @@ async def validating(ctx: RequestContext) -> str:
         ctx.fail("invalid", problem[1], field=problem[0])
         return "invalid"
     ctx.notes["orion.messages"] = len(request.messages)
+    if ctx.guardrails is not None:
+        agents = ctx.registry.agents
+        context = (agents[request.agent].context_length if request.agent is not None
+                   else max(a.context_length for a in agents.values()))
+        verdict = ctx.guardrails.check_input(request.messages, request.params,
+                                             context_length=context)
+        ctx.notes.update(verdict.as_notes())
+        if (blocked := verdict.blocked) is not None:
+            ctx.fail("invalid", blocked.message, field=blocked.field)
+            return "invalid"
     return "valid"
 
 
@@ -275,11 +307,19 @@ async def loading_agent(ctx: RequestContext) -> str:
     ctx.agent = agent
     ctx.notes.update({"orion.agent": agent.id, "gen_ai.request.model": agent.id,
                       "orion.attempt": ctx.attempt})
+    if ctx.breakers is not None:
+        ctx.permit = ctx.breakers.allow(agent.id)
+        if ctx.permit is None:
+            why = f"circuit breaker of {agent.id!r} is open"
+            ctx.failures.append((agent.id, why))
+            ctx.notes["orion.breaker"] = "open"
+            return "breaker_open"
     try:
         prepared = await ctx.loader.prepare(agent)
     except ModelLoadError as exc:
         ctx.failures.append((agent.id, exc.message))
         ctx.notes["orion.load_error"] = exc.message
+        ctx.verdict("load_failed")
         return "load_failed"
     ctx.prepared = prepared
     messages = list(ctx.request.messages)
@@ -293,6 +333,9 @@ async def loading_agent(ctx: RequestContext) -> str:
             f"the prompt is {len(ids)} tokens but agent {agent.id!r} has a context of "
             f"{agent.context_length} tokens: shorten the prompt or pick an agent with a "
             "larger context_length"), field="prompt")
+        if ctx.permit is not None:
+            ctx.permit.release()  # a prompt too long is not the agent's failure
+            ctx.permit = None
         return "invalid"
     ctx.prompt_ids = tuple(ids)
     ctx.sampling = _sampling(agent, ctx.request.params, room)
@@ -303,6 +346,7 @@ async def loading_agent(ctx: RequestContext) -> str:
     except ModelLoadError as exc:
         ctx.failures.append((agent.id, exc.message))
         ctx.notes["orion.load_error"] = exc.message
+        ctx.verdict("load_failed")
         return "load_failed"
     ctx.notes.update(ctx.lease.load_info.span_attributes())
     return "loaded"
@@ -322,6 +366,7 @@ async def inferencing(ctx: RequestContext) -> AsyncGenerator[str, None]:
                       "gen_ai.request.top_p": sampling.top_p,
                       "gen_ai.request.top_k": sampling.top_k,
                       "gen_ai.usage.input_tokens": len(ctx.prompt_ids)})
+    ctx.repetition = RepetitionGuard()
     try:
         async with lease.generation_lock:
             if ctx.streaming:
@@ -334,9 +379,13 @@ async def inferencing(ctx: RequestContext) -> AsyncGenerator[str, None]:
         ctx.failures.append((agent.id, exc.message))
         ctx.notes["orion.inference_error"] = exc.message
         ctx.notes["orion.next_event"] = "inference_failed"
+        ctx.verdict("malformed_output" if "malformed" in exc.message else "inference_failed")
         return
     finally:
         ctx.release_model()
+    if ctx.stopped_for is not None:
+        ctx.finish_reason = ctx.stopped_for
+    ctx.verdict(None)
     if ctx.first_token_at is not None:
         ctx.notes["gen_ai.server.time_to_first_token"] = ctx.first_token_at / 1e3
     _l1_store(ctx)
@@ -357,22 +406,73 @@ def _l1_store(ctx: RequestContext) -> None:
     ctx.background(ctx.caches.l1.set, ctx.l1_key, value)  # and persisted without delaying it
 
 
-def _record(ctx: RequestContext, event: GenerationEvent) -> None:
+def _record(ctx: RequestContext, event: GenerationEvent, vocab_size: int) -> None:
+    """Take one generated chunk: output guards first, then the request's text."""
+    if ctx.guardrails is not None:
+        blocked = ctx.guardrails.check_output(event.token_ids, event.text,
+                                              vocab_size=vocab_size).blocked
+        if blocked is not None:
+            raise InferenceError(f"malformed output: {blocked.message}")
     if ctx.first_token_at is None:
         ctx.first_token_at = ctx.now()
     ctx.token_ids.extend(event.token_ids)
     if event.text:
         ctx.text_parts.append(event.text)
         ctx.emitted_chars += len(event.text)
+        if ctx.repetition is not None and ctx.repetition.feed(event.text):
+            ctx.stopped_for = "repetition"
+            ctx.notes["orion.guard.repetition"] = ctx.repetition.reason
+            ctx.stop.set()
+
+
+T = TypeVar("T")
+
+
+async def _in_worker(ctx: RequestContext, fn: Callable[[], T]) -> T:
+    """`fn()` in a worker thread, abandoned on cancellation or at the request's deadline.
+
+    Abandoning is safe because the thread is told to stop (`ctx.stop`) and, if it started, is
+    awaited (shielded) before the model's lock is released: the next request never finds the
+    model still generating. A job cancelled before a thread took it never runs.
+    """
+    started, finished, abandoned = threading.Event(), threading.Event(), threading.Event()
+
+    def work() -> T | None:
+        started.set()
+        try:
+            return None if abandoned.is_set() else fn()  # nobody awaits an abandoned job
+        finally:
+            finished.set()
+
+    async def stop_and_wait() -> None:
+        ctx.stop.set()
+        abandoned.set()  # before reading `started`: the thread sets it, then reads abandoned
+        if started.is_set():
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(finished.wait)
+
+    scope = ctx.deadline.scope() if ctx.deadline is not None else anyio.CancelScope()
+    try:
+        with scope:
+            result = await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
+            return cast(T, result)  # None only for an abandoned job, which nobody awaits
+    except anyio.get_cancelled_exc_class():
+        await stop_and_wait()
+        raise
+    # Only reached when the deadline's scope swallowed the cancellation.
+    await stop_and_wait()
+    assert ctx.deadline is not None
+    raise ctx.deadline.error("inferencing", request_id=ctx.request.id)
 
 
 async def _stream_tokens(ctx: RequestContext, model: LoadedModel,
                          sampling: SamplingParams) -> AsyncGenerator[str, None]:
     """One worker-thread hop per chunk: the consumer sees each token as it is made."""
-    stream = model.open_stream(ctx.prompt_ids, sampling)
+    stream = model.open_stream(ctx.prompt_ids, sampling, should_stop=ctx.stop.is_set)
+    vocab = model.tokenizer.vocab_size
     try:
-        while (event := await anyio.to_thread.run_sync(stream.next_event)) is not None:
-            _record(ctx, event)
+        while (event := await _in_worker(ctx, stream.next_event)) is not None:
+            _record(ctx, event, vocab)
             if event.text:
                 yield event.text
         ctx.finish_reason = stream.outcome.finish_reason
@@ -381,28 +481,11 @@ async def _stream_tokens(ctx: RequestContext, model: LoadedModel,
 
 
 async def _generate(ctx: RequestContext, model: LoadedModel, sampling: SamplingParams) -> None:
-    """The whole generation in one worker-thread hop: nobody waits for the chunks.
-
-    On cancellation the thread is told to stop and awaited (shielded) before the model's
-    lock is released, so the next request never finds the model still generating.
-    """
-    stop, finished = threading.Event(), threading.Event()
-
-    def work() -> GenerationOutcome:
-        try:
-            return model.generate(ctx.prompt_ids, sampling,
-                                  on_event=lambda event: _record(ctx, event),
-                                  should_stop=stop.is_set)
-        finally:
-            finished.set()
-
-    try:
-        outcome = await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
-    except anyio.get_cancelled_exc_class():
-        stop.set()
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(finished.wait)
-        raise
+    """The whole generation in one worker-thread hop: nobody waits for the chunks."""
+    vocab = model.tokenizer.vocab_size
+    outcome = await _in_worker(ctx, lambda: model.generate(
+        ctx.prompt_ids, sampling, on_event=lambda event: _record(ctx, event, vocab),
+        should_stop=ctx.stop.is_set))
     ctx.finish_reason = outcome.finish_reason
 
 

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 
 from orion_fsm import OrionError
 
-from . import _cache, _diagram, _mem, _models, _route, _run
+from . import _breakers, _cache, _diagram, _mem, _models, _route, _run
 
-_COMMANDS = (_run, _models, _route, _cache, _mem, _diagram)
+_COMMANDS = (_run, _models, _route, _cache, _mem, _breakers, _diagram)
 
 
 def _parser() -> argparse.ArgumentParser:

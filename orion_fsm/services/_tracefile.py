@@ -1,8 +1,9 @@
-"""Trace files: one JSON line per request, appended by a background writer.
+"""Trace files: one JSON line per request, appended by a background writer, and read back.
 
-The record holds everything needed to understand (and later replay) a run: the request,
-registry and model digests, every transition with its time, phase results and the spans.
-Format: see `TRACE_FORMAT` / `TRACE_VERSION` and docs in README ("Trace files").
+The record holds everything needed to understand and replay a run: the request, registry and
+model digests, every transition with its time, phase results, the spans, and (version 2) what
+decided the path from outside the machine. Format: README ("Trace files"); older versions
+are read through `upgrade_record`.
 """
 
 from __future__ import annotations
@@ -20,9 +21,21 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from orion_fsm._exceptions import OrionError
 
+from ._sanitize import sanitize
+
 TRACE_FORMAT = "orion-fsm.trace"
-TRACE_VERSION = 1
+# 2 adds what decided the path from outside the machine: `streaming`, `registry_source`,
+# `clock`, `breakers`, `cache.enabled` and the router's per-agent `result.routing.scores`.
+TRACE_VERSION = 2
 _BATCH = 256
+# Version 2 fields, as a version 1 record (or a writer that predates a field) leaves them:
+# None means "not recorded", which replay treats as "unknown", never as false.
+_V2_DEFAULTS: dict[str, Any] = {
+    "streaming": None,
+    "registry_source": None,
+    "clock": None,
+    "breakers": None,
+}
 
 
 class TraceWriter:
@@ -78,8 +91,9 @@ class TraceWriter:
 
     def _write(self, batch: list[dict[str, Any]]) -> None:
         assert self.path is not None
-        lines = "".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n"
-                        for r in batch)
+        # Secrets and personal data never reach the file (API keys, e-mails, card numbers...).
+        lines = "".join(json.dumps(sanitize(r), ensure_ascii=False, separators=(",", ":"))
+                        + "\n" for r in batch)
         # One write of whole lines in append mode: concurrent writers never interleave a line.
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
@@ -91,8 +105,24 @@ class TraceWriter:
         self.written += len(batch)
 
 
+def upgrade_record(record: dict[str, Any]) -> dict[str, Any]:
+    """`record` in the current version's shape: fields an older writer did not record are
+    present with None (unknown). `version` keeps the version it was written with."""
+    upgraded = {**_V2_DEFAULTS, **record}
+    cache = upgraded.get("cache")
+    upgraded["cache"] = {"enabled": None, "level": None, "l1_key": None,
+                         **(cache if isinstance(cache, dict) else {})}
+    result = upgraded.get("result")
+    if isinstance(result, dict) and isinstance(result.get("routing"), dict):
+        routing = result["routing"]
+        if routing and "scores" not in routing:
+            upgraded["result"] = {**result, "routing": {**routing, "scores": {}}}
+    return upgraded
+
+
 def read_traces(path: Path) -> Iterator[dict[str, Any]]:
-    """The records of a trace file, oldest first; refuses formats it does not know."""
+    """The records of a trace file, oldest first, upgraded to the current version's shape
+    (`upgrade_record`); refuses formats it does not know and versions newer than it knows."""
     with path.open(encoding="utf-8") as fh:
         for number, line in enumerate(fh, 1):
             if not line.strip():
@@ -101,9 +131,13 @@ def read_traces(path: Path) -> Iterator[dict[str, Any]]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise OrionError(f"{path}:{number}: not a JSON trace line ({exc.msg})") from exc
-            if record.get("format") != TRACE_FORMAT or record.get("version", 0) > TRACE_VERSION:
+            version = record.get("version") if isinstance(record, dict) else None
+            if (not isinstance(record, dict) or record.get("format") != TRACE_FORMAT
+                    or not isinstance(version, int) or not 1 <= version <= TRACE_VERSION):
+                shown = record if not isinstance(record, dict) else {
+                    "format": record.get("format"), "version": version}
                 raise OrionError(
-                    f"{path}:{number}: not an orion-fsm trace of version <= {TRACE_VERSION} "
-                    f"(format={record.get('format')!r}, version={record.get('version')!r})"
+                    f"{path}:{number}: not an orion-fsm trace of version 1 to {TRACE_VERSION} "
+                    f"({shown!r}); a newer orion-fsm may read it"
                 )
-            yield record
+            yield upgrade_record(record)
