@@ -49,7 +49,11 @@ def main() -> int:
     }
     for name, fn in benchmarks.items():
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-        report["benchmarks"][name] = fn(quick=args.quick)
+        try:
+            report["benchmarks"][name] = fn(quick=args.quick)
+        except Exception as exc:  # one broken benchmark must not hide the others' figures
+            report["benchmarks"][name] = {"error": f"{type(exc).__name__}: {exc}", "checks": [
+                {"figure": "ran", "value": 0, "target": "completes", "met": False}]}
         for check in report["benchmarks"][name].get("checks", []):
             print(f"  {check['figure']}: {check['value']} (target {check['target']}, "
                   f"{'met' if check['met'] else 'NOT met'})", file=sys.stderr)

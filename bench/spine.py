@@ -80,7 +80,8 @@ def generation_throughput(quick: bool = False) -> dict[str, Any]:
             counts = []
             for _ in range(runs):
                 result = await engine.infer(PROMPT, agent="conversation", temperature=0,
-                                            max_tokens=max_tokens, repetition_penalty=1.1)
+                                            cache=False, max_tokens=max_tokens,
+                                            repetition_penalty=1.1)
                 ms = next(p.ms for p in result.phases if p.state == "inferencing")
                 engine_tps.append(result.tokens.output / (ms / 1e3))
                 counts.append(result.tokens.output)
@@ -137,10 +138,10 @@ def engine_overhead(quick: bool = False) -> dict[str, Any]:
             async with Engine(registry=registry, cache_dir=Path(tmp) / "cache", threads=1,
                               embeddings=False,
                               trace_path=trace_path) as engine:
-                await engine.infer("hi")
+                await engine.infer("hi", cache=False)
                 for _ in range(n):
                     t = time.perf_counter()
-                    await engine.infer("hi")
+                    await engine.infer("hi", cache=False)
                     into.append((time.perf_counter() - t) * 1e3)
 
         async def main() -> None:
