@@ -88,9 +88,10 @@ class ResponseStream:
     request in `error` with reason `cancelled`. Also usable as `async with`.
     """
 
-    def __init__(self, chunks: AsyncIterator[str], holder: list[Result]) -> None:
+    def __init__(self, chunks: AsyncIterator[str], holder: list[Result], request_id: str) -> None:
         self._chunks = chunks
         self._holder = holder
+        self.request_id = request_id
 
     def __aiter__(self) -> Self:
         return self
@@ -311,7 +312,7 @@ class Engine:
                     yield text
             self._outcome(holder[0])
 
-        return ResponseStream(chunks(), holder)
+        return ResponseStream(chunks(), holder, request.id)
 
     @staticmethod
     def _outcome(result: Result) -> Result:
@@ -334,7 +335,9 @@ class Engine:
                              now=recorder.elapsed_ms, caches=self.caches,
                              background=self._task_group.start_soon,
                              l1_flights=self._l1_flights, breakers=self.breakers,
-                             guardrails=self.guardrails)
+                             guardrails=self.guardrails,
+                             started_monotonic=self.clock.monotonic(),
+                             breakers_at_start=self.breakers.snapshot())
         recorder.summary = lambda: {
             "orion.agent": ctx.agent.id if ctx.agent else None,
             "orion.fallback": ctx.attempt > 0,
@@ -461,8 +464,12 @@ class Engine:
                 "repetition_penalty": ctx.sampling.repetition_penalty,
                 "seed": ctx.sampling.seed, "stop": list(ctx.sampling.stop),
             },
-            "cache": {"level": ctx.cache_level, "l1_key": ctx.l1_key},
-            "breakers": self.breakers.snapshot(),
+            "streaming": ctx.streaming,
+            "registry_source": None if self.registry.source is None else str(self.registry.source),
+            "clock": {"time": ctx.request.created_at, "monotonic": ctx.started_monotonic},
+            "cache": {"enabled": ctx.caches is not None, "level": ctx.cache_level,
+                      "l1_key": ctx.l1_key},
+            "breakers": ctx.breakers_at_start,  # the states that decided, not the ones after
             "transitions": [t.as_dict() for t in recorder.transitions],
             "phases": [p.as_dict() for p in recorder.phases],
             "spans": recorder.spans,

@@ -7,7 +7,9 @@ event to send. `inferencing` is an async generator: it yields text as it is gene
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import secrets
 import threading
 import unicodedata
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
@@ -86,6 +88,9 @@ class RequestContext:
     stop: threading.Event = field(default_factory=threading.Event)
     repetition: RepetitionGuard | None = None
     stopped_for: str | None = None  # finish reason when a guard stopped the generation
+    # What decided the path from outside the machine, for the trace (and replay).
+    started_monotonic: float = 0.0
+    breakers_at_start: dict[str, Any] | None = None
 
     def release_l1(self) -> None:
         """Wake the requests waiting for this one's answer (hit or not)."""
@@ -327,6 +332,7 @@ async def loading_agent(ctx: RequestContext) -> str:
         messages.insert(0, Message("system", agent.system_prompt))
     prompt = agent.chat_template.render([(m.role, m.content) for m in messages])
     ids = _prompt_ids(ctx, prompt, prepared)
+    ctx.notes["gen_ai.usage.input_tokens"] = len(ids)
     room = agent.context_length - len(ids)
     if room < 1:
         ctx.fail("invalid", (
@@ -359,6 +365,9 @@ async def inferencing(ctx: RequestContext) -> AsyncGenerator[str, None]:
     """Yields text deltas; sets `ctx.finish_reason`. Ends with the event in `ctx.notes`."""
     lease, sampling, agent = ctx.lease, ctx.sampling, ctx.agent
     assert lease is not None and sampling is not None and agent is not None
+    if sampling.seed < 0:  # drawn here so the trace records it: `replay --live` reuses it
+        sampling = ctx.sampling = dataclasses.replace(sampling,
+                                                      seed=secrets.randbelow(2**31 - 1))
     ctx.notes.update({"gen_ai.operation.name": "chat", "gen_ai.system": "ctransformers",
                       "gen_ai.request.model": agent.id,
                       "gen_ai.request.max_tokens": sampling.max_tokens,

@@ -11,6 +11,7 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from orion_fsm import Engine, Message, OrionError, RequestFailed, Result
+from orion_fsm.services._tracefile import TRACE_VERSION
 from tests.conftest import agent, read_trace_lines
 
 pytestmark = pytest.mark.anyio
@@ -212,7 +213,7 @@ async def test_each_request_appends_a_versioned_trace_line(
     async with make_engine() as engine:
         result = await engine.infer("hello", max_tokens=3)
     (record,) = read_trace_lines(tmp_path / "traces" / "test.jsonl")
-    assert record["format"] == "orion-fsm.trace" and record["version"] == 1
+    assert record["format"] == "orion-fsm.trace" and record["version"] == TRACE_VERSION
     assert record["request_id"] == result.request_id
     assert record["registry_digest"] == engine.registry.digest
     assert len(record["model"]["sha256"]) == 64

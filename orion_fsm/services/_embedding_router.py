@@ -38,6 +38,7 @@ __all__ = [
     "LabelledText",
     "RouteExplanation",
     "RoutingMethod",
+    "decide",
     "evaluate",
     "fit_thresholds",
     "load_labelled",
@@ -241,22 +242,14 @@ class EmbeddingRouter:
             else:
                 k = min(self.top_k, len(sims))
                 scores[entry.agent] = float(np.partition(sims, len(sims) - k)[-k:].mean())
-        ranked = sorted(scores.items(), key=lambda item: -item[1])
-        best, score = ranked[0]
-        runner_up, second = ranked[1] if len(ranked) > 1 else (None, 0.0)
-        above = score >= self.thresholds[best]
-        decision = RoutingDecision(
-            agent=best if above else self.registry.default_agent,
-            source="embedding" if above else "default",
-            score=score,
-            runner_up=runner_up,
-            margin=score - second,
-            matched=(nearest[best],),
-            note=None if above else (
-                f"best agent {best!r} scored {score:.3f}, below its threshold "
-                f"{self.thresholds[best]:.3f}"),
-        )
-        return RouteExplanation(decision=decision, scores=dict(ranked), nearest=nearest)
+        decision = self.decide(scores, nearest=nearest)
+        return RouteExplanation(decision=decision, scores=decision.scores, nearest=nearest)
+
+    def decide(self, scores: Mapping[str, float],
+               nearest: Mapping[str, str] | None = None) -> RoutingDecision:
+        """The decision from every agent's score, with this router's thresholds (pure)."""
+        return decide(scores, default_agent=self.registry.default_agent,
+                      thresholds=self.thresholds, nearest=nearest)
 
     def _decision_key(self, normalized: str) -> str:
         material = f"{self._settings}\0{self.embeddings.model_id}\0{normalized}"
@@ -278,6 +271,36 @@ class EmbeddingRouter:
         return replace(decision, degraded=True, note=f"embedding-unavailable: {exc.message}")
 
 
+def decide(scores: Mapping[str, float], *, default_agent: str,
+           thresholds: Mapping[str, float] | None = None,
+           nearest: Mapping[str, str] | None = None) -> RoutingDecision:
+    """The embedding router's decision from every agent's score, and nothing else.
+
+    The best agent serves if its score reaches its threshold (`DEFAULT_THRESHOLD` for an
+    agent `thresholds` does not name); otherwise `default_agent` does. Pure, so that a
+    recorded request's scores replay through the current thresholds (`orion-fsm replay`).
+    """
+    if not scores:
+        raise ValueError("decide() needs at least one agent score")
+    # Stable sort: on a tie the agent listed first (registry order) wins.
+    ranked = sorted(scores.items(), key=lambda item: -item[1])
+    best, score = ranked[0]
+    runner_up, second = ranked[1] if len(ranked) > 1 else (None, 0.0)
+    threshold = (thresholds or {}).get(best, DEFAULT_THRESHOLD)
+    above = score >= threshold
+    return RoutingDecision(
+        agent=best if above else default_agent,
+        source="embedding" if above else "default",
+        score=score,
+        runner_up=runner_up,
+        margin=score - second,
+        matched=(nearest[best],) if nearest and best in nearest else (),
+        note=None if above else (
+            f"best agent {best!r} scored {score:.3f}, below its threshold {threshold:.3f}"),
+        scores=dict(ranked),
+    )
+
+
 def _decision_from_dict(value: Any) -> RoutingDecision | None:
     """A cached decision back to a value; anything malformed is a miss, not an error."""
     if not isinstance(value, Mapping) or value.get("source") not in ("embedding", "default"):
@@ -287,8 +310,9 @@ def _decision_from_dict(value: Any) -> RoutingDecision | None:
             agent=str(value["agent"]), source=value["source"], score=float(value["score"]),
             runner_up=value.get("runner_up"), margin=float(value.get("margin", 0.0)),
             matched=tuple(value.get("matched", ())), note=value.get("note"),
+            scores={str(a): float(s) for a, s in (value.get("scores") or {}).items()},
         )
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, AttributeError):
         return None
 
 

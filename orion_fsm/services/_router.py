@@ -7,6 +7,7 @@ an explicit agent always wins, and nothing matching means the registry's default
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -29,6 +30,9 @@ class RoutingDecision:
     # fallback router did; `note` says why.
     degraded: bool = False
     note: str | None = None
+    # Every agent's score when the router scored them all (embeddings), best first: what the
+    # decision was made from, so that a trace replays it through the current decision logic.
+    scores: Mapping[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -40,6 +44,8 @@ class RoutingDecision:
             "matched": list(self.matched),
             "degraded": self.degraded,
             "note": self.note,
+            # Unrounded: a score rounded onto a threshold would replay as another decision.
+            "scores": dict(self.scores),
         }
 
 

@@ -1,9 +1,7 @@
 """Trace files: one JSON line per request, appended by a background writer, and read back.
 
-The record holds everything needed to understand and replay a run: the request, registry and
-model digests, every transition with its time, phase results, the spans, and (version 2) what
-decided the path from outside the machine. Format: README ("Trace files"); older versions
-are read through `upgrade_record`.
+A record holds what is needed to understand and replay a run (README, "Trace files"); records
+of older versions are read in the current shape (`upgrade_record`).
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ import pytest
 
 from orion_fsm import OrionError, Registry, RegistryError, RuleRouter
 from orion_fsm.services._embedding_router import (
+    DEFAULT_THRESHOLD,
     EmbeddingRouter,
+    decide,
     evaluate,
     fit_thresholds,
     load_labelled,
@@ -298,3 +300,32 @@ def test_labelled_file_errors_name_the_line(tmp_path: Path, registry: Registry) 
     bad.write_text('{"text": "hi", "agent": "wizard"}\n', encoding="utf-8")
     with pytest.raises(OrionError, match="unknown agent 'wizard'"):
         load_labelled(bad, registry)
+
+
+def test_decide_picks_the_best_agent_above_its_threshold_from_scores_alone() -> None:
+    scores = {"logic": 0.31, "code": 0.42, "conversation": 0.2}
+    decision = decide(scores, default_agent="conversation")
+    assert (decision.agent, decision.source, decision.runner_up) == ("code", "embedding", "logic")
+    assert decision.margin == pytest.approx(0.11)
+    assert list(decision.scores) == ["code", "logic", "conversation"]  # best first
+    assert decision.as_dict()["scores"] == {"code": 0.42, "logic": 0.31, "conversation": 0.2}
+
+
+def test_decide_below_the_threshold_yields_to_the_default_agent_and_says_why() -> None:
+    decision = decide({"code": 0.42, "logic": 0.31}, default_agent="conversation",
+                      thresholds={"code": 0.5})
+    assert (decision.agent, decision.source) == ("conversation", "default")
+    assert decision.note is not None and "below its threshold 0.500" in decision.note
+    assert decide({"code": DEFAULT_THRESHOLD}, default_agent="c").agent == "code"
+
+
+async def test_routed_decisions_carry_every_agent_score(
+    model_dir: Path, store: MemoryEmbeddingStore, registry: Registry,
+) -> None:
+    async with EmbeddingService(model_dir, store=store) as service:
+        router = EmbeddingRouter(registry, service)
+        decision = await router.route("Write a Python function that reverses a list",
+                                      requested=None)
+    assert set(decision.scores) == set(registry.agents)
+    assert decide(decision.scores, default_agent=registry.default_agent,
+                  thresholds=router.thresholds).agent == decision.agent

@@ -9,7 +9,13 @@ import anyio
 import pytest
 
 from orion_fsm import OrionError
-from orion_fsm.services._tracefile import TRACE_FORMAT, TRACE_VERSION, TraceWriter, read_traces
+from orion_fsm.services._tracefile import (
+    TRACE_FORMAT,
+    TRACE_VERSION,
+    TraceWriter,
+    read_traces,
+    upgrade_record,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -45,4 +51,32 @@ def test_readers_refuse_newer_versions_and_other_formats(tmp_path: Path) -> None
         list(read_traces(path))
     path.write_text("{not json\n")
     with pytest.raises(OrionError, match=":1: not a JSON trace line"):
+        list(read_traces(path))
+
+
+def test_version_1_records_are_read_with_the_newer_fields_unknown(tmp_path: Path) -> None:
+    v1 = {"format": TRACE_FORMAT, "version": 1, "request_id": "r1",
+          "cache": {"level": "L1", "l1_key": "k"},
+          "result": {"state": "success", "routing": {"agent": "code", "source": "rules"}}}
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(v1) + "\n")
+    (read,) = read_traces(path)
+    assert read["version"] == 1  # the version it was written with
+    assert read["streaming"] is None and read["clock"] is None and read["breakers"] is None
+    assert read["cache"] == {"enabled": None, "level": "L1", "l1_key": "k"}
+    assert read["result"]["routing"]["scores"] == {}
+
+
+def test_upgrading_keeps_what_a_record_has() -> None:
+    v2 = {"format": TRACE_FORMAT, "version": TRACE_VERSION, "streaming": True,
+          "cache": {"enabled": True, "level": None, "l1_key": None},
+          "result": {"routing": {"agent": "a", "scores": {"a": 0.5}}}}
+    assert upgrade_record(v2) == {**v2, "registry_source": None, "clock": None,
+                                  "breakers": None}
+
+
+def test_readers_refuse_a_line_without_a_version(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"format": TRACE_FORMAT}) + "\n")
+    with pytest.raises(OrionError, match="version 1 to"):
         list(read_traces(path))

@@ -1,0 +1,312 @@
+"""`orion-fsm repl`: type a prompt, watch the tokens stream, on the Engine an app would embed.
+
+Ctrl-C stops the current generation and keeps the session; history persists across runs;
+slash commands look into the engine (/agents /agent /stats /cache /mem /breakers /trace ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Final, TextIO
+
+import anyio
+
+from orion_fsm import Engine, OrionError, RequestFailed, Result
+from orion_fsm._replay import find_records, replay
+
+from ._common import Progress
+from ._replay import report_lines
+from ._trace import bar_width, waterfall
+
+_RECORD_WAIT_S: Final = 2.0  # the trace writer appends in the background, within milliseconds
+_HELP: Final = """\
+Type a prompt and press Enter; Ctrl-C stops the generation, Ctrl-D or /quit leaves.
+  /agents        the registry's agents (* marks the one prompts go to)
+  /agent NAME    send prompts to NAME; /agent auto routes them again
+  /stats         this session's requests, and the model loader's figures
+  /cache         hits, misses and size of each cache level
+  /mem           memory pressure, loaded models, recommendations
+  /breakers      each agent's circuit breaker
+  /trace         the last request's phases, as a waterfall
+  /replay        replay the last request from its trace line
+  /help /quit"""
+
+
+def add_parser(sub: Any) -> None:
+    repl = sub.add_parser("repl", help="interactive prompt: streamed answers, Ctrl-C cancels, "
+                          "slash commands inspect the engine")
+    repl.add_argument("--agent", help="send prompts to this agent instead of routing them")
+    repl.add_argument("--router", choices=("embedding", "rules"), default="embedding",
+                      help="how to pick the agent when none is set (default: embedding)")
+    repl.add_argument("--max-tokens", type=int)
+    repl.add_argument("--temperature", type=float)
+    repl.add_argument("--trace-file", default=os.environ.get("ORION_FSM_TRACE_FILE"),
+                      help="JSONL trace file (default: traces/orion-fsm.jsonl)")
+    repl.add_argument("--history", help="history file (default: repl-history in the cache dir)")
+    # prompt_toolkit runs on asyncio only.
+    repl.set_defaults(handler=lambda args: anyio.run(_repl, args, backend="asyncio"))
+
+
+class Session:
+    """One REPL session: a client of the public Engine API and nothing more."""
+
+    def __init__(self, engine: Engine, args: argparse.Namespace, out: TextIO) -> None:
+        self.engine = engine
+        self.agent: str | None = args.agent
+        self.max_tokens: int | None = args.max_tokens
+        self.temperature: float | None = args.temperature
+        self.cache_dir: str | None = args.cache_dir
+        self.out = out
+        self.results: list[Result] = []
+        self.cancelled = 0
+        self.last_id: str | None = None  # None: the newest line of the trace file
+        self.asked = False
+        self._commands: dict[str, Callable[[str], Awaitable[bool]]] = {
+            "/agents": self._agents, "/agent": self._agent, "/stats": self._stats,
+            "/cache": self._cache, "/mem": self._mem, "/breakers": self._breakers,
+            "/trace": self._trace, "/replay": self._replay, "/help": self._help,
+            "/quit": self._quit, "/exit": self._quit,
+        }
+
+    @property
+    def prompt(self) -> str:
+        return f"{self.agent or 'orion'}> "
+
+    def say(self, text: str = "") -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    async def handle(self, line: str) -> bool:
+        """Run one line (a prompt or a command); False when the session should end."""
+        line = line.strip()
+        if not line:
+            return True
+        if not line.startswith("/"):
+            await self.ask(line)
+            return True
+        name, _, rest = line.partition(" ")
+        command = self._commands.get(name)
+        if command is None:
+            self.say(f"unknown command {name}; /help lists them")
+            return True
+        try:
+            return await command(rest.strip())
+        except OrionError as exc:
+            self.say(f"error: {exc}")
+            return True
+
+    async def ask(self, prompt: str) -> None:
+        """Stream the answer; Ctrl-C (SIGINT) cancels it and the request ends `cancelled`."""
+        self.asked = True
+        stream = self.engine.stream(prompt, agent=self.agent, max_tokens=self.max_tokens,
+                                    temperature=self.temperature)
+        self.last_id = getattr(stream, "request_id", None)
+        result: Result | None = None
+        interrupted = False
+        async with anyio.create_task_group() as tg:
+            # Only while generating: at the prompt, prompt_toolkit reads Ctrl-C as a key.
+            with anyio.open_signal_receiver(signal.SIGINT) as signals:
+
+                async def watch() -> None:
+                    nonlocal interrupted
+                    async for _ in signals:
+                        interrupted = True
+                        tg.cancel_scope.cancel()
+                        return
+
+                tg.start_soon(watch)
+                try:
+                    async for text in stream:
+                        self.out.write(text)
+                        self.out.flush()
+                    result = stream.result
+                except RequestFailed as exc:
+                    result = exc.result if isinstance(exc.result, Result) else None
+                tg.cancel_scope.cancel()
+        if result is not None:
+            self.results.append(result)
+            self.last_id = result.request_id
+        if interrupted and result is None:
+            self.cancelled += 1
+            self.say("\n[cancelled]")
+        elif result is not None:
+            self.say("\n" + _footer(result))
+
+    # --- commands -------------------------------------------------------------------------
+
+    async def _help(self, _: str) -> bool:
+        self.say(_HELP)
+        return True
+
+    async def _quit(self, _: str) -> bool:
+        return False
+
+    async def _agents(self, _: str) -> bool:
+        registry = self.engine.registry
+        for spec in registry.agents.values():
+            mark = "*" if spec.id == self.agent else " "
+            default = " (default)" if spec.id == registry.default_agent else ""
+            fallback = f" → {spec.fallback}" if spec.fallback else ""
+            self.say(f"{mark} {spec.id:<16} {spec.role}{default}{fallback}")
+        if self.agent is None:
+            self.say("  prompts are routed; /agent NAME sends them to one agent")
+        return True
+
+    async def _agent(self, name: str) -> bool:
+        if not name:
+            self.say(f"prompts go to {self.agent or 'the routed agent'}")
+        elif name == "auto":
+            self.agent = None
+            self.say("prompts are routed again")
+        else:
+            self.agent = self.engine.registry.get(name).id  # unknown -> names the known ones
+            self.say(f"prompts now go to {self.agent}")
+        return True
+
+    async def _stats(self, _: str) -> bool:
+        results = self.results
+        states = Counter(r.state for r in results)
+        count = len(results) + self.cancelled
+        parts = [f"{n} {s}" for s, n in states.most_common()]
+        if self.cancelled:
+            parts.append(f"{self.cancelled} cancelled")
+        self.say(f"requests: {count}" + (f" ({', '.join(parts)})" if parts else ""))
+        served = [r for r in results if r.state == "success"]
+        if served:
+            ttfts = [r.ttft_ms for r in served if r.ttft_ms is not None]
+            tokens = sum(r.tokens.output for r in served)
+            seconds = sum(r.total_ms for r in served) / 1e3
+            ttft = f"{sum(ttfts) / len(ttfts):.1f} ms" if ttfts else "-"
+            self.say(f"tokens out: {tokens} · mean ttft {ttft} · "
+                     f"{tokens / seconds if seconds else 0:.0f} tokens/s")
+        stats = self.engine.loader.stats
+        models = ", ".join(m.label for m in self.engine.loader.models()) or "none"
+        self.say(f"loader: {stats.loads} loads, {stats.unloads} unloads, {stats.evictions} "
+                 f"evictions, {stats.refusals} refusals · loaded: {models}")
+        return True
+
+    async def _cache(self, _: str) -> bool:
+        levels = self.engine.cache_stats()
+        if not levels:
+            self.say("caches are off")
+            return True
+        self.say(f"  {'level':<6}{'hits':>7}{'misses':>8}{'hit rate':>10}{'entries':>9}"
+                 f"{'memory KB':>11}")
+        for level, s in levels.items():
+            self.say(f"  {level:<6}{s['hits']:>7}{s['misses']:>8}{s['hit_rate']:>10.0%}"
+                     f"{s['memory_entries']:>9}{s['memory_bytes'] / 1024:>11.1f}")
+        return True
+
+    async def _mem(self, _: str) -> bool:
+        snap = self.engine.memory.snapshot().as_dict()
+        self.say(f"pressure {snap['level']} · process {snap['process_rss_mb']} MB · "
+                 f"available {snap['system_available_mb']} MB ({snap['available_pct']}%) · "
+                 f"budget {snap['budget_mb']} MB")
+        for m in snap["models"]:
+            self.say(f"  {m['model']:<36} {m['estimate_mb']:>8} MB  pins {m['pins']}  "
+                     f"idle {m['idle_s']} s")
+        for line in snap["recommendations"]:
+            self.say(f"  {line}")
+        return True
+
+    async def _breakers(self, _: str) -> bool:
+        board = getattr(self.engine, "breakers", None)
+        if board is None:
+            self.say("breakers not available")
+            return True
+        for agent, state in board.snapshot().items():
+            self.say(f"  {agent:<16} {state.get('state', '?'):<10} failures "
+                     f"{state.get('consecutive_failures', 0)}  last failure "
+                     f"{state.get('last_failure') or '-'}")
+        return True
+
+    async def _trace(self, _: str) -> bool:
+        record = await self._last_record()
+        if record is not None:
+            self.say(waterfall(record, bar_width()))
+        return True
+
+    async def _replay(self, _: str) -> bool:
+        record = await self._last_record()
+        if record is None:
+            return True
+        report = await replay(record, registry=self.engine.registry, cache_dir=self.cache_dir)
+        self.say("\n".join(report_lines(report)))
+        return True
+
+    async def _last_record(self) -> dict[str, Any] | None:
+        path = self.engine.trace_path
+        if path is None:
+            self.say("tracing is off (no trace file)")
+            return None
+        if not self.asked:
+            self.say("no request yet")
+            return None
+        with anyio.move_on_after(_RECORD_WAIT_S):
+            while True:
+                record = await anyio.to_thread.run_sync(_newest, path, self.last_id)
+                if record is not None:
+                    return record
+                await anyio.sleep(0.02)
+        self.say(f"the last request is not in {path} yet")
+        return None
+
+
+def _newest(path: Path, request_id: str | None) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        records = find_records(path, request_id)
+    except OrionError:
+        return None
+    return records[-1] if records else None
+
+
+def _footer(result: Result) -> str:
+    agent = result.agent or "-"
+    if result.fallback and result.agent:
+        agent += f" (fallback from {result.requested_agent})"
+    head = f"── {result.state} · {agent}"
+    if result.cache:
+        head += f" · {result.cache}"
+    ttft = "-" if result.ttft_ms is None else f"{result.ttft_ms:.0f} ms"
+    head += f" · {result.tokens.output} tokens · ttft {ttft} · {result.total_ms:.0f} ms"
+    if result.error:
+        head += f"\n[error ({result.error_reason}): {result.error}]"
+    return head
+
+
+async def _repl(args: argparse.Namespace) -> int:
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import FileHistory
+
+    from orion_fsm._engine import default_cache_dir
+
+    history = Path(args.history) if args.history else (
+        Path(args.cache_dir) if args.cache_dir else default_cache_dir()) / "repl-history"
+    history.parent.mkdir(parents=True, exist_ok=True)
+    prompts: PromptSession[str] = PromptSession(history=FileHistory(str(history)))
+    progress = Progress(enabled=sys.stderr.isatty())
+    engine = Engine(registry=args.registry, trace_path=args.trace_file, progress=progress,
+                    cache_dir=args.cache_dir,
+                    embeddings=None if args.router == "embedding" else False)
+    async with engine:
+        session = Session(engine, args, sys.stdout)
+        session.say("orion-fsm repl · /help for commands · Ctrl-C stops a generation")
+        while True:
+            try:
+                line = await prompts.prompt_async(session.prompt)
+            except KeyboardInterrupt:
+                continue  # Ctrl-C at the prompt clears the line, as in a shell
+            except EOFError:
+                break
+            if not await session.handle(line):
+                break
+    progress.close()
+    return 0

@@ -1,0 +1,132 @@
+"""`orion-fsm trace show`: each request of a trace file as a waterfall of its phases, to scale,
+and a summary (final states, p50/p99 per phase). The REPL's `/trace` uses the same renderer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+from orion_fsm._replay import find_records
+
+_LABEL: Final = 14  # phase names: loading_agent is the longest
+_MS: Final = 11
+_MIN_BAR: Final = 10
+_FULL, _THIN = "█", "▏"
+
+
+def add_parser(sub: Any) -> None:
+    trace = sub.add_parser("trace", help="read trace files (see README: Trace files)")
+    commands = trace.add_subparsers(dest="trace_command", required=True)
+    show = commands.add_parser("show", help="waterfall of each request's phases and a summary")
+    show.add_argument("file", nargs="?", default=os.environ.get("ORION_FSM_TRACE_FILE")
+                      or str(Path("traces") / "orion-fsm.jsonl"),
+                      help="JSONL trace file (default: traces/orion-fsm.jsonl)")
+    show.add_argument("--request", help="only this request (an id or its first characters)")
+    show.add_argument("--last", type=int, metavar="N", help="waterfalls of the last N requests "
+                      "only (the summary still covers them all)")
+    show.add_argument("--width", type=int, help="bar width in columns (default: the terminal's)")
+    show.add_argument("--summary", action="store_true", help="the summary only")
+    show.set_defaults(handler=_show)
+
+
+def _show(args: argparse.Namespace) -> int:
+    records = find_records(Path(args.file), args.request)
+    width = args.width or bar_width()
+    shown = records if args.last is None else records[-args.last:] if args.last > 0 else []
+    if not args.summary:
+        for record in shown:
+            print(waterfall(record, width))
+            print()
+    print(summary(records))
+    return 0
+
+
+def bar_width(columns: int | None = None) -> int:
+    """The bar width that fits the terminal beside the phase name and duration columns."""
+    total = columns or shutil.get_terminal_size((100, 24)).columns
+    return max(_MIN_BAR, total - _LABEL - _MS - 22)
+
+
+def _total_ms(record: Mapping[str, Any]) -> float:
+    result = record.get("result") or {}
+    phases = record.get("phases") or []
+    ends = [float(p.get("start_ms", 0)) + float(p.get("ms", 0)) for p in phases]
+    return float(result.get("total_ms") or max(ends, default=0.0))
+
+
+def waterfall(record: Mapping[str, Any], width: int = 60) -> str:
+    """One request: a header line, then each phase as a bar placed and sized to scale, with
+    the event that left it; a phase too short to fill a column still shows as a thin bar."""
+    result: Mapping[str, Any] = record.get("result") or {}
+    phases: Sequence[Mapping[str, Any]] = record.get("phases") or []
+    transitions: Sequence[Mapping[str, Any]] = record.get("transitions") or []
+    total = _total_ms(record)
+    tokens = result.get("tokens") or {}
+    agent = result.get("agent") or "-"
+    if result.get("fallback") and result.get("agent"):
+        agent += f" (fallback from {result.get('requested_agent')})"
+    via = f" · {result['cache']}" if result.get("cache") else ""
+    lines = [f"request {record.get('request_id', '?')} · {result.get('state', '?')} · {agent}"
+             f"{via} · {total:.1f} ms · {tokens.get('input', 0)} in / "
+             f"{tokens.get('output', 0)} out"]
+    scale = width / total if total > 0 else 0.0
+    for k, phase in enumerate(phases):
+        start, ms = float(phase.get("start_ms", 0)), float(phase.get("ms", 0))
+        left = min(width - 1, int(start * scale))
+        cells = ms * scale
+        bar = _FULL * min(width - left, round(cells)) if cells >= 0.5 else _THIN
+        event = transitions[k + 1].get("event") if k + 1 < len(transitions) else ""
+        lines.append(f"  {phase.get('state')!s:<{_LABEL}}{ms:>{_MS}.1f} ms "
+                     f"|{' ' * left}{bar:<{width - left}}| {event}")
+    if result.get("error"):
+        lines.append(f"  error ({result.get('error_reason')}): {result['error']}")
+    return "\n".join(lines)
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100) of a non-empty sequence."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def summary(records: Iterable[Mapping[str, Any]]) -> str:
+    """Counts by final state (and error reason), then count, p50 and p99 of each phase."""
+    records = list(records)
+    if not records:
+        return "no requests"
+    results = [r.get("result") or {} for r in records]
+    states = Counter(str(r.get("state")) for r in results)
+    reasons = Counter(str(r.get("error_reason")) for r in results if r.get("state") == "error")
+    parts = []
+    for state in sorted(states, key=lambda s: (s != "success", s)):
+        part = f"{states[state]} {state}"
+        if state == "error":
+            part += " (" + ", ".join(f"{n} {why}" for why, n in reasons.most_common()) + ")"
+        parts.append(part)
+    extra = []
+    cached = sum(1 for r in results if r.get("cache"))
+    fallbacks = sum(1 for r in results if r.get("fallback"))
+    if cached:
+        extra.append(f"{cached} served from cache")
+    if fallbacks:
+        extra.append(f"{fallbacks} after a fallback")
+    lines = [f"{len(records)} request{'s' if len(records) != 1 else ''}: " + ", ".join(parts)
+             + ("" if not extra else " · " + ", ".join(extra))]
+    durations: dict[str, list[float]] = {}
+    for record in records:
+        for phase in record.get("phases") or []:
+            durations.setdefault(str(phase.get("state")), []).append(float(phase.get("ms", 0)))
+    durations["total"] = [_total_ms(r) for r in records]
+    lines.append(f"  {'phase':<{_LABEL}}{'count':>7}{'p50 ms':>{_MS}}{'p99 ms':>{_MS}}")
+    for state, values in durations.items():
+        lines.append(f"  {state:<{_LABEL}}{len(values):>7}{percentile(values, 50):>{_MS}.1f}"
+                     f"{percentile(values, 99):>{_MS}.1f}")
+    return "\n".join(lines)
