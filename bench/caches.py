@@ -13,16 +13,8 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
+from bench._common import check, percentile, tiny_registry_doc
 from orion_fsm.services._cache import CacheConfig, TieredCache
-
-
-def _check(figure: str, value: float, target: str, met: bool) -> dict[str, Any]:
-    return {"figure": figure, "value": round(value, 4), "target": target, "met": met}
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def _result(i: int) -> dict[str, Any]:
@@ -48,11 +40,11 @@ def cache_memory_hit(quick: bool = False) -> dict[str, Any]:
              for k in ("get_memory_p50_us", "get_p50_us")}
     slowest_rate = min(figures[b]["concurrent_hits_per_s"] for b in ("asyncio", "trio"))
     return {**figures, "checks": [
-        _check("L1 get_memory hit (µs, p50, worst backend)", worst["get_memory_p50_us"],
+        check("L1 get_memory hit (µs, p50, worst backend)", worst["get_memory_p50_us"],
                "<= 10", worst["get_memory_p50_us"] <= 10),
-        _check("L1 await get hit (µs, p50, worst backend)", worst["get_p50_us"], "<= 50",
+        check("L1 await get hit (µs, p50, worst backend)", worst["get_p50_us"], "<= 50",
                worst["get_p50_us"] <= 50),
-        _check("L1 hits/s, 1,000 concurrent callers (slowest backend)", slowest_rate,
+        check("L1 hits/s, 1,000 concurrent callers (slowest backend)", slowest_rate,
                ">= 2000", slowest_rate >= 2000),
     ]}
 
@@ -86,9 +78,9 @@ async def _memory_hits(directory: Path, n: int, callers: int, rounds: int) -> di
         elapsed = time.perf_counter() - t0
         assert cache.stats().misses == 0
     return {"get_memory_p50_us": statistics.median(sync_us),
-            "get_memory_p99_us": _percentile(sync_us, 0.99),
+            "get_memory_p99_us": percentile(sync_us, 0.99),
             "get_p50_us": statistics.median(async_us),
-            "get_p99_us": _percentile(async_us, 0.99),
+            "get_p99_us": percentile(async_us, 0.99),
             "concurrent_hits_per_s": callers * rounds / elapsed}
 
 
@@ -138,7 +130,7 @@ def cache_disk_hit(quick: bool = False) -> dict[str, Any]:
 
     def summary(ms: list[float]) -> dict[str, float]:
         return {"p50_ms": round(statistics.median(ms), 4),
-                "p99_ms": round(_percentile(ms, 0.99), 4)}
+                "p99_ms": round(percentile(ms, 0.99), 4)}
 
     figures["l1_set"] = summary(writes["set"])
     for backend, samples in reads.items():
@@ -147,8 +139,8 @@ def cache_disk_hit(quick: bool = False) -> dict[str, Any]:
     worst = max(figures[b]["l1_disk_hit"]["p50_ms"] for b in reads)
     set_p50 = figures["l1_set"]["p50_ms"]
     return {**figures, "checks": [
-        _check("L1 disk-tier hit (ms, p50, worst backend)", worst, "<= 5", worst <= 5),
-        _check("L1 set, memory + disk (ms, p50)", set_p50, "<= 10", set_p50 <= 10),
+        check("L1 disk-tier hit (ms, p50, worst backend)", worst, "<= 5", worst <= 5),
+        check("L1 set, memory + disk (ms, p50)", set_p50, "<= 10", set_p50 <= 10),
     ]}
 
 
@@ -162,12 +154,7 @@ def l1_hit_through_engine(quick: bool = False) -> dict[str, Any]:
     figures: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         model = make_tiny_llama_gguf(Path(tmp) / "tiny.gguf", n_layers=1, n_embd=32, seed=3)
-        registry = Registry.from_dict({"version": 1, "default_agent": "a", "agents": [{
-            "id": "a", "role": "a", "description": "tiny", "capabilities": [],
-            "model": {"path": str(model)}, "format": "gguf", "model_type": "llama",
-            "chat_template": "chatml", "system_prompt": "", "context_length": 128,
-            "generation": {"max_tokens": 4, "temperature": 0}, "ram_estimate_mb": 1,
-            "fallback": None}]})
+        registry = Registry.from_dict(tiny_registry_doc(model, max_tokens=4))
 
         async def main() -> None:
             async with Engine(registry=registry, cache_dir=Path(tmp) / "c", threads=1,
@@ -182,7 +169,7 @@ def l1_hit_through_engine(quick: bool = False) -> dict[str, Any]:
                     one.append((time.perf_counter() - t) * 1e3)
                 assert result.cache == "L1"
                 figures["p50_ms"] = round(statistics.median(one), 4)
-                figures["p99_ms"] = round(_percentile(one, 0.99), 4)
+                figures["p99_ms"] = round(percentile(one, 0.99), 4)
 
                 async def caller() -> None:
                     await engine.infer("hello")
@@ -196,9 +183,9 @@ def l1_hit_through_engine(quick: bool = False) -> dict[str, Any]:
 
         anyio.run(main)
     return {**figures, "checks": [
-        _check("L1 hit through the engine, p50 (ms)", figures["p50_ms"], "<= 1.0",
+        check("L1 hit through the engine, p50 (ms)", figures["p50_ms"], "<= 1.0",
                figures["p50_ms"] <= 1.0),
-        _check("L1 hits/s, 1,000 concurrent callers", figures["requests_per_s"], ">= 2000",
+        check("L1 hits/s, 1,000 concurrent callers", figures["requests_per_s"], ">= 2000",
                figures["requests_per_s"] >= 2000)]}
 
 

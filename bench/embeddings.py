@@ -15,11 +15,10 @@ from typing import Any
 import anyio
 import numpy as np
 
+from bench._common import check
+
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def _check(figure: str, value: float, target: str, met: bool) -> dict[str, Any]:
-    return {"figure": figure, "value": round(value, 4), "target": target, "met": met}
 
 
 def corpus(n: int) -> list[str]:
@@ -91,9 +90,9 @@ def microbatch_throughput(quick: bool = False) -> dict[str, Any]:
                         "one_by_one_service": round(sequential * 1e3 / 64, 2),
                         "one_by_one_direct": round(direct * 1e3 / 64, 2)},
         "checks": [
-            _check("64 concurrent vs one by one through the service (x throughput)",
+            check("64 concurrent vs one by one through the service (x throughput)",
                    vs_service, ">= 4", vs_service >= 4),
-            _check("64 concurrent vs one-by-one direct model.encode (x throughput)",
+            check("64 concurrent vs one-by-one direct model.encode (x throughput)",
                    vs_direct, ">= 4", vs_direct >= 4),
         ],
     }
@@ -152,7 +151,7 @@ def shared_model_rss(quick: bool = False) -> dict[str, Any]:
         "rss_mb_3_components": round(rss3 / 2**20, 1),
         "models_loaded_with_3_components": three[0][1],
         "rss_mb_3_separately_loaded_models": round(naive[0] / 2**20, 1),
-        "checks": [_check("RSS 3 components / RSS 1 component", ratio, "<= 1.10",
+        "checks": [check("RSS 3 components / RSS 1 component", ratio, "<= 1.10",
                           ratio <= 1.10 and three[0][1] == 1)],
     }
 
@@ -185,7 +184,7 @@ def float16_storage(quick: bool = False) -> dict[str, Any]:
         "mean_cosine_error": float(f"{statistics.fmean(errors):.3g}"),
         "max_cosine_error": float(f"{worst:.3g}"),
         "max_component_error": float(f"{max(component_errors):.3g}"),
-        "checks": [_check("float16 vs float32 bytes saved", saving, ">= 0.5", saving >= 0.5),
+        "checks": [check("float16 vs float32 bytes saved", saving, ">= 0.5", saving >= 0.5),
                    {"figure": "max cosine error of the float16 round trip",
                     "value": float(f"{worst:.3g}"), "target": "< 1e-3", "met": worst < 1e-3}],
     }

@@ -22,15 +22,14 @@ from typing import Any
 import anyio
 import psutil
 
+from bench._common import check
+
 MB = 1 << 20
 # name: (layers, n_embd): f32 weights of ~40, 48, 57 and 71 MB.
 SIZES = {"a": (16, 256), "b": (12, 320), "c": (10, 384), "d": (7, 512)}
 CONTEXT = 256
 ENGINE_OVERHEAD_MB = 150
 
-
-def _check(figure: str, value: float, target: str, met: bool) -> dict[str, Any]:
-    return {"figure": figure, "value": round(value, 4), "target": target, "met": met}
 
 
 def _make_models(root: Path) -> dict[str, Path]:
@@ -157,9 +156,9 @@ def budget_workload(quick: bool = False) -> dict[str, Any]:
                      "4_in_flight": {**burst_run, "peak_rss_mb": round(burst["peak_mb"], 1)},
                      "4_in_flight_room_wait_0_informational": fail_fast_run},
             "checks": [
-                _check("peak process RSS (MB), budget + 150 MB engine overhead", peak,
+                check("peak process RSS (MB), budget + 150 MB engine overhead", peak,
                        f"<= {limit:.0f}", peak <= limit),
-                _check("requests not ending in success or clean fallback",
+                check("requests not ending in success or clean fallback",
                        sum(v for c in outcomes.values() for k, v in c.items()
                            if k not in ("success", "fallback")), "== 0", clean),
             ]}
@@ -224,7 +223,7 @@ def unload_returns_memory(quick: bool = False) -> dict[str, Any]:
                           "model_rss_mb": round(cost, 1), "returned_mb": round(returned, 1),
                           "returned_share": round(returned / cost, 4)}
     return {"runs": runs, "checks": [
-        _check(f"{name}: share of the model's RSS returned by unloading", r["returned_share"],
+        check(f"{name}: share of the model's RSS returned by unloading", r["returned_share"],
                ">= 0.90", r["returned_share"] >= 0.90) for name, r in runs.items()]}
 
 
@@ -259,7 +258,7 @@ def warm_start(quick: bool = False) -> dict[str, Any]:
     first_token = statistics.median(r[1] for r in runs)
     return {"import_s": [round(r[0], 3) for r in runs],
             "engine_to_first_token_s": [round(r[1], 3) for r in runs],
-            "checks": [_check("warm start: Engine() to first token, SmolLM2 (s, median)",
+            "checks": [check("warm start: Engine() to first token, SmolLM2 (s, median)",
                               first_token, "<= 1.5", first_token <= 1.5)]}
 
 
@@ -335,7 +334,7 @@ def preload_ttft(quick: bool = False) -> dict[str, Any]:
                                                        / off["ttft_mean_ms"], 4)}
     ratio = results["patterned"]["mean_ttft_ratio"]
     return {"requests": n, "budget_mb": round(budget_mb, 1), "workloads": results,
-            "checks": [_check("patterned switching, cold loads: mean TTFT with / without "
+            "checks": [check("patterned switching, cold loads: mean TTFT with / without "
                               "preloading", ratio, "< 1.0", ratio < 1.0)]}
 
 

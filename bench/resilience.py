@@ -23,16 +23,11 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
+from bench._common import check, percentile
+
 PRIMARY, BACKUP = "primary", "backup"
 
 
-def _check(figure: str, value: float, target: str, met: bool) -> dict[str, Any]:
-    return {"figure": figure, "value": round(value, 4), "target": target, "met": met}
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else 0.0
 
 
 def _registry(root: Path) -> Any:
@@ -217,20 +212,20 @@ def load_under_faults(quick: bool = False) -> dict[str, Any]:
         "outcomes": dict(outcomes.most_common()),
         "trace_error_reasons": dict(reasons),
         "p50_ms": round(statistics.median(latencies), 2),
-        "p99_ms": round(_percentile(latencies, 0.99), 2),
+        "p99_ms": round(percentile(latencies, 0.99), 2),
         "breaker_transitions": len(transitions), "breaker_opened": len(opened),
         "breaker_recovered": len(recovered), **counts,
         "checks": [
-            _check("requests stuck (never ended)", counts.get("stuck_requests", 0), "== 0",
+            check("requests stuck (never ended)", counts.get("stuck_requests", 0), "== 0",
                    not counts.get("stuck_requests", 0)),
-            _check("requests ending in success, fallback or error with a reason", explained,
+            check("requests ending in success, fallback or error with a reason", explained,
                    f"== {n}", explained == n),
-            _check("trace lines", counts["trace_lines"], f">= {n}", counts["trace_lines"] >= n),
-            _check("leaked asyncio tasks", counts["tasks_leaked"], "== 0",
+            check("trace lines", counts["trace_lines"], f">= {n}", counts["trace_lines"] >= n),
+            check("leaked asyncio tasks", counts["tasks_leaked"], "== 0",
                    counts["tasks_leaked"] == 0),
-            _check("leaked threads", counts["threads_leaked"], "== 0",
+            check("leaked threads", counts["threads_leaked"], "== 0",
                    counts["threads_leaked"] == 0),
-            _check("primary breaker opened then recovered (times)",
+            check("primary breaker opened then recovered (times)",
                    min(len(opened), len(recovered)), ">= 1", bool(opened and recovered)),
         ],
     }
@@ -366,17 +361,17 @@ def breaker_recovery(quick: bool = False) -> dict[str, Any]:
         "wiring": wiring.as_dict(), "timeline": timeline,
         "transitions": [list(t) for t in transitions],
         "checks": [
-            _check("opens after 3 consecutive failures", float(
+            check("opens after 3 consecutive failures", float(
                 by_step["failing 3"]["breaker"] == "open"
                 and by_step["failing 2"]["breaker"] == "closed"), "== 1",
                 by_step["failing 3"]["breaker"] == "open"
                 and by_step["failing 2"]["breaker"] == "closed"),
-            _check("open breaker: primary model untouched, served by fallback", float(
+            check("open breaker: primary model untouched, served by fallback", float(
                 not by_step["while open"]["primary_model_called"]
                 and by_step["while open"]["state"] == "success"), "== 1",
                 not by_step["while open"]["primary_model_called"]
                 and by_step["while open"]["state"] == "success"),
-            _check("transitions closed->open->half_open->closed", float(got == expected),
+            check("transitions closed->open->half_open->closed", float(got == expected),
                    "== 1", got == expected),
         ],
     }
@@ -411,11 +406,11 @@ def fail_fast_admission(quick: bool = False) -> dict[str, Any]:
             release.set()
 
     anyio.run(main)
-    p99 = _percentile(refusals, 0.99)
+    p99 = percentile(refusals, 0.99)
     return {"rounds": rounds, "refused": len(refusals),
             "refusal_p50_us": round(statistics.median(refusals), 2),
             "refusal_p99_us": round(p99, 2),
-            "checks": [_check("Overloaded raised at once (p99, µs)", p99, "<= 100",
+            "checks": [check("Overloaded raised at once (p99, µs)", p99, "<= 100",
                               len(refusals) == rounds and p99 <= 100)]}
 
 
@@ -475,11 +470,11 @@ def guard_costs(quick: bool = False) -> dict[str, Any]:
             "check_input_us_per_2kB_prompt": round(input_us, 1),
             "repetition_guard_us_per_chunk": round(repetition_us, 2),
             "checks": [
-                _check("sanitize a typical trace record (µs)", sanitize_us, "<= 100",
+                check("sanitize a typical trace record (µs)", sanitize_us, "<= 100",
                        sanitize_us <= 100),
-                _check("input guardrails, 2 kB prompt (µs)", input_us, "<= 200",
+                check("input guardrails, 2 kB prompt (µs)", input_us, "<= 200",
                        input_us <= 200),
-                _check("repetition guard per chunk (µs)", repetition_us, "<= 5",
+                check("repetition guard per chunk (µs)", repetition_us, "<= 5",
                        repetition_us <= 5),
             ]}
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 
+from bench._common import check, percentile
 from bench.embeddings import ROOT
 
 EVAL_SET = ROOT / "eval" / "routing.jsonl"
@@ -21,13 +22,6 @@ EVAL_SET = ROOT / "eval" / "routing.jsonl"
 # Written for coverage (tools, languages, EN and FR phrasings), never copied from the eval set.
 
 
-def _check(figure: str, value: float, target: str, met: bool) -> dict[str, Any]:
-    return {"figure": figure, "value": round(value, 4), "target": target, "met": met}
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def routing_accuracy(quick: bool = False) -> dict[str, Any]:
@@ -74,13 +68,13 @@ def routing_accuracy(quick: bool = False) -> dict[str, Any]:
         "registry_nearest": {k: shipped.as_dict()[k] for k in ("per_agent", "confusion")},
         "rules_confusion": results["rules"].as_dict()["confusion"],
         "checks": [
-            _check("embedding router accuracy, shipped registry", shipped.accuracy, ">= 0.92",
+            check("embedding router accuracy, shipped registry", shipped.accuracy, ">= 0.92",
                    shipped.accuracy >= 0.92),
-            _check("nearest minus centroid accuracy", shipped.accuracy
+            check("nearest minus centroid accuracy", shipped.accuracy
                    - results["registry/centroid"].accuracy,
                    ">= 0 (the default method is the better one)",
                    shipped.accuracy >= results["registry/centroid"].accuracy),
-            _check("rule router accuracy (for comparison)", results["rules"].accuracy,
+            check("rule router accuracy (for comparison)", results["rules"].accuracy,
                    "report only", True),
         ],
     }
@@ -126,13 +120,13 @@ def routing_latency(quick: bool = False) -> dict[str, Any]:
     hit, l3, miss = (statistics.median(v) for v in (hit_ms, l3_ms, miss_ms))
     return {
         "decisions": {"l2_hit": len(hit_ms), "l3_hit": len(l3_ms), "l2_miss": len(miss_ms)},
-        "l2_hit_ms": {"p50": round(hit, 4), "p90": round(_percentile(hit_ms, 0.9), 4)},
-        "l3_hit_ms": {"p50": round(l3, 4), "p90": round(_percentile(l3_ms, 0.9), 4)},
-        "l2_miss_ms": {"p50": round(miss, 2), "p90": round(_percentile(miss_ms, 0.9), 2)},
+        "l2_hit_ms": {"p50": round(hit, 4), "p90": round(percentile(hit_ms, 0.9), 4)},
+        "l3_hit_ms": {"p50": round(l3, 4), "p90": round(percentile(l3_ms, 0.9), 4)},
+        "l2_miss_ms": {"p50": round(miss, 2), "p90": round(percentile(miss_ms, 0.9), 2)},
         "checks": [
-            _check("decision p50 with the request vector in L2 memory (ms)", hit, "<= 1",
+            check("decision p50 with the request vector in L2 memory (ms)", hit, "<= 1",
                    hit <= 1),
-            _check("decision p50 on an L2 miss, one request at a time (ms)", miss, "<= 25",
+            check("decision p50 on an L2 miss, one request at a time (ms)", miss, "<= 25",
                    miss <= 25),
         ],
     }
@@ -180,7 +174,7 @@ def routing_concurrency(quick: bool = False) -> dict[str, Any]:
         "runs": runs,
         "concurrent_ms": [round(s * 1e3, 1) for s in concurrent_s],
         "sequential_ms": [round(s * 1e3, 1) for s in sequential_s],
-        "checks": [_check("64 sequential / 64 concurrent routing decisions (x faster)", ratio,
+        "checks": [check("64 sequential / 64 concurrent routing decisions (x faster)", ratio,
                           ">= 4", ratio >= 4)],
     }
 

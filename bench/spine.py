@@ -14,11 +14,10 @@ from typing import Any, Literal
 
 import anyio
 
+from bench._common import check, percentile, tiny_registry_doc
+
 PROMPT = "Write a long, detailed story about a dragon who learns to read."
 
-
-def _check(figure: str, value: float, target: str, met: bool) -> dict[str, Any]:
-    return {"figure": figure, "value": round(value, 4), "target": target, "met": met}
 
 
 def import_time(quick: bool = False) -> dict[str, Any]:
@@ -33,12 +32,8 @@ def import_time(quick: bool = False) -> dict[str, Any]:
     median = statistics.median(runs)
     return {"runs_s": [round(r, 4) for r in runs], "median_s": round(median, 4),
             "heavy_modules_imported": heavy or "none",
-            "checks": [_check("import orion_fsm (s, median)", median, "<= 0.3", median <= 0.3)]}
+            "checks": [check("import orion_fsm (s, median)", median, "<= 0.3", median <= 0.3)]}
 
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def generation_throughput(quick: bool = False) -> dict[str, Any]:
@@ -98,7 +93,7 @@ def generation_throughput(quick: bool = False) -> dict[str, Any]:
             "direct_tok_s": [round(x, 1) for x in direct_tps],
             "engine_median_tok_s": round(engine_median, 1),
             "direct_median_tok_s": round(direct_median, 1),
-            "checks": [_check("through-engine / direct tokens/s (median)", ratio, ">= 0.97",
+            "checks": [check("through-engine / direct tokens/s (median)", ratio, ">= 0.97",
                               ratio >= 0.97)]}
 
 
@@ -124,12 +119,7 @@ def engine_overhead(quick: bool = False) -> dict[str, Any]:
     n = 200 if quick else 1000
     with tempfile.TemporaryDirectory() as tmp:
         model = make_tiny_llama_gguf(Path(tmp) / "tiny.gguf", n_layers=1, n_embd=32, seed=3)
-        registry = Registry.from_dict({"version": 1, "default_agent": "a", "agents": [{
-            "id": "a", "role": "a", "description": "tiny", "capabilities": [],
-            "model": {"path": str(model)}, "format": "gguf", "model_type": "llama",
-            "chat_template": "chatml", "system_prompt": "", "context_length": 128,
-            "generation": {"max_tokens": 1, "temperature": 0}, "ram_estimate_mb": 1,
-            "fallback": None}]})
+        registry = Registry.from_dict(tiny_registry_doc(model, max_tokens=1))
         engine_ms: list[float] = []
         untraced_ms: list[float] = []
         direct_ms: list[float] = []
@@ -184,10 +174,10 @@ def engine_overhead(quick: bool = False) -> dict[str, Any]:
     overhead = statistics.median(engine_ms) - statistics.median(direct_ms)
     return {"requests": n,
             "engine_p50_ms": round(statistics.median(engine_ms), 4),
-            "engine_p99_ms": round(_percentile(engine_ms, 0.99), 4),
+            "engine_p99_ms": round(percentile(engine_ms, 0.99), 4),
             "direct_generation_p50_ms": round(statistics.median(direct_ms), 4),
             "components_p50": component,
-            "checks": [_check("engine overhead outside generation (ms, p50)", overhead, "<= 1.0",
+            "checks": [check("engine overhead outside generation (ms, p50)", overhead, "<= 1.0",
                               overhead <= 1.0)]}
 
 
