@@ -309,13 +309,11 @@ def preload_ttft(quick: bool = False) -> dict[str, Any]:
             load = _cold_load(LoadedModel.load) if cold else LoadedModel.load
             engine = _engine(registry, Path(tmp) / "cache", config, load)
             ttft: list[float] = []
-            async with engine, anyio.create_task_group() as tg:
-                await tg.start(engine.loader.run)
+            async with engine:  # the engine runs the loader's preloading task
                 for i, name in enumerate(plan):
                     result = await engine.infer(f"hello there, request {i}", agent=name,
                                                 max_tokens=16)
                     ttft.append(result.ttft_ms or result.total_ms)
-                engine.loader.stop()
             stats = engine.loader.stats
             return {"ttft_mean_ms": round(statistics.fmean(ttft), 2),
                     "ttft_p50_ms": round(statistics.median(ttft), 2),
