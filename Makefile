@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: install
-	$(VENV)/bin/orion-fsm run "$(PROMPT)" --max-tokens 64
+	$(VENV)/bin/orion-fsm run "$(PROMPT)" --max-tokens 64 --temperature 0
 
 test: install
 	$(PY) -m pytest -q
