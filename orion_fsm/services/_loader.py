@@ -28,7 +28,7 @@ from orion_fsm.backends import ConvertedModel, LoadedModel, Tokenizer, ensure_co
 
 from ._clock import Clock, SystemClock
 from ._memory import PressureLevel
-from ._registry import AgentSpec
+from ._registry import AgentSpec, ModelSource
 from ._singleflight import SingleFlight
 from ._tiers import (
     DEFAULT_VARIANT,
@@ -325,6 +325,7 @@ class ModelLoader:
         self._agents: dict[str, AgentSpec] = {}
         self._queued: set[tuple[str, str | None]] = set()
         self._stopped = False
+        self._located: dict[ModelSource, Path] = {}
         self._commands: MemoryObjectSendStream[tuple[AgentSpec, str | None] | None]
         self._inbox: MemoryObjectReceiveStream[tuple[AgentSpec, str | None] | None]
         self._commands, self._inbox = anyio.create_memory_object_stream[
@@ -339,8 +340,12 @@ class ModelLoader:
 
     def key_for(self, agent: AgentSpec, variant: str | None = None) -> ModelKey:
         choice = self.variant_for(agent, variant)
-        return ModelKey(choice.source.locate(), agent.context_length, agent.model_type,
-                        choice.name)
+        # Found once: locating a packaged model is a find_spec and a stat, on every request
+        # otherwise. A missing file is not remembered, so it is looked for again next time.
+        path = self._located.get(choice.source)
+        if path is None:
+            path = self._located[choice.source] = choice.source.locate()
+        return ModelKey(path, agent.context_length, agent.model_type, choice.name)
 
     def keep_alive_for(self, agent: AgentSpec) -> float:
         if agent.keep_alive_s is not None:
