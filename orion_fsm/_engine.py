@@ -17,6 +17,8 @@ from typing import Any, Literal, Self
 
 import anyio
 from anyio.abc import TaskGroup
+from opentelemetry import metrics
+from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
 from ._exceptions import OrionError, RequestFailed
@@ -25,18 +27,18 @@ from ._phases import PHASES, STREAMING_PHASES, RequestContext
 from ._types import GenerationParams, Message, PhaseTiming, Request, Result, TokenUsage
 from .backends import LoadedModel
 from .services._admission import AdmissionController, Overloaded, RequestTimeout, TimeoutPolicy
-from .services._breaker import BreakerBoard, BreakerConfig
-from .services._cache import CacheSet
+from .services._breaker import BreakerBoard, BreakerConfig, register_breaker_metrics
+from .services._cache import CacheSet, register_cache_metrics
 from .services._clock import Clock, SystemClock
 from .services._embedding_router import EmbeddingRouter
 from .services._embeddings import EmbeddingService
 from .services._guardrails import GuardrailConfig, Guardrails
 from .services._loader import LoaderConfig, ModelLoader, ProgressCallback
 from .services._logging import LogListener
-from .services._memory import MemoryMonitor, PressureThresholds
+from .services._memory import MemoryMonitor, PressureThresholds, register_memory_metrics
 from .services._registry import Registry
 from .services._router import Router, RuleRouter
-from .services._telemetry import PhaseRecorder, resolve_tracer
+from .services._telemetry import INSTRUMENTATION_NAME, PhaseRecorder, resolve_tracer
 from .services._tracefile import TRACE_FORMAT, TRACE_VERSION, TraceWriter
 
 Prompt = str | Sequence[Message | Mapping[str, str]]
@@ -127,6 +129,7 @@ class Engine:
         cache_dir: str | Path | None = None,
         trace_path: str | Path | Literal[False] | None = None,
         tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
         clock: Clock | None = None,
         threads: int | None = None,
         progress: ProgressCallback | None = None,
@@ -176,6 +179,13 @@ class Engine:
                 self.registry, self.embeddings, fallback_router=rules,
                 decision_cache=self.caches.l3 if self.caches else None)
         self.router: Router = router
+        # Cache, memory and breaker figures as observable instruments on the application's
+        # MeterProvider (the global one unless given): no reader, no cost.
+        meter = (meter_provider or metrics.get_meter_provider()).get_meter(INSTRUMENTATION_NAME)
+        if self.caches is not None:
+            register_cache_metrics(meter, self.caches)
+        register_memory_metrics(meter, self.memory, self.loader)
+        register_breaker_metrics(meter, self.breakers)
         self._warm_up = warm_up
         self._frequent_patterns = tuple(frequent_patterns)
         self._chart = request_chart(Path(machine) if machine else None)

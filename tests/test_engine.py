@@ -246,3 +246,24 @@ async def test_an_unusable_trace_path_fails_at_start_and_leaks_nothing(
     with pytest.raises(OrionError, match="trace directory"):
         async with engine:
             pass
+
+
+async def test_cache_memory_and_breaker_figures_are_opentelemetry_metrics(
+    make_engine: MakeEngine,
+) -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    async with make_engine(meter_provider=MeterProvider(metric_readers=[reader])) as engine:
+        await engine.infer("hello", max_tokens=2)
+        await engine.infer("hello", max_tokens=2)  # an L1 hit
+        await engine.memory.poll()
+        data = reader.get_metrics_data()
+    assert data is not None
+    points = {m.name: m.data.data_points for rm in data.resource_metrics
+              for sm in rm.scope_metrics for m in sm.metrics}
+    assert {"orion.cache.hits", "orion.memory.process.rss", "orion.breaker.state"} <= set(points)
+    l1_hits = sum(p.value for p in points["orion.cache.hits"]
+                  if p.attributes.get("cache.level") == "l1")
+    assert l1_hits >= 1

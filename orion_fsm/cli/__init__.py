@@ -9,7 +9,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from orion_fsm import OrionError
+from orion_fsm import OrionError, configure_logging
 
 from . import _breakers, _cache, _diagram, _mem, _models, _repl, _replay, _route, _run, _trace
 
@@ -21,6 +21,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--registry", help="models.json to use (default: the packaged one)")
     parser.add_argument("--cache-dir", help="where converted models and the L1/L2/L3 caches "
                         "are kept (default: $ORION_FSM_CACHE or ~/.cache/orion-fsm)")
+    parser.add_argument("--log-level", default="WARNING", type=str.upper,
+                        choices=("DEBUG", "INFO", "WARN", "WARNING", "ERROR", "CRITICAL"),
+                        help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default: WARNING); "
+                        "INFO logs every transition of every request")
+    parser.add_argument("--log-format", choices=("json", "text"), default="json",
+                        help="JSON events on stderr, or readable key=value lines (development)")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in _COMMANDS:
         command.add_parser(sub)
@@ -29,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    configure_logging(args.log_level, json=args.log_format == "json",
+                      verbose=args.log_format == "text")
     try:
         code: int = args.handler(args)
         return code
