@@ -58,6 +58,7 @@ def microbatch_throughput(quick: bool = False) -> dict[str, Any]:
             for text in pool[-80:-64]:
                 await warm.embed(text)
             model = warm.model
+            assert model is not None  # embed() above loaded it
         for run in range(runs):
             texts = pool[run * 192: run * 192 + 192]
             async with EmbeddingService(store=MemoryEmbeddingStore()) as service:

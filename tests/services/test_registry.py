@@ -57,7 +57,7 @@ def test_default_agents_run_smollm2_with_chatml_and_bilingual_routing() -> None:
         assert agent.chat_template == CHAT_TEMPLATE_PRESETS["chatml"]
         assert agent.context_length == 2048
         assert len(agent.routing.examples) >= 8
-        assert 100 <= agent.ram_estimate_mb <= 200
+        assert 200 <= agent.ram_estimate_mb <= 260  # the loader estimates ~229 MB at 2048 ctx
     conversation = registry.get("conversation")
     for focused in ("code", "logic"):
         assert registry.get(focused).generation.temperature < conversation.generation.temperature
