@@ -21,7 +21,6 @@ from orion_fsm.services._embedding_router import (
 from orion_fsm.services._embeddings import (
     EmbeddingService,
     MemoryEmbeddingStore,
-    default_model_dir,
 )
 
 pytestmark = pytest.mark.anyio
@@ -49,19 +48,6 @@ class DictCache:
 def store() -> MemoryEmbeddingStore:
     """One L2 for the session, as in a server: the agents' examples are embedded once."""
     return MemoryEmbeddingStore()
-
-
-@pytest.fixture(scope="session")
-def model_dir() -> Path:
-    """Load the real model once per session; every service of the process then shares it."""
-    folder = default_model_dir()
-
-    async def load() -> None:
-        async with EmbeddingService(folder) as service:
-            await service.embed("warm up")
-
-    anyio.run(load)
-    return folder
 
 
 @pytest.fixture

@@ -42,19 +42,6 @@ class DictStore:
         self.memory[key] = value
 
 
-@pytest.fixture(scope="session")
-def model_dir() -> Path:
-    """Load the real model once per session; every service of the process then shares it."""
-    folder = default_model_dir()
-
-    async def load() -> None:
-        async with EmbeddingService(folder) as service:
-            await service.embed("warm up")
-
-    anyio.run(load)
-    return folder
-
-
 def direct(service: EmbeddingService, text: str) -> np.ndarray:
     assert service.model is not None
     return np.asarray(service.model.encode([text], normalize_embeddings=True)[0])
