@@ -585,7 +585,7 @@ class _ReplayLease:
         self.model = model
         self.load_info = load_info
         self.prepared = prepared
-        self.generation_lock = anyio.Lock()
+        self.generation_lock = anyio.Semaphore(1)
 
     def release(self) -> None:
         return None

@@ -267,3 +267,16 @@ async def test_cache_memory_and_breaker_figures_are_opentelemetry_metrics(
     l1_hits = sum(p.value for p in points["orion.cache.hits"]
                   if p.attributes.get("cache.level") == "l1")
     assert l1_hits >= 1
+
+
+async def test_a_stream_abandoned_without_closing_still_frees_the_model(
+    make_engine: MakeEngine, tmp_path: Path
+) -> None:
+    async with make_engine() as engine:
+        async for _ in engine.stream("hello", agent="long", max_tokens=400, cache=False):
+            break  # no aclose(), no `async with`: the event loop finalizes the generator
+        after = await engine.infer("hello", agent="long", max_tokens=2, cache=False)
+    assert after.state == "success"
+    first = read_trace_lines(tmp_path / "traces" / "test.jsonl")[0]["result"]
+    assert (first["state"], first["error_reason"]) == ("error", "cancelled")
+    assert first["tokens"]["output"] < 400

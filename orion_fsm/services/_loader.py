@@ -199,7 +199,9 @@ class _Slot:
     last_used: float
     keep_alive_s: float
     # One generation per model instance at a time: the runtime holds one context.
-    generation_lock: anyio.Lock = field(default_factory=anyio.Lock)
+    # A semaphore, not a Lock: a stream abandoned without aclose() is closed by the event
+    # loop's async-generator finalizer, in another task, and a Lock refuses that release.
+    generation_lock: anyio.Semaphore = field(default_factory=lambda: anyio.Semaphore(1))
     pins: int = 0
     preloaded: bool = False  # loaded by a preload and not used yet
 
@@ -236,7 +238,7 @@ class ModelLease:
         return self._slot.prepared
 
     @property
-    def generation_lock(self) -> anyio.Lock:
+    def generation_lock(self) -> anyio.Semaphore:
         return self._slot.generation_lock
 
     def release(self) -> None:
