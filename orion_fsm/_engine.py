@@ -420,9 +420,10 @@ class Engine:
 
     def _abort(self, ctx: RequestContext, recorder: PhaseRecorder, machine: Any) -> Result:
         ctx.release_model()
-        if ctx.permit is not None:
-            ctx.verdict("timeout" if ctx.error_reason == "timeout" else None
-                        if ctx.error_reason == "cancelled" else "internal")
+        # A timeout or a crash counts against the agent; a caller who gave up says nothing
+        # about its health, so a cancelled attempt gets no verdict (_finish releases it).
+        if ctx.error_reason in ("timeout", "internal"):
+            ctx.verdict(ctx.error_reason)
         return self._finish(ctx, recorder, machine, event="abort")
 
     def _finish(self, ctx: RequestContext, recorder: PhaseRecorder, machine: Any,

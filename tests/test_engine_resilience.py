@@ -162,3 +162,17 @@ async def test_secrets_never_reach_the_trace_file(make_engine: MakeEngine, tmp_p
         await engine.infer(f"my key is {secret}, mail me at jane.doe@example.com", max_tokens=2)
     text = (tmp_path / "traces" / "test.jsonl").read_text()
     assert secret not in text and "jane.doe@example.com" not in text
+
+
+async def test_a_cancelled_request_is_not_counted_as_a_success_by_the_breaker(
+    make_engine: MakeEngine,
+) -> None:
+    async with make_engine() as engine:
+        await engine.infer("hello", agent="long", max_tokens=1, cache=False)  # load it first
+        breaker = engine.breakers.breaker("long")
+        breaker.record_failure("earlier failure")
+        breaker.record_failure("earlier failure")
+        with anyio.move_on_after(0.02):
+            await engine.infer("hello", agent="long", max_tokens=4000, cache=False)
+        # The caller gave up: that says nothing about the agent's health either way.
+        assert breaker.consecutive_failures == 2
