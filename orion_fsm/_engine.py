@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, aclosing
 from pathlib import Path
 from types import TracebackType
@@ -90,7 +90,8 @@ class ResponseStream:
     request in `error` with reason `cancelled`. Also usable as `async with`.
     """
 
-    def __init__(self, chunks: AsyncIterator[str], holder: list[Result], request_id: str) -> None:
+    def __init__(self, chunks: AsyncGenerator[str, None], holder: list[Result],
+                 request_id: str) -> None:
         self._chunks = chunks
         self._holder = holder
         self.request_id = request_id
@@ -102,7 +103,7 @@ class ResponseStream:
         return await self._chunks.__anext__()
 
     async def aclose(self) -> None:
-        await self._chunks.aclose()  # type: ignore[attr-defined]
+        await self._chunks.aclose()
 
     async def __aenter__(self) -> Self:
         return self

@@ -37,7 +37,3 @@ def request_chart(path: Path | None = None) -> type[StateChart[Any]]:
             f"final states must include {sorted(FINAL_STATES)}"
         )
     return chart
-
-
-def chart_states(chart: type[StateChart[Any]]) -> list[str]:
-    return [s.id for s in chart.states]

@@ -244,7 +244,7 @@ async def _l1_lookup(ctx: RequestContext, agent: AgentSpec) -> bool:
         return False  # loading_agent reports it and falls back; nothing to look up
     sampling = _sampling(agent, ctx.request.params, agent.context_length)
     key = cache_key("l1", _normalised(ctx.request.messages), agent.id, agent.system_prompt,
-                    agent.chat_template.assistant_prefix, sampling.__dict__,
+                    agent.chat_template.assistant_prefix, dataclasses.asdict(sampling),
                     prepared.files.source_sha256)
     ctx.l1_key = key
     hit = ctx.caches.l1.get_memory(key)
