@@ -94,7 +94,9 @@ async def test_past_the_queue_limit_a_request_fails_at_once_as_overloaded(
 async def test_a_request_past_its_deadline_ends_in_error_and_frees_the_model(
     make_engine: MakeEngine,
 ) -> None:
-    async with make_engine(timeout_s=0.05) as engine:
+    # 4,000 tokens take ~1 s on this tiny model; 2 tokens take milliseconds, with room to
+    # spare on a cold machine (0.05 s was too tight for the follow-up request in CI).
+    async with make_engine(timeout_s=0.3) as engine:
         await engine.infer("hello", agent="long", max_tokens=1, cache=False)
         with pytest.raises(RequestFailed) as info:
             await engine.infer("hello", agent="long", max_tokens=4000, cache=False)
