@@ -14,7 +14,7 @@ import anyio
 import anyio.lowlevel
 
 from bench._common import check, percentile, tiny_registry_doc
-from orion_fsm.services._cache import CacheConfig, TieredCache
+from orion_fsm.services.caches._cacheset import CacheConfig, TieredCache
 
 
 def _result(i: int) -> dict[str, Any]:

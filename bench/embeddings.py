@@ -42,7 +42,7 @@ def microbatch_throughput(quick: bool = False) -> dict[str, Any]:
     gets) and as direct `model.encode([text])` calls (no service overhead at all). Each run
     uses a fresh service and store, so nothing is served from L2. Runs interleaved; medians.
     """
-    from orion_fsm.services._embeddings import EmbeddingService, MemoryEmbeddingStore
+    from orion_fsm.services.routing._embeddings import EmbeddingService, MemoryEmbeddingStore
 
     runs = 3 if quick else 7
     pool = corpus(64 * runs * 3 + 80)
@@ -101,7 +101,7 @@ def microbatch_throughput(quick: bool = False) -> dict[str, Any]:
 
 _RSS_PROBE = """
 import sys, anyio, psutil
-from orion_fsm.services._embeddings import EmbeddingService
+from orion_fsm.services.routing._embeddings import EmbeddingService
 mode, n = sys.argv[1], int(sys.argv[2])
 texts = [f"component {i} embeds sentence {j}" for i in range(n) for j in range(16)]
 async def main():
@@ -122,7 +122,7 @@ async def main():
         import os
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from sentence_transformers import SentenceTransformer
-        from orion_fsm.services._embeddings import default_model_dir
+        from orion_fsm.services.routing._embeddings import default_model_dir
         models = [SentenceTransformer(str(default_model_dir()), device="cpu") for _ in range(n)]
         for i, m in enumerate(models):
             m.encode(texts[i * 16:(i + 1) * 16])
@@ -159,7 +159,7 @@ def shared_model_rss(quick: bool = False) -> dict[str, Any]:
 
 def float16_storage(quick: bool = False) -> dict[str, Any]:
     """float16 vectors in L2: bytes saved and the cosine error of the round trip (500 texts)."""
-    from orion_fsm.services._embeddings import EmbeddingService, pack_vector, unpack_vector
+    from orion_fsm.services.routing._embeddings import EmbeddingService, pack_vector, unpack_vector
 
     texts = corpus(500)
 

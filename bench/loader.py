@@ -78,7 +78,7 @@ def _peak_rss(every_s: float = 0.002) -> Iterator[dict[str, float]]:
 def _engine(registry: Any, cache: Path, config: Any, load_model: Any = None) -> Any:
     from orion_fsm import Engine
     from orion_fsm.backends import LoadedModel
-    from orion_fsm.services._loader import ModelLoader
+    from orion_fsm.services.models._loader import ModelLoader
 
     options: dict[str, Any] = {}
     if "caches" in inspect.signature(Engine).parameters:
@@ -99,8 +99,8 @@ def budget_workload(quick: bool = False) -> dict[str, Any]:
     back. Informational: the same burst with `room_wait_s=0` (refuse at once).
     """
     from orion_fsm import RequestFailed
-    from orion_fsm.services._loader import LoaderConfig
-    from orion_fsm.services._tiers import estimate_model_memory
+    from orion_fsm.services.models._loader import LoaderConfig
+    from orion_fsm.services.models._tiers import estimate_model_memory
 
     n = 100 if quick else 200
     rng = random.Random(42)
@@ -170,7 +170,7 @@ _UNLOAD_SCRIPT = textwrap.dedent("""
     from orion_fsm import Registry
     from orion_fsm._engine import default_cache_dir
     from orion_fsm.backends import SamplingParams
-    from orion_fsm.services._loader import LoaderConfig, ModelLoader
+    from orion_fsm.services.models._loader import LoaderConfig, ModelLoader
 
     registry = Registry.load(sys.argv[1] if len(sys.argv) > 1 else None)
     spec = registry.get(registry.default_agent)
@@ -285,8 +285,8 @@ def preload_ttft(quick: bool = False) -> dict[str, Any]:
     first) as for models evicted long enough ago; `warm_cache` keeps the page cache.
     """
     from orion_fsm.backends import LoadedModel
-    from orion_fsm.services._loader import LoaderConfig
-    from orion_fsm.services._tiers import estimate_model_memory
+    from orion_fsm.services.models._loader import LoaderConfig
+    from orion_fsm.services.models._tiers import estimate_model_memory
 
     n = 60 if quick else 160
     with tempfile.TemporaryDirectory() as tmp:

@@ -104,10 +104,10 @@ def load_under_faults(quick: bool = False) -> dict[str, Any]:
     its trace line; no task or thread may outlive the engine.
     """
     from orion_fsm import Engine, RequestFailed
-    from orion_fsm.services._admission import AdmissionController
-    from orion_fsm.services._breaker import BreakerBoard, BreakerConfig
-    from orion_fsm.services._guardrails import Guardrails
-    from orion_fsm.services._tracefile import read_traces
+    from orion_fsm.services.observability._tracefile import read_traces
+    from orion_fsm.services.resilience._admission import AdmissionController
+    from orion_fsm.services.resilience._breaker import BreakerBoard, BreakerConfig
+    from orion_fsm.services.resilience._guardrails import Guardrails
     from orion_fsm.testing.faults import faulty_loader
 
     n, concurrency, rate = (400 if quick else 2000), 64, 0.10
@@ -305,7 +305,7 @@ def breaker_recovery(quick: bool = False) -> dict[str, Any]:
     model is not called while open, one trial goes through after reset_after_s, and the
     breaker closes once the model works again. Time from a ManualClock: no waiting."""
     from orion_fsm import Engine, ManualClock, RequestFailed
-    from orion_fsm.services._breaker import BreakerBoard, BreakerConfig
+    from orion_fsm.services.resilience._breaker import BreakerBoard, BreakerConfig
     from orion_fsm.testing.faults import faulty_loader
 
     clock = ManualClock()
@@ -379,7 +379,7 @@ def breaker_recovery(quick: bool = False) -> dict[str, Any]:
 
 def fail_fast_admission(quick: bool = False) -> dict[str, Any]:
     """Past the queue limit a request fails at once with Overloaded: time to refuse, p99."""
-    from orion_fsm.services._admission import AdmissionController, Overloaded
+    from orion_fsm.services.resilience._admission import AdmissionController, Overloaded
 
     rounds = 200 if quick else 2000
     refusals: list[float] = []
@@ -418,9 +418,9 @@ def guard_costs(quick: bool = False) -> dict[str, Any]:
     """What the guards cost per request: sanitising a real trace record (writer thread),
     input guardrails on a 2 kB prompt, and the repetition detector per generated chunk."""
     from orion_fsm import Engine, Message
-    from orion_fsm.services._guardrails import Guardrails, RepetitionGuard
-    from orion_fsm.services._sanitize import sanitize
-    from orion_fsm.services._tracefile import read_traces
+    from orion_fsm.services.observability._sanitize import sanitize
+    from orion_fsm.services.observability._tracefile import read_traces
+    from orion_fsm.services.resilience._guardrails import Guardrails, RepetitionGuard
 
     n = 500 if quick else 5000
     with tempfile.TemporaryDirectory() as tmp:

@@ -29,8 +29,12 @@ def routing_accuracy(quick: bool = False) -> dict[str, Any]:
     (nearest vs centroid, with and without the default threshold) with the shipped registry,
     and of the rule router."""
     from orion_fsm import Registry, RuleRouter
-    from orion_fsm.services._embedding_router import EmbeddingRouter, evaluate, load_labelled
-    from orion_fsm.services._embeddings import EmbeddingService
+    from orion_fsm.services.routing._embedding_router import (
+        EmbeddingRouter,
+        evaluate,
+        load_labelled,
+    )
+    from orion_fsm.services.routing._embeddings import EmbeddingService
 
     registry = Registry.load()
     samples = load_labelled(EVAL_SET, registry)
@@ -83,8 +87,8 @@ def routing_accuracy(quick: bool = False) -> dict[str, Any]:
 def routing_latency(quick: bool = False) -> dict[str, Any]:
     """One decision at a time: request vector in L2 memory, decision in L3, and an L2 miss."""
     from orion_fsm import Registry
-    from orion_fsm.services._embedding_router import EmbeddingRouter, load_labelled
-    from orion_fsm.services._embeddings import EmbeddingService, MemoryEmbeddingStore
+    from orion_fsm.services.routing._embedding_router import EmbeddingRouter, load_labelled
+    from orion_fsm.services.routing._embeddings import EmbeddingService, MemoryEmbeddingStore
 
     registry = Registry.load()
     texts = [s.text for s in load_labelled(EVAL_SET, registry)]
@@ -135,8 +139,8 @@ def routing_latency(quick: bool = False) -> dict[str, Any]:
 def routing_concurrency(quick: bool = False) -> dict[str, Any]:
     """64 concurrent routing decisions vs the same number one after the other (L2 misses)."""
     from orion_fsm import Registry
-    from orion_fsm.services._embedding_router import EmbeddingRouter, load_labelled
-    from orion_fsm.services._embeddings import EmbeddingService
+    from orion_fsm.services.routing._embedding_router import EmbeddingRouter, load_labelled
+    from orion_fsm.services.routing._embeddings import EmbeddingService
 
     registry = Registry.load()
     base = [s.text for s in load_labelled(EVAL_SET, registry)]

@@ -119,10 +119,10 @@ def engine_overhead(quick: bool = False) -> dict[str, Any]:
     on the loaded model). Also measured alone: the statechart with the telemetry listener.
     """
     from orion_fsm import Engine, Registry
+    from orion_fsm._clock import SystemClock
     from orion_fsm._machine import request_chart
     from orion_fsm.backends import SamplingParams
-    from orion_fsm.services._clock import SystemClock
-    from orion_fsm.services._telemetry import PhaseRecorder, resolve_tracer
+    from orion_fsm.services.observability._telemetry import PhaseRecorder, resolve_tracer
     from orion_fsm.testing import make_tiny_llama_gguf
 
     n = 200 if quick else 1000

@@ -6,6 +6,7 @@
             print(text, end="")
 """
 
+from ._clock import Clock, ManualClock, SystemClock
 from ._engine import Engine, ResponseStream
 from ._exceptions import (
     InferenceError,
@@ -17,16 +18,15 @@ from ._exceptions import (
     ValidationError,
 )
 from ._types import GenerationParams, Message, PhaseTiming, Request, Result, TokenUsage
-from .services._admission import Overloaded, RequestTimeout
-from .services._breaker import BreakerBoard, BreakerConfig
-from .services._cache import CacheConfig, CacheSet, CacheStats
-from .services._clock import Clock, ManualClock, SystemClock
-from .services._guardrails import GuardrailConfig, Guardrails
-from .services._loader import InsufficientMemory, LoaderConfig
-from .services._logging import configure_logging
-from .services._memory import MemoryMonitor, PressureLevel, PressureThresholds
-from .services._registry import AgentSpec, Registry
-from .services._router import Router, RoutingDecision, RuleRouter
+from .services.caches._cacheset import CacheConfig, CacheSet, CacheStats
+from .services.models._loader import InsufficientMemory, LoaderConfig
+from .services.models._memory import MemoryMonitor, PressureLevel, PressureThresholds
+from .services.models._registry import AgentSpec, Registry
+from .services.observability._logging import configure_logging
+from .services.resilience._admission import Overloaded, RequestTimeout
+from .services.resilience._breaker import BreakerBoard, BreakerConfig
+from .services.resilience._guardrails import GuardrailConfig, Guardrails
+from .services.routing._router import Router, RoutingDecision, RuleRouter
 
 __version__ = "0.1.0"
 

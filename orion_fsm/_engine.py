@@ -21,25 +21,30 @@ from opentelemetry import metrics
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
+from ._clock import Clock, SystemClock
 from ._exceptions import OrionError, RequestFailed
 from ._machine import request_chart
 from ._phases import PHASES, STREAMING_PHASES, RequestContext
 from ._types import GenerationParams, Message, PhaseTiming, Request, Result, TokenUsage
 from .backends import LoadedModel
-from .services._admission import AdmissionController, Overloaded, RequestTimeout, TimeoutPolicy
-from .services._breaker import BreakerBoard, BreakerConfig, register_breaker_metrics
-from .services._cache import CacheSet, register_cache_metrics
-from .services._clock import Clock, SystemClock
-from .services._embedding_router import EmbeddingRouter
-from .services._embeddings import EmbeddingService
-from .services._guardrails import GuardrailConfig, Guardrails
-from .services._loader import LoaderConfig, ModelLoader, ProgressCallback
-from .services._logging import LogListener
-from .services._memory import MemoryMonitor, PressureThresholds, register_memory_metrics
-from .services._registry import Registry
-from .services._router import Router, RuleRouter
-from .services._telemetry import INSTRUMENTATION_NAME, PhaseRecorder, resolve_tracer
-from .services._tracefile import TRACE_FORMAT, TRACE_VERSION, TraceWriter
+from .services.caches._cacheset import CacheSet, register_cache_metrics
+from .services.models._loader import LoaderConfig, ModelLoader, ProgressCallback
+from .services.models._memory import MemoryMonitor, PressureThresholds, register_memory_metrics
+from .services.models._registry import Registry
+from .services.observability._logging import LogListener
+from .services.observability._telemetry import INSTRUMENTATION_NAME, PhaseRecorder, resolve_tracer
+from .services.observability._tracefile import TRACE_FORMAT, TRACE_VERSION, TraceWriter
+from .services.resilience._admission import (
+    AdmissionController,
+    Overloaded,
+    RequestTimeout,
+    TimeoutPolicy,
+)
+from .services.resilience._breaker import BreakerBoard, BreakerConfig, register_breaker_metrics
+from .services.resilience._guardrails import GuardrailConfig, Guardrails
+from .services.routing._embedding_router import EmbeddingRouter
+from .services.routing._embeddings import EmbeddingService
+from .services.routing._router import Router, RuleRouter
 
 Prompt = str | Sequence[Message | Mapping[str, str]]
 _log = logging.getLogger("orion_fsm.engine")

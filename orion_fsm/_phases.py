@@ -22,13 +22,13 @@ import anyio
 from ._exceptions import InferenceError, ModelLoadError, RegistryError
 from ._types import GenerationParams, Message, Request
 from .backends import GenerationEvent, LoadedModel, SamplingParams
-from .services._admission import Deadline
-from .services._breaker import BreakerBoard, BreakerPermit
-from .services._cache import CacheSet, cache_key
-from .services._guardrails import Guardrails, RepetitionGuard
-from .services._loader import ModelLease, ModelLoader, PreparedModel
-from .services._registry import AgentSpec, Registry
-from .services._router import Router, RoutingDecision
+from .services.caches._cacheset import CacheSet, cache_key
+from .services.models._loader import ModelLease, ModelLoader, PreparedModel
+from .services.models._registry import AgentSpec, Registry
+from .services.resilience._admission import Deadline
+from .services.resilience._breaker import BreakerBoard, BreakerPermit
+from .services.resilience._guardrails import Guardrails, RepetitionGuard
+from .services.routing._router import Router, RoutingDecision
 
 _ROLES = frozenset({"system", "user", "assistant"})
 # Bounds a caller can reach with a typo but no model can use; the registry schema uses the same.

@@ -19,21 +19,21 @@ import anyio
 from anyio.abc import TaskStatus
 from opentelemetry.sdk.trace import TracerProvider
 
+from ._clock import Clock, ManualClock
 from ._engine import Engine, default_cache_dir
 from ._exceptions import InferenceError, ModelLoadError, OrionError, RequestFailed
 from ._types import GenerationParams, Message
 from .backends import GenerationEvent, GenerationOutcome, LoadedModel, SamplingParams, Tokenizer
 from .backends._convert import TOKENIZER_FILENAME, ConvertedModel
-from .services._breaker import BreakerBoard, BreakerPermit
-from .services._cache import CacheSet
-from .services._clock import Clock, ManualClock
-from .services._embedding_router import decide
-from .services._loader import LoadInfo, ModelKey, ModelLease, ModelLoader, ResidentModel
-from .services._registry import AgentSpec, Registry
-from .services._router import RoutingDecision, RuleRouter
-from .services._sanitize import redaction
-from .services._tiers import DEFAULT_VARIANT, MemoryEstimate
-from .services._tracefile import read_traces, upgrade_record
+from .services.caches._cacheset import CacheSet
+from .services.models._loader import LoadInfo, ModelKey, ModelLease, ModelLoader, ResidentModel
+from .services.models._registry import AgentSpec, Registry
+from .services.models._tiers import DEFAULT_VARIANT, MemoryEstimate
+from .services.observability._sanitize import redaction
+from .services.observability._tracefile import read_traces, upgrade_record
+from .services.resilience._breaker import BreakerBoard, BreakerPermit
+from .services.routing._embedding_router import decide
+from .services.routing._router import RoutingDecision, RuleRouter
 
 __all__ = [
     "Divergence",

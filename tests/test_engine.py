@@ -11,7 +11,7 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from orion_fsm import Engine, Message, OrionError, RequestFailed, Result
-from orion_fsm.services._tracefile import TRACE_VERSION
+from orion_fsm.services.observability._tracefile import TRACE_VERSION
 from tests.conftest import agent, read_trace_lines
 
 pytestmark = pytest.mark.anyio

@@ -10,7 +10,7 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from orion_fsm import Engine
-from orion_fsm.services._embeddings import EmbeddingService
+from orion_fsm.services.routing._embeddings import EmbeddingService
 
 pytestmark = pytest.mark.anyio
 

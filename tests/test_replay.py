@@ -15,8 +15,8 @@ import pytest
 from orion_fsm import BreakerConfig, Engine, RequestFailed
 from orion_fsm._resources import data_file
 from orion_fsm.backends import LoadedModel
-from orion_fsm.services._loader import ModelLoader
-from orion_fsm.services._registry import ModelSource, Registry
+from orion_fsm.services.models._loader import ModelLoader
+from orion_fsm.services.models._registry import ModelSource, Registry
 from orion_fsm.testing import make_tiny_llama_gguf
 from orion_fsm.testing.faults import faulty_loader
 from orion_fsm.testing.replay import assert_replays, replay, replay_cases
@@ -41,7 +41,7 @@ def no_model_files(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def trace_of(tmp_path: Path) -> list[dict[str, Any]]:
-    from orion_fsm.services._tracefile import upgrade_record
+    from orion_fsm.services.observability._tracefile import upgrade_record
 
     return [upgrade_record(r) for r in read_trace_lines(tmp_path / "traces" / "test.jsonl")]
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import anyio
 
-from orion_fsm.services._cache import LEVELS, CacheSet, CacheStats
+from orion_fsm.services.caches._cacheset import LEVELS, CacheSet, CacheStats
 
 
 def add_parser(sub: Any) -> None:

@@ -17,10 +17,10 @@ import anyio
 import psutil
 
 from orion_fsm import ModelLoadError, Registry
-from orion_fsm.services._loader import LoaderConfig, ModelLoader
-from orion_fsm.services._memory import MemoryMonitor
-from orion_fsm.services._registry import AgentSpec
-from orion_fsm.services._tiers import MB, estimate_model_memory
+from orion_fsm.services.models._loader import LoaderConfig, ModelLoader
+from orion_fsm.services.models._memory import MemoryMonitor
+from orion_fsm.services.models._registry import AgentSpec
+from orion_fsm.services.models._tiers import MB, estimate_model_memory
 
 from ._common import Progress
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from orion_fsm import Registry
-from orion_fsm.services._registry import AgentSpec
+from orion_fsm.services.models._registry import AgentSpec
 
 from ._common import Progress
 

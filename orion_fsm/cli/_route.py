@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 
 from orion_fsm import OrionError, Registry, RuleRouter
-from orion_fsm.services._embedding_router import (
+from orion_fsm.services.routing._embedding_router import (
     DEFAULT_METHOD,
     EmbeddingRouter,
     EvalReport,
@@ -24,8 +24,8 @@ from orion_fsm.services._embedding_router import (
     fit_thresholds,
     load_labelled,
 )
-from orion_fsm.services._embeddings import EmbeddingError, EmbeddingService
-from orion_fsm.services._router import Router
+from orion_fsm.services.routing._embeddings import EmbeddingError, EmbeddingService
+from orion_fsm.services.routing._router import Router
 
 _MODES = ("explain", "eval", "tune")
 

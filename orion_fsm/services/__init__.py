@@ -1,1 +1,4 @@
-"""Services the request phases rely on: registry, caches, model loader, breaker, telemetry."""
+"""Engine-wide services the request phases call, one subpackage per concern.
+
+Imports flow one way: phases -> services -> backends; a service never imports a phase.
+"""

@@ -11,7 +11,7 @@ import anyio
 import pytest
 
 from orion_fsm.cli import _cache
-from orion_fsm.services._cache import CacheSet
+from orion_fsm.services.caches._cacheset import CacheSet
 
 
 def run(argv: list[str]) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from orion_fsm.cli import _mem
-from orion_fsm.services._tiers import estimate_model_memory
+from orion_fsm.services.models._tiers import estimate_model_memory
 from orion_fsm.testing import make_tiny_llama_gguf
 from tests.conftest import agent
 

@@ -12,7 +12,7 @@ import pytest
 
 from orion_fsm import OrionError, Registry
 from orion_fsm.cli import _route
-from orion_fsm.services._embeddings import EmbeddingService, default_model_dir
+from orion_fsm.services.routing._embeddings import EmbeddingService, default_model_dir
 
 EVAL_SET = Path(__file__).parents[2] / "eval" / "routing.jsonl"
 SMALL_SET = [

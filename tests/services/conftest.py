@@ -7,7 +7,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from orion_fsm.services._embeddings import EmbeddingService, default_model_dir
+from orion_fsm.services.routing._embeddings import EmbeddingService, default_model_dir
 
 
 @pytest.fixture(scope="session")

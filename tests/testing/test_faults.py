@@ -21,10 +21,10 @@ from orion_fsm import (
     RequestFailed,
 )
 from orion_fsm.backends import GenerationEvent, LoadedModel, SamplingParams, ensure_converted
-from orion_fsm.services._admission import TimeoutPolicy
-from orion_fsm.services._guardrails import Guardrails
-from orion_fsm.services._loader import ModelLoader
-from orion_fsm.services._registry import Registry
+from orion_fsm.services.models._loader import ModelLoader
+from orion_fsm.services.models._registry import Registry
+from orion_fsm.services.resilience._admission import TimeoutPolicy
+from orion_fsm.services.resilience._guardrails import Guardrails
 from orion_fsm.testing.faults import (
     FaultPlan,
     FaultyLoader,

@@ -19,11 +19,10 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import anyio
 
 from orion_fsm._exceptions import OrionError
-
-from ._embeddings import EmbeddingError, EmbeddingService
-from ._registry import Registry
-from ._router import Router, RoutingDecision, RuleRouter
-from ._singleflight import SingleFlight
+from orion_fsm._singleflight import SingleFlight
+from orion_fsm.services.models._registry import Registry
+from orion_fsm.services.routing._embeddings import EmbeddingError, EmbeddingService
+from orion_fsm.services.routing._router import Router, RoutingDecision, RuleRouter
 
 if TYPE_CHECKING:
     # Imported where used: numpy alone would add ~80 ms to `import orion_fsm`.

@@ -15,8 +15,8 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from orion_fsm import ManualClock, Registry
 from orion_fsm.backends import LoadedModel
-from orion_fsm.services._loader import InsufficientMemory, LoaderConfig, ModelLoader
-from orion_fsm.services._memory import (
+from orion_fsm.services.models._loader import InsufficientMemory, LoaderConfig, ModelLoader
+from orion_fsm.services.models._memory import (
     MemoryMonitor,
     MemoryReading,
     MemorySnapshot,

@@ -23,14 +23,13 @@ import psutil
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from orion_fsm._clock import Clock, SystemClock
 from orion_fsm._exceptions import ModelLoadError
+from orion_fsm._singleflight import SingleFlight
 from orion_fsm.backends import ConvertedModel, LoadedModel, Tokenizer, ensure_converted
-
-from ._clock import Clock, SystemClock
-from ._memory import PressureLevel
-from ._registry import AgentSpec, ModelSource
-from ._singleflight import SingleFlight
-from ._tiers import (
+from orion_fsm.services.models._memory import PressureLevel
+from orion_fsm.services.models._registry import AgentSpec, ModelSource
+from orion_fsm.services.models._tiers import (
     DEFAULT_VARIANT,
     MB,
     MemoryEstimate,

@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from orion_fsm import OrionError
-from orion_fsm.services._admission import (
+from orion_fsm.services.resilience._admission import (
     AdmissionController,
     Overloaded,
     RequestTimeout,

@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 from orion_fsm import OrionError, Registry, RegistryError, RuleRouter
-from orion_fsm.services._embedding_router import (
+from orion_fsm.services.routing._embedding_router import (
     DEFAULT_THRESHOLD,
     EmbeddingRouter,
     decide,
@@ -18,14 +18,14 @@ from orion_fsm.services._embedding_router import (
     load_labelled,
     normalize_text,
 )
-from orion_fsm.services._embeddings import (
+from orion_fsm.services.routing._embeddings import (
     EmbeddingService,
     MemoryEmbeddingStore,
 )
 
 pytestmark = pytest.mark.anyio
 
-EVAL_SET = Path(__file__).parents[2] / "eval" / "routing.jsonl"
+EVAL_SET = Path(__file__).parents[3] / "eval" / "routing.jsonl"
 
 
 class DictCache:

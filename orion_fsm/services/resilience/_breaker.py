@@ -16,10 +16,9 @@ from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from statemachine import StateChart
 from statemachine.io import load
 
+from orion_fsm._clock import Clock, SystemClock
 from orion_fsm._exceptions import OrionError
 from orion_fsm._resources import data_file
-
-from ._clock import Clock, SystemClock
 
 __all__ = [
     "STATE_VALUES",

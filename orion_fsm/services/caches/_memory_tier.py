@@ -9,7 +9,7 @@ import heapq
 import sys
 from typing import Any, Generic, TypeVar
 
-from ._clock import Clock
+from orion_fsm._clock import Clock
 
 V = TypeVar("V")
 

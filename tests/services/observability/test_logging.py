@@ -17,17 +17,17 @@ import pytest
 
 from orion_fsm import Engine
 from orion_fsm._machine import request_chart
-from orion_fsm.services._logging import (
+from orion_fsm.services.observability._logging import (
     LogListener,
     configure_logging,
     get_logger,
     request_context,
 )
-from orion_fsm.services._sanitize import sanitize, sanitize_text
-from orion_fsm.services._tracefile import TraceWriter
+from orion_fsm.services.observability._sanitize import sanitize, sanitize_text
+from orion_fsm.services.observability._tracefile import TraceWriter
 from tests.conftest import read_trace_lines
 
-CORPUS = json.loads((Path(__file__).parents[1] / "data" / "secrets_corpus.json")
+CORPUS = json.loads((Path(__file__).parents[2] / "data" / "secrets_corpus.json")
                     .read_text(encoding="utf-8"))
 POSITIVE = [pytest.param(c, id=f"{c['kind']}:{c['text'][:30]}") for c in CORPUS["positive"]]
 NEGATIVE = [pytest.param(t, id=t[:40]) for t in CORPUS["negative"]]

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from orion_fsm import GenerationParams, Message, ValidationError
-from orion_fsm.services._guardrails import (
+from orion_fsm.services.resilience._guardrails import (
     GuardrailConfig,
     Guardrails,
     RepetitionGuard,

@@ -19,7 +19,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
 
 from orion_fsm import ManualClock
-from orion_fsm.services._cache import (
+from orion_fsm.services.caches._cacheset import (
     CacheConfig,
     CacheError,
     CacheSet,
@@ -265,7 +265,7 @@ WRITER = """
 import hashlib, sys
 from pathlib import Path
 import anyio
-from orion_fsm.services._cache import CacheConfig, TieredCache
+from orion_fsm.services.caches._cacheset import CacheConfig, TieredCache
 
 async def main():
     config = CacheConfig(memory_entries=4, ttl_s=None, disk_dir=Path(sys.argv[1]))

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from ._registry import Registry
+from orion_fsm.services.models._registry import Registry
 
 RoutingSource = Literal["explicit", "rules", "default", "embedding"]
 

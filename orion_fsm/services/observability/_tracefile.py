@@ -18,8 +18,7 @@ from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from orion_fsm._exceptions import OrionError
-
-from ._sanitize import sanitize
+from orion_fsm.services.observability._sanitize import sanitize
 
 TRACE_FORMAT = "orion-fsm.trace"
 # 2 adds what decided the path from outside the machine: `streaming`, `registry_source`,

@@ -14,7 +14,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from orion_fsm import ManualClock, OrionError
 from orion_fsm.cli import _breakers
-from orion_fsm.services._breaker import (
+from orion_fsm.services.resilience._breaker import (
     BreakerBoard,
     BreakerConfig,
     CircuitBreaker,

@@ -19,10 +19,10 @@ import psutil
 from anyio.abc import TaskStatus
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
-from ._clock import Clock, SystemClock
+from orion_fsm._clock import Clock, SystemClock
 
 if TYPE_CHECKING:
-    from ._loader import ModelLoader, ResidentModel
+    from orion_fsm.services.models._loader import ModelLoader, ResidentModel
 
 __all__ = [
     "AlertCallback",

@@ -10,8 +10,8 @@ from pathlib import Path
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
-from orion_fsm.services._clock import ManualClock
-from orion_fsm.services._telemetry import PhaseRecorder, resolve_tracer
+from orion_fsm._clock import ManualClock
+from orion_fsm.services.observability._telemetry import PhaseRecorder, resolve_tracer
 
 
 def test_without_an_app_provider_the_engine_gets_a_recording_tracer() -> None:

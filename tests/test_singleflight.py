@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from orion_fsm.services._singleflight import SingleFlight
+from orion_fsm._singleflight import SingleFlight
 
 pytestmark = pytest.mark.anyio
 

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import IO, Any, Final
 
-from ._sanitize import sanitize, sanitize_text
+from orion_fsm.services.observability._sanitize import sanitize, sanitize_text
 
 __all__ = [
     "JsonFormatter",

@@ -19,7 +19,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
-from ._clock import Clock
+from orion_fsm._clock import Clock
 
 INSTRUMENTATION_NAME = "orion_fsm"
 _FINAL_STATES = frozenset({"success", "error"})

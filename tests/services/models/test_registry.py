@@ -13,7 +13,7 @@ import pytest
 
 from orion_fsm._exceptions import RegistryError
 from orion_fsm._resources import data_file
-from orion_fsm.services._registry import (
+from orion_fsm.services.models._registry import (
     CHAT_TEMPLATE_PRESETS,
     ChatTemplate,
     ModelSource,

@@ -22,9 +22,8 @@ from typing import TYPE_CHECKING, Any, Protocol, Self
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
+from orion_fsm._clock import Clock, SystemClock
 from orion_fsm._exceptions import OrionError
-
-from ._clock import Clock, SystemClock
 
 if TYPE_CHECKING:
     # Imported where used: numpy alone would add ~80 ms to `import orion_fsm`.

@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 from orion_fsm import OrionError
-from orion_fsm.services._tracefile import (
+from orion_fsm.services.observability._tracefile import (
     TRACE_FORMAT,
     TRACE_VERSION,
     TraceWriter,

@@ -14,14 +14,14 @@ import pytest
 
 from orion_fsm import Engine, ManualClock, ModelLoadError, Registry
 from orion_fsm.backends import LoadedModel, SamplingParams, read_gguf_header
-from orion_fsm.services._loader import (
+from orion_fsm.services.models._loader import (
     InsufficientMemory,
     LoaderConfig,
     ModelLease,
     ModelLoader,
 )
-from orion_fsm.services._registry import AgentSpec
-from orion_fsm.services._tiers import (
+from orion_fsm.services.models._registry import AgentSpec
+from orion_fsm.services.models._tiers import (
     GB,
     MB,
     TIERS,

@@ -13,8 +13,7 @@ from typing import Final
 
 from orion_fsm._exceptions import ModelLoadError
 from orion_fsm.backends import read_gguf_header
-
-from ._registry import AgentSpec, ModelSource, QuantVariant
+from orion_fsm.services.models._registry import AgentSpec, ModelSource, QuantVariant
 
 __all__ = [
     "DEFAULT_VARIANT",

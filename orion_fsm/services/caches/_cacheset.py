@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import anyio
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
-from ._cache_disk import CacheError, DiskState, DiskTier
-from ._cache_memory import MemoryTier
-from ._clock import Clock, SystemClock
-from ._singleflight import SingleFlight
+from orion_fsm._clock import Clock, SystemClock
+from orion_fsm._singleflight import SingleFlight
+from orion_fsm.services.caches._disk_tier import CacheError, DiskState, DiskTier
+from orion_fsm.services.caches._memory_tier import MemoryTier
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray

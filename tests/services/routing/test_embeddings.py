@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from orion_fsm import OrionError
-from orion_fsm.services import _embeddings
-from orion_fsm.services._embeddings import (
+from orion_fsm.services.routing import _embeddings
+from orion_fsm.services.routing._embeddings import (
     EmbeddingError,
     EmbeddingService,
     EmbeddingUnavailable,
