@@ -17,6 +17,7 @@ from ._exceptions import (
     RequestFailed,
     ValidationError,
 )
+from ._seams import Loader, Router
 from ._types import GenerationParams, Message, PhaseTiming, Request, Result, TokenUsage
 from .services.caches._cacheset import CacheConfig, CacheSet, CacheStats
 from .services.models._loader import InsufficientMemory, LoaderConfig
@@ -26,7 +27,7 @@ from .services.observability._logging import configure_logging
 from .services.resilience._admission import Overloaded, RequestTimeout
 from .services.resilience._breaker import BreakerBoard, BreakerConfig
 from .services.resilience._guardrails import GuardrailConfig, Guardrails
-from .services.routing._router import Router, RoutingDecision, RuleRouter
+from .services.routing._router import RoutingDecision, RuleRouter
 
 __version__ = "0.1.0"
 
@@ -44,6 +45,7 @@ __all__ = [
     "Guardrails",
     "InferenceError",
     "InsufficientMemory",
+    "Loader",
     "LoaderConfig",
     "ManualClock",
     "MemoryMonitor",

@@ -16,35 +16,31 @@ from types import TracebackType
 from typing import Any, Literal, Self
 
 import anyio
-from anyio.abc import TaskGroup
 from opentelemetry import metrics
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
 from ._clock import Clock, SystemClock
+from ._driver import Driving, RequestRun
 from ._exceptions import OrionError, RequestFailed
 from ._machine import request_chart
-from ._phases import PHASES, STREAMING_PHASES, RequestContext
-from ._types import GenerationParams, Message, PhaseTiming, Request, Result, TokenUsage
+from ._phases import Services
+from ._seams import Loader, Router
+from ._singleflight import SingleFlight
+from ._types import GenerationParams, Message, Request, Result
 from .backends import LoadedModel
 from .services.caches._cacheset import CacheSet, register_cache_metrics
 from .services.models._loader import LoaderConfig, ModelLoader, ProgressCallback
 from .services.models._memory import MemoryMonitor, PressureThresholds, register_memory_metrics
 from .services.models._registry import Registry
-from .services.observability._logging import LogListener
-from .services.observability._telemetry import INSTRUMENTATION_NAME, PhaseRecorder, resolve_tracer
-from .services.observability._tracefile import TRACE_FORMAT, TRACE_VERSION, TraceWriter
-from .services.resilience._admission import (
-    AdmissionController,
-    Overloaded,
-    RequestTimeout,
-    TimeoutPolicy,
-)
+from .services.observability._telemetry import INSTRUMENTATION_NAME, resolve_tracer
+from .services.observability._tracefile import TraceWriter
+from .services.resilience._admission import AdmissionController, TimeoutPolicy
 from .services.resilience._breaker import BreakerBoard, BreakerConfig, register_breaker_metrics
 from .services.resilience._guardrails import GuardrailConfig, Guardrails
 from .services.routing._embedding_router import EmbeddingRouter
 from .services.routing._embeddings import EmbeddingService
-from .services.routing._router import Router, RuleRouter
+from .services.routing._router import RuleRouter
 
 Prompt = str | Sequence[Message | Mapping[str, str]]
 _log = logging.getLogger("orion_fsm.engine")
@@ -95,11 +91,12 @@ class ResponseStream:
     request in `error` with reason `cancelled`. Also usable as `async with`.
     """
 
-    def __init__(self, chunks: AsyncGenerator[str, None], holder: list[Result],
-                 request_id: str) -> None:
-        self._chunks = chunks
-        self._holder = holder
-        self.request_id = request_id
+    def __init__(self, run: RequestRun) -> None:
+        self._run = run
+        # Not a method of self: a generator holding its stream would make a reference cycle,
+        # and a stream abandoned with `break` would keep its model until the next GC.
+        self._chunks = _checked_texts(run)
+        self.request_id = run.request.id
 
     def __aiter__(self) -> Self:
         return self
@@ -119,9 +116,27 @@ class ResponseStream:
     @property
     def result(self) -> Result:
         """The request's Result, once the stream is exhausted."""
-        if not self._holder:
+        if self._run.result is None:
             raise OrionError("the stream has not finished yet: iterate it to the end first")
-        return self._holder[0]
+        return self._run.result
+
+
+async def _checked_texts(run: RequestRun) -> AsyncGenerator[str, None]:
+    # aclosing: an abandoned stream is closed here, in the consumer's task, so the model lock
+    # it holds is released by the task that took it.
+    async with aclosing(run.texts()) as texts:
+        async for text in texts:
+            yield text
+    assert run.result is not None  # set however the request ends
+    _outcome(run.result)
+
+
+def _outcome(result: Result) -> Result:
+    if result.state != "success":
+        raise RequestFailed(result.error or "request failed",
+                            reason=result.error_reason or "error",
+                            request_id=result.request_id, result=result)
+    return result
 
 
 class Engine:
@@ -146,7 +161,7 @@ class Engine:
         memory_thresholds: PressureThresholds | None = None,
         embeddings: EmbeddingService | Literal[False] | None = None,
         warm_up: bool = True,
-        loader: ModelLoader | None = None,
+        loader: Loader | None = None,
         load_model: Callable[..., LoadedModel] | None = None,
         timeout_s: float = 60.0,
         max_in_flight: int = 64,
@@ -158,7 +173,7 @@ class Engine:
         self.registry = registry if isinstance(registry, Registry) else Registry.load(registry)
         self.clock: Clock = clock or SystemClock()
         root = Path(cache_dir) if cache_dir else default_cache_dir()
-        self.loader = loader or ModelLoader(
+        self.loader: Loader = loader or ModelLoader(
             root, threads=threads, progress=progress, config=loader_config, clock=self.clock,
             load_model=load_model or LoadedModel.load)
         # Resilience: per-agent breakers, a bounded queue, a deadline per request, guardrails.
@@ -203,15 +218,14 @@ class Engine:
         else:
             self.trace_path = Path(trace_path)
         self._traces = TraceWriter(self.trace_path)
-        self._task_group: TaskGroup | None = None
+        self._driving: Driving | None = None  # set while the Engine runs
         self._exit_stack = AsyncExitStack()
-        self._l1_flights: dict[str, anyio.Event] = {}
         self._closed = False
 
     # --- lifetime ---------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        if self._task_group is not None or self._closed:
+        if self._driving is not None or self._closed:
             raise OrionError("an Engine can be entered once; create a new Engine instead")
         # Unwound in reverse on exit: stop taking trace records, let the writer drain and the
         # task group end, then unload the models.
@@ -233,9 +247,16 @@ class Engine:
                 stack.push_async_callback(self.embeddings.aclose)
             if self.embeddings is not None and self._warm_up:
                 # In the background: the first request never waits for the warm-up.
-                examples = getattr(self.router, "example_texts", ())
-                self.embeddings.precompute([*examples, *self._frequent_patterns])
-            self._task_group = task_group
+                self.embeddings.precompute([*self.router.warm_texts(),
+                                            *self._frequent_patterns])
+            services = Services(
+                registry=self.registry, router=self.router, loader=self.loader,
+                caches=self.caches, breakers=self.breakers, guardrails=self.guardrails,
+                clock=self.clock, l1_flights=SingleFlight(), background=task_group.start_soon)
+            self._driving = Driving(
+                services=services, chart=self._chart, tracer=self._tracer,
+                admission=self.admission, timeouts=self._timeout, traces=self._traces,
+                registry_source=self.registry.source)
             self._exit_stack = stack.pop_all()
         return self
 
@@ -259,9 +280,10 @@ class Engine:
             return {}
         return {level: stats.to_dict() for level, stats in self.caches.stats().items()}
 
-    def _check_open(self) -> None:
-        if self._task_group is None or self._closed:
+    def _running(self) -> Driving:
+        if self._driving is None or self._closed:
             raise OrionError("the Engine is not running: use it inside `async with Engine(...)`")
+        return self._driving
 
     # --- requests ---------------------------------------------------------------------------
 
@@ -295,16 +317,15 @@ class Engine:
         a sampled request in, False bypasses the result cache. `priority`: lower is served
         first when requests queue (past `max_queue`, the request fails at once: overloaded).
         """
-        self._check_open()
         request = self._request(prompt, agent, system, params, dict(
             max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, seed=seed, stop=stop), cache)
-        holder: list[Result] = []
-        async with aclosing(self._drive(request, holder, streaming=False,
-                                        priority=priority)) as chunks:
-            async for _ in chunks:
+        run = RequestRun(self._running(), request, streaming=False, priority=priority)
+        async with aclosing(run.texts()) as texts:
+            async for _ in texts:
                 pass
-        return self._outcome(holder[0])
+        assert run.result is not None  # set however the request ends
+        return _outcome(run.result)
 
     def stream(
         self, prompt: Prompt, *, agent: str | None = None, system: str | None = None,
@@ -315,182 +336,9 @@ class Engine:
         priority: int = 0,
     ) -> ResponseStream:
         """Text chunks as they are generated. A request that ends in error raises RequestFailed."""
-        self._check_open()
         request = self._request(prompt, agent, system, params, dict(
             max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, seed=seed, stop=stop), cache)
-        holder: list[Result] = []
+        run = RequestRun(self._running(), request, streaming=True, priority=priority)
+        return ResponseStream(run)
 
-        async def chunks() -> AsyncGenerator[str, None]:
-            # aclosing: an abandoned stream is closed here, in the consumer's task, so the
-            # model lock it holds is released by the task that took it.
-            async with aclosing(self._drive(request, holder, streaming=True,
-                                            priority=priority)) as texts:
-                async for text in texts:
-                    yield text
-            self._outcome(holder[0])
-
-        return ResponseStream(chunks(), holder, request.id)
-
-    @staticmethod
-    def _outcome(result: Result) -> Result:
-        if result.state != "success":
-            raise RequestFailed(result.error or "request failed",
-                                reason=result.error_reason or "error",
-                                request_id=result.request_id, result=result)
-        return result
-
-    # --- the driver -------------------------------------------------------------------------
-
-    async def _drive(self, request: Request, holder: list[Result], *, streaming: bool,
-                     priority: int) -> AsyncGenerator[str, None]:
-        """Run the request's machine: each state's phase returns the event to send next."""
-        recorder = PhaseRecorder(self._tracer, self.clock, request.id,
-                                 {"orion.registry.digest": self.registry.digest})
-        assert self._task_group is not None
-        ctx = RequestContext(request=request, registry=self.registry, router=self.router,
-                             loader=self.loader, notes=recorder.notes, streaming=streaming,
-                             now=recorder.elapsed_ms, caches=self.caches,
-                             background=self._task_group.start_soon,
-                             l1_flights=self._l1_flights, breakers=self.breakers,
-                             guardrails=self.guardrails,
-                             started_monotonic=self.clock.monotonic(),
-                             breakers_at_start=self.breakers.snapshot())
-        recorder.summary = lambda: {
-            "orion.agent": ctx.agent.id if ctx.agent else None,
-            "orion.fallback": ctx.attempt > 0,
-            "gen_ai.usage.input_tokens": len(ctx.prompt_ids),
-            "gen_ai.usage.output_tokens": len(ctx.token_ids),
-            "orion.error_reason": ctx.error_reason,
-        }
-        listeners: list[object] = [recorder]
-        if _log.isEnabledFor(logging.INFO):
-            listeners.append(LogListener(_log, request.id, recorder.trace_id))
-        machine = self._chart(listeners=listeners)
-        try:
-            await self.admission.acquire(priority, request_id=request.id)
-        except Overloaded as exc:
-            ctx.fail("overloaded", exc.message)
-            holder.append(self._finish(ctx, recorder, machine, event="rejected"))
-            return
-        except BaseException:
-            ctx.fail("cancelled", "the caller cancelled the request while it was queued")
-            self._finish(ctx, recorder, machine, event="abort")
-            raise
-        try:
-            async with aclosing(self._phases(ctx, machine)) as texts:
-                async for text in texts:
-                    yield text
-        except RequestTimeout as exc:
-            ctx.fail("timeout", exc.message)
-            holder.append(self._abort(ctx, recorder, machine))
-        except BaseException as exc:
-            # Cancelled, consumer gone, or a bug in a phase: the request still ends in a final
-            # state, with its trace line.
-            if not machine.is_terminated:
-                if isinstance(exc, anyio.get_cancelled_exc_class() | GeneratorExit):
-                    ctx.fail("cancelled", "the caller cancelled the request")
-                elif isinstance(exc, OrionError):
-                    ctx.fail("internal", str(exc))
-                else:
-                    ctx.fail("internal", f"{type(exc).__name__}: {exc}")
-                self._abort(ctx, recorder, machine)
-            raise
-        else:
-            holder.append(self._finish(ctx, recorder, machine))
-        finally:
-            ctx.release_l1()
-            self.admission.release()
-
-    async def _phases(self, ctx: RequestContext, machine: Any) -> AsyncGenerator[str, None]:
-        """Each state's phase, under the request's deadline, until a final state."""
-        deadline = ctx.deadline = self._timeout.start()
-        machine.send("start")
-        while not machine.is_terminated:
-            state = next(iter(machine.configuration_values))
-            stream_phase = STREAMING_PHASES.get(state)
-            if stream_phase is not None:
-                # No deadline scope across a yield: the phase scopes each worker-thread hop.
-                async with aclosing(stream_phase(ctx)) as texts:
-                    async for text in texts:
-                        yield text
-                event = ctx.notes.pop("orion.next_event")
-            else:
-                with deadline.scope() as scope:
-                    event = await PHASES[state](ctx)
-                if scope.cancelled_caught:
-                    raise deadline.error(state, request_id=ctx.request.id)
-            machine.send(event)
-        if ctx.cache_level is not None and ctx.streaming:
-            yield "".join(ctx.text_parts)
-
-    def _abort(self, ctx: RequestContext, recorder: PhaseRecorder, machine: Any) -> Result:
-        ctx.release_model()
-        # A timeout or a crash counts against the agent; a caller who gave up says nothing
-        # about its health, so a cancelled attempt gets no verdict (_finish releases it).
-        if ctx.error_reason in ("timeout", "internal"):
-            ctx.verdict(ctx.error_reason)
-        return self._finish(ctx, recorder, machine, event="abort")
-
-    def _finish(self, ctx: RequestContext, recorder: PhaseRecorder, machine: Any,
-                *, event: str | None = None) -> Result:
-        """The final event (if not sent yet), the Result and its trace line."""
-        agent = ctx.agent.id if ctx.agent else None
-        requested = ctx.decision.agent if ctx.decision else None
-        ttft = ctx.first_token_at
-        if event is not None:
-            machine.send(event)
-        if ctx.permit is not None:
-            ctx.permit.release()  # an attempt that ended without a verdict counts for nothing
-            ctx.permit = None
-        state = next(iter(machine.configuration_values))
-        total_ms = recorder.elapsed_ms()
-        result = Result(
-            request_id=ctx.request.id, trace_id=recorder.trace_id, state=state,
-            text="".join(ctx.text_parts), agent=agent, requested_agent=requested,
-            fallback=bool(requested and agent != requested),
-            agents_tried=tuple(ctx.chain[: ctx.attempt + 1]) if ctx.chain else (),
-            phases=tuple(PhaseTiming(p.state, p.start_ms, p.ms) for p in recorder.phases),
-            tokens=TokenUsage(len(ctx.prompt_ids), len(ctx.token_ids)),
-            ttft_ms=ttft, total_ms=total_ms, finish_reason=ctx.finish_reason,
-            error=ctx.error, error_reason=ctx.error_reason, token_ids=tuple(ctx.token_ids),
-            routing=ctx.decision.as_dict() if ctx.decision else {},
-            cache=ctx.cache_level,
-        )
-        self._traces.submit(self._trace_record(ctx, recorder, result))
-        return result
-
-    def _trace_record(self, ctx: RequestContext, recorder: PhaseRecorder,
-                      result: Result) -> dict[str, Any]:
-        prepared = ctx.prepared
-        return {
-            "format": TRACE_FORMAT,
-            "version": TRACE_VERSION,
-            "request_id": result.request_id,
-            "trace_id": result.trace_id,
-            "started_at": ctx.request.created_at,
-            "request": ctx.request.as_dict(),
-            "registry_digest": self.registry.digest,
-            "model": None if prepared is None else {
-                "source": str(prepared.key.source),
-                "sha256": prepared.files.source_sha256,
-                "context_length": prepared.key.context_length,
-            },
-            "prompt_token_ids": list(ctx.prompt_ids),
-            "sampling": None if ctx.sampling is None else {
-                "max_tokens": ctx.sampling.max_tokens, "temperature": ctx.sampling.temperature,
-                "top_k": ctx.sampling.top_k, "top_p": ctx.sampling.top_p,
-                "repetition_penalty": ctx.sampling.repetition_penalty,
-                "seed": ctx.sampling.seed, "stop": list(ctx.sampling.stop),
-            },
-            "streaming": ctx.streaming,
-            "registry_source": None if self.registry.source is None else str(self.registry.source),
-            "clock": {"time": ctx.request.created_at, "monotonic": ctx.started_monotonic},
-            "cache": {"enabled": ctx.caches is not None, "level": ctx.cache_level,
-                      "l1_key": ctx.l1_key},
-            "breakers": ctx.breakers_at_start,  # the states that decided, not the ones after
-            "transitions": [t.as_dict() for t in recorder.transitions],
-            "phases": [p.as_dict() for p in recorder.phases],
-            "spans": recorder.spans,
-            "result": {**result.as_dict(), "token_ids": list(result.token_ids)},
-        }

@@ -1,8 +1,10 @@
 """The work of each phase of the request machine (machines/request.scxml).
 
-A phase is an async callback named after its state. It does the work, leaves what it found
-in `ctx.notes` (the telemetry listener turns notes into span attributes), and returns the
-event to send. `inferencing` is an async generator: it yields text as it is generated.
+A phase is an async callback named after its state, `phase(services, state) -> event`: the
+engine-wide `Services` are built once, the `RequestState` holds only what this request found.
+Resources a request takes (L1 leadership, an attempt's breaker permit and model lease) are
+entered on its exit stacks and released by leaving them. `state.notes` are span attributes
+only; `inferencing` yields text as it is generated and ends with its `Next` event.
 """
 
 from __future__ import annotations
@@ -13,26 +15,36 @@ import secrets
 import threading
 import unicodedata
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
-from contextlib import aclosing
+from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
 from ._exceptions import InferenceError, ModelLoadError, RegistryError
 from ._types import GenerationParams, Message, Request
-from .backends import GenerationEvent, LoadedModel, SamplingParams
-from .services.caches._cacheset import CacheSet, cache_key
-from .services.models._loader import ModelLease, ModelLoader, PreparedModel
-from .services.models._registry import AgentSpec, Registry
-from .services.resilience._admission import Deadline
-from .services.resilience._breaker import BreakerBoard, BreakerPermit
-from .services.resilience._guardrails import Guardrails, RepetitionGuard
-from .services.routing._router import Router, RoutingDecision
+from .backends import GenerationEvent, SamplingParams
+from .services.caches._cacheset import cache_key
+from .services.caches._entries import CachedResult
+from .services.observability import _attributes as attr
+from .services.resilience._guardrails import RepetitionGuard
+
+if TYPE_CHECKING:
+    from ._clock import Clock
+    from ._seams import Lease, Loader, Model, Prepared, Router
+    from ._singleflight import SingleFlight
+    from .services.caches._cacheset import CacheSet
+    from .services.models._registry import AgentSpec, Registry
+    from .services.resilience._admission import Deadline
+    from .services.resilience._breaker import BreakerBoard, BreakerPermit
+    from .services.resilience._guardrails import Guardrails
+    from .services.routing._router import RoutingDecision
 
 _ROLES = frozenset({"system", "user", "assistant"})
-# Bounds a caller can reach with a typo but no model can use; the registry schema uses the same.
-_PARAM_BOUNDS: Mapping[str, tuple[float, float]] = {
+_INTEGRAL = frozenset({"max_tokens", "top_k", "seed"})
+_MAX_STOP = 16
+# TODO(merge): replaced by the registry schema's bounds.
+GENERATION_BOUNDS: Mapping[str, tuple[float, float]] = {
     "max_tokens": (1, 32768),
     "temperature": (0.0, 2.0),
     "top_k": (0, 1000),
@@ -40,98 +52,91 @@ _PARAM_BOUNDS: Mapping[str, tuple[float, float]] = {
     "repetition_penalty": (1.0, 2.0),
     "seed": (-1, 2**31 - 1),
 }
-_MAX_STOP = 16
 
 
-@dataclass(eq=False)
-class RequestContext:
-    """Everything one request's phases share. Lives exactly as long as the request."""
+@dataclass(frozen=True, slots=True, eq=False)
+class Services:
+    """What every request's phases call: built once when the Engine starts."""
 
-    request: Request
     registry: Registry
     router: Router
-    loader: ModelLoader
-    notes: dict[str, Any]
+    loader: Loader
+    caches: CacheSet | None
+    breakers: BreakerBoard
+    guardrails: Guardrails | None
+    clock: Clock
+    # Identical L1 misses generate once: the first leads, the others wait for its answer.
+    l1_flights: SingleFlight[None]
+    # The Engine's task group: cache writes happen after the reply, never before it.
+    background: Callable[..., object]
+
+
+@dataclass(eq=False, slots=True)
+class RequestState:
+    """What one request found on its way; lives exactly as long as the request."""
+
+    request: Request
     streaming: bool
-    chain: tuple[str, ...] = ()
-    attempt: int = 0
+    stack: AsyncExitStack  # released when the request ends, however it ends
+    deadline: Deadline
+    started: float  # the services clock's monotonic time at the start
+    notes: dict[str, Any]  # span attributes of the current phase
+    breakers_at_start: Mapping[str, Any] = field(default_factory=dict)
+    # routing
     decision: RoutingDecision | None = None
+    chain: tuple[str, ...] = ()
+    l1_key: str | None = None
+    cache_level: str | None = None
+    # the current attempt (an agent of the chain); its resources live on `attempt_scope`
+    attempt: int = 0
+    attempt_scope: AsyncExitStack | None = None
     agent: AgentSpec | None = None
-    prepared: PreparedModel | None = None
-    lease: ModelLease | None = None
+    prepared: Prepared | None = None
+    permit: BreakerPermit | None = None
+    lease: Lease | None = None
     prompt_ids: tuple[int, ...] = ()
     sampling: SamplingParams | None = None
+    # generation
     text_parts: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     emitted_chars: int = 0
-    first_token_at: float | None = None
+    first_token_at: float | None = None  # ms since the start
     finish_reason: str | None = None
+    # Set to stop the generation (caller gone, deadline, runaway repetition); read by the
+    # worker thread between tokens.
+    stop: threading.Event = field(default_factory=threading.Event)
+    stopped_for: str | None = None  # finish reason when a guard stopped the generation
     failures: list[tuple[str, str]] = field(default_factory=list)  # (agent, why)
     error: str | None = None
     error_reason: str | None = None
     error_field: str | None = None
-    now: Callable[[], float] = field(default=lambda: 0.0)
-    caches: CacheSet | None = None
-    # Runs a coroutine function in the engine's task group: cache writes never delay a reply.
-    background: Callable[..., object] | None = None
-    l1_key: str | None = None
-    cache_level: str | None = None
-    # Keys some request is computing right now: identical requests wait for its answer.
-    l1_flights: dict[str, anyio.Event] = field(default_factory=dict)
-    l1_leader: bool = False
-    breakers: BreakerBoard | None = None
-    permit: BreakerPermit | None = None
-    guardrails: Guardrails | None = None
-    deadline: Deadline | None = None
-    # Set to stop the generation (caller gone, deadline, runaway repetition); read by the
-    # worker thread between tokens.
-    stop: threading.Event = field(default_factory=threading.Event)
-    repetition: RepetitionGuard | None = None
-    stopped_for: str | None = None  # finish reason when a guard stopped the generation
-    # What decided the path from outside the machine, for the trace (and replay).
-    started_monotonic: float = 0.0
-    breakers_at_start: dict[str, Any] | None = None
-
-    def release_l1(self) -> None:
-        """Wake the requests waiting for this one's answer (hit or not)."""
-        if self.l1_leader and self.l1_key is not None:
-            self.l1_leader = False
-            self.l1_flights.pop(self.l1_key).set()
 
     def fail(self, reason: str, message: str, *, field: str | None = None) -> None:
         self.error, self.error_reason, self.error_field = message, reason, field
-        self.notes["error.type"] = reason
-        self.notes["orion.error"] = message
-
-    def release_model(self) -> None:
-        if self.lease is not None:
-            self.lease.release()
-            self.lease = None
-
-    def verdict(self, failure: str | None) -> None:
-        """Tell the agent's breaker how its attempt went (None: it served)."""
-        permit, self.permit = self.permit, None
-        if permit is None:
-            return
-        change = permit.success() if failure is None else permit.failure(failure)
-        if change is not None:
-            self.notes["orion.breaker.transition"] = (
-                f"{change.agent}: {change.source} -> {change.target}")
+        self.notes[attr.ERROR_TYPE] = reason
+        self.notes[attr.ERROR] = message
 
 
-PhaseFn = Callable[[RequestContext], Awaitable[str]]
-StreamingPhaseFn = Callable[[RequestContext], AsyncGenerator[str, None]]
+@dataclass(frozen=True, slots=True)
+class Next:
+    """The last item a streaming phase yields: the event to send."""
+
+    event: str
+
+
+PhaseFn = Callable[[Services, RequestState], Awaitable[str]]
+StreamingPhaseFn = Callable[[Services, RequestState], AsyncGenerator["str | Next", None]]
 
 
 # --- validating -----------------------------------------------------------------------------
 
 
 def _check_params(params: GenerationParams) -> tuple[str, str] | None:
-    for name, (low, high) in _PARAM_BOUNDS.items():
+    for name, (low, high) in GENERATION_BOUNDS.items():
         value = getattr(params, name)
         if value is None:
             continue
-        integral = name in ("max_tokens", "top_k", "seed")
+        integral = name in _INTEGRAL
         if isinstance(value, bool) or not isinstance(value, int | float) or (
             integral and not isinstance(value, int)
         ):
@@ -169,25 +174,25 @@ def _check_messages(messages: Sequence[Message]) -> tuple[str, str] | None:
     return None
 
 
-async def validating(ctx: RequestContext) -> str:
-    request = ctx.request
+async def validating(services: Services, state: RequestState) -> str:
+    request, registry = state.request, services.registry
     problem = _check_messages(request.messages) or _check_params(request.params)
-    if problem is None and request.agent is not None and request.agent not in ctx.registry.agents:
-        known = ", ".join(ctx.registry.agents)
+    if problem is None and request.agent is not None and request.agent not in registry.agents:
+        known = ", ".join(registry.agents)
         problem = "agent", f"unknown agent {request.agent!r}; known agents: {known}"
     if problem is not None:
-        ctx.fail("invalid", problem[1], field=problem[0])
+        state.fail("invalid", problem[1], field=problem[0])
         return "invalid"
-    ctx.notes["orion.messages"] = len(request.messages)
-    if ctx.guardrails is not None:
-        agents = ctx.registry.agents
+    state.notes[attr.MESSAGES] = len(request.messages)
+    if services.guardrails is not None:
+        agents = registry.agents
         context = (agents[request.agent].context_length if request.agent is not None
                    else max(a.context_length for a in agents.values()))
-        verdict = ctx.guardrails.check_input(request.messages, request.params,
-                                             context_length=context)
-        ctx.notes.update(verdict.as_notes())
+        verdict = services.guardrails.check_input(request.messages, request.params,
+                                                  context_length=context)
+        state.notes.update(verdict.as_notes())
         if (blocked := verdict.blocked) is not None:
-            ctx.fail("invalid", blocked.message, field=blocked.field)
+            state.fail("invalid", blocked.message, field=blocked.field)
             return "invalid"
     return "valid"
 
@@ -195,36 +200,46 @@ async def validating(ctx: RequestContext) -> str:
 # --- routing --------------------------------------------------------------------------------
 
 
-async def routing(ctx: RequestContext) -> str:
-    text = next(m.content for m in reversed(ctx.request.messages) if m.role == "user")
+async def routing(services: Services, state: RequestState) -> str:
+    request = state.request
+    text = next(m.content for m in reversed(request.messages) if m.role == "user")
     try:
-        decision = await ctx.router.route(text, requested=ctx.request.agent)
+        decision = await services.router.route(text, requested=request.agent)
     except RegistryError as exc:
-        ctx.fail("invalid", exc.message, field="agent")
+        state.fail("invalid", exc.message, field="agent")
         return "invalid"
-    ctx.decision = decision
-    ctx.chain = ctx.registry.fallback_chain(decision.agent)
-    ctx.notes.update({
-        "orion.agent": decision.agent,
-        "orion.routing.source": decision.source,
-        "orion.routing.score": decision.score,
-        "orion.routing.runner_up": decision.runner_up,
-        "orion.routing.margin": decision.margin,
-        "orion.routing.degraded": decision.degraded,
-        "orion.routing.note": decision.note,
-        "orion.fallback_chain": list(ctx.chain),
+    state.decision = decision
+    state.chain = services.registry.fallback_chain(decision.agent)
+    state.notes.update({
+        attr.AGENT: decision.agent,
+        attr.ROUTING_SOURCE: decision.source,
+        attr.ROUTING_SCORE: decision.score,
+        attr.ROUTING_RUNNER_UP: decision.runner_up,
+        attr.ROUTING_MARGIN: decision.margin,
+        attr.ROUTING_DEGRADED: decision.degraded,
+        attr.ROUTING_NOTE: decision.note,
+        attr.FALLBACK_CHAIN: list(state.chain),
     })
-    agent = ctx.registry.get(decision.agent)
-    if ctx.caches is not None and _cacheable(ctx, agent) and await _l1_lookup(ctx, agent):
-        return "cache_hit"
-    return "routed"
+    agent = services.registry.get(decision.agent)
+    if services.caches is None or not _cacheable(request, agent):
+        return "routed"
+    hit = await _l1_lookup(services, state, agent)
+    if hit is None:
+        return "routed"
+    state.agent, state.cache_level = agent, "L1"
+    state.text_parts = [hit.text]
+    state.token_ids = list(hit.token_ids)
+    state.prompt_ids = hit.prompt_token_ids
+    state.finish_reason = hit.finish_reason
+    state.notes.update({attr.CACHE_LEVEL: "L1", attr.CACHE_L1: "hit"})
+    return "cache_hit"
 
 
-def _cacheable(ctx: RequestContext, agent: AgentSpec) -> bool:
+def _cacheable(request: Request, agent: AgentSpec) -> bool:
     """Deterministic requests only, unless the caller opted in (or out)."""
-    if ctx.request.cache is not None:
-        return ctx.request.cache
-    params = ctx.request.params
+    if request.cache is not None:
+        return request.cache
+    params = request.params
     temperature = agent.generation.temperature if params.temperature is None else params.temperature
     seed = agent.generation.seed if params.seed is None else params.seed
     return temperature == 0 or seed >= 0
@@ -236,59 +251,53 @@ def _normalised(messages: Sequence[Message]) -> list[tuple[str, str]]:
             for m in messages]
 
 
-async def _l1_lookup(ctx: RequestContext, agent: AgentSpec) -> bool:
-    assert ctx.caches is not None
+async def _l1_lookup(services: Services, state: RequestState,
+                     agent: AgentSpec) -> CachedResult | None:
+    """The cached answer, or None after taking the lead on computing it."""
+    assert services.caches is not None
     try:
-        prepared = await ctx.loader.prepare(agent)
+        prepared = await services.loader.prepare(agent)
     except ModelLoadError:
-        return False  # loading_agent reports it and falls back; nothing to look up
-    sampling = _sampling(agent, ctx.request.params, agent.context_length)
-    key = cache_key("l1", _normalised(ctx.request.messages), agent.id, agent.system_prompt,
-                    agent.chat_template.assistant_prefix, dataclasses.asdict(sampling),
-                    prepared.files.source_sha256)
-    ctx.l1_key = key
-    hit = ctx.caches.l1.get_memory(key)
+        return None  # loading_agent reports it and falls back; nothing to look up
+    sampling = _sampling(agent, state.request.params, agent.context_length)
+    key = state.l1_key = cache_key(
+        "l1", _normalised(state.request.messages), agent.id, agent.system_prompt,
+        agent.chat_template.assistant_prefix, dataclasses.asdict(sampling), prepared.sha256)
+    l1, flights = services.caches.l1, services.l1_flights
+    hit = l1.get_memory(key)
     if hit is None:
-        hit = await ctx.caches.l1.get(key)
-    while hit is None:
-        flight = ctx.l1_flights.get(key)
-        if flight is None:
-            # A leader may have stored the answer while this request read the disk tier.
-            hit = ctx.caches.l1.get_memory(key)
-            if hit is None:
-                ctx.l1_flights[key] = anyio.Event()
-                ctx.l1_leader = True
-                ctx.notes["cache.l1"] = "miss"
-                return False
-        else:
-            # Single flight: an identical request is generating this answer; wait for it.
-            await flight.wait()
-            ctx.notes["cache.l1.waited"] = True
-            hit = ctx.caches.l1.get_memory(key)
-    ctx.agent, ctx.prepared, ctx.cache_level = agent, prepared, "L1"
-    ctx.text_parts = [hit["text"]]
-    ctx.token_ids = list(hit["token_ids"])
-    ctx.prompt_ids = tuple(hit["prompt_token_ids"])
-    ctx.finish_reason = hit["finish_reason"]
-    ctx.notes.update({"cache.level": "L1", "cache.l1": "hit"})
-    return True
+        hit = await l1.get(key)
+    while (found := CachedResult.from_value(hit)) is None:
+        if flights.in_flight(key):
+            # An identical request is generating this answer: wait for it, then look again.
+            await flights.wait(key)
+            state.notes[attr.CACHE_L1_WAITED] = True
+            hit = l1.get_memory(key)
+        # A leader may have stored the answer while this request read the disk tier.
+        elif (hit := l1.get_memory(key)) is None or CachedResult.from_value(hit) is None:
+            state.stack.enter_context(flights.lead(key))
+            state.notes[attr.CACHE_L1] = "miss"
+            return None
+    state.prepared = prepared  # the trace names the model that made the cached answer
+    return found
 
 
 # --- loading_agent --------------------------------------------------------------------------
 
 
-def _prompt_ids(ctx: RequestContext, prompt: str, prepared: PreparedModel) -> list[int]:
+def _prompt_ids(services: Services, prompt: str, prepared: Prepared,
+                notes: dict[str, Any]) -> list[int]:
     """Rendered prompt -> token ids, through L3 (memory tier only on the hot path)."""
-    if ctx.caches is None:
+    caches = services.caches
+    if caches is None:
         return prepared.tokenizer.encode(prompt)
-    key = cache_key("prompt-ids", prepared.files.source_sha256, prompt)
-    cached = ctx.caches.l3.get_memory(key)
+    key = cache_key("prompt-ids", prepared.sha256, prompt)
+    cached = caches.l3.get_memory(key)
     if cached is not None:
-        ctx.notes["cache.l3"] = "hit"
+        notes[attr.CACHE_L3] = "hit"
         return list(cached)
     ids = prepared.tokenizer.encode(prompt)
-    if ctx.background is not None:
-        ctx.background(ctx.caches.l3.set, key, tuple(ids))
+    services.background(caches.l3.set, key, tuple(ids))
     return ids
 
 
@@ -307,219 +316,242 @@ def _sampling(agent: AgentSpec, params: GenerationParams, room: int) -> Sampling
     )
 
 
-async def loading_agent(ctx: RequestContext) -> str:
-    agent = ctx.registry.get(ctx.chain[ctx.attempt])
-    ctx.agent = agent
-    ctx.notes.update({"orion.agent": agent.id, "gen_ai.request.model": agent.id,
-                      "orion.attempt": ctx.attempt})
-    if ctx.breakers is not None:
-        ctx.permit = ctx.breakers.allow(agent.id)
-        if ctx.permit is None:
-            why = f"circuit breaker of {agent.id!r} is open"
-            ctx.failures.append((agent.id, why))
-            ctx.notes["orion.breaker"] = "open"
-            return "breaker_open"
+async def _end_attempt(state: RequestState) -> None:
+    """Release the attempt's model lease and breaker permit (a permit without a verdict
+    counts for nothing). Also done by the request's stack if the request ends first."""
+    scope, state.attempt_scope, state.lease = state.attempt_scope, None, None
+    if scope is not None:
+        await scope.aclose()
+
+
+def _judge(state: RequestState, failure: str | None) -> None:
+    """Tell the agent's breaker how its attempt went (None: it served)."""
+    permit = state.permit
+    if permit is None:
+        return
+    change = permit.success() if failure is None else permit.failure(failure)
+    state.permit = None  # judged: the driver has nothing left to report about it
+    if change is not None:
+        state.notes[attr.BREAKER_TRANSITION] = f"{change.agent}: {change.source} -> {change.target}"
+
+
+def _load_failed(state: RequestState, agent: AgentSpec, exc: ModelLoadError) -> str:
+    state.failures.append((agent.id, exc.message))
+    state.notes[attr.LOAD_ERROR] = exc.message
+    _judge(state, "load_failed")
+    return "load_failed"
+
+
+async def loading_agent(services: Services, state: RequestState) -> str:
+    agent = state.agent = services.registry.get(state.chain[state.attempt])
+    state.notes.update({attr.AGENT: agent.id, attr.GEN_AI_REQUEST_MODEL: agent.id,
+                        attr.ATTEMPT: state.attempt})
+    scope = state.attempt_scope = await state.stack.enter_async_context(AsyncExitStack())
+    state.permit = scope.enter_context(services.breakers.attempt(agent.id))
+    if state.permit is None:
+        state.failures.append((agent.id, f"circuit breaker of {agent.id!r} is open"))
+        state.notes[attr.BREAKER] = "open"
+        return "breaker_open"
     try:
-        prepared = await ctx.loader.prepare(agent)
+        prepared = state.prepared = await services.loader.prepare(agent)
     except ModelLoadError as exc:
-        ctx.failures.append((agent.id, exc.message))
-        ctx.notes["orion.load_error"] = exc.message
-        ctx.verdict("load_failed")
-        return "load_failed"
-    ctx.prepared = prepared
-    messages = list(ctx.request.messages)
+        return _load_failed(state, agent, exc)
+    messages = list(state.request.messages)
     if agent.system_prompt and not any(m.role == "system" for m in messages):
         messages.insert(0, Message("system", agent.system_prompt))
     prompt = agent.chat_template.render([(m.role, m.content) for m in messages])
-    ids = _prompt_ids(ctx, prompt, prepared)
-    ctx.notes["gen_ai.usage.input_tokens"] = len(ids)
+    ids = _prompt_ids(services, prompt, prepared, state.notes)
+    state.notes[attr.GEN_AI_USAGE_INPUT_TOKENS] = len(ids)
     room = agent.context_length - len(ids)
     if room < 1:
-        ctx.fail("invalid", (
+        # A prompt too long is not the agent's failure: its permit goes back unjudged.
+        state.fail("invalid", (
             f"the prompt is {len(ids)} tokens but agent {agent.id!r} has a context of "
             f"{agent.context_length} tokens: shorten the prompt or pick an agent with a "
             "larger context_length"), field="prompt")
-        if ctx.permit is not None:
-            ctx.permit.release()  # a prompt too long is not the agent's failure
-            ctx.permit = None
         return "invalid"
-    ctx.prompt_ids = tuple(ids)
-    ctx.sampling = _sampling(agent, ctx.request.params, room)
-    ctx.notes.update({"gen_ai.usage.input_tokens": len(ids),
-                      "orion.model.sha256": prepared.files.source_sha256})
+    state.prompt_ids = tuple(ids)
+    state.sampling = _sampling(agent, state.request.params, room)
+    state.notes[attr.MODEL_SHA256] = prepared.sha256
     try:
-        ctx.lease = await ctx.loader.acquire(agent)
+        lease = state.lease = await scope.enter_async_context(services.loader.lease(agent))
     except ModelLoadError as exc:
-        ctx.failures.append((agent.id, exc.message))
-        ctx.notes["orion.load_error"] = exc.message
-        ctx.verdict("load_failed")
-        return "load_failed"
-    ctx.notes.update(ctx.lease.load_info.span_attributes())
+        return _load_failed(state, agent, exc)
+    state.notes.update(lease.load_info.span_attributes())
     return "loaded"
 
 
 # --- inferencing ----------------------------------------------------------------------------
 
 
-async def inferencing(ctx: RequestContext) -> AsyncGenerator[str, None]:
-    """Yields text deltas; sets `ctx.finish_reason`. Ends with the event in `ctx.notes`."""
-    lease, sampling, agent = ctx.lease, ctx.sampling, ctx.agent
+async def inferencing(services: Services,
+                      state: RequestState) -> AsyncGenerator[str | Next, None]:
+    """Text deltas as they are generated, then `Next("completed" | "inference_failed")`."""
+    lease, sampling, agent = state.lease, state.sampling, state.agent
     assert lease is not None and sampling is not None and agent is not None
     if sampling.seed < 0:  # drawn here so the trace records it: `replay --live` reuses it
-        sampling = ctx.sampling = dataclasses.replace(sampling,
-                                                      seed=secrets.randbelow(2**31 - 1))
-    ctx.notes.update({"gen_ai.operation.name": "chat", "gen_ai.system": "ctransformers",
-                      "gen_ai.request.model": agent.id,
-                      "gen_ai.request.max_tokens": sampling.max_tokens,
-                      "gen_ai.request.temperature": sampling.temperature,
-                      "gen_ai.request.top_p": sampling.top_p,
-                      "gen_ai.request.top_k": sampling.top_k,
-                      "gen_ai.usage.input_tokens": len(ctx.prompt_ids)})
-    ctx.repetition = RepetitionGuard()
+        sampling = state.sampling = dataclasses.replace(sampling,
+                                                        seed=secrets.randbelow(2**31 - 1))
+    state.notes.update({attr.GEN_AI_OPERATION_NAME: "chat", attr.GEN_AI_SYSTEM: "ctransformers",
+                        attr.GEN_AI_REQUEST_MODEL: agent.id,
+                        attr.GEN_AI_REQUEST_MAX_TOKENS: sampling.max_tokens,
+                        attr.GEN_AI_REQUEST_TEMPERATURE: sampling.temperature,
+                        attr.GEN_AI_REQUEST_TOP_P: sampling.top_p,
+                        attr.GEN_AI_REQUEST_TOP_K: sampling.top_k,
+                        attr.GEN_AI_USAGE_INPUT_TOKENS: len(state.prompt_ids)})
+    take = _Recorder(services, state, lease.model.tokenizer.vocab_size)
     try:
         async with lease.generation_lock:
-            if ctx.streaming:
-                async with aclosing(_stream_tokens(ctx, lease.model, sampling)) as texts:
+            if state.streaming:
+                async with aclosing(_stream_tokens(state, lease.model, sampling, take)) as texts:
                     async for text in texts:
                         yield text
             else:
-                await _generate(ctx, lease.model, sampling)
+                await _generate(state, lease.model, sampling, take)
     except InferenceError as exc:
-        ctx.failures.append((agent.id, exc.message))
-        ctx.notes["orion.inference_error"] = exc.message
-        ctx.notes["orion.next_event"] = "inference_failed"
-        ctx.verdict("malformed_output" if "malformed" in exc.message else "inference_failed")
+        state.failures.append((agent.id, exc.message))
+        state.notes[attr.INFERENCE_ERROR] = exc.message
+        _judge(state, "malformed_output" if "malformed" in exc.message else "inference_failed")
+        yield Next("inference_failed")
         return
-    finally:
-        ctx.release_model()
-    if ctx.stopped_for is not None:
-        ctx.finish_reason = ctx.stopped_for
-    ctx.verdict(None)
-    if ctx.first_token_at is not None:
-        ctx.notes["gen_ai.server.time_to_first_token"] = ctx.first_token_at / 1e3
-    _l1_store(ctx)
-    ctx.notes.update({"gen_ai.usage.output_tokens": len(ctx.token_ids),
-                      "gen_ai.response.finish_reasons": [ctx.finish_reason or "stop"],
-                      "orion.next_event": "completed"})
+    if state.stopped_for is not None:
+        state.finish_reason = state.stopped_for
+    _judge(state, None)
+    await _end_attempt(state)
+    if state.first_token_at is not None:
+        state.notes[attr.GEN_AI_SERVER_TIME_TO_FIRST_TOKEN] = state.first_token_at / 1e3
+    _l1_store(services, state)
+    state.notes.update({attr.GEN_AI_USAGE_OUTPUT_TOKENS: len(state.token_ids),
+                        attr.GEN_AI_RESPONSE_FINISH_REASONS: [state.finish_reason or "stop"]})
+    yield Next("completed")
 
 
-def _l1_store(ctx: RequestContext) -> None:
+def _l1_store(services: Services, state: RequestState) -> None:
     # Only what the routed agent answered, completely: a fallback answer is not the answer
     # this key asks for, and a cancelled one is not an answer.
-    if (ctx.l1_key is None or ctx.caches is None or ctx.background is None or ctx.attempt
-            or ctx.finish_reason not in ("stop", "length")):
+    caches = services.caches
+    if (state.l1_key is None or caches is None or state.attempt
+            or state.finish_reason not in ("stop", "length")):
         return
-    value = {"text": "".join(ctx.text_parts), "token_ids": list(ctx.token_ids),
-             "prompt_token_ids": list(ctx.prompt_ids), "finish_reason": ctx.finish_reason}
-    ctx.caches.l1.put_memory(ctx.l1_key, value)  # visible to the next identical request now
-    ctx.background(ctx.caches.l1.set, ctx.l1_key, value)  # and persisted without delaying it
+    value = CachedResult("".join(state.text_parts), tuple(state.token_ids), state.prompt_ids,
+                         state.finish_reason).as_value()
+    caches.l1.put_memory(state.l1_key, value)  # visible to the next identical request now
+    services.background(caches.l1.set, state.l1_key, value)  # persisted without delaying it
 
 
-def _record(ctx: RequestContext, event: GenerationEvent, vocab_size: int) -> None:
-    """Take one generated chunk: output guards first, then the request's text."""
-    if ctx.guardrails is not None:
-        blocked = ctx.guardrails.check_output(event.token_ids, event.text,
-                                              vocab_size=vocab_size).blocked
-        if blocked is not None:
-            raise InferenceError(f"malformed output: {blocked.message}")
-    if ctx.first_token_at is None:
-        ctx.first_token_at = ctx.now()
-    ctx.token_ids.extend(event.token_ids)
-    if event.text:
-        ctx.text_parts.append(event.text)
-        ctx.emitted_chars += len(event.text)
-        if ctx.repetition is not None and ctx.repetition.feed(event.text):
-            ctx.stopped_for = "repetition"
-            ctx.notes["orion.guard.repetition"] = ctx.repetition.reason
-            ctx.stop.set()
+class _Recorder:
+    """Takes each generated chunk: output guards first, then the request's text."""
+
+    __slots__ = ("_services", "_state", "_vocab", "repetition")
+
+    def __init__(self, services: Services, state: RequestState, vocab_size: int) -> None:
+        self._services, self._state, self._vocab = services, state, vocab_size
+        self.repetition = RepetitionGuard()
+
+    def __call__(self, event: GenerationEvent) -> None:
+        state, guardrails = self._state, self._services.guardrails
+        if guardrails is not None:
+            blocked = guardrails.check_output(event.token_ids, event.text,
+                                              vocab_size=self._vocab).blocked
+            if blocked is not None:
+                raise InferenceError(f"malformed output: {blocked.message}")
+        if state.first_token_at is None:
+            state.first_token_at = (self._services.clock.monotonic() - state.started) * 1e3
+        state.token_ids.extend(event.token_ids)
+        if event.text:
+            state.text_parts.append(event.text)
+            state.emitted_chars += len(event.text)
+            if self.repetition.feed(event.text):
+                state.stopped_for = "repetition"
+                state.notes[attr.GUARD_REPETITION] = self.repetition.reason
+                state.stop.set()
 
 
 T = TypeVar("T")
 
 
-async def _in_worker(ctx: RequestContext, fn: Callable[[], T]) -> T:
+async def _in_worker(state: RequestState, fn: Callable[[], T]) -> T:
     """`fn()` in a worker thread, abandoned on cancellation or at the request's deadline.
 
-    Abandoning is safe because the thread is told to stop (`ctx.stop`) and, if it started, is
-    awaited (shielded) before the model's lock is released: the next request never finds the
-    model still generating. A job cancelled before a thread took it never runs.
+    Abandoning is safe because the thread is told to stop (`state.stop`) and, if it started,
+    is awaited (shielded) before the model's lock is released: the next request never finds
+    the model still generating. A job cancelled before a thread took it never runs.
     """
     started, finished, abandoned = threading.Event(), threading.Event(), threading.Event()
+    outcome: list[T] = []
 
-    def work() -> T | None:
+    def work() -> None:
         started.set()
         try:
-            return None if abandoned.is_set() else fn()  # nobody awaits an abandoned job
+            if not abandoned.is_set():  # nobody awaits an abandoned job
+                outcome.append(fn())
         finally:
             finished.set()
 
     async def stop_and_wait() -> None:
-        ctx.stop.set()
+        state.stop.set()
         abandoned.set()  # before reading `started`: the thread sets it, then reads abandoned
         if started.is_set():
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(finished.wait)
 
-    scope = ctx.deadline.scope() if ctx.deadline is not None else anyio.CancelScope()
     try:
-        with scope:
-            result = await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
-            return cast(T, result)  # None only for an abandoned job, which nobody awaits
+        with state.deadline.scope():
+            await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
+            return outcome[0]
     except anyio.get_cancelled_exc_class():
         await stop_and_wait()
         raise
     # Only reached when the deadline's scope swallowed the cancellation.
     await stop_and_wait()
-    assert ctx.deadline is not None
-    raise ctx.deadline.error("inferencing", request_id=ctx.request.id)
+    raise state.deadline.error("inferencing", request_id=state.request.id)
 
 
-async def _stream_tokens(ctx: RequestContext, model: LoadedModel,
-                         sampling: SamplingParams) -> AsyncGenerator[str, None]:
+async def _stream_tokens(state: RequestState, model: Model, sampling: SamplingParams,
+                         take: _Recorder) -> AsyncGenerator[str, None]:
     """One worker-thread hop per chunk: the consumer sees each token as it is made."""
-    stream = model.open_stream(ctx.prompt_ids, sampling, should_stop=ctx.stop.is_set)
-    vocab = model.tokenizer.vocab_size
+    stream = model.open_stream(state.prompt_ids, sampling, should_stop=state.stop.is_set)
     try:
-        while (event := await _in_worker(ctx, stream.next_event)) is not None:
-            _record(ctx, event, vocab)
+        while (event := await _in_worker(state, stream.next_event)) is not None:
+            take(event)
             if event.text:
                 yield event.text
-        ctx.finish_reason = stream.outcome.finish_reason
+        state.finish_reason = stream.outcome.finish_reason
     finally:
         stream.close()
 
 
-async def _generate(ctx: RequestContext, model: LoadedModel, sampling: SamplingParams) -> None:
+async def _generate(state: RequestState, model: Model, sampling: SamplingParams,
+                    take: _Recorder) -> None:
     """The whole generation in one worker-thread hop: nobody waits for the chunks."""
-    vocab = model.tokenizer.vocab_size
-    outcome = await _in_worker(ctx, lambda: model.generate(
-        ctx.prompt_ids, sampling, on_event=lambda event: _record(ctx, event, vocab),
-        should_stop=ctx.stop.is_set))
-    ctx.finish_reason = outcome.finish_reason
+    outcome = await _in_worker(state, lambda: model.generate(
+        state.prompt_ids, sampling, on_event=take, should_stop=state.stop.is_set))
+    state.finish_reason = outcome.finish_reason
 
 
 # --- fallback -------------------------------------------------------------------------------
 
 
-async def fallback(ctx: RequestContext) -> str:
-    failed = ctx.chain[ctx.attempt]
-    why = ctx.failures[-1][1] if ctx.failures else "unknown failure"
-    ctx.notes.update({"orion.fallback.from": failed, "orion.fallback.cause": why})
-    if ctx.streaming and ctx.emitted_chars:
+async def fallback(services: Services, state: RequestState) -> str:
+    await _end_attempt(state)
+    failed = state.chain[state.attempt]
+    why = state.failures[-1][1] if state.failures else "unknown failure"
+    state.notes.update({attr.FALLBACK_FROM: failed, attr.FALLBACK_CAUSE: why})
+    if state.streaming and state.emitted_chars:
         # Text already reached a streaming caller: another agent's answer would be spliced on.
-        ctx.fail("inference_failed", (
-            f"agent {failed!r} failed after streaming {ctx.emitted_chars} characters ({why}); "
+        state.fail("inference_failed", (
+            f"agent {failed!r} failed after streaming {state.emitted_chars} characters ({why}); "
             "not retried on another agent so outputs are not mixed"))
         return "abort"
-    ctx.attempt += 1
-    if ctx.attempt < len(ctx.chain):
-        ctx.notes["orion.fallback.to"] = ctx.chain[ctx.attempt]
-        ctx.text_parts.clear()
-        ctx.token_ids.clear()
-        ctx.first_token_at = None
+    state.attempt += 1
+    if state.attempt < len(state.chain):
+        state.notes[attr.FALLBACK_TO] = state.chain[state.attempt]
+        state.text_parts.clear()
+        state.token_ids.clear()
+        state.first_token_at = None
         return "retry"
-    tried = "; ".join(f"{a}: {w}" for a, w in ctx.failures)
-    ctx.fail("exhausted", f"no agent could serve the request ({tried})")
+    tried = "; ".join(f"{a}: {w}" for a, w in state.failures)
+    state.fail("exhausted", f"no agent could serve the request ({tried})")
     return "exhausted"
 
 

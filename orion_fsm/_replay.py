@@ -5,12 +5,13 @@ token ids) through adapters; `compare` names the first divergence; `live` uses t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, Literal, cast
@@ -353,6 +354,9 @@ class ReplayRouter:
         self._canceller = canceller
         self.warnings: list[str] = []
 
+    def warm_texts(self) -> tuple[str, ...]:
+        return ()
+
     async def route(self, text: str, *, requested: str | None) -> RoutingDecision:
         if self._canceller is not None and self._canceller.reached("route"):
             await anyio.sleep_forever()
@@ -401,6 +405,10 @@ class _ReplayPrepared:
     files: ConvertedModel
     tokenizer: Tokenizer | _RecordedTokenizer
     estimate: MemoryEstimate
+
+    @property
+    def sha256(self) -> str:
+        return self.files.source_sha256
 
 
 class _ReplayRuntime:
@@ -669,6 +677,14 @@ class ReplayLoader:
                                              0.0, 0.0, (), False)
         return _ReplayLease(model, info, prepared)
 
+    @contextlib.asynccontextmanager
+    async def lease(self, agent: AgentSpec) -> AsyncIterator[Any]:
+        lease = await self.acquire(agent)
+        try:
+            yield lease
+        finally:
+            lease.release()
+
     # What the engine and its memory monitor call on a loader: nothing to run or unload.
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -742,6 +758,14 @@ class _LiveLoader:
                             context_length=agent.context_length,
                             model_path=lease.model.model_path)
         return _FailingLease(lease, model)
+
+    @contextlib.asynccontextmanager
+    async def lease(self, agent: AgentSpec) -> AsyncIterator[Any]:
+        lease = await self.acquire(agent)
+        try:
+            yield lease
+        finally:
+            lease.release()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         await self.inner.run(task_status=task_status)

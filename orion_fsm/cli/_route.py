@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 
 from orion_fsm import OrionError, Registry, RuleRouter
+from orion_fsm._seams import Router
 from orion_fsm.services.routing._embedding_router import (
     DEFAULT_METHOD,
     EmbeddingRouter,
@@ -25,7 +26,6 @@ from orion_fsm.services.routing._embedding_router import (
     load_labelled,
 )
 from orion_fsm.services.routing._embeddings import EmbeddingError, EmbeddingService
-from orion_fsm.services.routing._router import Router
 
 _MODES = ("explain", "eval", "tune")
 

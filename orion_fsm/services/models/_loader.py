@@ -12,7 +12,7 @@ import ctypes
 import logging
 import os
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -98,6 +98,11 @@ class PreparedModel:
     files: ConvertedModel
     tokenizer: Tokenizer
     estimate: MemoryEstimate
+
+    @property
+    def sha256(self) -> str:
+        """The source file's digest: what cache keys and traces name the model by."""
+        return self.files.source_sha256
 
 
 @dataclass(frozen=True, slots=True)
@@ -431,6 +436,16 @@ class ModelLoader:
                     self.preload(spec)
                     break
         return lease
+
+    @contextlib.asynccontextmanager
+    async def lease(self, agent: AgentSpec, *,
+                    variant: str | None = None) -> AsyncIterator[ModelLease]:
+        """`acquire` for the block: the model stays pinned until it is left, however."""
+        lease = await self.acquire(agent, variant=variant)
+        try:
+            yield lease
+        finally:
+            lease.release()
 
     def preload(self, agent: AgentSpec, *, variant: str | None = None) -> bool:
         """Ask the background task to load the agent's model if memory allows. Never blocks.

@@ -2,14 +2,15 @@
 
 `PhaseRecorder` is a listener attached to each request's state machine: it opens and closes
 the spans on state entry, and keeps the timeline (transitions, phase timings, span records)
-that the trace file stores. Phases never touch spans; they leave their results in `notes`.
+that the trace file stores. Phases never touch spans; they leave their results in `notes`;
+the driver ends the request span with `finish(attributes)` once the machine is final.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,7 +85,7 @@ class PhaseRecorder:
 
     __slots__ = (
         "_clock",
-        "_origin",
+        "_final",
         "_phase_span",
         "_phase_start",
         "_request_ctx",
@@ -93,10 +94,10 @@ class PhaseRecorder:
         "_tracer",
         "_unix_origin_ns",
         "notes",
+        "origin",
         "phases",
         "request_id",
         "spans",
-        "summary",
         "trace_id",
         "transitions",
     )
@@ -105,7 +106,7 @@ class PhaseRecorder:
                  attributes: Mapping[str, Any]) -> None:
         self._tracer = tracer
         self._clock = clock
-        self._origin = clock.monotonic()
+        self.origin = clock.monotonic()
         self._unix_origin_ns = int(clock.time() * 1e9)
         self.request_id = request_id
         self._request_span: Span = tracer.start_span(
@@ -125,11 +126,10 @@ class PhaseRecorder:
         self.transitions: list[Transition] = []
         self.phases: list[PhaseRecord] = []
         self.spans: list[dict[str, Any]] = []
-        # Called on reaching a final state: attributes of the whole request (agent, usage).
-        self.summary: Callable[[], Mapping[str, Any]] | None = None
+        self._final: tuple[str, float] | None = None  # (state, at_ms) once final
 
     def elapsed_ms(self) -> float:
-        return (self._clock.monotonic() - self._origin) * 1e3
+        return (self._clock.monotonic() - self.origin) * 1e3
 
     def _unix_ns(self, ms: float) -> int:
         return self._unix_origin_ns + int(ms * 1e6)
@@ -145,7 +145,7 @@ class PhaseRecorder:
         if state == "idle":
             return
         if state in _FINAL_STATES:
-            self._finish(state, now)
+            self._final = (state, now)
             return
         self._phase_start = now
         self._phase_span = self._tracer.start_span(
@@ -170,10 +170,14 @@ class PhaseRecorder:
             self.spans.append(_span_record(span, state, self._phase_start, now, attributes))
             self._phase_span = None
 
-    def _finish(self, state: str, now: float) -> None:
-        if self.summary is not None:
-            self.notes.update(self.summary())
-        attributes = {k: _clean(v) for k, v in self.notes.items() if v is not None}
+    def finish(self, summary: Mapping[str, Any]) -> None:
+        """End the request span, once the machine is final, with what the whole request
+        found (agent, usage) on top of the final state's notes."""
+        if self._final is None:
+            raise RuntimeError("finish() before the request machine reached a final state")
+        state, now = self._final
+        attributes = {k: _clean(v) for k, v in {**self.notes, **summary}.items()
+                      if v is not None}
         self.notes.clear()
         span = self._request_span
         span.set_attribute("orion.final_state", state)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -19,6 +20,7 @@ from statemachine.io import load
 from orion_fsm._clock import Clock, SystemClock
 from orion_fsm._exceptions import OrionError
 from orion_fsm._resources import data_file
+from orion_fsm.services.resilience._admission import RequestTimeout
 
 __all__ = [
     "STATE_VALUES",
@@ -120,13 +122,14 @@ class BreakerPermit:
     given after the breaker changed state since the permit was issued is stale and ignored.
     """
 
-    __slots__ = ("_breaker", "_epoch", "_resolved", "trial")
+    __slots__ = ("_breaker", "_epoch", "_resolved", "transition", "trial")
 
     def __init__(self, breaker: CircuitBreaker, epoch: int, trial: bool) -> None:
         self._breaker = breaker
         self._epoch = epoch
         self._resolved = False
         self.trial = trial  # the one request a half-open breaker lets through
+        self.transition: BreakerTransition | None = None  # what the verdict changed
 
     @property
     def resolved(self) -> bool:
@@ -138,7 +141,8 @@ class BreakerPermit:
         self._resolved = True
         if self._epoch != self._breaker._epoch:
             return None
-        return self._breaker.record_success()
+        self.transition = self._breaker.record_success()
+        return self.transition
 
     def failure(self, reason: str) -> BreakerTransition | None:
         if self._resolved:
@@ -146,7 +150,8 @@ class BreakerPermit:
         self._resolved = True
         if self._epoch != self._breaker._epoch:
             return None
-        return self._breaker.record_failure(reason)
+        self.transition = self._breaker.record_failure(reason)
+        return self.transition
 
     def release(self) -> None:
         if self._resolved:
@@ -293,6 +298,26 @@ class BreakerBoard:
     def allow(self, agent: str) -> BreakerPermit | None:
         return self.breaker(agent).allow()
 
+    @contextmanager
+    def attempt(self, agent: str) -> Iterator[BreakerPermit | None]:
+        """One attempt on `agent`'s model: its permit, or None when the breaker is open.
+
+        The holder gives the verdict (`success()` / `failure(reason)`). Leaving the block
+        without one is judged here, the one place that maps how an attempt ended: a timeout
+        or a crash counts against the agent; a caller who gave up, or a request refused
+        before the model ran, says nothing about its health.
+        """
+        permit = self.allow(agent)
+        try:
+            yield permit
+        except BaseException as exc:
+            if permit is not None and (reason := _failure_reason(exc)) is not None:
+                permit.failure(reason)
+            raise
+        finally:
+            if permit is not None:
+                permit.release()  # a no-op once a verdict was given
+
     def subscribe(self, callback: TransitionCallback) -> None:
         """Also call `callback(agent, source, target, reason)` on every breaker transition."""
         previous = self._on_transition
@@ -319,6 +344,14 @@ class BreakerBoard:
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """`{agent: breaker.snapshot()}`: what each trace record stores under "breakers"."""
         return {agent: b.snapshot() for agent, b in self._breakers.items()}
+
+
+def _failure_reason(exc: BaseException) -> str | None:
+    if isinstance(exc, RequestTimeout):
+        return "timeout"
+    if isinstance(exc, Exception):
+        return "internal"
+    return None  # cancelled, GeneratorExit (the consumer left), KeyboardInterrupt
 
 
 def register_breaker_metrics(meter: Meter, board: BreakerBoard) -> None:

@@ -22,11 +22,13 @@ from orion_fsm._exceptions import OrionError
 from orion_fsm._singleflight import SingleFlight
 from orion_fsm.services.models._registry import Registry
 from orion_fsm.services.routing._embeddings import EmbeddingError, EmbeddingService
-from orion_fsm.services.routing._router import Router, RoutingDecision, RuleRouter
+from orion_fsm.services.routing._router import RoutingDecision, RuleRouter
 
 if TYPE_CHECKING:
     # Imported where used: numpy alone would add ~80 ms to `import orion_fsm`.
     import numpy as np
+
+    from orion_fsm._seams import Router
 
 __all__ = [
     "DEFAULT_METHOD",
@@ -154,8 +156,7 @@ class EmbeddingRouter:
             separators=(",", ":"),
         )
 
-    @property
-    def example_texts(self) -> list[str]:
+    def warm_texts(self) -> list[str]:
         """Every text the router embeds for the agents, as embedded: for `precompute()`."""
         return [normalize_text(t) for agent in self.registry.agents
                 for t in self._agent_texts(agent)]

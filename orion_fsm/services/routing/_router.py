@@ -1,4 +1,5 @@
-"""Routing: which agent serves a request. `Router` is the seam; `RuleRouter` is the first one.
+"""Routing: which agent serves a request. `RuleRouter` is the first router (the seam is
+`orion_fsm._seams.Router`).
 
 The rule router scores each agent by the keywords and patterns of its registry routing hints;
 an explicit agent always wins, and nothing matching means the registry's default agent.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from orion_fsm.services.models._registry import Registry
 
@@ -49,12 +50,6 @@ class RoutingDecision:
         }
 
 
-class Router(Protocol):
-    """Anything that picks an agent for a text. Routers never load models."""
-
-    async def route(self, text: str, *, requested: str | None) -> RoutingDecision: ...
-
-
 @dataclass(frozen=True, slots=True)
 class _AgentRules:
     agent: str
@@ -86,6 +81,10 @@ class RuleRouter:
                 )
             )
         self._rules = tuple(rules)
+
+    def warm_texts(self) -> tuple[str, ...]:
+        """Rules embed nothing: nothing to warm up."""
+        return ()
 
     async def route(self, text: str, *, requested: str | None) -> RoutingDecision:
         return self.decide(text, requested=requested)

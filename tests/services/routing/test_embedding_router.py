@@ -162,10 +162,10 @@ async def test_precomputed_examples_make_the_index_free(
 ) -> None:
     async with EmbeddingService(model_dir) as service:  # its own, empty store
         router = EmbeddingRouter(registry, service)
-        service.precompute(router.example_texts)
+        service.precompute(router.warm_texts())
         with anyio.fail_after(30):
             # Warm-up is fire-and-forget by design: watching its counter is all one can do.
-            while service.stats()["precomputed"] < len(set(router.example_texts)):  # noqa: ASYNC110
+            while service.stats()["precomputed"] < len(set(router.warm_texts())):  # noqa: ASYNC110
                 await anyio.sleep(0.01)
         encoded = service.stats()["encoded"]
         assert await router.prepare()

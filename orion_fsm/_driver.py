@@ -1,0 +1,208 @@
+"""One request driven through its statechart: admission, each state's phase, the final state,
+the `Result` and its trace line. The driver owns the Result; phases only return events.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator, Mapping
+from contextlib import AsyncExitStack, aclosing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ._exceptions import OrionError
+from ._phases import PHASES, STREAMING_PHASES, Next, RequestState, Services
+from ._types import PhaseTiming, Request, Result, TokenUsage
+from .services.observability import _attributes as attr
+from .services.observability._logging import LogListener, request_context
+from .services.observability._telemetry import PhaseRecorder
+from .services.observability._tracefile import TRACE_FORMAT, TRACE_VERSION
+from .services.resilience._admission import Overloaded, RequestTimeout
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
+    from statemachine import StateChart
+
+    from .services.observability._tracefile import TraceWriter
+    from .services.resilience._admission import AdmissionController, TimeoutPolicy
+
+_log = logging.getLogger("orion_fsm.engine")
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Driving:
+    """What the driver needs beyond the phases' services: built once with them."""
+
+    services: Services
+    chart: type[StateChart[Any]]
+    tracer: Tracer
+    admission: AdmissionController
+    timeouts: TimeoutPolicy
+    traces: TraceWriter
+    registry_source: Path | None
+
+
+class RequestRun:
+    """`texts()` drives one request; `result` is set however it ends (also when cancelled)."""
+
+    __slots__ = ("_driving", "_priority", "_streaming", "request", "result")
+
+    def __init__(self, driving: Driving, request: Request, *, streaming: bool,
+                 priority: int) -> None:
+        self._driving = driving
+        self._streaming = streaming
+        self._priority = priority
+        self.request = request
+        self.result: Result | None = None
+
+    async def texts(self) -> AsyncGenerator[str, None]:
+        """Generated text as it comes (a streamed cache hit yields its whole text once)."""
+        d, request = self._driving, self.request
+        services = d.services
+        recorder = PhaseRecorder(d.tracer, services.clock, request.id,
+                                 {attr.REGISTRY_DIGEST: services.registry.digest})
+        listeners: list[object] = [recorder]
+        if _log.isEnabledFor(logging.INFO):
+            listeners.append(LogListener(_log, request.id, recorder.trace_id))
+        machine = d.chart(listeners=listeners)
+        stack = AsyncExitStack()
+        state = RequestState(request=request, streaming=self._streaming, stack=stack,
+                             deadline=d.timeouts.start(), started=recorder.origin,
+                             notes=recorder.notes,
+                             breakers_at_start=services.breakers.snapshot())
+        try:
+            await d.admission.acquire(self._priority, request_id=request.id)
+        except Overloaded as exc:  # refused at once, never queued
+            state.fail("overloaded", exc.message)
+            self._finish(state, recorder, machine, event="rejected")
+            return
+        except BaseException:
+            state.fail("cancelled", "the caller cancelled the request while it was queued")
+            self._finish(state, recorder, machine, event="abort")
+            raise
+        stack.callback(d.admission.release)
+        try:
+            async with stack, aclosing(self._phases(state, machine, recorder)) as texts:
+                async for text in texts:
+                    yield text
+        except RequestTimeout as exc:
+            state.fail("timeout", exc.message)
+            self._finish(state, recorder, machine, event="abort")
+        except BaseException as exc:
+            # Cancelled, consumer gone, or a bug in a phase: the request still ends in a final
+            # state, with its trace line.
+            if not machine.is_terminated:
+                if isinstance(exc, anyio.get_cancelled_exc_class() | GeneratorExit):
+                    state.fail("cancelled", "the caller cancelled the request")
+                elif isinstance(exc, OrionError):
+                    state.fail("internal", str(exc))
+                else:
+                    state.fail("internal", f"{type(exc).__name__}: {exc}")
+                self._finish(state, recorder, machine, event="abort")
+            raise
+        else:
+            self._finish(state, recorder, machine)
+
+    async def _phases(self, state: RequestState, machine: Any,
+                      recorder: PhaseRecorder) -> AsyncGenerator[str, None]:
+        """Each state's phase, under the request's deadline, until a final state. Service
+        logs made inside a phase (its worker threads too) carry the request's ids."""
+        services, deadline, ids = self._driving.services, state.deadline, (
+            state.request.id, recorder.trace_id)
+        machine.send("start")
+        while not machine.is_terminated:
+            name = next(iter(machine.configuration_values))
+            stream_phase = STREAMING_PHASES.get(name)
+            if stream_phase is not None:
+                # No deadline scope across a yield: the phase scopes each worker-thread hop.
+                async with aclosing(stream_phase(services, state)) as items:
+                    while True:
+                        with request_context(*ids):
+                            item = await anext(items)
+                        if isinstance(item, Next):
+                            event = item.event
+                            break
+                        yield item
+            else:
+                with request_context(*ids), deadline.scope() as scope:
+                    event = await PHASES[name](services, state)
+                if scope.cancelled_caught:
+                    raise deadline.error(name, request_id=state.request.id)
+            machine.send(event)
+        if state.cache_level is not None and state.streaming:
+            yield "".join(state.text_parts)
+
+    def _finish(self, state: RequestState, recorder: PhaseRecorder, machine: Any,
+                *, event: str | None = None) -> None:
+        """The final event (if not sent yet), the Result and its trace line."""
+        permit = state.permit  # not judged by a phase: judged as the stack was released
+        if permit is not None and (change := permit.transition) is not None:
+            state.notes[attr.BREAKER_TRANSITION] = (
+                f"{change.agent}: {change.source} -> {change.target}")
+        if event is not None:
+            machine.send(event)
+        agent = state.agent.id if state.agent else None
+        recorder.finish({
+            attr.AGENT: agent,
+            attr.FALLBACK: state.attempt > 0,
+            attr.GEN_AI_USAGE_INPUT_TOKENS: len(state.prompt_ids),
+            attr.GEN_AI_USAGE_OUTPUT_TOKENS: len(state.token_ids),
+            attr.ERROR_REASON: state.error_reason,
+        })
+        requested = state.decision.agent if state.decision else None
+        final = next(iter(machine.configuration_values))
+        result = self.result = Result(
+            request_id=state.request.id, trace_id=recorder.trace_id, state=final,
+            text="".join(state.text_parts), agent=agent, requested_agent=requested,
+            fallback=bool(requested and agent != requested),
+            agents_tried=tuple(state.chain[: state.attempt + 1]) if state.chain else (),
+            phases=tuple(PhaseTiming(p.state, p.start_ms, p.ms) for p in recorder.phases),
+            tokens=TokenUsage(len(state.prompt_ids), len(state.token_ids)),
+            ttft_ms=state.first_token_at, total_ms=recorder.elapsed_ms(),
+            finish_reason=state.finish_reason, error=state.error,
+            error_reason=state.error_reason, token_ids=tuple(state.token_ids),
+            routing=state.decision.as_dict() if state.decision else {},
+            cache=state.cache_level,
+        )
+        self._driving.traces.submit(_trace_record(self._driving, state, recorder, result))
+
+
+def _trace_record(d: Driving, state: RequestState, recorder: PhaseRecorder,
+                  result: Result) -> dict[str, Any]:
+    """The trace file's one record of a request (format: services/observability/_tracefile)."""
+    prepared, sampling, request = state.prepared, state.sampling, state.request
+    breakers: Mapping[str, Any] = state.breakers_at_start
+    return {
+        "format": TRACE_FORMAT,
+        "version": TRACE_VERSION,
+        "request_id": result.request_id,
+        "trace_id": result.trace_id,
+        "started_at": request.created_at,
+        "request": request.as_dict(),
+        "registry_digest": d.services.registry.digest,
+        "model": None if prepared is None else {
+            "source": str(prepared.key.source),
+            "sha256": prepared.sha256,
+            "context_length": prepared.key.context_length,
+        },
+        "prompt_token_ids": list(state.prompt_ids),
+        "sampling": None if sampling is None else {
+            "max_tokens": sampling.max_tokens, "temperature": sampling.temperature,
+            "top_k": sampling.top_k, "top_p": sampling.top_p,
+            "repetition_penalty": sampling.repetition_penalty,
+            "seed": sampling.seed, "stop": list(sampling.stop),
+        },
+        "streaming": state.streaming,
+        "registry_source": None if d.registry_source is None else str(d.registry_source),
+        "clock": {"time": request.created_at, "monotonic": state.started},
+        "cache": {"enabled": d.services.caches is not None, "level": state.cache_level,
+                  "l1_key": state.l1_key},
+        "breakers": dict(breakers),  # the states that decided, not the ones after
+        "transitions": [t.as_dict() for t in recorder.transitions],
+        "phases": [p.as_dict() for p in recorder.phases],
+        "spans": recorder.spans,
+        "result": {**result.as_dict(), "token_ids": list(result.token_ids)},
+    }

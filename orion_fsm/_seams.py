@@ -1,0 +1,109 @@
+"""The seams the request phases call through, declared once as Protocols.
+
+A model and its stream (the backend), the loader and the lease it hands out, and the router.
+The live implementations (`LoadedModel`, `ModelLoader`, the routers), replay's stand-ins and
+the fault injectors satisfy them structurally, and mypy checks each where it is passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import anyio
+    from anyio.abc import TaskStatus
+
+    from .backends import GenerationEvent, GenerationOutcome, SamplingParams
+    from .services.models._loader import LoadInfo, ModelKey, ResidentModel
+    from .services.models._registry import AgentSpec
+    from .services.routing._router import RoutingDecision
+
+
+class TokenCodec(Protocol):
+    """Text to token ids, and the size of the vocabulary the ids index."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+
+class Stream(Protocol):
+    """A generation pulled one event at a time; `next_event()` blocks (a worker thread's job)."""
+
+    def next_event(self) -> GenerationEvent | None: ...
+
+    @property
+    def outcome(self) -> GenerationOutcome: ...
+
+    def close(self) -> None: ...
+
+
+class Model(Protocol):
+    """A loaded model: generate in one blocking call, or open a stream of events."""
+
+    @property
+    def tokenizer(self) -> TokenCodec: ...
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams, *,
+                 on_event: Callable[[GenerationEvent], None],
+                 should_stop: Callable[[], bool]) -> GenerationOutcome: ...
+
+    def open_stream(self, prompt_ids: Sequence[int], params: SamplingParams, *,
+                    should_stop: Callable[[], bool] | None = None) -> Stream: ...
+
+
+class Prepared(Protocol):
+    """A model ready to load: which file, its digest and its tokenizer; no weights yet."""
+
+    @property
+    def key(self) -> ModelKey: ...
+
+    @property
+    def sha256(self) -> str: ...
+
+    @property
+    def tokenizer(self) -> TokenCodec: ...
+
+
+class Lease(Protocol):
+    """A pinned, loaded model. Hold `generation_lock` while generating."""
+
+    @property
+    def model(self) -> Model: ...
+
+    @property
+    def load_info(self) -> LoadInfo: ...
+
+    @property
+    def generation_lock(self) -> anyio.Semaphore: ...
+
+
+class Loader(Protocol):
+    """Keeps models resident; the Engine runs it for its lifetime."""
+
+    async def prepare(self, agent: AgentSpec) -> Prepared: ...
+
+    def lease(self, agent: AgentSpec) -> AbstractAsyncContextManager[Lease]: ...
+
+    def models(self) -> list[ResidentModel]: ...
+
+    async def unload_idle(self, *, limit: int | None = None) -> list[str]: ...
+
+    async def run(self, *, task_status: TaskStatus[None]) -> None: ...
+
+    def stop(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Router(Protocol):
+    """Anything that picks an agent for a text. Routers never load models."""
+
+    async def route(self, text: str, *, requested: str | None) -> RoutingDecision: ...
+
+    def warm_texts(self) -> Sequence[str]:
+        """Texts worth embedding before the first request (empty for routers that do not)."""
+        ...

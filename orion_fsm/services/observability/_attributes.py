@@ -1,0 +1,70 @@
+"""Span attribute names: the one home of the keys phases write and trace readers (replay,
+`trace show`) read back, as OpenTelemetry's semconv modules do. GenAI names follow the
+OpenTelemetry GenAI semantic conventions; ours are under `orion.`.
+"""
+
+from typing import Final
+
+# OpenTelemetry semantic conventions (error, GenAI).
+ERROR_TYPE: Final = "error.type"
+GEN_AI_OPERATION_NAME: Final = "gen_ai.operation.name"
+GEN_AI_SYSTEM: Final = "gen_ai.system"
+GEN_AI_REQUEST_MODEL: Final = "gen_ai.request.model"
+GEN_AI_REQUEST_MAX_TOKENS: Final = "gen_ai.request.max_tokens"
+GEN_AI_REQUEST_TEMPERATURE: Final = "gen_ai.request.temperature"
+GEN_AI_REQUEST_TOP_P: Final = "gen_ai.request.top_p"
+GEN_AI_REQUEST_TOP_K: Final = "gen_ai.request.top_k"
+GEN_AI_USAGE_INPUT_TOKENS: Final = "gen_ai.usage.input_tokens"
+GEN_AI_USAGE_OUTPUT_TOKENS: Final = "gen_ai.usage.output_tokens"
+GEN_AI_RESPONSE_FINISH_REASONS: Final = "gen_ai.response.finish_reasons"
+GEN_AI_SERVER_TIME_TO_FIRST_TOKEN: Final = "gen_ai.server.time_to_first_token"
+
+# The request and its phases.
+REQUEST_ID: Final = "orion.request.id"
+PHASE: Final = "orion.phase"
+FINAL_STATE: Final = "orion.final_state"
+REGISTRY_DIGEST: Final = "orion.registry.digest"
+MESSAGES: Final = "orion.messages"
+ERROR: Final = "orion.error"
+ERROR_REASON: Final = "orion.error_reason"
+
+# Routing and the agent that serves.
+AGENT: Final = "orion.agent"
+ATTEMPT: Final = "orion.attempt"
+ROUTING_SOURCE: Final = "orion.routing.source"
+ROUTING_SCORE: Final = "orion.routing.score"
+ROUTING_RUNNER_UP: Final = "orion.routing.runner_up"
+ROUTING_MARGIN: Final = "orion.routing.margin"
+ROUTING_DEGRADED: Final = "orion.routing.degraded"
+ROUTING_NOTE: Final = "orion.routing.note"
+FALLBACK_CHAIN: Final = "orion.fallback_chain"
+FALLBACK: Final = "orion.fallback"
+FALLBACK_FROM: Final = "orion.fallback.from"
+FALLBACK_TO: Final = "orion.fallback.to"
+FALLBACK_CAUSE: Final = "orion.fallback.cause"
+
+# Caches.
+CACHE_LEVEL: Final = "cache.level"
+CACHE_L1: Final = "cache.l1"
+CACHE_L1_WAITED: Final = "cache.l1.waited"
+CACHE_L3: Final = "cache.l3"
+
+# Breakers, guards and failures.
+BREAKER: Final = "orion.breaker"
+BREAKER_TRANSITION: Final = "orion.breaker.transition"
+LOAD_ERROR: Final = "orion.load_error"
+INFERENCE_ERROR: Final = "orion.inference_error"
+GUARD_REPETITION: Final = "orion.guard.repetition"
+GUARDRAILS_FINDINGS: Final = "orion.guardrails.findings"
+GUARDRAILS_BLOCKED: Final = "orion.guardrails.blocked"
+GUARDRAILS_RULES: Final = "orion.guardrails.rules"
+
+# The model a request was served by (see LoadInfo.span_attributes).
+MODEL: Final = "orion.model"
+MODEL_VARIANT: Final = "orion.model.variant"
+MODEL_SHA256: Final = "orion.model.sha256"
+MODEL_LOADED_NOW: Final = "orion.model.loaded_now"
+MODEL_LOAD_MS: Final = "orion.model.load_ms"
+MODEL_ESTIMATE_MB: Final = "orion.model.estimate_mb"
+MODEL_UNLOADED: Final = "orion.model.unloaded"
+MODEL_PRELOADED: Final = "orion.model.preloaded"
