@@ -23,6 +23,7 @@ from .services.models._loader import InsufficientMemory, LoaderConfig
 from .services.models._memory import MemoryMonitor, PressureLevel, PressureThresholds
 from .services.models._registry import AgentSpec, Registry
 from .services.observability._logging import configure_logging
+from .services.observability._tracefile import find_traces, read_traces
 from .services.resilience._admission import Overloaded, RequestTimeout
 from .services.resilience._breaker import BreakerBoard, BreakerConfig
 from .services.resilience._guardrails import GuardrailConfig, Guardrails
@@ -70,4 +71,6 @@ __all__ = [
     "ValidationError",
     "__version__",
     "configure_logging",
+    "find_traces",
+    "read_traces",
 ]

@@ -17,8 +17,8 @@ from typing import Any, Final, TextIO
 
 import anyio
 
-from orion_fsm import Engine, OrionError, RequestFailed, Result
-from orion_fsm._replay import find_records, replay
+from orion_fsm import Engine, OrionError, RequestFailed, Result, find_traces
+from orion_fsm.replay import replay
 
 from ._common import Progress
 from ._replay import report_lines
@@ -262,7 +262,7 @@ def _newest(path: Path, request_id: str | None) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        records = find_records(path, request_id)
+        records = find_traces(path, request_id)
     except OrionError:
         return None
     return records[-1] if records else None
