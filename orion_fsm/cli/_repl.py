@@ -17,7 +17,7 @@ from typing import Any, Final, TextIO
 
 import anyio
 
-from orion_fsm import Engine, OrionError, RequestFailed, Result, find_traces
+from orion_fsm import Engine, OrionError, RequestFailed, Result, default_cache_dir, find_traces
 from orion_fsm.replay import replay
 
 from ._common import Progress
@@ -285,8 +285,6 @@ def _footer(result: Result) -> str:
 async def _repl(args: argparse.Namespace) -> int:
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import FileHistory
-
-    from orion_fsm._engine import default_cache_dir
 
     history = Path(args.history) if args.history else (
         Path(args.cache_dir) if args.cache_dir else default_cache_dir()) / "repl-history"
