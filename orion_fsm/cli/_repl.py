@@ -106,7 +106,7 @@ class Session:
         self.asked = True
         stream = self.engine.stream(prompt, agent=self.agent, max_tokens=self.max_tokens,
                                     temperature=self.temperature)
-        self.last_id = getattr(stream, "request_id", None)
+        self.last_id = stream.request_id
         result: Result | None = None
         interrupted = False
         async with anyio.create_task_group() as tg:
@@ -216,11 +216,7 @@ class Session:
         return True
 
     async def _breakers(self, _: str) -> bool:
-        board = getattr(self.engine, "breakers", None)
-        if board is None:
-            self.say("breakers not available")
-            return True
-        for agent, state in board.snapshot().items():
+        for agent, state in self.engine.breakers.snapshot().items():
             self.say(f"  {agent:<16} {state.get('state', '?'):<10} failures "
                      f"{state.get('consecutive_failures', 0)}  last failure "
                      f"{state.get('last_failure') or '-'}")
