@@ -57,7 +57,7 @@ def _registry_at(path: Path | None) -> Registry:
 
 
 def _resolve_registry(record: Mapping[str, Any], registry: Registry | str | Path | None = None
-                     ) -> tuple[Registry, list[str]]:
+                      ) -> tuple[Registry, list[str]]:
     """The registry to replay `record` with, and warnings.
 
     An explicit `registry` is used as given (a warning if its digest is not the recorded
