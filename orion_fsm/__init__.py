@@ -7,7 +7,7 @@
 """
 
 from ._clock import Clock, ManualClock, SystemClock
-from ._engine import Engine, ResponseStream
+from ._engine import Engine, ResponseStream, default_cache_dir
 from ._exceptions import (
     InferenceError,
     ModelError,
@@ -17,21 +17,39 @@ from ._exceptions import (
     RequestFailed,
     ValidationError,
 )
+from ._machine import request_chart
 from ._seams import Loader, Router
 from ._types import GenerationParams, Message, PhaseTiming, Request, Result, TokenUsage
+from .backends import ConvertedModel, LoadedModel, ModelCache
+from .services.caches._cacheset import LEVELS as CACHE_LEVELS
 from .services.caches._cacheset import CacheConfig, CacheSet, CacheStats
-from .services.models._loader import InsufficientMemory, LoaderConfig
+from .services.models._loader import InsufficientMemory, LoaderConfig, ModelLoader
 from .services.models._memory import MemoryMonitor, PressureLevel, PressureThresholds
 from .services.models._registry import AgentSpec, Registry
+from .services.models._tiers import MemoryEstimate, estimate_model_memory
 from .services.observability._logging import configure_logging
+from .services.observability._tracefile import find_traces, read_traces
 from .services.resilience._admission import Overloaded, RequestTimeout
 from .services.resilience._breaker import BreakerBoard, BreakerConfig
 from .services.resilience._guardrails import GuardrailConfig, Guardrails
+from .services.routing._embedding_router import DEFAULT_METHOD as DEFAULT_ROUTING_METHOD
+from .services.routing._embedding_router import (
+    EmbeddingRouter,
+    EvalReport,
+    LabelledText,
+    RouteExplanation,
+    fit_thresholds,
+    load_labelled,
+)
+from .services.routing._embedding_router import evaluate as evaluate_router
+from .services.routing._embeddings import EmbeddingError, EmbeddingService
 from .services.routing._router import RoutingDecision, RuleRouter
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CACHE_LEVELS",
+    "DEFAULT_ROUTING_METHOD",
     "AgentSpec",
     "BreakerBoard",
     "BreakerConfig",
@@ -39,19 +57,29 @@ __all__ = [
     "CacheSet",
     "CacheStats",
     "Clock",
+    "ConvertedModel",
+    "EmbeddingError",
+    "EmbeddingRouter",
+    "EmbeddingService",
     "Engine",
+    "EvalReport",
     "GenerationParams",
     "GuardrailConfig",
     "Guardrails",
     "InferenceError",
     "InsufficientMemory",
+    "LabelledText",
+    "LoadedModel",
     "Loader",
     "LoaderConfig",
     "ManualClock",
+    "MemoryEstimate",
     "MemoryMonitor",
     "Message",
+    "ModelCache",
     "ModelError",
     "ModelLoadError",
+    "ModelLoader",
     "OrionError",
     "Overloaded",
     "PhaseTiming",
@@ -64,6 +92,7 @@ __all__ = [
     "RequestTimeout",
     "ResponseStream",
     "Result",
+    "RouteExplanation",
     "Router",
     "RoutingDecision",
     "RuleRouter",
@@ -72,4 +101,12 @@ __all__ = [
     "ValidationError",
     "__version__",
     "configure_logging",
+    "default_cache_dir",
+    "estimate_model_memory",
+    "evaluate_router",
+    "find_traces",
+    "fit_thresholds",
+    "load_labelled",
+    "read_traces",
+    "request_chart",
 ]

@@ -16,15 +16,19 @@ if TYPE_CHECKING:
     from anyio.abc import TaskStatus
 
     from .backends import GenerationEvent, GenerationOutcome, SamplingParams
-    from .services.models._loader import LoadInfo, ModelKey, ResidentModel
+    from .services.models._loader import LoaderStats, LoadInfo, ModelKey, ResidentModel
     from .services.models._registry import AgentSpec
     from .services.routing._router import RoutingDecision
 
 
-class TokenCodec(Protocol):
-    """Text to token ids, and the size of the vocabulary the ids index."""
+class Encoder(Protocol):
+    """Text to token ids: what rendering a prompt needs of a tokenizer."""
 
     def encode(self, text: str) -> list[int]: ...
+
+
+class Vocabulary(Protocol):
+    """The size of the vocabulary generated ids index: what output guards check against."""
 
     @property
     def vocab_size(self) -> int: ...
@@ -45,7 +49,7 @@ class Model(Protocol):
     """A loaded model: generate in one blocking call, or open a stream of events."""
 
     @property
-    def tokenizer(self) -> TokenCodec: ...
+    def tokenizer(self) -> Vocabulary: ...
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams, *,
                  on_event: Callable[[GenerationEvent], None],
@@ -65,7 +69,7 @@ class Prepared(Protocol):
     def sha256(self) -> str: ...
 
     @property
-    def tokenizer(self) -> TokenCodec: ...
+    def tokenizer(self) -> Encoder: ...
 
 
 class Lease(Protocol):
@@ -89,6 +93,9 @@ class Loader(Protocol):
     def lease(self, agent: AgentSpec) -> AbstractAsyncContextManager[Lease]: ...
 
     def models(self) -> list[ResidentModel]: ...
+
+    @property
+    def stats(self) -> LoaderStats: ...
 
     async def unload_idle(self, *, limit: int | None = None) -> list[str]: ...
 

@@ -3,7 +3,7 @@
     .venv/bin/python traces/record.py
 
 Rewrites success, cache-hit, fallback and invalid .jsonl beside this file; the replay tests
-(tests/test_replay.py) run on them. Re-record after a trace format change.
+(tests/replay/) run on them. Re-record after a trace format change.
 """
 
 from __future__ import annotations

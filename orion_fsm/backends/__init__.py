@@ -7,6 +7,7 @@ Nothing here imports the engine or its services; the only dependency inside orio
 from ._convert import (
     ConvertedModel,
     GGUFHeader,
+    ModelCache,
     ensure_converted,
     file_sha256,
     read_gguf_header,
@@ -29,6 +30,7 @@ __all__ = [
     "GenerationStream",
     "IncrementalDecoder",
     "LoadedModel",
+    "ModelCache",
     "SamplingParams",
     "Tokenizer",
     "ensure_converted",

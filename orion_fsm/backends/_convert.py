@@ -29,6 +29,7 @@ __all__ = [
     "TOKENIZER_FILENAME",
     "ConvertedModel",
     "GGUFHeader",
+    "ModelCache",
     "ensure_converted",
     "file_sha256",
     "read_gguf_header",
@@ -263,8 +264,8 @@ def ensure_converted(
         raise ModelLoadError(f"cannot create model cache {cache_dir}: {exc}") from exc
 
     sha = _cached_sha256(source, cache_dir, progress)
-    target = cache_dir / sha[:16]
-    converted = ConvertedModel(target / MODEL_FILENAME, target / TOKENIZER_FILENAME, sha)
+    converted = _converted(cache_dir, sha)
+    target = converted.model_path.parent
     if converted.model_path.is_file() and converted.tokenizer_path.is_file():
         return converted
 
@@ -284,6 +285,39 @@ def ensure_converted(
             "GGUF model with a byte-level BPE vocabulary"
         ) from exc
     return converted
+
+
+def _converted(cache_dir: Path, sha256: str) -> ConvertedModel:
+    """Where the converted copy of the file with this digest lives in the cache."""
+    target = cache_dir / sha256[:16]
+    return ConvertedModel(target / MODEL_FILENAME, target / TOKENIZER_FILENAME, sha256)
+
+
+class ModelCache:
+    """The converted models under `cache_dir`: which file the runtime would load for a source,
+    found without converting it, and `convert` (`ensure_converted`) to make it."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.cache_dir = cache_dir
+        # A live view asks again every few seconds: hash each file version once.
+        self._hashes: dict[tuple[Path, int, int], str] = {}
+
+    def runtime_file(self, source: Path) -> Path | None:
+        """The GGUF file the runtime would load for `source`, or None until it is converted."""
+        if ((source.parent / TOKENIZER_FILENAME).is_file()
+                and read_gguf_header(source).version == _CTRANSFORMERS_GGUF_VERSION):
+            return source  # loadable as it is (see ensure_converted), no digest needed
+        stat = source.stat()
+        ident = (source, stat.st_size, stat.st_mtime_ns)
+        if ident not in self._hashes:
+            self._hashes[ident] = file_sha256(source)
+        converted = _converted(self.cache_dir, self._hashes[ident])
+        ready = converted.model_path.is_file() and converted.tokenizer_path.is_file()
+        return converted.model_path if ready else None
+
+    def convert(self, source: Path, *, progress: ProgressCallback | None = None) -> ConvertedModel:
+        """The files the runtime loads for `source`, converted once (`ensure_converted`)."""
+        return ensure_converted(source, self.cache_dir, progress=progress)
 
 
 def _cached_sha256(source: Path, cache_dir: Path, progress: ProgressCallback | None) -> str:

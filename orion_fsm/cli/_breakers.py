@@ -14,8 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from orion_fsm import Registry
-from orion_fsm.services.resilience._breaker import BreakerConfig
+from orion_fsm import BreakerConfig, Registry
 
 _BLOCK = 1 << 16
 # Older lines than this are history, not "the latest state": stop looking.

@@ -12,7 +12,7 @@ from typing import Any
 
 import anyio
 
-from orion_fsm.services.caches._cacheset import LEVELS, CacheSet, CacheStats
+from orion_fsm import CACHE_LEVELS, CacheSet, CacheStats, default_cache_dir
 
 
 def add_parser(sub: Any) -> None:
@@ -21,15 +21,14 @@ def add_parser(sub: Any) -> None:
     stats = csub.add_parser("stats", help="entries, bytes and health of each level")
     stats.add_argument("--json", action="store_true")
     clear = csub.add_parser("clear", help="empty the caches (memory and disk)")
-    clear.add_argument("--level", choices=LEVELS, help="only this level (default: every level)")
+    clear.add_argument("--level", choices=CACHE_LEVELS,
+                       help="only this level (default: every level)")
     cache.set_defaults(handler=_cache)
 
 
 def cache_root(cache_dir: str | None) -> Path:
     """`<cache dir>/caches`, the cache dir being --cache-dir, $ORION_FSM_CACHE or
     ~/.cache/orion-fsm (the engine's default)."""
-    from orion_fsm._engine import default_cache_dir
-
     return (Path(cache_dir) if cache_dir else default_cache_dir()) / "caches"
 
 

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from orion_fsm import request_chart
+
 
 def add_parser(sub: Any) -> None:
     diagram = sub.add_parser("diagram", help="render the request statechart as Mermaid")
@@ -15,8 +17,6 @@ def add_parser(sub: Any) -> None:
 
 def _diagram(args: argparse.Namespace) -> int:
     from statemachine.contrib.diagram import formatter
-
-    from orion_fsm._machine import request_chart
 
     text = formatter.render(request_chart(), "mermaid")
     if args.output:

@@ -16,14 +16,21 @@ from typing import Any, Final
 import anyio
 import psutil
 
-from orion_fsm import ModelLoadError, Registry
-from orion_fsm.services.models._loader import LoaderConfig, ModelLoader
-from orion_fsm.services.models._memory import MemoryMonitor
-from orion_fsm.services.models._registry import AgentSpec
-from orion_fsm.services.models._tiers import MB, estimate_model_memory
+from orion_fsm import (
+    AgentSpec,
+    LoaderConfig,
+    MemoryMonitor,
+    ModelCache,
+    ModelLoader,
+    ModelLoadError,
+    Registry,
+    default_cache_dir,
+    estimate_model_memory,
+)
 
 from ._common import Progress
 
+_MB: Final = 1 << 20
 _BAR_WIDTH: Final = 20
 _CLEAR: Final = "\x1b[H\x1b[2J"
 
@@ -43,8 +50,6 @@ def add_parser(sub: Any) -> None:
 
 
 def _mem(args: argparse.Namespace) -> int:
-    from orion_fsm._engine import default_cache_dir
-
     if args.interval <= 0:
         print("orion-fsm: --interval must be positive", file=sys.stderr)
         return 2
@@ -54,7 +59,7 @@ def _mem(args: argparse.Namespace) -> int:
     loader = ModelLoader(cache, progress=progress,
                          config=LoaderConfig(memory_budget_mb=args.budget_mb))
     monitor = MemoryMonitor(loader=loader)
-    files = _ModelFiles(cache)
+    files = ModelCache(cache)
     measured = None
     if args.load:
         measured = anyio.run(_measure_load, loader, registry.get(args.load))
@@ -89,36 +94,14 @@ async def _measure_load(loader: ModelLoader, spec: AgentSpec) -> dict[str, Any]:
     return {"agent": spec.id, "model": prepared.key.label,
             "estimate_mb": round(prepared.estimate.total_mb, 1),
             "load_ms": round(lease.load_info.load_ms, 1),
-            "rss_before_mb": round(before / MB, 1), "rss_loaded_mb": round(loaded / MB, 1),
-            "rss_after_unload_mb": round(after / MB, 1),
-            "rss_delta_mb": round((loaded - before) / MB, 1),
-            "returned_mb": round((loaded - after) / MB, 1)}
-
-
-class _ModelFiles:
-    """Whether a model is converted yet, without converting it (hashes cached per file)."""
-
-    def __init__(self, cache_dir: Path) -> None:
-        self.cache_dir = cache_dir
-        self._hashes: dict[tuple[Path, int, int], str] = {}
-
-    def runtime_file(self, source: Path) -> Path | None:
-        from orion_fsm.backends import file_sha256, read_gguf_header
-
-        if (source.parent / "tokenizer.json").is_file() and read_gguf_header(source).version == 2:
-            return source  # loadable as it is (see ensure_converted)
-        stat = source.stat()
-        ident = (source, stat.st_size, stat.st_mtime_ns)
-        if ident not in self._hashes:
-            self._hashes[ident] = file_sha256(source)
-        folder = self.cache_dir / self._hashes[ident][:16]  # ensure_converted's layout
-        converted = folder / "model.gguf"
-        ready = converted.is_file() and (folder / "tokenizer.json").is_file()
-        return converted if ready else None
+            "rss_before_mb": round(before / _MB, 1), "rss_loaded_mb": round(loaded / _MB, 1),
+            "rss_after_unload_mb": round(after / _MB, 1),
+            "rss_delta_mb": round((loaded - before) / _MB, 1),
+            "returned_mb": round((loaded - after) / _MB, 1)}
 
 
 def snapshot_view(registry: Registry, loader: ModelLoader, monitor: MemoryMonitor,
-                  files: _ModelFiles, measured: dict[str, Any] | None = None) -> dict[str, Any]:
+                  files: ModelCache, measured: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything the view shows, as JSON-ready data."""
     snap = monitor.sample()
     budget = loader.budget_bytes
@@ -139,14 +122,14 @@ def snapshot_view(registry: Registry, loader: ModelLoader, monitor: MemoryMonito
         runtime = files.runtime_file(source)
         # An unconverted file is sized from its own header: conversion keeps the tensors.
         estimate = estimate_model_memory(runtime or source, spec.context_length,
-                                         overhead_bytes=int(loader.config.overhead_mb * MB))
+                                         overhead_bytes=int(loader.config.overhead_mb * _MB))
         rows[row_key] = {
             "agents": [spec.id], "variant": choice.name, "model": source.name,
             "context_length": spec.context_length,
             "status": "ready" if runtime else "not converted",
             "estimate_mb": round(estimate.total_mb, 1),
-            "weights_mb": round(estimate.weights_bytes / MB, 1),
-            "kv_cache_mb": round(estimate.kv_cache_bytes / MB, 1),
+            "weights_mb": round(estimate.weights_bytes / _MB, 1),
+            "kv_cache_mb": round(estimate.kv_cache_bytes / _MB, 1),
             "registry_ram_estimate_mb": spec.ram_estimate_mb,
             "share_of_budget": round(estimate.total_bytes / budget, 4),
             "fits_budget": estimate.total_bytes <= budget,

@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from orion_fsm import Registry
-from orion_fsm.services.models._registry import AgentSpec
+from orion_fsm import AgentSpec, ModelCache, Registry, default_cache_dir
 
 from ._common import Progress
 
@@ -65,10 +64,7 @@ def _models(args: argparse.Namespace) -> int:
         print(json.dumps(shown, indent=2, ensure_ascii=False))
         return 0
     # convert: prepare every distinct model file now, with a progress bar.
-    from orion_fsm._engine import default_cache_dir
-    from orion_fsm.backends import ensure_converted
-
-    cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    cache = ModelCache(Path(args.cache_dir) if args.cache_dir else default_cache_dir())
     progress = Progress(enabled=sys.stderr.isatty())
     seen: set[Path] = set()
     for spec in registry.agents.values():
@@ -78,7 +74,7 @@ def _models(args: argparse.Namespace) -> int:
         if source in seen:
             continue
         seen.add(source)
-        converted = ensure_converted(source, cache, progress=progress)
+        converted = cache.convert(source, progress=progress)
         print(f"{spec.id}: {converted.model_path} (source sha256 {converted.source_sha256[:16]})")
     progress.close()
     return 0

@@ -17,8 +17,8 @@ from typing import Any, Final, TextIO
 
 import anyio
 
-from orion_fsm import Engine, OrionError, RequestFailed, Result
-from orion_fsm._replay import find_records, replay
+from orion_fsm import Engine, OrionError, RequestFailed, Result, default_cache_dir, find_traces
+from orion_fsm.replay import replay
 
 from ._common import Progress
 from ._replay import report_lines
@@ -106,7 +106,7 @@ class Session:
         self.asked = True
         stream = self.engine.stream(prompt, agent=self.agent, max_tokens=self.max_tokens,
                                     temperature=self.temperature)
-        self.last_id = getattr(stream, "request_id", None)
+        self.last_id = stream.request_id
         result: Result | None = None
         interrupted = False
         async with anyio.create_task_group() as tg:
@@ -216,11 +216,7 @@ class Session:
         return True
 
     async def _breakers(self, _: str) -> bool:
-        board = getattr(self.engine, "breakers", None)
-        if board is None:
-            self.say("breakers not available")
-            return True
-        for agent, state in board.snapshot().items():
+        for agent, state in self.engine.breakers.snapshot().items():
             self.say(f"  {agent:<16} {state.get('state', '?'):<10} failures "
                      f"{state.get('consecutive_failures', 0)}  last failure "
                      f"{state.get('last_failure') or '-'}")
@@ -262,7 +258,7 @@ def _newest(path: Path, request_id: str | None) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        records = find_records(path, request_id)
+        records = find_traces(path, request_id)
     except OrionError:
         return None
     return records[-1] if records else None
@@ -285,8 +281,6 @@ def _footer(result: Result) -> str:
 async def _repl(args: argparse.Namespace) -> int:
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import FileHistory
-
-    from orion_fsm._engine import default_cache_dir
 
     history = Path(args.history) if args.history else (
         Path(args.cache_dir) if args.cache_dir else default_cache_dir()) / "repl-history"

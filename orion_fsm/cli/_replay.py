@@ -12,7 +12,8 @@ from typing import Any
 
 import anyio
 
-from orion_fsm._replay import ReplayReport, find_records, replay
+from orion_fsm import find_traces
+from orion_fsm.replay import ReplayReport, replay
 
 
 def add_parser(sub: Any) -> None:
@@ -50,7 +51,7 @@ def report_lines(report: ReplayReport) -> list[str]:
 
 async def _replay(args: argparse.Namespace) -> int:
     path = Path(args.file)
-    records = await anyio.to_thread.run_sync(find_records, path, args.request)
+    records = await anyio.to_thread.run_sync(find_traces, path, args.request)
     thresholds = dict(args.threshold) or None
     failed = 0
     for record in records:

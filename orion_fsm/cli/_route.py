@@ -14,18 +14,21 @@ from typing import Any
 
 import anyio
 
-from orion_fsm import OrionError, Registry, RuleRouter
-from orion_fsm._seams import Router
-from orion_fsm.services.routing._embedding_router import (
-    DEFAULT_METHOD,
+from orion_fsm import (
+    DEFAULT_ROUTING_METHOD,
+    EmbeddingError,
     EmbeddingRouter,
+    EmbeddingService,
     EvalReport,
+    OrionError,
+    Registry,
     RouteExplanation,
-    evaluate,
+    Router,
+    RuleRouter,
+    evaluate_router,
     fit_thresholds,
     load_labelled,
 )
-from orion_fsm.services.routing._embeddings import EmbeddingError, EmbeddingService
 
 _MODES = ("explain", "eval", "tune")
 
@@ -42,8 +45,8 @@ def add_parser(sub: Any) -> None:
     route.add_argument("--json", action="store_true", help="print one JSON object")
     route.add_argument("--rules", action="store_true",
                        help="use the keyword/pattern rule router instead of embeddings")
-    route.add_argument("--method", choices=("nearest", "centroid"), default=DEFAULT_METHOD,
-                       help=f"embedding scoring (default: {DEFAULT_METHOD})")
+    route.add_argument("--method", choices=("nearest", "centroid"), default=DEFAULT_ROUTING_METHOD,
+                       help=f"embedding scoring (default: {DEFAULT_ROUTING_METHOD})")
     route.add_argument("--thresholds", metavar="JSON|FILE",
                        help="per-agent thresholds, inline or in a file (the output of `tune`)")
     route.add_argument("--model-dir", help="sentence-transformers model folder "
@@ -97,7 +100,7 @@ async def _with_router(mode: str, argument: str, args: argparse.Namespace, regis
         return await _explain(argument, args, router)
     samples = load_labelled(argument, registry)
     if mode == "eval":
-        report = await evaluate(router, samples)
+        report = await evaluate_router(router, samples)
         name = "rules" if isinstance(router, RuleRouter) else f"embedding ({args.method})"
         if args.json:
             print(json.dumps({"router": name, "file": argument, **report.as_dict()},
@@ -120,7 +123,8 @@ async def _with_router(mode: str, argument: str, args: argparse.Namespace, regis
     thresholds = fit_thresholds(explained, registry.default_agent)
     tuned = EmbeddingRouter(registry, router.embeddings, method=args.method,
                             thresholds=thresholds, default_threshold=0.0)
-    before, after = await evaluate(untuned, samples), await evaluate(tuned, samples)
+    before = await evaluate_router(untuned, samples)
+    after = await evaluate_router(tuned, samples)
     print(f"accuracy on {argument}: {before.accuracy:.1%} without thresholds, "
           f"{after.accuracy:.1%} with them (fitted on the same file: check on another)",
           file=sys.stderr)

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from orion_fsm._replay import find_records
+from orion_fsm import find_traces
 
 _LABEL: Final = 14  # phase names: loading_agent is the longest
 _MS: Final = 11
@@ -37,7 +37,7 @@ def add_parser(sub: Any) -> None:
 
 
 def _show(args: argparse.Namespace) -> int:
-    records = find_records(Path(args.file), args.request)
+    records = find_traces(Path(args.file), args.request)
     width = args.width or bar_width()
     shown = records if args.last is None else records[-args.last:] if args.last > 0 else []
     if not args.summary:

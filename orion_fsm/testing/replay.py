@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from orion_fsm._replay import Divergence, ReplayReport, compare, replay
-from orion_fsm.services.observability._tracefile import read_traces
+from orion_fsm import read_traces
+from orion_fsm.replay import Divergence, ReplayReport, compare, replay
 
 __all__ = ["Divergence", "ReplayReport", "assert_replays", "compare", "replay", "replay_cases"]
 

@@ -13,6 +13,7 @@ from orion_fsm._exceptions import ModelLoadError
 from orion_fsm.backends import (
     ConvertedModel,
     LoadedModel,
+    ModelCache,
     SamplingParams,
     Tokenizer,
     ensure_converted,
@@ -206,6 +207,16 @@ def test_ctransformers_ready_source_is_returned_as_is(tmp_path: Path) -> None:
     assert converted == ConvertedModel(
         source, tmp_path / "tokenizer.json", hashlib.sha256(source.read_bytes()).hexdigest()
     )
+
+
+def test_the_model_cache_finds_a_runtime_file_without_converting(tmp_path: Path) -> None:
+    ready = make_tiny_llama_gguf(tmp_path / "ready" / "tiny.gguf")
+    source = make_tiny_llama_gguf(tmp_path / "src" / "tiny.gguf", llama_cpp_layout=True)
+    cache = ModelCache(tmp_path / "cache")
+    assert cache.runtime_file(ready) == ready  # loadable as it is
+    assert cache.runtime_file(source) is None and not (tmp_path / "cache").exists()
+    converted = cache.convert(source)
+    assert cache.runtime_file(source) == converted.model_path != source
 
 
 def test_changed_source_is_hashed_again(tmp_path: Path) -> None:

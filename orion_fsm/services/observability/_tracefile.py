@@ -138,3 +138,17 @@ def read_traces(path: Path) -> Iterator[dict[str, Any]]:
                     f"({shown!r}); a newer orion-fsm may read it"
                 )
             yield upgrade_record(record)
+
+
+def find_traces(path: Path, request_id: str | None = None) -> list[dict[str, Any]]:
+    """The records of a trace file, or those whose request (or trace) id starts with
+    `request_id`; an OrionError naming the file if none does."""
+    records = list(read_traces(path))
+    if request_id is None:
+        return records
+    chosen = [r for r in records if str(r.get("request_id", "")).startswith(request_id)
+              or str(r.get("trace_id", "")).startswith(request_id)]
+    if not chosen:
+        raise OrionError(f"no request {request_id!r} in {path} ({len(records)} records); "
+                         "`orion-fsm trace show` lists their ids")
+    return chosen
