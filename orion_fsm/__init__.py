@@ -9,21 +9,24 @@
 from ._clock import Clock, ManualClock, SystemClock
 from ._engine import Engine, ResponseStream
 from ._exceptions import (
+    ConfigurationError,
     InferenceError,
+    InsufficientMemory,
     ModelError,
     ModelLoadError,
     OrionError,
+    Overloaded,
     RegistryError,
     RequestFailed,
+    RequestTimeout,
     ValidationError,
 )
 from ._types import GenerationParams, Message, PhaseTiming, Request, Result, TokenUsage
 from .services.caches._cacheset import CacheConfig, CacheSet, CacheStats
-from .services.models._loader import InsufficientMemory, LoaderConfig
+from .services.models._loader import LoaderConfig
 from .services.models._memory import MemoryMonitor, PressureLevel, PressureThresholds
 from .services.models._registry import AgentSpec, Registry
 from .services.observability._logging import configure_logging
-from .services.resilience._admission import Overloaded, RequestTimeout
 from .services.resilience._breaker import BreakerBoard, BreakerConfig
 from .services.resilience._guardrails import GuardrailConfig, Guardrails
 from .services.routing._router import Router, RoutingDecision, RuleRouter
@@ -38,6 +41,7 @@ __all__ = [
     "CacheSet",
     "CacheStats",
     "Clock",
+    "ConfigurationError",
     "Engine",
     "GenerationParams",
     "GuardrailConfig",

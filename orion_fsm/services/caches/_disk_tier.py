@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import diskcache
 
-from orion_fsm._exceptions import OrionError
+from orion_fsm._exceptions import CacheError
 
 logger = logging.getLogger("orion_fsm.cache")
 
@@ -40,10 +40,6 @@ class DiskOpening:
     tier: DiskTier | None
     state: DiskState
     problem: str | None
-
-
-class CacheError(OrionError):
-    """A cache was asked for something it does not have (an unknown level, a bad record)."""
 
 
 class DiskTier:

@@ -24,7 +24,7 @@ from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from orion_fsm._clock import Clock, SystemClock
-from orion_fsm._exceptions import ModelLoadError
+from orion_fsm._exceptions import ConfigurationError, InsufficientMemory, ModelLoadError
 from orion_fsm._singleflight import SingleFlight
 from orion_fsm.backends import ConvertedModel, LoadedModel, Tokenizer, ensure_converted
 from orion_fsm.services.models._memory import PressureLevel
@@ -41,7 +41,6 @@ from orion_fsm.services.models._tiers import (
 )
 
 __all__ = [
-    "InsufficientMemory",
     "LoadInfo",
     "LoaderConfig",
     "LoaderStats",
@@ -61,19 +60,6 @@ _log = logging.getLogger("orion_fsm.loader")
 _READ_CHUNK: Final = 4 << 20
 _QUEUE: Final = 16  # pending background commands; a full queue drops preload hints
 _SEND_FAILURES: Final = (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError)
-
-
-class InsufficientMemory(ModelLoadError):
-    """A model was refused before loading: it does not fit, or memory pressure is critical.
-
-    Raised instead of letting the process be OOM-killed; the request machine answers it like
-    any load failure, by falling back to the next (smaller) agent.
-    """
-
-    def __init__(self, message: str, *, needed_bytes: int, budget_bytes: int) -> None:
-        super().__init__(message)
-        self.needed_bytes = needed_bytes
-        self.budget_bytes = budget_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +146,7 @@ class LoaderConfig:
 
     def __post_init__(self) -> None:
         problems = [
-            f"{name} must be {rule}, got {value!r}" for name, value, rule, ok in (
+            (name, value, rule) for name, value, rule, ok in (
                 ("memory_budget_mb", self.memory_budget_mb, "positive or None",
                  self.memory_budget_mb is None or self.memory_budget_mb > 0),
                 ("budget_fraction", self.budget_fraction, "in (0, 1]",
@@ -176,7 +162,8 @@ class LoaderConfig:
             ) if not ok
         ]
         if problems:
-            raise ValueError("; ".join(problems))
+            name, value, rule = problems[0]  # one at a time, like every ConfigurationError
+            raise ConfigurationError(f"LoaderConfig.{name}", value, rule)
 
 
 @dataclass(slots=True)

@@ -20,6 +20,7 @@ from anyio.abc import TaskStatus
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from orion_fsm._clock import Clock, SystemClock
+from orion_fsm._exceptions import ConfigurationError
 
 if TYPE_CHECKING:
     from orion_fsm.services.models._loader import ModelLoader, ResidentModel
@@ -82,10 +83,12 @@ class PressureThresholds:
     def __post_init__(self) -> None:
         a = self.available_pct
         if not a[0] >= a[1] >= a[2]:
-            raise ValueError(f"available_pct must decrease (medium, high, critical), got {a}")
+            raise ConfigurationError("PressureThresholds.available_pct", a,
+                                     "decreasing (medium, high, critical)")
         r = self.rss_budget_ratio
         if r is not None and not r[0] <= r[1] <= r[2]:
-            raise ValueError(f"rss_budget_ratio must increase (medium, high, critical), got {r}")
+            raise ConfigurationError("PressureThresholds.rss_budget_ratio", r,
+                                     "increasing (medium, high, critical), or None")
 
     def level(self, reading: MemoryReading, budget_bytes: int | None) -> PressureLevel:
         pct = 100.0 * reading.system_available_bytes / max(1, reading.system_total_bytes)
@@ -197,7 +200,8 @@ class MemoryMonitor:
         clock: Clock | None = None,
     ) -> None:
         if interval_s <= 0:
-            raise ValueError(f"interval_s must be positive, got {interval_s}")
+            raise ConfigurationError("MemoryMonitor.interval_s", interval_s,
+                                     "a positive number of seconds")
         self.loader = loader
         self.interval_s = interval_s
         self.thresholds = thresholds or PressureThresholds()

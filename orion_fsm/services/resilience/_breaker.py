@@ -17,7 +17,7 @@ from statemachine import StateChart
 from statemachine.io import load
 
 from orion_fsm._clock import Clock, SystemClock
-from orion_fsm._exceptions import OrionError
+from orion_fsm._exceptions import ConfigurationError, OrionError
 from orion_fsm._resources import data_file
 
 __all__ = [
@@ -65,12 +65,13 @@ class BreakerConfig:
     def __post_init__(self) -> None:
         if isinstance(self.failure_threshold, bool) or not isinstance(self.failure_threshold, int) \
                 or self.failure_threshold < 1:
-            raise OrionError(f"breaker failure_threshold must be an integer >= 1, "
-                             f"got {self.failure_threshold!r}")
+            raise ConfigurationError("BreakerConfig.failure_threshold",
+                                     self.failure_threshold, "an integer >= 1")
         for name in ("reset_after_s", "trial_timeout_s"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not value >= 0:
-                raise OrionError(f"breaker {name} must be a number of seconds >= 0, got {value!r}")
+                raise ConfigurationError(f"BreakerConfig.{name}", value,
+                                         "a number of seconds >= 0")
 
     def as_dict(self) -> dict[str, Any]:
         # Spelled out: dataclasses.asdict costs ~5 µs, and this runs for every trace record.

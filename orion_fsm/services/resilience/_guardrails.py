@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 
-from orion_fsm._exceptions import ValidationError
+from orion_fsm._exceptions import ConfigurationError, ValidationError
 
 __all__ = [
     "INJECTION_RULES",
@@ -62,8 +62,8 @@ class GuardrailConfig:
     def __post_init__(self) -> None:
         for name in ("injection", "template_tags"):
             if getattr(self, name) not in _POLICIES:
-                raise ValueError(f"guardrail policy {name} must be one of {_POLICIES}, "
-                                 f"got {getattr(self, name)!r}")
+                raise ConfigurationError(f"GuardrailConfig.{name}", getattr(self, name),
+                                         f"one of {', '.join(_POLICIES)}")
 
 
 @dataclass(frozen=True, slots=True)

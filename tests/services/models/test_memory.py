@@ -13,9 +13,9 @@ import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from orion_fsm import ManualClock, Registry
+from orion_fsm import ConfigurationError, InsufficientMemory, ManualClock, Registry
 from orion_fsm.backends import LoadedModel
-from orion_fsm.services.models._loader import InsufficientMemory, LoaderConfig, ModelLoader
+from orion_fsm.services.models._loader import LoaderConfig, ModelLoader
 from orion_fsm.services.models._memory import (
     MemoryMonitor,
     MemoryReading,
@@ -94,9 +94,9 @@ def test_configured_thresholds_grade_available_memory_and_rss_against_the_budget
 
 
 def test_thresholds_out_of_order_are_rejected() -> None:
-    with pytest.raises(ValueError, match="decrease"):
+    with pytest.raises(ConfigurationError, match="available_pct must be decreasing"):
         PressureThresholds(available_pct=(5, 15, 30))
-    with pytest.raises(ValueError, match="increase"):
+    with pytest.raises(ConfigurationError, match="rss_budget_ratio must be increasing"):
         PressureThresholds(rss_budget_ratio=(2, 1, 0.5))
 
 

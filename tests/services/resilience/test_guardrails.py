@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from orion_fsm import GenerationParams, Message, ValidationError
+from orion_fsm import ConfigurationError, GenerationParams, Message, ValidationError
 from orion_fsm.services.resilience._guardrails import (
     GuardrailConfig,
     Guardrails,
@@ -180,7 +180,7 @@ def test_bidirectional_override_is_flagged_as_hidden_text() -> None:
 
 
 def test_unknown_policy_is_refused() -> None:
-    with pytest.raises(ValueError, match="injection"):
+    with pytest.raises(ConfigurationError, match="injection"):
         GuardrailConfig(injection="warn")  # type: ignore[arg-type]
 
 
