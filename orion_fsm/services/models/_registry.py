@@ -10,6 +10,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ __all__ = [
     "QuantVariant",
     "Registry",
     "RoutingHints",
+    "generation_bounds",
 ]
 
 
@@ -312,10 +314,48 @@ def _digest(doc: object) -> str:
 
 
 @functools.cache
-def _schema() -> dict[str, Any]:
+def _schema_document() -> dict[str, Any]:
     schema: dict[str, Any] = json.loads(data_file("models.schema.json").read_text(encoding="utf-8"))
+    return schema
+
+
+@functools.cache
+def _schema() -> dict[str, Any]:
+    schema = _schema_document()
     jsonschema.Draft202012Validator.check_schema(schema)
     return schema
+
+
+@functools.cache
+def generation_bounds() -> Mapping[str, tuple[float, float]]:
+    """Inclusive `(low, high)` of each numeric generation parameter, read from the schema.
+
+    models.schema.json is the one home of these bounds: a request's parameters and an agent's
+    defaults are held to the same numbers. An exclusive bound becomes the nearest value inside
+    it (the next float, or the next integer), so `low <= value <= high` is the whole test.
+    Built on first use, without jsonschema: reading the schema is all it needs.
+    """
+    properties = _schema_document()["$defs"]["generation"]["properties"]
+    bounds: dict[str, tuple[float, float]] = {}
+    for name, spec in properties.items():
+        if spec.get("type") not in ("integer", "number"):
+            continue
+        integral = spec["type"] == "integer"
+        low = spec.get("minimum", -math.inf)
+        if "exclusiveMinimum" in spec:
+            low = _inside(spec["exclusiveMinimum"], up=True, integral=integral)
+        high = spec.get("maximum", math.inf)
+        if "exclusiveMaximum" in spec:
+            high = _inside(spec["exclusiveMaximum"], up=False, integral=integral)
+        bounds[name] = (low, high)
+    return MappingProxyType(bounds)
+
+
+def _inside(bound: float, *, up: bool, integral: bool) -> float:
+    """The nearest value strictly beyond an exclusive `bound`, upwards or downwards."""
+    if integral:
+        return bound + 1 if up else bound - 1
+    return math.nextafter(bound, math.inf if up else -math.inf)
 
 
 @functools.cache
