@@ -17,6 +17,7 @@ import anyio
 import psutil
 
 from orion_fsm import ModelLoadError, Registry
+from orion_fsm._config import resolve_cache_dir
 from orion_fsm.services.models._loader import LoaderConfig, ModelLoader
 from orion_fsm.services.models._memory import MemoryMonitor
 from orion_fsm.services.models._registry import AgentSpec
@@ -43,13 +44,11 @@ def add_parser(sub: Any) -> None:
 
 
 def _mem(args: argparse.Namespace) -> int:
-    from orion_fsm._engine import default_cache_dir
-
     if args.interval <= 0:
         print("orion-fsm: --interval must be positive", file=sys.stderr)
         return 2
     registry = Registry.load(args.registry)
-    cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    cache = resolve_cache_dir(args.cache_dir)
     progress = Progress(enabled=not args.json and sys.stderr.isatty())
     loader = ModelLoader(cache, progress=progress,
                          config=LoaderConfig(memory_budget_mb=args.budget_mb))

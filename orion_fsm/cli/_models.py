@@ -65,10 +65,10 @@ def _models(args: argparse.Namespace) -> int:
         print(json.dumps(shown, indent=2, ensure_ascii=False))
         return 0
     # convert: prepare every distinct model file now, with a progress bar.
-    from orion_fsm._engine import default_cache_dir
+    from orion_fsm._config import resolve_cache_dir
     from orion_fsm.backends import ensure_converted
 
-    cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    cache = resolve_cache_dir(args.cache_dir)
     progress = Progress(enabled=sys.stderr.isatty())
     seen: set[Path] = set()
     for spec in registry.agents.values():

@@ -20,6 +20,7 @@ from anyio.abc import TaskStatus
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from orion_fsm._clock import Clock, SystemClock
+from orion_fsm._config import DEFAULT_MEMORY_INTERVAL_S
 from orion_fsm._exceptions import ConfigurationError
 
 if TYPE_CHECKING:
@@ -192,7 +193,7 @@ class MemoryMonitor:
         *,
         loader: ModelLoader | None = None,
         probe: Callable[[], MemoryReading] = psutil_reading,
-        interval_s: float = 30.0,
+        interval_s: float = DEFAULT_MEMORY_INTERVAL_S,
         history_size: int = 120,
         thresholds: PressureThresholds | None = None,
         caches: Callable[[], Mapping[str, int]] | None = None,

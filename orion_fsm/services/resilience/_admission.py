@@ -17,12 +17,12 @@ from typing import Any
 import anyio
 from anyio.lowlevel import cancel_shielded_checkpoint, checkpoint_if_cancelled
 
+from orion_fsm._config import DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_QUEUE, DEFAULT_TIMEOUT_S
 from orion_fsm._exceptions import ConfigurationError, Overloaded, RequestTimeout
 
 # Overloaded and RequestTimeout live in _exceptions; re-exported for the engine's imports.
 __all__ = ["AdmissionController", "Deadline", "Overloaded", "RequestTimeout", "TimeoutPolicy"]
 
-DEFAULT_TIMEOUT_S = 60.0
 
 
 @dataclass(order=True)
@@ -42,7 +42,8 @@ class AdmissionController:
     straight to the next waiter, so a newcomer never overtakes the queue.
     """
 
-    def __init__(self, max_in_flight: int = 64, max_queue: int = 1024) -> None:
+    def __init__(self, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+                 max_queue: int = DEFAULT_MAX_QUEUE) -> None:
         if max_in_flight < 1:
             raise ConfigurationError("AdmissionController.max_in_flight", max_in_flight,
                                      "at least 1")
