@@ -147,10 +147,6 @@ class Tokenizer:
         return token_id in self._special_ids
 
     @property
-    def special_ids(self) -> frozenset[int]:
-        return self._special_ids
-
-    @property
     def vocab_size(self) -> int:
         size: int = self._backend.get_vocab_size(with_added_tokens=True)
         return size

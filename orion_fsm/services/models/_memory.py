@@ -130,10 +130,6 @@ class MemorySnapshot:
     def available_pct(self) -> float:
         return 100.0 * self.system_available_bytes / max(1, self.system_total_bytes)
 
-    @property
-    def models_bytes(self) -> int:
-        return sum(m.estimate_bytes for m in self.models)
-
     def as_dict(self) -> dict[str, Any]:
         return {
             "at": self.at,
