@@ -24,7 +24,8 @@ from ._exceptions import (
 from ._types import GenerationParams, Message, PhaseTiming, Request, Result, TokenUsage
 from .services.caches._cacheset import CacheConfig, CacheSet, CacheStats
 from .services.models._loader import LoaderConfig
-from .services.models._memory import MemoryMonitor, PressureLevel, PressureThresholds
+from .services.models._memory import MemoryMonitor
+from .services.models._pressure import PressureLevel, PressureThresholds
 from .services.models._registry import AgentSpec, Registry
 from .services.observability._logging import configure_logging
 from .services.resilience._breaker import BreakerBoard, BreakerConfig

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import anyio
 import psutil
@@ -27,7 +27,7 @@ from orion_fsm._clock import Clock, SystemClock
 from orion_fsm._exceptions import ConfigurationError, InsufficientMemory, ModelLoadError
 from orion_fsm._singleflight import SingleFlight
 from orion_fsm.backends import ConvertedModel, LoadedModel, Tokenizer, ensure_converted
-from orion_fsm.services.models._memory import PressureLevel
+from orion_fsm.services.models._pressure import PressureGauge, PressureLevel
 from orion_fsm.services.models._registry import AgentSpec, ModelSource
 from orion_fsm.services.models._tiers import (
     DEFAULT_VARIANT,
@@ -48,7 +48,6 @@ __all__ = [
     "ModelLease",
     "ModelLoader",
     "PreparedModel",
-    "PressureGauge",
     "ProgressCallback",
     "ResidentModel",
 ]
@@ -123,6 +122,10 @@ class ResidentModel:
     @property
     def label(self) -> str:
         return self.key.label
+
+    @property
+    def variant(self) -> str:
+        return self.key.variant
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,13 +255,6 @@ class _UsageModel:
         return [b for b, n in after.most_common() if n / seen >= min_share]
 
 
-class PressureGauge(Protocol):
-    """What the loader asks of a memory monitor before each load."""
-
-    @property
-    def level(self) -> PressureLevel: ...
-
-
 def _release_freed_heap() -> None:
     # glibc keeps the runtime's freed vocabulary and buffers in its heap, so RSS only fell
     # by ~75 % after unloading SmolLM2; malloc_trim hands them back to the OS (~100 %).
@@ -292,8 +288,9 @@ class ModelLoader:
         self.threads = threads or max(1, os.cpu_count() or 1)
         self.config = config = config or LoaderConfig()
         self.clock: Clock = clock or SystemClock()
-        # At CRITICAL pressure, loads are refused (a MemoryMonitor binds itself here).
-        self.monitor = monitor
+        # The pressure source: at CRITICAL, loads are refused. A MemoryMonitor given this
+        # loader sets itself here (it may be built after the loader).
+        self.monitor: PressureGauge | None = monitor
         self.stats = LoaderStats()
         self._progress = progress
         self._load_model = load_model
