@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import itertools
 import logging
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
-
-import diskcache
+from typing import TYPE_CHECKING, Any, Literal
 
 from orion_fsm._exceptions import CacheError
+
+if TYPE_CHECKING:
+    import diskcache
 
 logger = logging.getLogger("orion_fsm.cache")
 
@@ -65,6 +65,8 @@ class DiskTier:
                                "ok", None)
         except Exception as exc:
             error = exc
+        import sqlite3  # only to classify the failure; diskcache has loaded it by now
+
         # Only a database SQLite calls corrupt is moved aside: a locked or unopenable one
         # (OperationalError, OSError) may be healthy and someone else's to fix.
         corrupt = (isinstance(error, sqlite3.DatabaseError)
@@ -129,6 +131,8 @@ class DiskTier:
 
 
 def _open_cache(directory: Path, size_limit: int) -> diskcache.Cache:
+    import diskcache  # when a disk tier opens (in a worker thread), not at `import orion_fsm`
+
     return diskcache.Cache(str(directory), size_limit=size_limit, timeout=_SQLITE_TIMEOUT_S,
                            eviction_policy="least-recently-used")
 

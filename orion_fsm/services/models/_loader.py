@@ -16,12 +16,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import anyio
-import psutil
 from anyio.abc import TaskStatus
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from orion_fsm._clock import Clock, SystemClock
 from orion_fsm._exceptions import ConfigurationError, InsufficientMemory, ModelLoadError
@@ -39,6 +37,9 @@ from orion_fsm.services.models._tiers import (
     estimate_model_memory,
     tier_for,
 )
+
+if TYPE_CHECKING:
+    from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 __all__ = [
     "LoadInfo",
@@ -294,6 +295,8 @@ class ModelLoader:
         self.stats = LoaderStats()
         self._progress = progress
         self._load_model = load_model
+        import psutil  # here, not at module level: ~7 ms of `import orion_fsm`
+
         memory = psutil.virtual_memory()
         self.tier = config.tier or tier_for(memory.total)
         self.budget_bytes = int(config.memory_budget_mb * MB if config.memory_budget_mb

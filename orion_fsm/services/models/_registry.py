@@ -16,14 +16,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
-
-import jsonschema
-from jsonschema.exceptions import ValidationError as SchemaError
-from jsonschema.exceptions import best_match
+from typing import TYPE_CHECKING, Any
 
 from orion_fsm._exceptions import ModelLoadError, RegistryError
 from orion_fsm._resources import data_file
+
+if TYPE_CHECKING:
+    # jsonschema is imported where a registry is validated: it costs ~35 ms, a third of
+    # `import orion_fsm`, and a program that never loads a registry should not pay it.
+    import jsonschema
+    from jsonschema.exceptions import ValidationError as SchemaError
 
 __all__ = [
     "CHAT_TEMPLATE_PRESETS",
@@ -236,6 +238,8 @@ class Registry:
     @classmethod
     def from_dict(cls, doc: object, *, source: Path | None = None) -> Registry:
         """Validate a parsed document; relative model paths resolve against `source`'s folder."""
+        from jsonschema.exceptions import best_match  # see TYPE_CHECKING above
+
         error = best_match(_validator().iter_errors(doc))
         if error is not None:
             path, message = _describe_schema_error(error)
@@ -321,6 +325,8 @@ def _schema_document() -> dict[str, Any]:
 
 @functools.cache
 def _schema() -> dict[str, Any]:
+    import jsonschema  # see TYPE_CHECKING above
+
     schema = _schema_document()
     jsonschema.Draft202012Validator.check_schema(schema)
     return schema
@@ -360,6 +366,8 @@ def _inside(bound: float, *, up: bool, integral: bool) -> float:
 
 @functools.cache
 def _validator() -> jsonschema.Draft202012Validator:
+    import jsonschema  # see TYPE_CHECKING above
+
     return jsonschema.Draft202012Validator(_schema())
 
 
@@ -482,6 +490,8 @@ def _closest_branch(error: SchemaError) -> SchemaError | None:
     if not ranked or ranked[0][1] == 0 or (len(ranked) > 1 and ranked[1][1] == ranked[0][1]):
         return None
     branch_errors = [e for e in error.context if e.relative_schema_path[0] == ranked[0][0]]
+    from jsonschema.exceptions import best_match  # see TYPE_CHECKING above
+
     chosen: SchemaError | None = best_match(branch_errors)
     return chosen
 
