@@ -379,7 +379,8 @@ def breaker_recovery(quick: bool = False) -> dict[str, Any]:
 
 def fail_fast_admission(quick: bool = False) -> dict[str, Any]:
     """Past the queue limit a request fails at once with Overloaded: time to refuse, p99."""
-    from orion_fsm.services.resilience._admission import AdmissionController, Overloaded
+    from orion_fsm import Overloaded
+    from orion_fsm.services.resilience._admission import AdmissionController
 
     rounds = 200 if quick else 2000
     refusals: list[float] = []

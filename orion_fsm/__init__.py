@@ -7,14 +7,26 @@
 """
 
 from ._clock import Clock, ManualClock, SystemClock
-from ._engine import Engine, ResponseStream, default_cache_dir
+from ._config import (
+    TRACE_FILE_ENV,
+    caches_dir,
+    default_cache_dir,
+    default_trace_path,
+    repl_history_path,
+    resolve_cache_dir,
+)
+from ._engine import Engine, ResponseStream
 from ._exceptions import (
+    ConfigurationError,
     InferenceError,
+    InsufficientMemory,
     ModelError,
     ModelLoadError,
     OrionError,
+    Overloaded,
     RegistryError,
     RequestFailed,
+    RequestTimeout,
     ValidationError,
 )
 from ._machine import request_chart
@@ -23,13 +35,13 @@ from ._types import GenerationParams, Message, PhaseTiming, Request, Result, Tok
 from .backends import ConvertedModel, LoadedModel, ModelCache
 from .services.caches._cacheset import LEVELS as CACHE_LEVELS
 from .services.caches._cacheset import CacheConfig, CacheSet, CacheStats
-from .services.models._loader import InsufficientMemory, LoaderConfig, ModelLoader
-from .services.models._memory import MemoryMonitor, PressureLevel, PressureThresholds
+from .services.models._loader import LoaderConfig, ModelLoader
+from .services.models._memory import MemoryMonitor
+from .services.models._pressure import PressureLevel, PressureThresholds
 from .services.models._registry import AgentSpec, Registry
 from .services.models._tiers import MemoryEstimate, estimate_model_memory
 from .services.observability._logging import configure_logging
 from .services.observability._tracefile import find_traces, read_traces
-from .services.resilience._admission import Overloaded, RequestTimeout
 from .services.resilience._breaker import BreakerBoard, BreakerConfig
 from .services.resilience._guardrails import GuardrailConfig, Guardrails
 from .services.routing._embedding_router import DEFAULT_METHOD as DEFAULT_ROUTING_METHOD
@@ -50,6 +62,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CACHE_LEVELS",
     "DEFAULT_ROUTING_METHOD",
+    "TRACE_FILE_ENV",
     "AgentSpec",
     "BreakerBoard",
     "BreakerConfig",
@@ -57,6 +70,7 @@ __all__ = [
     "CacheSet",
     "CacheStats",
     "Clock",
+    "ConfigurationError",
     "ConvertedModel",
     "EmbeddingError",
     "EmbeddingRouter",
@@ -100,13 +114,17 @@ __all__ = [
     "TokenUsage",
     "ValidationError",
     "__version__",
+    "caches_dir",
     "configure_logging",
     "default_cache_dir",
+    "default_trace_path",
     "estimate_model_memory",
     "evaluate_router",
     "find_traces",
     "fit_thresholds",
     "load_labelled",
     "read_traces",
+    "repl_history_path",
     "request_chart",
+    "resolve_cache_dir",
 ]

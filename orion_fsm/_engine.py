@@ -7,7 +7,6 @@ loaded model; nothing outlives the block. Works under asyncio and trio (anyio).
 from __future__ import annotations
 
 import logging
-import os
 import random
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, aclosing
@@ -21,6 +20,15 @@ from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
 from ._clock import Clock, SystemClock
+from ._config import (
+    DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_MEMORY_INTERVAL_S,
+    DEFAULT_TIMEOUT_S,
+    DEFAULT_TRACE_PATH,
+    caches_dir,
+    resolve_cache_dir,
+)
 from ._driver import Driving, RequestRun
 from ._exceptions import OrionError, RequestFailed
 from ._machine import request_chart
@@ -31,7 +39,8 @@ from ._types import GenerationParams, Message, Request, Result
 from .backends import LoadedModel
 from .services.caches._cacheset import CacheSet, register_cache_metrics
 from .services.models._loader import LoaderConfig, ModelLoader, ProgressCallback
-from .services.models._memory import MemoryMonitor, PressureThresholds, register_memory_metrics
+from .services.models._memory import MemoryMonitor, register_memory_metrics
+from .services.models._pressure import PressureThresholds
 from .services.models._registry import Registry
 from .services.observability._telemetry import INSTRUMENTATION_NAME, resolve_tracer
 from .services.observability._tracefile import TraceWriter
@@ -54,15 +63,6 @@ def _log_breaker(agent: str, source: str, target: str, reason: str) -> None:
 # Precomputed into L2 at start-up: short requests people type again and again.
 FREQUENT_PATTERNS = ("hello", "hi", "thanks", "bonjour", "merci", "explain", "implement",
                      "debug", "optimize", "explique", "corrige", "optimise")
-
-
-def default_cache_dir() -> Path:
-    """Where converted models live: $ORION_FSM_CACHE, else ~/.cache/orion-fsm."""
-    env = os.environ.get("ORION_FSM_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-    return Path(base) / "orion-fsm"
 
 
 def _messages(prompt: object, system: str | None) -> tuple[Message, ...]:
@@ -157,22 +157,22 @@ class Engine:
         machine: str | Path | None = None,
         caches: CacheSet | Literal[False] | None = None,
         loader_config: LoaderConfig | None = None,
-        memory_interval_s: float = 30.0,
+        memory_interval_s: float = DEFAULT_MEMORY_INTERVAL_S,
         memory_thresholds: PressureThresholds | None = None,
         embeddings: EmbeddingService | Literal[False] | None = None,
         warm_up: bool = True,
         loader: Loader | None = None,
         load_model: Callable[..., LoadedModel] | None = None,
-        timeout_s: float = 60.0,
-        max_in_flight: int = 64,
-        max_queue: int = 1024,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        max_queue: int = DEFAULT_MAX_QUEUE,
         breakers: BreakerBoard | BreakerConfig | None = None,
         guardrails: Guardrails | GuardrailConfig | Literal[False] | None = None,
         frequent_patterns: Sequence[str] = FREQUENT_PATTERNS,
     ) -> None:
         self.registry = registry if isinstance(registry, Registry) else Registry.load(registry)
         self.clock: Clock = clock or SystemClock()
-        root = Path(cache_dir) if cache_dir else default_cache_dir()
+        root = resolve_cache_dir(cache_dir)
         self.loader: Loader = loader or ModelLoader(
             root, threads=threads, progress=progress, config=loader_config, clock=self.clock,
             load_model=load_model or LoadedModel.load)
@@ -187,7 +187,7 @@ class Engine:
             else Guardrails(guardrails))
         # Result, embedding and intermediate caches; False turns them off.
         self.caches: CacheSet | None = (
-            None if caches is False else caches or CacheSet(root / "caches", clock=self.clock))
+            None if caches is False else caches or CacheSet(caches_dir(root), clock=self.clock))
         self.memory = MemoryMonitor(loader=self.loader, interval_s=memory_interval_s,
                                     thresholds=memory_thresholds, caches=self._cache_bytes)
         # One embedding service for every component (L2 is its store); False: rules only.
@@ -214,7 +214,7 @@ class Engine:
         if trace_path is False:
             self.trace_path: Path | None = None
         elif trace_path is None:
-            self.trace_path = Path("traces") / "orion-fsm.jsonl"
+            self.trace_path = DEFAULT_TRACE_PATH
         else:
             self.trace_path = Path(trace_path)
         self._traces = TraceWriter(self.trace_path)

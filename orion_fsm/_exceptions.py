@@ -1,10 +1,42 @@
-"""The one exception hierarchy of orion_fsm, rooted at OrionError.
+"""The one exception hierarchy of orion_fsm, rooted at OrionError; every service raises from here.
+
+    OrionError
+    ├── ConfigurationError      a setting got a value it cannot take (also a ValueError)
+    ├── RegistryError           models.json is malformed or names what does not exist
+    ├── ValidationError         a request was rejected before reaching any model
+    ├── ModelError
+    │   ├── ModelLoadError      the model file is missing, unreadable or refused
+    │   │   └── InsufficientMemory   refused before loading: it would not fit
+    │   └── InferenceError      generation failed after the model was loaded
+    ├── EmbeddingError          the embedding model failed, timed out or is not running
+    │   └── EmbeddingUnavailable     it cannot be loaded at all
+    ├── CacheError              a cache was asked for what it does not have
+    ├── Overloaded              the admission queue is full
+    ├── RequestTimeout          a request ran past its deadline
+    └── RequestFailed           a request ended in the `error` state
 
 Every error a user can cause says what was wrong and how to fix it; errors raised while
 serving a request carry its id.
 """
 
 from __future__ import annotations
+
+__all__ = [
+    "CacheError",
+    "ConfigurationError",
+    "EmbeddingError",
+    "EmbeddingUnavailable",
+    "InferenceError",
+    "InsufficientMemory",
+    "ModelError",
+    "ModelLoadError",
+    "OrionError",
+    "Overloaded",
+    "RegistryError",
+    "RequestFailed",
+    "RequestTimeout",
+    "ValidationError",
+]
 
 
 class OrionError(Exception):
@@ -19,6 +51,21 @@ class OrionError(Exception):
         if self.request_id:
             return f"{self.message} (request {self.request_id})"
         return self.message
+
+
+class ConfigurationError(OrionError, ValueError):
+    """A setting was given a value it cannot take: `setting` names it, `value` is what it got.
+
+    Also a ValueError, on purpose: a bad argument value is what ValueError means, and most of
+    these settings raised a plain ValueError before they joined this tree, so code that
+    catches ValueError around a config object keeps working. Raised when the object is built,
+    never mid-request.
+    """
+
+    def __init__(self, setting: str, value: object, expected: str) -> None:
+        super().__init__(f"{setting} must be {expected}, got {value!r}")
+        self.setting = setting
+        self.value = value
 
 
 class RegistryError(OrionError):
@@ -45,8 +92,55 @@ class ModelLoadError(ModelError):
     """The model file is missing, unreadable, or the runtime refused it."""
 
 
+class InsufficientMemory(ModelLoadError):
+    """A model was refused before loading: it does not fit, or memory pressure is critical.
+
+    Raised instead of letting the process be OOM-killed; the request machine answers it like
+    any load failure, by falling back to the next (smaller) agent.
+    """
+
+    def __init__(self, message: str, *, needed_bytes: int, budget_bytes: int) -> None:
+        super().__init__(message)
+        self.needed_bytes = needed_bytes
+        self.budget_bytes = budget_bytes
+
+
 class InferenceError(ModelError):
     """Generation failed after the model was loaded."""
+
+
+class EmbeddingError(OrionError):
+    """The embedding model failed, timed out, or the service is not running."""
+
+
+class EmbeddingUnavailable(EmbeddingError):
+    """The embedding model cannot be loaded (package or model files missing, runtime absent)."""
+
+
+class CacheError(OrionError):
+    """A cache was asked for something it does not have (an unknown level, a bad record)."""
+
+
+class Overloaded(OrionError):
+    """Too many requests are already waiting: this one was refused without waiting."""
+
+    def __init__(self, queued: int, limit: int, *, request_id: str | None = None) -> None:
+        super().__init__(f"{queued} requests queued (limit {limit}): retry later or raise "
+                         "max_queue", request_id=request_id)
+        self.queued = queued
+        self.limit = limit
+
+
+class RequestTimeout(OrionError):
+    """A request ran past its deadline (`timeout_s`)."""
+
+    def __init__(self, timeout_s: float, phase: str | None = None, *,
+                 request_id: str | None = None) -> None:
+        where = f" (in {phase})" if phase else ""
+        super().__init__(f"the request took longer than its timeout of {timeout_s:g} s{where}: "
+                         "raise timeout_s or ask for fewer tokens", request_id=request_id)
+        self.timeout_s = timeout_s
+        self.phase = phase
 
 
 class RequestFailed(OrionError):

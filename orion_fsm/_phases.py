@@ -26,6 +26,7 @@ from ._types import GenerationParams, Message, Request
 from .backends import GenerationEvent, SamplingParams
 from .services.caches._cacheset import cache_key
 from .services.caches._entries import CachedResult
+from .services.models._registry import generation_bounds
 from .services.observability import _attributes as attr
 from .services.resilience._guardrails import RepetitionGuard
 
@@ -43,15 +44,6 @@ if TYPE_CHECKING:
 _ROLES = frozenset({"system", "user", "assistant"})
 _INTEGRAL = frozenset({"max_tokens", "top_k", "seed"})
 _MAX_STOP = 16
-# TODO(merge): replaced by the registry schema's bounds.
-GENERATION_BOUNDS: Mapping[str, tuple[float, float]] = {
-    "max_tokens": (1, 32768),
-    "temperature": (0.0, 2.0),
-    "top_k": (0, 1000),
-    "top_p": (1e-9, 1.0),
-    "repetition_penalty": (1.0, 2.0),
-    "seed": (-1, 2**31 - 1),
-}
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -132,7 +124,7 @@ StreamingPhaseFn = Callable[[Services, RequestState], AsyncGenerator["str | Next
 
 
 def _check_params(params: GenerationParams) -> tuple[str, str] | None:
-    for name, (low, high) in GENERATION_BOUNDS.items():
+    for name, (low, high) in generation_bounds().items():
         value = getattr(params, name)
         if value is None:
             continue
@@ -145,6 +137,8 @@ def _check_params(params: GenerationParams) -> tuple[str, str] | None:
         if isinstance(value, float) and not math.isfinite(value):
             return name, f"{name} must be finite, got {value!r}"
         if not low <= value <= high:
+            if not integral:  # the schema writes 2 where a float parameter means 2.0
+                low, high = float(low), float(high)
             shown_low = 0 if name == "top_p" else low
             rel = "above 0 and at most" if name == "top_p" else f"between {shown_low} and"
             return name, f"{name} must be {rel} {high}, got {value!r}"

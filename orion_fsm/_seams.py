@@ -11,12 +11,14 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Protocol
 
+from .services.models._memory import WatchedLoader
+
 if TYPE_CHECKING:
     import anyio
     from anyio.abc import TaskStatus
 
     from .backends import GenerationEvent, GenerationOutcome, SamplingParams
-    from .services.models._loader import LoaderStats, LoadInfo, ModelKey, ResidentModel
+    from .services.models._loader import LoaderStats, LoadInfo, ModelKey
     from .services.models._registry import AgentSpec
     from .services.routing._router import RoutingDecision
 
@@ -85,19 +87,16 @@ class Lease(Protocol):
     def generation_lock(self) -> anyio.Semaphore: ...
 
 
-class Loader(Protocol):
-    """Keeps models resident; the Engine runs it for its lifetime."""
+class Loader(WatchedLoader, Protocol):
+    """Keeps models resident; the Engine runs it for its lifetime and its memory monitor
+    watches it (budget, resident models, idle unloads, the pressure gate)."""
 
     async def prepare(self, agent: AgentSpec) -> Prepared: ...
 
     def lease(self, agent: AgentSpec) -> AbstractAsyncContextManager[Lease]: ...
 
-    def models(self) -> list[ResidentModel]: ...
-
     @property
     def stats(self) -> LoaderStats: ...
-
-    async def unload_idle(self, *, limit: int | None = None) -> list[str]: ...
 
     async def run(self, *, task_status: TaskStatus[None]) -> None: ...
 

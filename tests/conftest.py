@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+import os
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -110,3 +115,35 @@ def make_engine(
 
 def read_trace_lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+# The async libraries keep idle worker threads for later `to_thread` calls (anyio ~10 s, trio
+# ~10 s): those are not ours to stop. Any other new thread, or one still running our code, is.
+_POOL_THREAD_NAMES = ("AnyIO worker thread", "Trio thread ")
+
+
+def leaked_threads(before: Collection[threading.Thread]) -> list[str]:
+    """Threads started since `before` that are not idle workers of the async library's pool
+    (a generation still running, or a thread something of ours started), with where they are."""
+    frames = sys._current_frames()
+    leaked = []
+    for thread in threading.enumerate():
+        if thread in before or thread.ident is None or thread.ident not in frames:
+            continue
+        ours = [f"{Path(f.filename).name}:{f.lineno}"
+                for f in traceback.extract_stack(frames[thread.ident])
+                if f"{os.sep}orion_fsm{os.sep}" in f.filename]
+        if ours or not thread.name.startswith(_POOL_THREAD_NAMES):
+            leaked.append(f"{thread.name} at {ours}")
+    return leaked
+
+
+async def assert_no_thread_leaked(before: Collection[threading.Thread],
+                                  within_s: float = 2.0) -> None:
+    """Give stopped generations `within_s` to notice and return, then expect none left."""
+    # Polled: a thread's end is no event an async task can wait on.
+    for _ in range(int(within_s / 0.01)):
+        if not leaked_threads(before):
+            break
+        await anyio.sleep(0.01)
+    assert leaked_threads(before) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from orion_fsm import Engine, Message, OrionError, RequestFailed, Result
 from orion_fsm.services.observability._tracefile import TRACE_VERSION
-from tests.conftest import agent, read_trace_lines
+from tests.conftest import agent, assert_no_thread_leaked, read_trace_lines
 
 pytestmark = pytest.mark.anyio
 
@@ -243,9 +244,30 @@ async def test_an_unusable_trace_path_fails_at_start_and_leaks_nothing(
 ) -> None:
     (tmp_path / "file").write_text("a file where a directory should be")
     engine = make_engine(trace_path=tmp_path / "file" / "t.jsonl")
+    threads_before = set(threading.enumerate())
+    tasks_before = {task.id for task in anyio.get_running_tasks()}
     with pytest.raises(OrionError, match="trace directory"):
         async with engine:
             pass
+    assert {task.id for task in anyio.get_running_tasks()} == tasks_before
+    await assert_no_thread_leaked(threads_before)
+    assert engine.loader.loaded() == [] and engine.loader.stats.loads == 0
+    assert all(b["state"] == "closed" and b["consecutive_failures"] == 0
+               and b["last_transition"] is None for b in engine.breakers.snapshot().values())
+    assert (tmp_path / "file").read_text() == "a file where a directory should be"
+
+    # Nothing was left held: an engine on the same cache folder, given a usable trace path,
+    # serves at once, writes its trace line, and leaves the model's generation lock free.
+    fixed = make_engine(trace_path=tmp_path / "traces" / "fixed.jsonl")
+    async with fixed:
+        result = await fixed.infer("hello", agent="conversation", max_tokens=2, cache=False)
+        lease = await fixed.loader.acquire(fixed.registry.get("conversation"))
+        assert lease.generation_lock.value == 1
+        lease.release()
+    assert result.state == "success"
+    (line,) = read_trace_lines(tmp_path / "traces" / "fixed.jsonl")
+    assert line["request_id"] == result.request_id
+    assert fixed.breakers.breaker("conversation").last_transition is None
 
 
 async def test_cache_memory_and_breaker_figures_are_opentelemetry_metrics(

@@ -186,8 +186,7 @@ def test_the_cli_import_check_lets_public_imports_through(tmp_path: Path, source
 
 @pytest.mark.parametrize("heavy", [
     "orion_fsm.replay", "torch", "sentence_transformers", "numpy",
-    pytest.param("jsonschema", marks=pytest.mark.xfail(
-        strict=True, reason="orion_fsm/services/models/_registry.py imports it at module level")),
+    "jsonschema",
 ])
 def test_importing_orion_fsm_leaves_heavy_modules_unloaded(heavy: str) -> None:
     code = f"import sys, orion_fsm; sys.exit({heavy!r} in sys.modules)"

@@ -10,12 +10,13 @@ import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Final
-
-import tokenizers
-from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from typing import TYPE_CHECKING, Final
 
 from orion_fsm._exceptions import ModelLoadError
+
+if TYPE_CHECKING:
+    # Imported where a tokenizer is built: `tokenizers` costs ~5 ms of `import orion_fsm`.
+    import tokenizers
 
 __all__ = [
     "BYTE_TO_UNICODE",
@@ -66,6 +67,8 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: Path) -> Tokenizer:
+        import tokenizers  # see TYPE_CHECKING above
+
         try:
             backend = tokenizers.Tokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises plain Exception for both I/O and JSON errors
@@ -89,6 +92,9 @@ class Tokenizer:
         `token_types` are GGUF token types (control tokens become special tokens); `merges` are
         "left right" strings; `pre` is `tokenizer.ggml.pre`, which decides digit splitting.
         """
+        import tokenizers  # see TYPE_CHECKING above
+        from tokenizers import AddedToken, decoders, models, pre_tokenizers
+
         vocab = {tok: i for i, tok in enumerate(tokens)}
         pairs = [(left, right) for left, _, right in (m.partition(" ") for m in merges)]
         backend = tokenizers.Tokenizer(
@@ -145,10 +151,6 @@ class Tokenizer:
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special_ids
-
-    @property
-    def special_ids(self) -> frozenset[int]:
-        return self._special_ids
 
     @property
     def vocab_size(self) -> int:

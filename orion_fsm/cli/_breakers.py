@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from orion_fsm import BreakerConfig, Registry
+from orion_fsm import TRACE_FILE_ENV, BreakerConfig, Registry, default_trace_path
 
 _BLOCK = 1 << 16
 # Older lines than this are history, not "the latest state": stop looking.
@@ -24,7 +24,7 @@ _MAX_LINES_SCANNED = 10_000
 def add_parser(sub: Any) -> None:
     breakers = sub.add_parser("breakers", help="circuit breaker state of each agent "
                               "(from the latest trace record)")
-    breakers.add_argument("--trace-file", default=os.environ.get("ORION_FSM_TRACE_FILE"),
+    breakers.add_argument("--trace-file", default=os.environ.get(TRACE_FILE_ENV),
                           help="JSONL trace file (default: traces/orion-fsm.jsonl)")
     breakers.add_argument("--json", action="store_true", help="print one JSON object")
     breakers.set_defaults(handler=_breakers)
@@ -73,7 +73,7 @@ def _defaults(agents: list[str]) -> dict[str, dict[str, Any]]:
 
 def _breakers(args: argparse.Namespace) -> int:
     registry = Registry.load(args.registry)
-    path = Path(args.trace_file) if args.trace_file else Path("traces") / "orion-fsm.jsonl"
+    path = Path(args.trace_file) if args.trace_file else default_trace_path()
     record = latest_breakers(path)
     agents = list(registry.agents)
     states = _defaults(agents)

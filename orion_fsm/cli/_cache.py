@@ -12,7 +12,7 @@ from typing import Any
 
 import anyio
 
-from orion_fsm import CACHE_LEVELS, CacheSet, CacheStats, default_cache_dir
+from orion_fsm import CACHE_LEVELS, CacheSet, CacheStats, caches_dir, resolve_cache_dir
 
 
 def add_parser(sub: Any) -> None:
@@ -29,7 +29,7 @@ def add_parser(sub: Any) -> None:
 def cache_root(cache_dir: str | None) -> Path:
     """`<cache dir>/caches`, the cache dir being --cache-dir, $ORION_FSM_CACHE or
     ~/.cache/orion-fsm (the engine's default)."""
-    return (Path(cache_dir) if cache_dir else default_cache_dir()) / "caches"
+    return caches_dir(resolve_cache_dir(cache_dir))
 
 
 def _cache(args: argparse.Namespace) -> int:

@@ -10,7 +10,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any, Final
 
 import anyio
@@ -24,8 +23,8 @@ from orion_fsm import (
     ModelLoader,
     ModelLoadError,
     Registry,
-    default_cache_dir,
     estimate_model_memory,
+    resolve_cache_dir,
 )
 
 from ._common import Progress
@@ -54,7 +53,7 @@ def _mem(args: argparse.Namespace) -> int:
         print("orion-fsm: --interval must be positive", file=sys.stderr)
         return 2
     registry = Registry.load(args.registry)
-    cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    cache = resolve_cache_dir(args.cache_dir)
     progress = Progress(enabled=not args.json and sys.stderr.isatty())
     loader = ModelLoader(cache, progress=progress,
                          config=LoaderConfig(memory_budget_mb=args.budget_mb))

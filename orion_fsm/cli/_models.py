@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from orion_fsm import AgentSpec, ModelCache, Registry, default_cache_dir
+from orion_fsm import AgentSpec, ModelCache, Registry, resolve_cache_dir
 
 from ._common import Progress
 
@@ -64,7 +64,7 @@ def _models(args: argparse.Namespace) -> int:
         print(json.dumps(shown, indent=2, ensure_ascii=False))
         return 0
     # convert: prepare every distinct model file now, with a progress bar.
-    cache = ModelCache(Path(args.cache_dir) if args.cache_dir else default_cache_dir())
+    cache = ModelCache(resolve_cache_dir(args.cache_dir))
     progress = Progress(enabled=sys.stderr.isatty())
     seen: set[Path] = set()
     for spec in registry.agents.values():

@@ -17,7 +17,16 @@ from typing import Any, Final, TextIO
 
 import anyio
 
-from orion_fsm import Engine, OrionError, RequestFailed, Result, default_cache_dir, find_traces
+from orion_fsm import (
+    TRACE_FILE_ENV,
+    Engine,
+    OrionError,
+    RequestFailed,
+    Result,
+    find_traces,
+    repl_history_path,
+    resolve_cache_dir,
+)
 from orion_fsm.replay import replay
 
 from ._common import Progress
@@ -46,7 +55,7 @@ def add_parser(sub: Any) -> None:
                       help="how to pick the agent when none is set (default: embedding)")
     repl.add_argument("--max-tokens", type=int)
     repl.add_argument("--temperature", type=float)
-    repl.add_argument("--trace-file", default=os.environ.get("ORION_FSM_TRACE_FILE"),
+    repl.add_argument("--trace-file", default=os.environ.get(TRACE_FILE_ENV),
                       help="JSONL trace file (default: traces/orion-fsm.jsonl)")
     repl.add_argument("--history", help="history file (default: repl-history in the cache dir)")
     # prompt_toolkit runs on asyncio only.
@@ -282,8 +291,8 @@ async def _repl(args: argparse.Namespace) -> int:
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import FileHistory
 
-    history = Path(args.history) if args.history else (
-        Path(args.cache_dir) if args.cache_dir else default_cache_dir()) / "repl-history"
+    history = Path(args.history) if args.history else repl_history_path(
+        resolve_cache_dir(args.cache_dir))
     history.parent.mkdir(parents=True, exist_ok=True)
     prompts: PromptSession[str] = PromptSession(history=FileHistory(str(history)))
     progress = Progress(enabled=sys.stderr.isatty())

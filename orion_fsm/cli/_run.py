@@ -10,7 +10,7 @@ from typing import Any
 
 import anyio
 
-from orion_fsm import Engine, RequestFailed, Result
+from orion_fsm import TRACE_FILE_ENV, Engine, RequestFailed, Result
 
 from ._common import Progress
 
@@ -29,7 +29,7 @@ def add_parser(sub: Any) -> None:
     run.add_argument("--json", action="store_true", help="print one JSON object, no streaming")
     run.add_argument("--router", choices=("embedding", "rules"), default="embedding",
                      help="how to pick the agent when --agent is not given (default: embedding)")
-    run.add_argument("--trace-file", default=os.environ.get("ORION_FSM_TRACE_FILE"),
+    run.add_argument("--trace-file", default=os.environ.get(TRACE_FILE_ENV),
                      help="JSONL trace file (default: traces/orion-fsm.jsonl)")
     run.set_defaults(handler=lambda args: anyio.run(_run, args))
 

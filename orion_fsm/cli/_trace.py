@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import shutil
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from orion_fsm import find_traces
+from orion_fsm import default_trace_path, find_traces
 
 _LABEL: Final = 14  # phase names: loading_agent is the longest
 _MS: Final = 11
@@ -25,8 +24,7 @@ def add_parser(sub: Any) -> None:
     trace = sub.add_parser("trace", help="read trace files (see README: Trace files)")
     commands = trace.add_subparsers(dest="trace_command", required=True)
     show = commands.add_parser("show", help="waterfall of each request's phases and a summary")
-    show.add_argument("file", nargs="?", default=os.environ.get("ORION_FSM_TRACE_FILE")
-                      or str(Path("traces") / "orion-fsm.jsonl"),
+    show.add_argument("file", nargs="?", default=str(default_trace_path()),
                       help="JSONL trace file (default: traces/orion-fsm.jsonl)")
     show.add_argument("--request", help="only this request (an id or its first characters)")
     show.add_argument("--last", type=int, metavar="N", help="waterfalls of the last N requests "

@@ -34,9 +34,9 @@ from orion_fsm.services.models._loader import (
     ModelLease,
     ModelLoader,
     PreparedModel,
-    PressureGauge,
     ResidentModel,
 )
+from orion_fsm.services.models._pressure import PressureGauge
 from orion_fsm.services.models._registry import AgentSpec, Registry
 from orion_fsm.services.models._tiers import DEFAULT_VARIANT
 from orion_fsm.services.resilience._breaker import BreakerBoard, BreakerPermit

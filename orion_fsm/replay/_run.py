@@ -16,7 +16,8 @@ from typing import Any, Final
 import anyio
 from opentelemetry.sdk.trace import TracerProvider
 
-from orion_fsm._engine import Engine, default_cache_dir
+from orion_fsm._config import resolve_cache_dir
+from orion_fsm._engine import Engine
 from orion_fsm._exceptions import ModelLoadError, OrionError, RequestFailed
 from orion_fsm._resources import data_file
 from orion_fsm._types import GenerationParams, Message
@@ -190,7 +191,7 @@ async def replay(
     resolved, warnings = await anyio.to_thread.run_sync(_resolve_registry, record, registry)
     script = Script.from_record(record)
     warnings += script.warnings
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    root = resolve_cache_dir(cache_dir)
     clock = replay_clock(record)
     canceller = Canceller(script.abort)
     skipped: list[str] = []

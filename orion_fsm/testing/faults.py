@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from orion_fsm._exceptions import InferenceError, ModelLoadError
+from orion_fsm._exceptions import ConfigurationError, InferenceError, ModelLoadError
 from orion_fsm.backends import (
     GenerationEvent,
     GenerationOutcome,
@@ -55,10 +55,11 @@ class FaultPlan:
     def __init__(self, rate: float, kinds: Sequence[FaultKind] = ("raise", "hang", "malformed"),
                  seed: int = 0, *, hang_s: float = 3600.0) -> None:
         if not 0.0 <= rate <= 1.0:
-            raise ValueError(f"fault rate must be between 0 and 1, got {rate!r}")
+            raise ConfigurationError("FaultPlan.rate", rate, "a fault rate between 0 and 1")
         unknown = set(kinds) - set(FAULT_KINDS)
         if unknown or not kinds:
-            raise ValueError(f"fault kinds must be among {FAULT_KINDS}, got {list(kinds)}")
+            raise ConfigurationError("FaultPlan.kinds", list(kinds),
+                                     f"fault kinds among {', '.join(FAULT_KINDS)}")
         self.rate = rate
         self.kinds = tuple(kinds)
         self.hang_s = hang_s

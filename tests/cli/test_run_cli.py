@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import pytest
 
+from orion_fsm._resources import data_file
 from orion_fsm.cli import main
 from tests.conftest import read_trace_lines
 
@@ -96,9 +100,45 @@ def test_console_script_is_installed() -> None:
     assert done.stdout.startswith("ok: 3 agents")
 
 
-def test_diagram_renders_every_state(capsys: pytest.CaptureFixture[str]) -> None:
+_SCXML = "{http://www.w3.org/2005/07/scxml}"
+
+
+def _chart_from_scxml() -> tuple[set[str], str, set[str], Counter[tuple[str, str, str]]]:
+    """States, initial state, final states and (source, target, events) of request.scxml."""
+    root = ElementTree.parse(data_file("machines", "request.scxml")).getroot()
+    states = {s.get("id", "") for s in root if s.tag in (f"{_SCXML}state", f"{_SCXML}final")}
+    finals = {s.get("id", "") for s in root if s.tag == f"{_SCXML}final"}
+    edges: Counter[tuple[str, str, str]] = Counter()
+    for state in root.iter(f"{_SCXML}state"):
+        for transition in state.iter(f"{_SCXML}transition"):
+            edges[(state.get("id", ""), transition.get("target", ""),
+                   transition.get("event", ""))] += 1
+    return states, root.get("initial", ""), finals, edges
+
+
+def _label(events: str) -> str:
+    """How the Mermaid renderer names a transition: `load_failed breaker_open` is
+    `Load failed Breaker open`."""
+    return " ".join(event.replace("_", " ").capitalize() for event in events.split())
+
+
+def test_diagram_draws_exactly_the_statechart_of_request_scxml(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     assert main(["diagram"]) == 0
-    out = capsys.readouterr().out
-    for state in ("idle", "validating", "routing", "loading_agent", "inferencing", "fallback",
-                  "success", "error"):
-        assert state in out
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
+    assert lines[0] == "stateDiagram-v2"
+    drawn_states = {m.group(1) for line in lines
+                    if (m := re.fullmatch(r'state "[^"]+" as (\w+)', line))}
+    arrows = [m.groups() for line in lines
+              if (m := re.fullmatch(r"(\S+) --> (\S+)(?: : (.+))?", line))]
+    initial = [target for source, target, _ in arrows if source == "[*]"]
+    finals = {source for source, target, _ in arrows if target == "[*]"}
+    drawn = Counter((source, target, label) for source, target, label in arrows
+                    if "[*]" not in (source, target))
+
+    states, scxml_initial, scxml_finals, edges = _chart_from_scxml()
+    assert drawn_states == states
+    assert initial == [scxml_initial]
+    assert finals == scxml_finals
+    assert drawn == Counter({(s, t, _label(e)): n for (s, t, e), n in edges.items()})

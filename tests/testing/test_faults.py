@@ -13,6 +13,7 @@ import anyio
 import pytest
 
 from orion_fsm import (
+    ConfigurationError,
     Engine,
     InferenceError,
     ModelLoadError,
@@ -179,7 +180,7 @@ def test_fault_plan_is_seeded_and_injects_at_the_requested_rate() -> None:
 
 @pytest.mark.parametrize(("rate", "kinds"), [(1.5, ("raise",)), (0.1, ()), (0.1, ("boom",))])
 def test_fault_plan_refuses_nonsense(rate: float, kinds: Any) -> None:
-    with pytest.raises(ValueError, match="fault"):
+    with pytest.raises(ConfigurationError, match="fault"):
         FaultPlan(rate, kinds)
 
 

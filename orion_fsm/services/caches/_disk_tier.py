@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import itertools
 import logging
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import diskcache
+from orion_fsm._exceptions import CacheError
 
-from orion_fsm._exceptions import OrionError
+if TYPE_CHECKING:
+    import diskcache
 
 logger = logging.getLogger("orion_fsm.cache")
 
@@ -42,10 +42,6 @@ class DiskOpening:
     problem: str | None
 
 
-class CacheError(OrionError):
-    """A cache was asked for something it does not have (an unknown level, a bad record)."""
-
-
 class DiskTier:
     """One diskcache directory. Records are `(expires_at, value)`: expiry is judged by the
     injectable clock, not by diskcache's own wall-clock expiry (kept only for housekeeping)."""
@@ -69,6 +65,8 @@ class DiskTier:
                                "ok", None)
         except Exception as exc:
             error = exc
+        import sqlite3  # only to classify the failure; diskcache has loaded it by now
+
         # Only a database SQLite calls corrupt is moved aside: a locked or unopenable one
         # (OperationalError, OSError) may be healthy and someone else's to fix.
         corrupt = (isinstance(error, sqlite3.DatabaseError)
@@ -133,6 +131,8 @@ class DiskTier:
 
 
 def _open_cache(directory: Path, size_limit: int) -> diskcache.Cache:
+    import diskcache  # when a disk tier opens (in a worker thread), not at `import orion_fsm`
+
     return diskcache.Cache(str(directory), size_limit=size_limit, timeout=_SQLITE_TIMEOUT_S,
                            eviction_policy="least-recently-used")
 

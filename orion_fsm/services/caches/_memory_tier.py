@@ -10,6 +10,7 @@ import sys
 from typing import Any, Generic, TypeVar
 
 from orion_fsm._clock import Clock
+from orion_fsm._exceptions import ConfigurationError
 
 V = TypeVar("V")
 
@@ -59,7 +60,7 @@ class MemoryTier(Generic[V]):
 
     def __init__(self, capacity: int, ttl_s: float | None, clock: Clock) -> None:
         if capacity < 1:
-            raise ValueError(f"a memory tier needs room for at least 1 entry, not {capacity}")
+            raise ConfigurationError("memory_entries", capacity, "at least 1")
         self.capacity = capacity
         self.ttl_s = ttl_s
         self._clock = clock

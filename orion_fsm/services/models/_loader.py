@@ -16,18 +16,16 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final
 
 import anyio
-import psutil
 from anyio.abc import TaskStatus
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from orion_fsm._clock import Clock, SystemClock
-from orion_fsm._exceptions import ModelLoadError
+from orion_fsm._exceptions import ConfigurationError, InsufficientMemory, ModelLoadError
 from orion_fsm._singleflight import SingleFlight
 from orion_fsm.backends import ConvertedModel, LoadedModel, Tokenizer, ensure_converted
-from orion_fsm.services.models._memory import PressureLevel
+from orion_fsm.services.models._pressure import PressureGauge, PressureLevel
 from orion_fsm.services.models._registry import AgentSpec, ModelSource
 from orion_fsm.services.models._tiers import (
     DEFAULT_VARIANT,
@@ -40,8 +38,10 @@ from orion_fsm.services.models._tiers import (
     tier_for,
 )
 
+if TYPE_CHECKING:
+    from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
 __all__ = [
-    "InsufficientMemory",
     "LoadInfo",
     "LoaderConfig",
     "LoaderStats",
@@ -49,7 +49,6 @@ __all__ = [
     "ModelLease",
     "ModelLoader",
     "PreparedModel",
-    "PressureGauge",
     "ProgressCallback",
     "ResidentModel",
 ]
@@ -61,19 +60,6 @@ _log = logging.getLogger("orion_fsm.loader")
 _READ_CHUNK: Final = 4 << 20
 _QUEUE: Final = 16  # pending background commands; a full queue drops preload hints
 _SEND_FAILURES: Final = (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError)
-
-
-class InsufficientMemory(ModelLoadError):
-    """A model was refused before loading: it does not fit, or memory pressure is critical.
-
-    Raised instead of letting the process be OOM-killed; the request machine answers it like
-    any load failure, by falling back to the next (smaller) agent.
-    """
-
-    def __init__(self, message: str, *, needed_bytes: int, budget_bytes: int) -> None:
-        super().__init__(message)
-        self.needed_bytes = needed_bytes
-        self.budget_bytes = budget_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +129,10 @@ class ResidentModel:
     def label(self) -> str:
         return self.key.label
 
+    @property
+    def variant(self) -> str:
+        return self.key.variant
+
 
 @dataclass(frozen=True, slots=True)
 class LoaderConfig:
@@ -165,7 +155,7 @@ class LoaderConfig:
 
     def __post_init__(self) -> None:
         problems = [
-            f"{name} must be {rule}, got {value!r}" for name, value, rule, ok in (
+            (name, value, rule) for name, value, rule, ok in (
                 ("memory_budget_mb", self.memory_budget_mb, "positive or None",
                  self.memory_budget_mb is None or self.memory_budget_mb > 0),
                 ("budget_fraction", self.budget_fraction, "in (0, 1]",
@@ -181,7 +171,8 @@ class LoaderConfig:
             ) if not ok
         ]
         if problems:
-            raise ValueError("; ".join(problems))
+            name, value, rule = problems[0]  # one at a time, like every ConfigurationError
+            raise ConfigurationError(f"LoaderConfig.{name}", value, rule)
 
 
 @dataclass(slots=True)
@@ -270,13 +261,6 @@ class _UsageModel:
         return [b for b, n in after.most_common() if n / seen >= min_share]
 
 
-class PressureGauge(Protocol):
-    """What the loader asks of a memory monitor before each load."""
-
-    @property
-    def level(self) -> PressureLevel: ...
-
-
 def _release_freed_heap() -> None:
     # glibc keeps the runtime's freed vocabulary and buffers in its heap, so RSS only fell
     # by ~75 % after unloading SmolLM2; malloc_trim hands them back to the OS (~100 %).
@@ -310,11 +294,14 @@ class ModelLoader:
         self.threads = threads or max(1, os.cpu_count() or 1)
         self.config = config = config or LoaderConfig()
         self.clock: Clock = clock or SystemClock()
-        # At CRITICAL pressure, loads are refused (a MemoryMonitor binds itself here).
-        self.monitor = monitor
+        # The pressure source: at CRITICAL, loads are refused. A MemoryMonitor given this
+        # loader sets itself here (it may be built after the loader).
+        self.monitor: PressureGauge | None = monitor
         self.stats = LoaderStats()
         self._progress = progress
         self._load_model = load_model
+        import psutil  # here, not at module level: ~7 ms of `import orion_fsm`
+
         memory = psutil.virtual_memory()
         self.tier = config.tier or tier_for(memory.total)
         self.budget_bytes = int(config.memory_budget_mb * MB if config.memory_budget_mb

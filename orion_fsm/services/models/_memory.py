@@ -7,31 +7,37 @@ request falls back). Readings are kept as a bounded history and exported as OTel
 from __future__ import annotations
 
 import dataclasses
-import enum
 import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import anyio
-import psutil
 from anyio.abc import TaskStatus
-from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from orion_fsm._clock import Clock, SystemClock
+from orion_fsm._config import DEFAULT_MEMORY_INTERVAL_S
+from orion_fsm._exceptions import ConfigurationError
+from orion_fsm.services.models._pressure import (
+    MemoryReading,
+    PressureGauge,
+    PressureLevel,
+    PressureThresholds,
+)
 
 if TYPE_CHECKING:
-    from orion_fsm.services.models._loader import ModelLoader, ResidentModel
+    from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
+# PressureThresholds lives in _pressure; re-exported for the engine's import of it from here.
 __all__ = [
     "AlertCallback",
     "MemoryMonitor",
-    "MemoryReading",
     "MemorySnapshot",
     "ModelMemory",
-    "PressureLevel",
     "PressureThresholds",
+    "ResidentView",
+    "WatchedLoader",
     "psutil_reading",
     "register_memory_metrics",
 ]
@@ -40,65 +46,43 @@ _log = logging.getLogger("orion_fsm.memory")
 _MB: Final = 1 << 20
 
 
-class PressureLevel(enum.IntEnum):
-    LOW = 0
-    MEDIUM = 1
-    HIGH = 2
-    CRITICAL = 3
-
-    def __str__(self) -> str:
-        return self.name.lower()
-
-
-_GRADES: Final = (PressureLevel.MEDIUM, PressureLevel.HIGH, PressureLevel.CRITICAL)
-
-
-@dataclass(frozen=True, slots=True)
-class MemoryReading:
-    """One raw reading; `probe` callables return these (psutil by default, fakes in tests)."""
-
-    process_rss_bytes: int
-    system_available_bytes: int
-    system_total_bytes: int
-
-
 def psutil_reading() -> MemoryReading:
+    import psutil  # here, not at module level: ~7 ms of `import orion_fsm`
+
     memory = psutil.virtual_memory()
     return MemoryReading(psutil.Process().memory_info().rss, memory.available, memory.total)
 
 
-@dataclass(frozen=True, slots=True)
-class PressureThresholds:
-    """Where each level starts; the worse of the two measures wins.
+class ResidentView(Protocol):
+    """A loaded model, as the monitor reports it."""
 
-    `available_pct`: system available memory, in % of total, at or below which medium, high
-    and critical start. `rss_budget_ratio`: process RSS over the loader's budget at or above
-    which they start (None: not used; RSS includes the interpreter, not only models).
+    @property
+    def label(self) -> str: ...
+    @property
+    def variant(self) -> str: ...
+    @property
+    def estimate_bytes(self) -> int: ...
+    @property
+    def pins(self) -> int: ...
+    @property
+    def idle_s(self) -> float: ...
+
+
+class WatchedLoader(Protocol):
+    """What the monitor reads and does on a loader: its budget and models, idle unloads.
+
+    `monitor` is the loader's pressure source: the monitor sets itself there, so that at
+    critical pressure the loader refuses new loads.
     """
 
-    available_pct: tuple[float, float, float] = (30.0, 15.0, 5.0)
-    rss_budget_ratio: tuple[float, float, float] | None = None
+    monitor: PressureGauge | None
 
-    def __post_init__(self) -> None:
-        a = self.available_pct
-        if not a[0] >= a[1] >= a[2]:
-            raise ValueError(f"available_pct must decrease (medium, high, critical), got {a}")
-        r = self.rss_budget_ratio
-        if r is not None and not r[0] <= r[1] <= r[2]:
-            raise ValueError(f"rss_budget_ratio must increase (medium, high, critical), got {r}")
-
-    def level(self, reading: MemoryReading, budget_bytes: int | None) -> PressureLevel:
-        pct = 100.0 * reading.system_available_bytes / max(1, reading.system_total_bytes)
-        level = PressureLevel.LOW
-        for grade, bound in zip(_GRADES, self.available_pct, strict=True):
-            if pct <= bound:
-                level = max(level, grade)
-        if self.rss_budget_ratio is not None and budget_bytes:
-            ratio = reading.process_rss_bytes / budget_bytes
-            for grade, bound in zip(_GRADES, self.rss_budget_ratio, strict=True):
-                if ratio >= bound:
-                    level = max(level, grade)
-        return level
+    @property
+    def clock(self) -> Clock: ...
+    @property
+    def budget_bytes(self) -> int: ...
+    def models(self) -> Sequence[ResidentView]: ...
+    async def unload_idle(self, *, limit: int | None = None) -> list[str]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,10 +109,6 @@ class MemorySnapshot:
     @property
     def available_pct(self) -> float:
         return 100.0 * self.system_available_bytes / max(1, self.system_total_bytes)
-
-    @property
-    def models_bytes(self) -> int:
-        return sum(m.estimate_bytes for m in self.models)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -181,15 +161,15 @@ class MemoryMonitor:
     """Samples memory every `interval_s` in `run()`, keeps the last `history_size` snapshots.
 
     Given a loader, it reports the loader's models, unloads idle ones under high pressure
-    and becomes the loader's pressure gate (`loader.monitor`): at critical, loads fail fast.
+    and becomes the loader's pressure source (`loader.monitor`): at critical, loads fail fast.
     """
 
     def __init__(
         self,
         *,
-        loader: ModelLoader | None = None,
+        loader: WatchedLoader | None = None,
         probe: Callable[[], MemoryReading] = psutil_reading,
-        interval_s: float = 30.0,
+        interval_s: float = DEFAULT_MEMORY_INTERVAL_S,
         history_size: int = 120,
         thresholds: PressureThresholds | None = None,
         caches: Callable[[], Mapping[str, int]] | None = None,
@@ -197,7 +177,8 @@ class MemoryMonitor:
         clock: Clock | None = None,
     ) -> None:
         if interval_s <= 0:
-            raise ValueError(f"interval_s must be positive, got {interval_s}")
+            raise ConfigurationError("MemoryMonitor.interval_s", interval_s,
+                                     "a positive number of seconds")
         self.loader = loader
         self.interval_s = interval_s
         self.thresholds = thresholds or PressureThresholds()
@@ -281,14 +262,18 @@ class MemoryMonitor:
             self._scope.cancel()
 
 
-def _model_memory(model: ResidentModel) -> ModelMemory:
-    return ModelMemory(model.label, model.key.variant, model.estimate_bytes, model.pins,
+def _model_memory(model: ResidentView) -> ModelMemory:
+    return ModelMemory(model.label, model.variant, model.estimate_bytes, model.pins,
                        model.idle_s)
 
 
 def register_memory_metrics(meter: Meter, monitor: MemoryMonitor,
-                            loader: ModelLoader | None = None) -> None:
+                            loader: WatchedLoader | None = None) -> None:
     """Observable gauges over the monitor's latest snapshot and the loader's models."""
+    # Imported when metrics are wired, not with the module: OpenTelemetry's metrics API
+    # costs ~7 ms of `import orion_fsm`.
+    from opentelemetry.metrics import Observation
+
     loader = loader or monitor.loader
 
     def gauge(name: str, unit: str, description: str,

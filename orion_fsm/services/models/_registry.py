@@ -10,19 +10,22 @@ import functools
 import hashlib
 import importlib.util
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
-
-import jsonschema
-from jsonschema.exceptions import ValidationError as SchemaError
-from jsonschema.exceptions import best_match
+from typing import TYPE_CHECKING, Any
 
 from orion_fsm._exceptions import ModelLoadError, RegistryError
 from orion_fsm._resources import data_file
+
+if TYPE_CHECKING:
+    # jsonschema is imported where a registry is validated: it costs ~35 ms, a third of
+    # `import orion_fsm`, and a program that never loads a registry should not pay it.
+    import jsonschema
+    from jsonschema.exceptions import ValidationError as SchemaError
 
 __all__ = [
     "CHAT_TEMPLATE_PRESETS",
@@ -33,6 +36,7 @@ __all__ = [
     "QuantVariant",
     "Registry",
     "RoutingHints",
+    "generation_bounds",
 ]
 
 
@@ -234,6 +238,8 @@ class Registry:
     @classmethod
     def from_dict(cls, doc: object, *, source: Path | None = None) -> Registry:
         """Validate a parsed document; relative model paths resolve against `source`'s folder."""
+        from jsonschema.exceptions import best_match  # see TYPE_CHECKING above
+
         error = best_match(_validator().iter_errors(doc))
         if error is not None:
             path, message = _describe_schema_error(error)
@@ -312,14 +318,56 @@ def _digest(doc: object) -> str:
 
 
 @functools.cache
-def _schema() -> dict[str, Any]:
+def _schema_document() -> dict[str, Any]:
     schema: dict[str, Any] = json.loads(data_file("models.schema.json").read_text(encoding="utf-8"))
+    return schema
+
+
+@functools.cache
+def _schema() -> dict[str, Any]:
+    import jsonschema  # see TYPE_CHECKING above
+
+    schema = _schema_document()
     jsonschema.Draft202012Validator.check_schema(schema)
     return schema
 
 
 @functools.cache
+def generation_bounds() -> Mapping[str, tuple[float, float]]:
+    """Inclusive `(low, high)` of each numeric generation parameter, read from the schema.
+
+    models.schema.json is the one home of these bounds: a request's parameters and an agent's
+    defaults are held to the same numbers. An exclusive bound becomes the nearest value inside
+    it (the next float, or the next integer), so `low <= value <= high` is the whole test.
+    Built on first use, without jsonschema: reading the schema is all it needs.
+    """
+    properties = _schema_document()["$defs"]["generation"]["properties"]
+    bounds: dict[str, tuple[float, float]] = {}
+    for name, spec in properties.items():
+        if spec.get("type") not in ("integer", "number"):
+            continue
+        integral = spec["type"] == "integer"
+        low = spec.get("minimum", -math.inf)
+        if "exclusiveMinimum" in spec:
+            low = _inside(spec["exclusiveMinimum"], up=True, integral=integral)
+        high = spec.get("maximum", math.inf)
+        if "exclusiveMaximum" in spec:
+            high = _inside(spec["exclusiveMaximum"], up=False, integral=integral)
+        bounds[name] = (low, high)
+    return MappingProxyType(bounds)
+
+
+def _inside(bound: float, *, up: bool, integral: bool) -> float:
+    """The nearest value strictly beyond an exclusive `bound`, upwards or downwards."""
+    if integral:
+        return bound + 1 if up else bound - 1
+    return math.nextafter(bound, math.inf if up else -math.inf)
+
+
+@functools.cache
 def _validator() -> jsonschema.Draft202012Validator:
+    import jsonschema  # see TYPE_CHECKING above
+
     return jsonschema.Draft202012Validator(_schema())
 
 
@@ -442,6 +490,8 @@ def _closest_branch(error: SchemaError) -> SchemaError | None:
     if not ranked or ranked[0][1] == 0 or (len(ranked) > 1 and ranked[1][1] == ranked[0][1]):
         return None
     branch_errors = [e for e in error.context if e.relative_schema_path[0] == ranked[0][0]]
+    from jsonschema.exceptions import best_match  # see TYPE_CHECKING above
+
     chosen: SchemaError | None = best_match(branch_errors)
     return chosen
 

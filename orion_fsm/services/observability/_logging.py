@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import IO, Any, Final
 
+from orion_fsm._exceptions import ConfigurationError
 from orion_fsm.services.observability._sanitize import sanitize, sanitize_text
 
 __all__ = [
@@ -148,8 +149,8 @@ def configure_logging(level: str | int = "INFO", json: bool = True, verbose: boo
         try:
             levelno = LEVELS[level.upper()]
         except KeyError:
-            raise ValueError(f"unknown log level {level!r}; use one of "
-                             "DEBUG, INFO, WARN, ERROR, CRITICAL") from None
+            raise ConfigurationError("log level", level,
+                                     "one of DEBUG, INFO, WARN, ERROR, CRITICAL") from None
     else:
         levelno = level
     logger = logging.getLogger(ROOT_LOGGER)

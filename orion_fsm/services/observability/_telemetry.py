@@ -16,8 +16,6 @@ from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from orion_fsm._clock import Clock
@@ -36,6 +34,10 @@ def resolve_tracer(provider: trace.TracerProvider | None = None) -> Tracer:
     if provider is None:
         current = trace.get_tracer_provider()
         if isinstance(current, trace.ProxyTracerProvider):
+            # The SDK only for this fallback: an app with its own provider never loads it.
+            from opentelemetry.sdk.resources import Resource
+            from opentelemetry.sdk.trace import TracerProvider
+
             service = os.environ.get("OTEL_SERVICE_NAME", "orion-fsm")
             provider = TracerProvider(resource=Resource.create({"service.name": service}))
         else:
@@ -191,6 +193,8 @@ class PhaseRecorder:
 def _span_record(span: Span, name: str, start_ms: float, end_ms: float,
                  attributes: Mapping[str, Any]) -> dict[str, Any]:
     ctx = span.get_span_context()
+    from opentelemetry.sdk.trace import ReadableSpan  # not at module level: ~4 ms of import
+
     parent = span.parent if isinstance(span, ReadableSpan) else None
     return {
         "name": name,

@@ -17,33 +17,12 @@ from typing import Any
 import anyio
 from anyio.lowlevel import cancel_shielded_checkpoint, checkpoint_if_cancelled
 
-from orion_fsm._exceptions import OrionError
+from orion_fsm._config import DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_QUEUE, DEFAULT_TIMEOUT_S
+from orion_fsm._exceptions import ConfigurationError, Overloaded, RequestTimeout
 
+# Overloaded and RequestTimeout live in _exceptions; re-exported for the engine's imports.
 __all__ = ["AdmissionController", "Deadline", "Overloaded", "RequestTimeout", "TimeoutPolicy"]
 
-DEFAULT_TIMEOUT_S = 60.0
-
-
-class Overloaded(OrionError):
-    """Too many requests are already waiting: this one was refused without waiting."""
-
-    def __init__(self, queued: int, limit: int, *, request_id: str | None = None) -> None:
-        super().__init__(f"{queued} requests queued (limit {limit}): retry later or raise "
-                         "max_queue", request_id=request_id)
-        self.queued = queued
-        self.limit = limit
-
-
-class RequestTimeout(OrionError):
-    """A request ran past its deadline (`timeout_s`)."""
-
-    def __init__(self, timeout_s: float, phase: str | None = None, *,
-                 request_id: str | None = None) -> None:
-        where = f" (in {phase})" if phase else ""
-        super().__init__(f"the request took longer than its timeout of {timeout_s:g} s{where}: "
-                         "raise timeout_s or ask for fewer tokens", request_id=request_id)
-        self.timeout_s = timeout_s
-        self.phase = phase
 
 
 @dataclass(order=True)
@@ -63,11 +42,13 @@ class AdmissionController:
     straight to the next waiter, so a newcomer never overtakes the queue.
     """
 
-    def __init__(self, max_in_flight: int = 64, max_queue: int = 1024) -> None:
+    def __init__(self, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+                 max_queue: int = DEFAULT_MAX_QUEUE) -> None:
         if max_in_flight < 1:
-            raise OrionError(f"max_in_flight must be at least 1, got {max_in_flight}")
+            raise ConfigurationError("AdmissionController.max_in_flight", max_in_flight,
+                                     "at least 1")
         if max_queue < 0:
-            raise OrionError(f"max_queue must be 0 or more, got {max_queue}")
+            raise ConfigurationError("AdmissionController.max_queue", max_queue, "0 or more")
         self.max_in_flight = max_in_flight
         self.max_queue = max_queue
         self._in_flight = 0
@@ -156,8 +137,8 @@ class TimeoutPolicy:
 
     def __post_init__(self) -> None:
         if not isinstance(self.timeout_s, int | float) or not self.timeout_s > 0:
-            raise OrionError(f"timeout_s must be a positive number of seconds (math.inf for "
-                             f"none), got {self.timeout_s!r}")
+            raise ConfigurationError("timeout_s", self.timeout_s,
+                                     "a positive number of seconds (math.inf for none)")
 
     def start(self) -> Deadline:
         return Deadline(anyio.current_time() + self.timeout_s, self.timeout_s)

@@ -11,16 +11,15 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal
-
-from opentelemetry.metrics import CallbackOptions, Meter, Observation
-from statemachine import StateChart
-from statemachine.io import load
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from orion_fsm._clock import Clock, SystemClock
-from orion_fsm._exceptions import OrionError
+from orion_fsm._exceptions import ConfigurationError, OrionError, RequestTimeout
 from orion_fsm._resources import data_file
-from orion_fsm.services.resilience._admission import RequestTimeout
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import CallbackOptions, Meter, Observation
+    from statemachine import StateChart
 
 __all__ = [
     "STATE_VALUES",
@@ -43,6 +42,9 @@ TransitionCallback = Callable[[str, str, str, str], None]  # (agent, source, tar
 @functools.cache
 def breaker_chart(path: Path | None = None) -> type[StateChart[Any]]:
     """The breaker statechart class. Built once; each agent's breaker is a cheap instance."""
+    # Imported on first use: python-statemachine costs ~45 ms of `import orion_fsm`.
+    from statemachine.io import load
+
     source = path or data_file("machines", "breaker.scxml")
     chart = load(source)
     states = {s.id for s in chart.states}
@@ -67,12 +69,13 @@ class BreakerConfig:
     def __post_init__(self) -> None:
         if isinstance(self.failure_threshold, bool) or not isinstance(self.failure_threshold, int) \
                 or self.failure_threshold < 1:
-            raise OrionError(f"breaker failure_threshold must be an integer >= 1, "
-                             f"got {self.failure_threshold!r}")
+            raise ConfigurationError("BreakerConfig.failure_threshold",
+                                     self.failure_threshold, "an integer >= 1")
         for name in ("reset_after_s", "trial_timeout_s"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not value >= 0:
-                raise OrionError(f"breaker {name} must be a number of seconds >= 0, got {value!r}")
+                raise ConfigurationError(f"BreakerConfig.{name}", value,
+                                         "a number of seconds >= 0")
 
     def as_dict(self) -> dict[str, Any]:
         # Spelled out: dataclasses.asdict costs ~5 µs, and this runs for every trace record.
@@ -360,6 +363,10 @@ def register_breaker_metrics(meter: Meter, board: BreakerBoard) -> None:
     `orion.breaker.state` (closed 0, half_open 1, open 2), `orion.breaker.consecutive_failures`,
     and `orion.breaker.opened` (times opened since the engine started).
     """
+
+    # Imported when metrics are wired, not with the module: OpenTelemetry's metrics API
+    # costs ~7 ms of `import orion_fsm`.
+    from opentelemetry.metrics import Observation
 
     def states(_: CallbackOptions) -> Iterable[Observation]:
         return [Observation(STATE_VALUES[b.state], {"orion.agent": b.agent}) for b in board]

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 
-from orion_fsm._exceptions import ValidationError
+from orion_fsm._exceptions import ConfigurationError
 
 __all__ = [
     "INJECTION_RULES",
@@ -24,7 +24,6 @@ __all__ = [
     "Policy",
     "RepetitionGuard",
     "Verdict",
-    "decode_prompt",
 ]
 
 Policy = Literal["flag", "block", "allow"]
@@ -62,8 +61,8 @@ class GuardrailConfig:
     def __post_init__(self) -> None:
         for name in ("injection", "template_tags"):
             if getattr(self, name) not in _POLICIES:
-                raise ValueError(f"guardrail policy {name} must be one of {_POLICIES}, "
-                                 f"got {getattr(self, name)!r}")
+                raise ConfigurationError(f"GuardrailConfig.{name}", getattr(self, name),
+                                         f"one of {', '.join(_POLICIES)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,17 +104,6 @@ class Verdict:
         return {"orion.guardrails.findings": [f.code for f in self.findings],
                 "orion.guardrails.rules": [f.rule or f.code for f in self.findings],
                 "orion.guardrails.blocked": self.blocked is not None}
-
-
-def decode_prompt(data: bytes, *, field: str = "prompt") -> str:
-    """Decode a prompt received as bytes; invalid UTF-8 is refused naming the byte offset."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        bad = data[exc.start:exc.end]
-        raise ValidationError(
-            f"{field} is not valid UTF-8: byte {exc.start} (0x{bad.hex()}) {exc.reason}; "
-            "send the prompt encoded as UTF-8", field=field) from None
 
 
 # --- prompt injection -----------------------------------------------------------------------

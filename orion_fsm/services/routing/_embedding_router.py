@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import anyio
 
-from orion_fsm._exceptions import OrionError
+from orion_fsm._exceptions import ConfigurationError, EmbeddingError, OrionError
 from orion_fsm._singleflight import SingleFlight
 from orion_fsm.services.models._registry import Registry
-from orion_fsm.services.routing._embeddings import EmbeddingError, EmbeddingService
+from orion_fsm.services.routing._embeddings import EmbeddingService
 from orion_fsm.services.routing._router import RoutingDecision, RuleRouter
 
 if TYPE_CHECKING:
@@ -128,14 +128,14 @@ class EmbeddingRouter:
         extra_examples: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         if method not in ("nearest", "centroid"):
-            raise ValueError(f"unknown routing method {method!r}; use 'nearest' or 'centroid'")
+            raise ConfigurationError("EmbeddingRouter.method", method, "'nearest' or 'centroid'")
         if top_k < 1:
-            raise ValueError(f"top_k must be at least 1, got {top_k}")
+            raise ConfigurationError("EmbeddingRouter.top_k", top_k, "at least 1")
         for name, given in (("thresholds", thresholds), ("extra_examples", extra_examples)):
             unknown = sorted(set(given or {}) - set(registry.agents))
             if unknown:
-                raise OrionError(f"{name} name unknown agents {unknown}; known agents: "
-                                 f"{', '.join(registry.agents)}")
+                raise ConfigurationError(f"EmbeddingRouter.{name}", unknown,
+                                         f"keyed by known agents ({', '.join(registry.agents)})")
         self.registry = registry
         self.embeddings = embeddings
         self.fallback_router: Router = fallback_router or RuleRouter(registry)

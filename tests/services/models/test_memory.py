@@ -3,6 +3,7 @@ critical, and its OpenTelemetry gauges; readings come from an injected probe."""
 
 from __future__ import annotations
 
+import ast
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -13,18 +14,17 @@ import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from orion_fsm import ManualClock, Registry
+from orion_fsm import ConfigurationError, InsufficientMemory, ManualClock, Registry
 from orion_fsm.backends import LoadedModel
-from orion_fsm.services.models._loader import InsufficientMemory, LoaderConfig, ModelLoader
+from orion_fsm.services.models import _memory
+from orion_fsm.services.models._loader import LoaderConfig, ModelLoader
 from orion_fsm.services.models._memory import (
     MemoryMonitor,
-    MemoryReading,
     MemorySnapshot,
-    PressureLevel,
-    PressureThresholds,
     psutil_reading,
     register_memory_metrics,
 )
+from orion_fsm.services.models._pressure import MemoryReading, PressureLevel, PressureThresholds
 from orion_fsm.testing import make_tiny_llama_gguf
 from tests.conftest import agent
 
@@ -94,9 +94,9 @@ def test_configured_thresholds_grade_available_memory_and_rss_against_the_budget
 
 
 def test_thresholds_out_of_order_are_rejected() -> None:
-    with pytest.raises(ValueError, match="decrease"):
+    with pytest.raises(ConfigurationError, match="available_pct must be decreasing"):
         PressureThresholds(available_pct=(5, 15, 30))
-    with pytest.raises(ValueError, match="increase"):
+    with pytest.raises(ConfigurationError, match="rss_budget_ratio must be increasing"):
         PressureThresholds(rss_budget_ratio=(2, 1, 0.5))
 
 
@@ -192,6 +192,37 @@ async def test_critical_pressure_makes_loads_fail_fast(
     (await loader.acquire(two_models.get("a"))).release()
     assert len(calls) == 1
     await loader.aclose()
+
+
+class FixedGauge:
+    def __init__(self, level: PressureLevel) -> None:
+        self.level = level
+
+
+async def test_a_loader_given_a_pressure_gauge_at_construction_refuses_at_critical(
+    two_models: Registry, tmp_path: Path,
+) -> None:
+    gauge = FixedGauge(PressureLevel.CRITICAL)
+    loader = ModelLoader(tmp_path / "cache", threads=1, clock=ManualClock(), monitor=gauge,
+                         config=LoaderConfig(memory_budget_mb=1024, predictive_preload=False))
+    with pytest.raises(InsufficientMemory, match="pressure is critical"):
+        await loader.acquire(two_models.get("a"))
+    gauge.level = PressureLevel.HIGH  # high unloads idle models; it refuses nothing
+    (await loader.acquire(two_models.get("a"))).release()
+    assert loader.stats.loads == 1
+    await loader.aclose()
+
+
+def test_the_loader_and_the_monitor_do_not_import_each_other() -> None:
+    folder = Path(_memory.__file__).parent
+    imported: dict[str, set[str]] = {}
+    for name in ("_loader", "_memory", "_pressure"):
+        tree = ast.parse((folder / f"{name}.py").read_text(encoding="utf-8"))
+        imported[name] = {node.module.rsplit(".", 1)[-1] for node in ast.walk(tree)
+                          if isinstance(node, ast.ImportFrom) and node.module}
+    assert "_memory" not in imported["_loader"] and "_loader" not in imported["_memory"]
+    assert "_pressure" in imported["_loader"] and "_pressure" in imported["_memory"]
+    assert not imported["_pressure"] & {"_loader", "_memory"}
 
 
 async def test_run_samples_at_its_interval_until_stopped() -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import ctypes
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from orion_fsm.services.models._registry import (
     ChatTemplate,
     ModelSource,
     Registry,
+    generation_bounds,
 )
 
 Doc = dict[str, Any]
@@ -209,6 +212,12 @@ def _append_pattern(doc: Doc) -> None:
             "leaves no room for the prompt",
             id="max-tokens-exceeds-context",
         ),
+        pytest.param(
+            _set("agents[0].generation.seed", 2**31),
+            "$.agents[0].generation.seed",
+            "≤ 2147483647",
+            id="seed-beyond-a-c-int",
+        ),
     ],
 )
 def test_malformed_registry_names_json_path(
@@ -220,6 +229,28 @@ def test_malformed_registry_names_json_path(
     assert caught.value.json_path == json_path
     assert f"at {json_path}:" in str(caught.value)
     assert says in str(caught.value)
+
+
+def test_generation_bounds_are_the_schemas_numbers_with_exclusive_ones_made_inclusive() -> None:
+    schema = json.loads(data_file("models.schema.json").read_text(encoding="utf-8"))
+    properties = schema["$defs"]["generation"]["properties"]
+    bounds = generation_bounds()
+    assert set(bounds) == {n for n, p in properties.items() if p["type"] in ("integer", "number")}
+    assert bounds["max_tokens"] == (1, 32768)
+    assert bounds["temperature"] == (0, 2)
+    assert bounds["top_k"] == (0, 1000)
+    assert bounds["repetition_penalty"] == (1, 2)
+    low, high = bounds["top_p"]  # exclusiveMinimum 0: the smallest float above it
+    assert low > 0 and math.nextafter(low, -math.inf) == 0 and high == 1
+    assert generation_bounds() is bounds  # built once
+
+
+def test_the_seed_bound_is_what_the_runtime_can_take() -> None:
+    # ctransformers passes the seed as a C int: past 2**31 - 1 ctypes wraps it around silently.
+    low, high = generation_bounds()["seed"]
+    assert (low, high) == (-1, 2**31 - 1)
+    assert ctypes.c_int(int(high)).value == high
+    assert ctypes.c_int(int(high) + 1).value != high + 1
 
 
 def test_invalid_json_text_reports_line_and_column(tmp_path: Path) -> None:

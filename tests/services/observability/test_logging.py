@@ -15,7 +15,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from orion_fsm import Engine
+from orion_fsm import ConfigurationError, Engine
 from orion_fsm._machine import request_chart
 from orion_fsm.services.observability._logging import (
     LogListener,
@@ -85,7 +85,7 @@ def test_level_filters_and_warn_is_accepted_as_a_level_name(
 
 
 def test_unknown_level_is_refused(log_stream: Callable[..., io.StringIO]) -> None:
-    with pytest.raises(ValueError, match="DEBUG, INFO, WARN, ERROR, CRITICAL"):
+    with pytest.raises(ConfigurationError, match="DEBUG, INFO, WARN, ERROR, CRITICAL"):
         log_stream(level="LOUD")
 
 

@@ -9,13 +9,8 @@ from collections.abc import Callable
 import anyio
 import pytest
 
-from orion_fsm import OrionError
-from orion_fsm.services.resilience._admission import (
-    AdmissionController,
-    Overloaded,
-    RequestTimeout,
-    TimeoutPolicy,
-)
+from orion_fsm import ConfigurationError, OrionError, Overloaded, RequestTimeout
+from orion_fsm.services.resilience._admission import AdmissionController, TimeoutPolicy
 
 pytestmark = pytest.mark.anyio
 
@@ -170,7 +165,7 @@ async def test_a_slot_is_released_when_the_request_fails() -> None:
 
 @pytest.mark.parametrize(("in_flight", "queue"), [(0, 10), (1, -1)])
 async def test_invalid_limits_are_refused(in_flight: int, queue: int) -> None:
-    with pytest.raises(OrionError, match="max_"):
+    with pytest.raises(ConfigurationError, match="max_"):
         AdmissionController(max_in_flight=in_flight, max_queue=queue)
 
 
@@ -220,5 +215,5 @@ async def test_deadline_stops_a_hung_worker_thread_through_should_stop() -> None
 
 @pytest.mark.parametrize("seconds", [0, -1, "60"])
 async def test_non_positive_timeouts_are_refused(seconds: object) -> None:
-    with pytest.raises(OrionError, match="timeout_s"):
+    with pytest.raises(ConfigurationError, match="timeout_s"):
         TimeoutPolicy(timeout_s=seconds)  # type: ignore[arg-type]

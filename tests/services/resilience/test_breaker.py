@@ -12,7 +12,7 @@ import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from orion_fsm import ManualClock, OrionError
+from orion_fsm import ConfigurationError, ManualClock, OrionError
 from orion_fsm.cli import _breakers
 from orion_fsm.services.resilience._breaker import (
     BreakerBoard,
@@ -195,7 +195,7 @@ def test_failure_threshold_and_cool_down_come_from_config() -> None:
 @pytest.mark.parametrize("config", [{"failure_threshold": 0}, {"failure_threshold": 2.5},
                                     {"reset_after_s": -1}, {"trial_timeout_s": "soon"}])
 def test_invalid_breaker_config_is_refused_naming_the_field(config: dict[str, Any]) -> None:
-    with pytest.raises(OrionError, match=next(iter(config))):
+    with pytest.raises(ConfigurationError, match=next(iter(config))):
         BreakerConfig(**config)
 
 

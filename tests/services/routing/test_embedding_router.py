@@ -8,7 +8,7 @@ from typing import Any
 import anyio
 import pytest
 
-from orion_fsm import OrionError, Registry, RegistryError, RuleRouter
+from orion_fsm import ConfigurationError, OrionError, Registry, RegistryError, RuleRouter
 from orion_fsm.services.routing._embedding_router import (
     DEFAULT_THRESHOLD,
     EmbeddingRouter,
@@ -228,7 +228,8 @@ async def test_an_agent_without_examples_is_represented_by_its_description(
 
 
 def test_thresholds_for_unknown_agents_are_refused(registry: Registry, tmp_path: Path) -> None:
-    with pytest.raises(OrionError, match="unknown agents"):
+    with pytest.raises(ConfigurationError, match=r"thresholds must be keyed by known agents "
+                       r"\(.*\), got \['wizard'\]"):
         EmbeddingRouter(registry, EmbeddingService(tmp_path), thresholds={"wizard": 0.3})
 
 

@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 
 from orion_fsm import OrionError
+from orion_fsm._exceptions import EmbeddingError, EmbeddingUnavailable
 from orion_fsm.services.routing import _embeddings
 from orion_fsm.services.routing._embeddings import (
-    EmbeddingError,
     EmbeddingService,
-    EmbeddingUnavailable,
     default_model_dir,
     pack_vector,
     unpack_vector,
