@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ._exceptions import OrionError
+from ._machine import MachinePool, StateListener
 from ._phases import PHASES, STREAMING_PHASES, Next, RequestState, Services
 from ._types import PhaseTiming, Request, Result, TokenUsage
 from .services.observability import _attributes as attr
@@ -24,7 +25,6 @@ from .services.resilience._admission import Overloaded, RequestTimeout
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
-    from statemachine import StateChart
 
     from .services.observability._tracefile import TraceWriter
     from .services.resilience._admission import AdmissionController, TimeoutPolicy
@@ -37,7 +37,7 @@ class Driving:
     """What the driver needs beyond the phases' services: built once with them."""
 
     services: Services
-    chart: type[StateChart[Any]]
+    machines: MachinePool
     tracer: Tracer
     admission: AdmissionController
     timeouts: TimeoutPolicy
@@ -64,47 +64,51 @@ class RequestRun:
         services = d.services
         recorder = PhaseRecorder(d.tracer, services.clock, request.id,
                                  {attr.REGISTRY_DIGEST: services.registry.digest})
-        listeners: list[object] = [recorder]
+        listeners: list[StateListener] = [recorder]
         if _log.isEnabledFor(logging.INFO):
             listeners.append(LogListener(_log, request.id, recorder.trace_id))
-        machine = d.chart(listeners=listeners)
         stack = AsyncExitStack()
         state = RequestState(request=request, streaming=self._streaming, stack=stack,
                              deadline=d.timeouts.start(), started=recorder.origin,
                              notes=recorder.notes,
                              breakers_at_start=services.breakers.snapshot())
+        # A machine only once admitted: a thousand queued requests hold no machine.
         try:
             await d.admission.acquire(self._priority, request_id=request.id)
         except Overloaded as exc:  # refused at once, never queued
             state.fail("overloaded", exc.message)
-            self._finish(state, recorder, machine, event="rejected")
+            with d.machines.machine(listeners) as machine:
+                self._finish(state, recorder, machine, event="rejected")
             return
         except BaseException:
             state.fail("cancelled", "the caller cancelled the request while it was queued")
-            self._finish(state, recorder, machine, event="abort")
-            raise
-        stack.callback(d.admission.release)
-        try:
-            async with stack, aclosing(self._phases(state, machine, recorder)) as texts:
-                async for text in texts:
-                    yield text
-        except RequestTimeout as exc:
-            state.fail("timeout", exc.message)
-            self._finish(state, recorder, machine, event="abort")
-        except BaseException as exc:
-            # Cancelled, consumer gone, or a bug in a phase: the request still ends in a final
-            # state, with its trace line.
-            if not machine.is_terminated:
-                if isinstance(exc, anyio.get_cancelled_exc_class() | GeneratorExit):
-                    state.fail("cancelled", "the caller cancelled the request")
-                elif isinstance(exc, OrionError):
-                    state.fail("internal", str(exc))
-                else:
-                    state.fail("internal", f"{type(exc).__name__}: {exc}")
+            with d.machines.machine(listeners) as machine:
                 self._finish(state, recorder, machine, event="abort")
             raise
-        else:
-            self._finish(state, recorder, machine)
+        state.deadline = d.timeouts.start()  # `timeout_s` counts from admission
+        with d.machines.machine(listeners) as machine:
+            stack.callback(d.admission.release)
+            try:
+                async with stack, aclosing(self._phases(state, machine, recorder)) as texts:
+                    async for text in texts:
+                        yield text
+            except RequestTimeout as exc:
+                state.fail("timeout", exc.message)
+                self._finish(state, recorder, machine, event="abort")
+            except BaseException as exc:
+                # Cancelled, consumer gone, or a bug in a phase: the request still ends in a
+                # final state, with its trace line.
+                if not machine.is_terminated:
+                    if isinstance(exc, anyio.get_cancelled_exc_class() | GeneratorExit):
+                        state.fail("cancelled", "the caller cancelled the request")
+                    elif isinstance(exc, OrionError):
+                        state.fail("internal", str(exc))
+                    else:
+                        state.fail("internal", f"{type(exc).__name__}: {exc}")
+                    self._finish(state, recorder, machine, event="abort")
+                raise
+            else:
+                self._finish(state, recorder, machine)
 
     async def _phases(self, state: RequestState, machine: Any,
                       recorder: PhaseRecorder) -> AsyncGenerator[str, None]:

@@ -31,7 +31,7 @@ from ._config import (
 )
 from ._driver import Driving, RequestRun
 from ._exceptions import OrionError, RequestFailed
-from ._machine import request_chart
+from ._machine import MachinePool, request_chart
 from ._phases import Services
 from ._seams import Loader, Router
 from ._singleflight import SingleFlight
@@ -254,7 +254,7 @@ class Engine:
                 caches=self.caches, breakers=self.breakers, guardrails=self.guardrails,
                 clock=self.clock, l1_flights=SingleFlight(), background=task_group.start_soon)
             self._driving = Driving(
-                services=services, chart=self._chart, tracer=self._tracer,
+                services=services, machines=MachinePool(self._chart), tracer=self._tracer,
                 admission=self.admission, timeouts=self._timeout, traces=self._traces,
                 registry_source=self.registry.source)
             self._exit_stack = stack.pop_all()
