@@ -104,3 +104,18 @@ async def test_concurrent_identical_requests_generate_once(make_engine: MakeEngi
     generated = [r for r in results if r.cache is None]
     assert len(generated) == 1 and len(results) == 20
     assert {r.text for r in results} == {generated[0].text}
+
+
+async def test_an_l1_entry_of_the_wrong_shape_is_a_miss_and_the_answer_is_made_again(
+    make_engine: MakeEngine, tmp_path: Path
+) -> None:
+    async with make_engine() as engine:
+        first = await engine.infer("hello", temperature=0, max_tokens=4)
+    key = read_trace_lines(tmp_path / "traces" / "test.jsonl")[-1]["cache"]["l1_key"]
+    async with make_engine() as engine:
+        assert engine.caches is not None
+        await engine.caches.l1.set(key, {"text": 5, "token_ids": "not ids"})  # both tiers
+        again = await engine.infer("hello", temperature=0, max_tokens=4)
+        healed = await engine.infer("hello", temperature=0, max_tokens=4)
+    assert again.cache is None and again.text == first.text  # generated, not an error
+    assert healed.cache == "L1"  # the good answer replaced the bad entry

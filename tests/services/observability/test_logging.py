@@ -279,3 +279,15 @@ async def test_sanitising_a_typical_trace_record_takes_well_under_a_millisecond(
         sanitize(record)
     per_record_us = (time.perf_counter() - start) / n * 1e6
     assert per_record_us < 500, f"{per_record_us:.0f} µs per record"
+
+
+@pytest.mark.anyio
+async def test_service_logs_made_during_a_request_carry_its_ids(
+        make_engine: Callable[..., Engine], log_stream: Callable[..., io.StringIO]) -> None:
+    stream = log_stream(level="INFO")
+    async with make_engine() as engine:
+        result = await engine.infer("hello", agent="long", max_tokens=2, cache=False)
+    loaded = [line for line in lines(stream) if line["event"] == "model_loaded"]
+    assert loaded, "the loader logs the model it loads for the request"
+    assert (loaded[0]["request_id"], loaded[0]["trace_id"]) == (
+        result.request_id, result.trace_id)

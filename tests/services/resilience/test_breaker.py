@@ -323,3 +323,44 @@ def test_cli_reports_no_trace_file_as_defaults(
     assert run_cli(["--registry", str(registry_file), "breakers", "--trace-file",
                     str(missing)]) == 0
     assert "configured defaults: open after 3 consecutive failures" in capsys.readouterr().out
+
+
+def test_an_attempt_left_without_a_verdict_counts_for_nothing() -> None:
+    board = BreakerBoard(BreakerConfig(failure_threshold=1), clock=ManualClock())
+    with board.attempt("code") as permit:
+        assert permit is not None  # e.g. a prompt too long for the agent: no verdict
+    assert board.breaker("code").state == "closed"
+    assert board.breaker("code").consecutive_failures == 0
+
+
+def test_an_attempt_maps_how_it_ended_to_a_verdict() -> None:
+    import anyio
+
+    from orion_fsm import RequestTimeout
+
+    clock = ManualClock()
+    board = BreakerBoard(BreakerConfig(failure_threshold=3), clock=clock)
+    with pytest.raises(RequestTimeout), board.attempt("code"):
+        raise RequestTimeout(1.0, "inferencing")
+    with pytest.raises(RuntimeError), board.attempt("code"):
+        raise RuntimeError("a bug in a phase")
+    assert board.breaker("code").consecutive_failures == 2
+    assert board.breaker("code").last_failure == "internal"
+
+    async def cancelled() -> None:
+        with anyio.CancelScope() as scope, board.attempt("code"):
+            scope.cancel()
+            await anyio.sleep(1)
+
+    anyio.run(cancelled)  # a caller who gave up says nothing about the agent
+    assert board.breaker("code").consecutive_failures == 2
+
+
+def test_an_attempt_on_an_open_breaker_gets_no_permit() -> None:
+    board = BreakerBoard(BreakerConfig(failure_threshold=1), clock=ManualClock())
+    with board.attempt("code") as permit:
+        assert permit is not None
+        change = permit.failure("inference_failed")
+    assert change is not None and permit.transition == change
+    with board.attempt("code") as refused:
+        assert refused is None
