@@ -379,7 +379,7 @@ def breaker_recovery(quick: bool = False) -> dict[str, Any]:
 
 def fail_fast_admission(quick: bool = False) -> dict[str, Any]:
     """Past the queue limit a request fails at once with Overloaded: time to refuse, p99."""
-    from orion_fsm import Overloaded
+    from orion_fsm._exceptions import Overloaded
     from orion_fsm.services.resilience._admission import AdmissionController
 
     rounds = 200 if quick else 2000

@@ -23,10 +23,8 @@ from ._exceptions import (
     ModelError,
     ModelLoadError,
     OrionError,
-    Overloaded,
     RegistryError,
     RequestFailed,
-    RequestTimeout,
     ValidationError,
 )
 from ._machine import request_chart
@@ -95,7 +93,6 @@ __all__ = [
     "ModelLoadError",
     "ModelLoader",
     "OrionError",
-    "Overloaded",
     "PhaseTiming",
     "PressureLevel",
     "PressureThresholds",
@@ -103,7 +100,6 @@ __all__ = [
     "RegistryError",
     "Request",
     "RequestFailed",
-    "RequestTimeout",
     "ResponseStream",
     "Result",
     "RouteExplanation",

@@ -11,9 +11,9 @@
     ├── EmbeddingError          the embedding model failed, timed out or is not running
     │   └── EmbeddingUnavailable     it cannot be loaded at all
     ├── CacheError              a cache was asked for what it does not have
-    ├── Overloaded              the admission queue is full
-    ├── RequestTimeout          a request ran past its deadline
-    └── RequestFailed           a request ended in the `error` state
+    ├── Overloaded              the admission queue is full           } the engine's own
+    ├── RequestTimeout          a request ran past its deadline       } signals: a caller
+    └── RequestFailed           a request ended in the `error` state    gets RequestFailed
 
 Every error a user can cause says what was wrong and how to fix it; errors raised while
 serving a request carry its id.
@@ -144,7 +144,10 @@ class RequestTimeout(OrionError):
 
 
 class RequestFailed(OrionError):
-    """A request ended in the `error` state; `reason` says why (validation, exhausted, ...)."""
+    """A request ended in the `error` state: what `infer` and `stream` raise. `reason` says why
+    (invalid, overloaded, timeout, cancelled, exhausted, inference_failed, internal) and
+    `result` holds the request's `Result`. Overloaded and RequestTimeout are how admission and
+    the deadline tell the engine; they reach a caller as this, with that reason."""
 
     def __init__(
         self, message: str, *, reason: str, request_id: str | None = None, result: object = None

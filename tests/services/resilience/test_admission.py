@@ -9,7 +9,8 @@ from collections.abc import Callable
 import anyio
 import pytest
 
-from orion_fsm import ConfigurationError, OrionError, Overloaded, RequestTimeout
+from orion_fsm import ConfigurationError, OrionError
+from orion_fsm._exceptions import Overloaded, RequestTimeout
 from orion_fsm.services.resilience._admission import AdmissionController, TimeoutPolicy
 
 pytestmark = pytest.mark.anyio

@@ -336,7 +336,7 @@ def test_an_attempt_left_without_a_verdict_counts_for_nothing() -> None:
 def test_an_attempt_maps_how_it_ended_to_a_verdict() -> None:
     import anyio
 
-    from orion_fsm import RequestTimeout
+    from orion_fsm._exceptions import RequestTimeout
 
     clock = ManualClock()
     board = BreakerBoard(BreakerConfig(failure_threshold=3), clock=clock)
