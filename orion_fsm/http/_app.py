@@ -214,7 +214,7 @@ def create_app(engine: Engine | EngineFactory, *, api_key: str | None = None,
         return _json((await router.route(text, requested=None)).as_dict())
 
     async def mem(_: Request) -> Any:
-        return _json(served.memory.snapshot().as_dict())
+        return _json(served.memory.sample().as_dict())  # now, not the last periodic sample
 
     async def breakers(_: Request) -> Any:
         return _json({"breakers": served.breakers.snapshot()})
