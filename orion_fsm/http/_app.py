@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Final
 
+import anyio
+import anyio.to_thread
 from opentelemetry.metrics import MeterProvider
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from starlette.applications import Starlette
@@ -20,7 +22,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from orion_fsm import EmbeddingError, EmbeddingRouter, Engine
+from orion_fsm import EmbeddingError, EmbeddingRouter, Engine, OrionError, find_traces
 
 from ._openai import (
     AUTO,
@@ -36,6 +38,7 @@ from ._responses import completion, event_stream, send_error, send_json
 
 DEFAULT_MAX_BODY_BYTES: Final = 1 << 20
 EngineFactory = Callable[[MeterProvider], Engine]
+_TRACE_POLLS, _TRACE_POLL_S = 100, 0.02
 _OPEN_PATHS: Final = frozenset({"/health"})  # reachable without the API key (probes)
 
 
@@ -229,6 +232,22 @@ def create_app(engine: Engine | EngineFactory, *, api_key: str | None = None,
                                  "evictions": loader.evictions, "refusals": loader.refusals,
                                  "models": [m.label for m in served.loader.models()]}})
 
+    async def trace(request: Request) -> Any:
+        path, wanted = served.trace_path, request.path_params["request_id"]
+        if path is None:
+            raise ApiError(404, "this server writes no trace file", code="tracing_off")
+        # The writer appends in the background, within milliseconds of the answer.
+        for _ in range(_TRACE_POLLS):
+            if path.is_file():
+                try:
+                    records = await anyio.to_thread.run_sync(find_traces, path, wanted)
+                    return _json(records[-1])
+                except OrionError:
+                    pass
+            await anyio.sleep(_TRACE_POLL_S)
+        raise ApiError(404, f"no request {wanted!r} in {path}", param="request_id",
+                       code="trace_not_found")
+
     routes = [
         Route("/v1/chat/completions", _Endpoint(chat), methods=["POST"]),
         Route("/v1/completions", _Endpoint(completions), methods=["POST"]),
@@ -242,6 +261,7 @@ def create_app(engine: Engine | EngineFactory, *, api_key: str | None = None,
         Route("/v1/orion/breakers", _Endpoint(breakers), methods=["GET"]),
         Route("/v1/orion/cache", _Endpoint(cache), methods=["GET"]),
         Route("/v1/orion/stats", _Endpoint(stats), methods=["GET"]),
+        Route("/v1/orion/traces/{request_id}", _Endpoint(trace), methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.add_middleware(_KeyAndSize, api_key=api_key, max_body_bytes=max_body_bytes)

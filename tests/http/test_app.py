@@ -12,8 +12,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from orion_fsm import ConfigurationError, Engine
+from orion_fsm import ConfigurationError, Engine, Registry
 from orion_fsm.http import check_bind, create_app
+from orion_fsm.replay import replay
 from tests.conftest import read_trace_lines
 from tests.http.conftest import sse_events
 
@@ -55,6 +56,22 @@ async def test_chat_stream_and_errors_in_process_leave_one_trace_line_each(
     assert [r["result"]["state"] for r in records] == ["success", "success", "error",
                                                        "success"]
     assert records[0]["request_id"] == plain.headers["x-orion-request-id"]
+
+
+async def test_requests_that_came_over_http_replay_from_their_trace_lines(
+        make_engine: Callable[..., Engine], registry_doc: dict[str, object],
+        tmp_path: Path) -> None:
+    async with in_process(make_engine) as http:
+        await http.post("/v1/chat/completions", json={
+            "model": "auto", "messages": [{"role": "user", "content": "a python function"}],
+            "max_tokens": 4, "seed": 3, "temperature": 0.9, "stream": True})
+        await http.post("/v1/completions", json={"model": "code", "prompt": "hello",
+                                                  "max_tokens": 3})
+    records = read_trace_lines(tmp_path / "traces" / "test.jsonl")
+    assert [r["result"]["agent"] for r in records] == ["code", "code"]
+    for record in records:
+        report = await replay(record, registry=Registry.from_dict(registry_doc))
+        assert report.ok, report.first
 
 
 async def test_metrics_expose_requests_ttft_phases_tokens_caches_breakers_and_memory(
