@@ -226,9 +226,12 @@ def http_warm_routing(quick: bool = False) -> dict[str, Any]:
     """`orion-fsm run --server URL` with new prompts against a warm server (default registry:
     SmolLM2, embedding router): the routing phase as the trace records it, against one cold
     in-process `orion-fsm run` in the same run."""
-    prompts = ["How do tides work on Mars?", "Écris une fonction qui inverse une liste",
-               "Is 1013 a prime number?", "What should I cook tonight with leeks?",
-               "Explain the borrow checker in two sentences"][: 3 if quick else 5]
+    # New to every cache (L3 keeps routing decisions on disk across runs): a nonce each run.
+    nonce = f"{time.time_ns() % 10**9:x}"
+    prompts = [f"{p} ({nonce})" for p in (
+        "How do tides work on Mars?", "Écris une fonction qui inverse une liste",
+        "Is 1013 a prime number?", "What should I cook tonight with leeks?",
+        "Explain the borrow checker in two sentences")][: 3 if quick else 5]
     env = {**os.environ}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -246,7 +249,7 @@ def http_warm_routing(quick: bool = False) -> dict[str, Any]:
         def routing_ms(result: dict[str, Any]) -> float:
             return sum(p["ms"] for p in result["phases"] if p["state"] == "routing")
 
-        cold = run(f"{prompts[0]} (cold)")
+        cold = run(f"{prompts[0]} cold")
         cold_ms = routing_ms(cold)
         with _serving(tmp, "--cache-dir", cache) as (url, _):
             warm, client_s = [], []

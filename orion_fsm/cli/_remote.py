@@ -9,15 +9,22 @@ import json
 import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-import httpx
+from orion_fsm import (
+    API_KEY_ENV,
+    SERVER_ENV,
+    OrionError,
+    PhaseTiming,
+    RequestFailed,
+    Result,
+    TokenUsage,
+)
 
-from orion_fsm import OrionError, PhaseTiming, RequestFailed, Result, TokenUsage
+if TYPE_CHECKING:
+    import httpx
 
-SERVER_ENV: Final = "ORION_FSM_SERVER"
-API_KEY_ENV: Final = "ORION_FSM_API_KEY"
-_TIMEOUT: Final = httpx.Timeout(10.0, read=None)  # a generation may take its time
+_CONNECT_TIMEOUT_S: Final = 10.0  # reads wait as long as a generation takes
 
 
 def add_server_options(parser: argparse.ArgumentParser) -> None:
@@ -108,9 +115,12 @@ class Remote:
 
 @asynccontextmanager
 async def connect(args: argparse.Namespace) -> AsyncIterator[Remote]:
+    import httpx  # only the commands that talk to a server pay for it
+
     url = str(args.server).rstrip("/")
     headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=_TIMEOUT) as client:
+    timeout = httpx.Timeout(_CONNECT_TIMEOUT_S, read=None)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout) as client:
         try:
             yield Remote(client, url)
         except httpx.TransportError as exc:

@@ -11,29 +11,24 @@ from typing import Any
 
 from opentelemetry.metrics import MeterProvider
 
-from orion_fsm import TRACE_FILE_ENV, Engine
-from orion_fsm.http import (
-    DEFAULT_GRACE_S,
-    DEFAULT_HOST,
+from orion_fsm import (
+    API_KEY_ENV,
+    DEFAULT_HTTP_HOST,
+    DEFAULT_HTTP_PORT,
     DEFAULT_MAX_BODY_BYTES,
-    DEFAULT_PORT,
-    bind,
-    check_bind,
-    create_app,
-    run_server,
-    url_of,
+    DEFAULT_SHUTDOWN_GRACE_S,
+    TRACE_FILE_ENV,
+    Engine,
 )
-
-from ._remote import API_KEY_ENV
 
 
 def add_parser(sub: Any) -> None:
     serve = sub.add_parser("serve", help="serve the engine over HTTP (OpenAI-compatible API, "
                            "/health, /metrics)")
-    serve.add_argument("--host", default=DEFAULT_HOST,
-                       help=f"address to listen on (default: {DEFAULT_HOST})")
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT,
-                       help=f"port (default: {DEFAULT_PORT}; 0 picks a free one)")
+    serve.add_argument("--host", default=DEFAULT_HTTP_HOST,
+                       help=f"address to listen on (default: {DEFAULT_HTTP_HOST})")
+    serve.add_argument("--port", type=int, default=DEFAULT_HTTP_PORT,
+                       help=f"port (default: {DEFAULT_HTTP_PORT}; 0 picks a free one)")
     serve.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                        help=f"require `Authorization: Bearer KEY` (default: ${API_KEY_ENV})")
     serve.add_argument("--allow-insecure-bind", action="store_true",
@@ -49,15 +44,18 @@ def add_parser(sub: Any) -> None:
     serve.add_argument("--max-queue", type=int,
                        help="requests waiting past that; more get 503 (default: the engine's)")
     serve.add_argument("--timeout", type=float, help="deadline per request, seconds")
-    serve.add_argument("--grace", type=int, default=DEFAULT_GRACE_S,
+    serve.add_argument("--grace", type=int, default=DEFAULT_SHUTDOWN_GRACE_S,
                        help="on SIGTERM, seconds in-flight requests get to finish before they "
-                       f"are cancelled (default: {DEFAULT_GRACE_S})")
+                       f"are cancelled (default: {DEFAULT_SHUTDOWN_GRACE_S})")
     serve.add_argument("--threads", type=int, help="ggml threads per model")
     serve.add_argument("--access-log", action="store_true", help="log every HTTP request")
     serve.set_defaults(handler=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # Here, not at the top: the other commands never pay for the server's imports.
+    from orion_fsm.http import bind, check_bind, create_app, run_server, url_of
+
     check_bind(args.host, args.api_key, allow_insecure=args.allow_insecure_bind)
     limits = {name: value for name, value in (("max_in_flight", args.max_in_flight),
                                               ("max_queue", args.max_queue),

@@ -5,25 +5,12 @@ models), with /health, Prometheus /metrics and the views `orion-fsm … --server
     run_server(app, bind("127.0.0.1", 8088))
 """
 
-from ._app import DEFAULT_MAX_BODY_BYTES, EngineFactory, create_app
+from ._app import EngineFactory, create_app
 from ._openai import AUTO, EMBEDDING_MODEL
-from ._server import (
-    DEFAULT_GRACE_S,
-    DEFAULT_HOST,
-    DEFAULT_PORT,
-    bind,
-    check_bind,
-    is_loopback,
-    run_server,
-    url_of,
-)
+from ._server import bind, check_bind, is_loopback, run_server, url_of
 
 __all__ = [
     "AUTO",
-    "DEFAULT_GRACE_S",
-    "DEFAULT_HOST",
-    "DEFAULT_MAX_BODY_BYTES",
-    "DEFAULT_PORT",
     "EMBEDDING_MODEL",
     "EngineFactory",
     "bind",

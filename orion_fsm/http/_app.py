@@ -22,7 +22,14 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from orion_fsm import EmbeddingError, EmbeddingRouter, Engine, OrionError, find_traces
+from orion_fsm import (
+    DEFAULT_MAX_BODY_BYTES,
+    EmbeddingError,
+    EmbeddingRouter,
+    Engine,
+    OrionError,
+    find_traces,
+)
 
 from ._openai import (
     AUTO,
@@ -36,7 +43,6 @@ from ._openai import (
 )
 from ._responses import completion, event_stream, send_error, send_json
 
-DEFAULT_MAX_BODY_BYTES: Final = 1 << 20
 EngineFactory = Callable[[MeterProvider], Engine]
 _TRACE_POLLS, _TRACE_POLL_S = 100, 0.02
 _OPEN_PATHS: Final = frozenset({"/health"})  # reachable without the API key (probes)

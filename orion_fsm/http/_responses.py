@@ -36,6 +36,12 @@ async def send_error(send: Send, error: ApiError) -> None:
     await send_json(send, error.status, error.body(), error.headers)
 
 
+async def _start_events(send: Send, headers: Mapping[str, str]) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": _raw({
+        "content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache",
+        "x-accel-buffering": "no", **headers})})  # no proxy buffering of the events
+
+
 class Watched:
     """An ASGI response running `answer(send)` until done or until the client disconnects."""
 
@@ -83,12 +89,7 @@ def event_stream(kind: str, stream: ResponseStream, model: str) -> Watched:
             try:
                 async for text in stream:
                     if not started:
-                        await send({"type": "http.response.start", "status": 200,
-                                    "headers": _raw({
-                                        "content-type": "text/event-stream; charset=utf-8",
-                                        "cache-control": "no-cache",
-                                        "x-accel-buffering": "no",
-                                        "x-orion-request-id": stream.request_id})})
+                        await _start_events(send, {"x-orion-request-id": stream.request_id})
                         started = True
                     await send({"type": "http.response.body", "body": chunks.text(text),
                                 "more_body": True})
@@ -101,11 +102,7 @@ def event_stream(kind: str, stream: ResponseStream, model: str) -> Watched:
             else:
                 body = chunks.end(result)
                 if not started:  # nothing generated: still a stream, with its last chunk
-                    await send({"type": "http.response.start", "status": 200,
-                                "headers": _raw({
-                                    "content-type": "text/event-stream; charset=utf-8",
-                                    "cache-control": "no-cache",
-                                    **result_headers(result)})})
+                    await _start_events(send, result_headers(result))
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
     return Watched(answer)

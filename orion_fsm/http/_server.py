@@ -8,15 +8,10 @@ from __future__ import annotations
 import ipaddress
 import signal
 import socket
-from typing import Final
 
 from starlette.applications import Starlette
 
-from orion_fsm import ConfigurationError
-
-DEFAULT_HOST: Final = "127.0.0.1"
-DEFAULT_PORT: Final = 8088
-DEFAULT_GRACE_S: Final = 30
+from orion_fsm import DEFAULT_SHUTDOWN_GRACE_S, ConfigurationError
 
 
 def is_loopback(host: str) -> bool:
@@ -59,7 +54,7 @@ def url_of(sock: socket.socket) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
-def run_server(app: Starlette, sock: socket.socket, *, grace_s: int = DEFAULT_GRACE_S,
+def run_server(app: Starlette, sock: socket.socket, *, grace_s: int = DEFAULT_SHUTDOWN_GRACE_S,
                access_log: bool = False) -> None:
     """Serve `app` on `sock` until SIGINT or SIGTERM; returns once the Engine has closed.
     Connections made before the Engine is ready wait in the socket's backlog; /health says

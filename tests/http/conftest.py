@@ -18,6 +18,7 @@ from starlette.applications import Starlette
 
 from orion_fsm import Engine
 from orion_fsm.http import bind, create_app, url_of
+from tests.conftest import read_trace_lines
 
 _START_S = 60.0  # a cold machine converts the tiny models and opens the caches first
 _STOP_S = 30.0
@@ -95,6 +96,16 @@ def wait_for_trace(path: Path, request_id: str, within_s: float = 10.0) -> dict[
                     return dict(record)
         time.sleep(0.02)
     raise AssertionError(f"no trace line for request {request_id} in {path}")
+
+
+def wait_for_lines(path: Path, count: int, within_s: float = 10.0) -> list[dict[str, Any]]:
+    """The trace file once it holds `count` lines (the writer appends in the background)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if path.is_file() and len(records := read_trace_lines(path)) >= count:
+            return records
+        time.sleep(0.02)
+    raise AssertionError(f"fewer than {count} trace lines in {path}")
 
 
 def sse_events(lines: list[str]) -> list[Any]:
