@@ -31,7 +31,8 @@ _CLI = "import sys; from orion_fsm.cli import main; sys.exit(main())"
 
 
 @contextmanager
-def _serving(tmp: Path, *args: str, rules: bool = False) -> Iterator[tuple[str, Path]]:
+def _serving(tmp: Path, *args: str, rules: bool = False,
+             exit_codes: list[int] | None = None) -> Iterator[tuple[str, Path]]:
     """`orion-fsm serve` in a subprocess, as a user runs it; stopped with SIGTERM. `rules`:
     route by rules, as the in-process engines it is compared with (no embedding model)."""
     trace, log = tmp / "serve.jsonl", tmp / "serve.log"
@@ -63,10 +64,12 @@ def _serving(tmp: Path, *args: str, rules: bool = False) -> Iterator[tuple[str, 
     finally:
         process.send_signal(signal.SIGTERM)
         try:
-            process.wait(60)
+            code = process.wait(60)
         except subprocess.TimeoutExpired:
             process.kill()
-            process.wait(30)
+            code = process.wait(30)
+        if exit_codes is not None:
+            exit_codes.append(code)
 
 
 def _tiny_registry(tmp: Path, max_tokens: int) -> Path:
@@ -171,8 +174,9 @@ def http_concurrent_streams(quick: bool = False) -> dict[str, Any]:
         tmp = Path(tmp_name)
         registry_path = _tiny_registry(tmp, max_tokens=32)
         outcomes: list[dict[str, Any]] = []
+        exit_codes: list[int] = []
         with _serving(tmp, "--registry", str(registry_path), "--log-level", "ERROR",
-                      rules=True) as (url, trace):
+                      rules=True, exit_codes=exit_codes) as (url, trace):
 
             async def one(http: httpx.AsyncClient, i: int) -> None:
                 body = _chat(f"request {i}: {'why ' * (i % 7)}tell me about number {i}",
@@ -213,12 +217,14 @@ def http_concurrent_streams(quick: bool = False) -> dict[str, Any]:
         "ttft_ms": {"p50": round(percentile(ttfts, 0.5), 1),
                     "p99": round(percentile(ttfts, 0.99), 1)},
         "aggregate_tokens_per_s": round(tokens / wall_s, 1), "wall_s": round(wall_s, 2),
-        "trace_lines_after_shutdown": exit_lines,
+        "trace_lines_after_shutdown": exit_lines, "server_exit_code": exit_codes,
         "checks": [
             check("200 streams: completed or 503 + Retry-After (share)",
                   (len(served) + len(refused)) / clients, "= 1", clean),
             check("trace lines after SIGTERM / requests", exit_lines / clients, "= 1",
                   exit_lines == clients),
+            check("server exit code after SIGTERM (0: drained, nothing left running)",
+                  exit_codes[0] if exit_codes else -1, "= 0", exit_codes == [0]),
         ]}
 
 
