@@ -52,8 +52,9 @@ def _serving(tmp: Path, *args: str, rules: bool = False,
             time.sleep(0.05)
         while True:
             try:
-                health = httpx.get(f"{url}/health", timeout=5)
-                if health.status_code == 200 and health.json()["embeddings"] != "loading":
+                health = httpx.get(f"{url}/health", timeout=5)  # warm: examples embedded
+                if health.status_code == 200 and health.json()["embeddings"] in ("off",
+                                                                                  "ready"):
                     break
             except httpx.TransportError:
                 pass

@@ -199,8 +199,10 @@ def create_app(engine: Engine | EngineFactory, *, api_key: str | None = None,
                        param="model", code="model_not_found")
 
     async def health(_: Request) -> Any:
-        embeddings = ("off" if served.embeddings is None
-                      else "loaded" if served.embeddings.loaded else "loading")
+        service = served.embeddings
+        # warming: registry examples still being embedded; a new prompt may wait a batch.
+        embeddings = ("off" if service is None else "loading" if not service.loaded
+                      else "warming" if service.stats()["warm_queued"] else "ready")
         doc = {"status": "ready" if ready else "starting", "embeddings": embeddings,
                "agents": list(served.registry.agents)}
         return _json(doc, 200 if ready else 503)

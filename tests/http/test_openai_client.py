@@ -236,9 +236,9 @@ def test_health_says_ready(live: Live) -> None:
 def test_embeddings_with_the_openai_client_use_the_shared_minilm(make_server: MakeServer,
                                                                  tmp_path: Path) -> None:
     with make_server(embeddings=None) as live, _openai(live) as api:
-        with client(live) as http:  # warm-up loads MiniLM in the background (seconds)
+        with client(live) as http:  # warm-up loads MiniLM and embeds the examples
             for _ in range(1200):
-                if http.get("/health").json()["embeddings"] == "loaded":
+                if http.get("/health").json()["embeddings"] == "ready":
                     break
                 threading.Event().wait(0.1)
         vectors = api.embeddings.create(model="all-MiniLM-L6-v2",
