@@ -129,17 +129,26 @@ def create_app(engine: Engine | EngineFactory, *, api_key: str | None = None,
         registry = metrics_registry or CollectorRegistry()
         reader = PrometheusMetricReader(registry=registry)
         served = engine(SdkMeterProvider(metric_readers=[reader]))
-    ready = False
+    ready = routed = False
+
+    async def prepare_router(router: EmbeddingRouter) -> None:
+        nonlocal routed
+        # The examples' index is built on the first route otherwise: not on a user's request.
+        await router.prepare()  # False: routing degrades to the rules, nothing to wait for
+        routed = True
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         nonlocal ready
-        async with served:
+        async with served, anyio.create_task_group() as tasks:
+            if isinstance(served.router, EmbeddingRouter):
+                tasks.start_soon(prepare_router, served.router)
             ready = True
             try:
                 yield
             finally:
                 ready = False
+                tasks.cancel_scope.cancel()
 
     async def generate(kind: str, request: Request) -> Any:
         doc = await _body(request, max_body_bytes)
@@ -201,8 +210,11 @@ def create_app(engine: Engine | EngineFactory, *, api_key: str | None = None,
     async def health(_: Request) -> Any:
         service = served.embeddings
         # warming: registry examples still being embedded; a new prompt may wait a batch.
+        warming = service is not None and (
+            service.stats()["warm_queued"] > 0
+            or (isinstance(served.router, EmbeddingRouter) and not routed))
         embeddings = ("off" if service is None else "loading" if not service.loaded
-                      else "warming" if service.stats()["warm_queued"] else "ready")
+                      else "warming" if warming else "ready")
         doc = {"status": "ready" if ready else "starting", "embeddings": embeddings,
                "agents": list(served.registry.agents)}
         return _json(doc, 200 if ready else 503)
