@@ -8,6 +8,12 @@
 
 from ._clock import Clock, ManualClock, SystemClock
 from ._config import (
+    API_KEY_ENV,
+    DEFAULT_HTTP_HOST,
+    DEFAULT_HTTP_PORT,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_SHUTDOWN_GRACE_S,
+    SERVER_ENV,
     TRACE_FILE_ENV,
     caches_dir,
     default_cache_dir,
@@ -58,8 +64,14 @@ from .services.routing._router import RoutingDecision, RuleRouter
 __version__ = "0.1.0"
 
 __all__ = [
+    "API_KEY_ENV",
     "CACHE_LEVELS",
+    "DEFAULT_HTTP_HOST",
+    "DEFAULT_HTTP_PORT",
+    "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_ROUTING_METHOD",
+    "DEFAULT_SHUTDOWN_GRACE_S",
+    "SERVER_ENV",
     "TRACE_FILE_ENV",
     "AgentSpec",
     "BreakerBoard",

@@ -12,12 +12,18 @@ from pathlib import Path
 from typing import Final
 
 __all__ = [
+    "API_KEY_ENV",
     "CACHE_DIR_ENV",
+    "DEFAULT_HTTP_HOST",
+    "DEFAULT_HTTP_PORT",
+    "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_MAX_IN_FLIGHT",
     "DEFAULT_MAX_QUEUE",
     "DEFAULT_MEMORY_INTERVAL_S",
+    "DEFAULT_SHUTDOWN_GRACE_S",
     "DEFAULT_TIMEOUT_S",
     "DEFAULT_TRACE_PATH",
+    "SERVER_ENV",
     "TRACE_FILE_ENV",
     "caches_dir",
     "default_cache_dir",
@@ -70,3 +76,13 @@ DEFAULT_TIMEOUT_S: Final = 60.0  # per request, queueing excluded
 DEFAULT_MAX_IN_FLIGHT: Final = 64  # requests running at once
 DEFAULT_MAX_QUEUE: Final = 1024  # requests waiting for a slot; past it: Overloaded
 DEFAULT_MEMORY_INTERVAL_S: Final = 30.0  # between two samples of the memory monitor
+
+
+# --- the HTTP server (orion-fsm serve) and its clients ----------------------------------------
+
+DEFAULT_HTTP_HOST: Final = "127.0.0.1"  # loopback: another address needs an API key
+DEFAULT_HTTP_PORT: Final = 8088
+DEFAULT_MAX_BODY_BYTES: Final = 1 << 20
+DEFAULT_SHUTDOWN_GRACE_S: Final = 30  # on SIGTERM, before in-flight requests are cancelled
+API_KEY_ENV: Final = "ORION_FSM_API_KEY"
+SERVER_ENV: Final = "ORION_FSM_SERVER"  # the CLI's --server

@@ -26,6 +26,7 @@ from .services.resilience._admission import Overloaded, RequestTimeout
 if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
 
+    from .services.observability._metrics import RequestMetrics
     from .services.observability._tracefile import TraceWriter
     from .services.resilience._admission import AdmissionController, TimeoutPolicy
 
@@ -43,6 +44,7 @@ class Driving:
     timeouts: TimeoutPolicy
     traces: TraceWriter
     registry_source: Path | None
+    metrics: RequestMetrics | None = None  # recorded once per request, in _finish
 
 
 class RequestRun:
@@ -167,11 +169,14 @@ class RequestRun:
             tokens=TokenUsage(len(state.prompt_ids), len(state.token_ids)),
             ttft_ms=state.first_token_at, total_ms=recorder.elapsed_ms(),
             finish_reason=state.finish_reason, error=state.error,
-            error_reason=state.error_reason, token_ids=tuple(state.token_ids),
+            error_reason=state.error_reason, error_field=state.error_field,
+            token_ids=tuple(state.token_ids),
             routing=state.decision.as_dict() if state.decision else {},
             cache=state.cache_level,
         )
         self._driving.traces.submit(_trace_record(self._driving, state, recorder, result))
+        if self._driving.metrics is not None:
+            self._driving.metrics.record(result)
 
 
 def _trace_record(d: Driving, state: RequestState, recorder: PhaseRecorder,

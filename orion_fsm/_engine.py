@@ -30,7 +30,7 @@ from ._config import (
     resolve_cache_dir,
 )
 from ._driver import Driving, RequestRun
-from ._exceptions import OrionError, RequestFailed
+from ._exceptions import EmbeddingError, OrionError, RequestFailed
 from ._machine import MachinePool, request_chart
 from ._phases import Services
 from ._seams import Loader, Router
@@ -42,6 +42,7 @@ from .services.models._loader import LoaderConfig, ModelLoader, ProgressCallback
 from .services.models._memory import MemoryMonitor, register_memory_metrics
 from .services.models._pressure import PressureThresholds
 from .services.models._registry import Registry
+from .services.observability._metrics import RequestMetrics
 from .services.observability._telemetry import INSTRUMENTATION_NAME, resolve_tracer
 from .services.observability._tracefile import TraceWriter
 from .services.resilience._admission import AdmissionController, TimeoutPolicy
@@ -207,6 +208,7 @@ class Engine:
             register_cache_metrics(meter, self.caches)
         register_memory_metrics(meter, self.memory, self.loader)
         register_breaker_metrics(meter, self.breakers)
+        self._metrics = RequestMetrics(meter, self.admission)
         self._warm_up = warm_up
         self._frequent_patterns = tuple(frequent_patterns)
         self._chart = request_chart(Path(machine) if machine else None)
@@ -256,7 +258,7 @@ class Engine:
             self._driving = Driving(
                 services=services, machines=MachinePool(self._chart), tracer=self._tracer,
                 admission=self.admission, timeouts=self._timeout, traces=self._traces,
-                registry_source=self.registry.source)
+                registry_source=self.registry.source, metrics=self._metrics)
             self._exit_stack = stack.pop_all()
         return self
 
@@ -284,6 +286,15 @@ class Engine:
         if self._driving is None or self._closed:
             raise OrionError("the Engine is not running: use it inside `async with Engine(...)`")
         return self._driving
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """Unit vectors of `texts` from the engine's shared embedding model (the router's),
+        micro-batched with other callers. Raises EmbeddingError when embeddings are off."""
+        self._running()
+        if self.embeddings is None:
+            raise EmbeddingError("embeddings are off in this Engine (embeddings=False): "
+                                 "create it with embeddings enabled")
+        return [vector.tolist() for vector in await self.embeddings.embed_many(texts)]
 
     # --- requests ---------------------------------------------------------------------------
 

@@ -96,6 +96,7 @@ class Result:
     finish_reason: str | None  # stop | length | cancelled, when generation ran
     error: str | None = None
     error_reason: str | None = None  # invalid | exhausted | cancelled | timeout
+    error_field: str | None = None  # the request field an `invalid` error names
     token_ids: tuple[int, ...] = field(default=(), repr=False)
     routing: Mapping[str, Any] = field(default_factory=dict)
     cache: str | None = None  # "L1" when served from the result cache

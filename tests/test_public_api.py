@@ -17,17 +17,22 @@ from pathlib import Path
 import pytest
 
 import orion_fsm
+import orion_fsm.http
 import orion_fsm.replay
 import orion_fsm.testing
 from orion_fsm import Engine, ResponseStream, Result
 
 CLI = Path(orion_fsm.__file__).parent / "cli"
-# What a CLI module may import from orion_fsm (besides the CLI's own modules).
-PUBLIC_PACKAGES = frozenset({"orion_fsm", "orion_fsm.replay", "orion_fsm.testing"})
+HTTP = Path(orion_fsm.__file__).parent / "http"
+# What a client layer (the CLI, the HTTP server) may import from orion_fsm, besides its own
+# modules.
+PUBLIC_PACKAGES = frozenset({"orion_fsm", "orion_fsm.replay", "orion_fsm.testing",
+                             "orion_fsm.http"})
 INTERNAL_PACKAGES = frozenset({"orion_fsm.services", "orion_fsm.backends"})
 
 
-@pytest.mark.parametrize("package", [orion_fsm, orion_fsm.replay, orion_fsm.testing],
+@pytest.mark.parametrize("package", [orion_fsm, orion_fsm.replay, orion_fsm.testing,
+                                     orion_fsm.http],
                          ids=lambda p: p.__name__)
 def test_every_exported_name_resolves(package: types.ModuleType) -> None:
     missing = [name for name in package.__all__ if not hasattr(package, name)]
@@ -110,10 +115,9 @@ def test_every_type_in_a_public_signature_is_importable_from_orion_fsm() -> None
 # --- the CLI is a client of the public API --------------------------------------------------
 
 
-def _imports(path: Path) -> Iterator[tuple[int, str]]:
+def _imports(path: Path, package: str) -> Iterator[tuple[int, str]]:
     """(line, absolute name) of what each import of the file takes from a module: the module
     itself, or, from a public package, each name imported from it."""
-    package = "orion_fsm.cli"
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
         if isinstance(node, ast.Import):
             for alias in node.names:
@@ -129,11 +133,12 @@ def _imports(path: Path) -> Iterator[tuple[int, str]]:
                 yield node.lineno, module
 
 
-def _private_imports(path: Path) -> list[str]:
-    """The imports of `path` that reach into orion_fsm past its public packages."""
+def _private_imports(path: Path, package: str = "orion_fsm.cli") -> list[str]:
+    """The imports of `path` (a module of the client layer `package`) that reach into
+    orion_fsm past its public packages."""
     found = []
-    for line, name in _imports(path):
-        if name.split(".")[0] != "orion_fsm" or name.startswith("orion_fsm.cli"):
+    for line, name in _imports(path, package):
+        if name.split(".")[0] != "orion_fsm" or name.startswith(f"{package}."):
             continue
         parent, _, last = name.rpartition(".")
         # A public package, or a name taken from one that is neither private nor internal.
@@ -149,6 +154,20 @@ def _private_imports(path: Path) -> list[str]:
 def test_the_cli_imports_only_public_names(path: Path) -> None:
     found = _private_imports(path)
     assert not found, "private imports:\n" + "\n".join(found)
+
+
+@pytest.mark.parametrize("path", sorted(HTTP.glob("*.py")), ids=lambda p: p.name)
+def test_the_http_server_imports_only_public_names(path: Path) -> None:
+    found = _private_imports(path, "orion_fsm.http")
+    assert not found, "private imports:\n" + "\n".join(found)
+
+
+def test_the_http_import_check_catches_a_private_import(tmp_path: Path) -> None:
+    module = tmp_path / "_new_endpoint.py"
+    module.write_text("from .._engine import Engine\nfrom ._openai import ApiError\n",
+                      encoding="utf-8")
+    assert _private_imports(module, "orion_fsm.http") == [
+        "_new_endpoint.py:1: orion_fsm._engine"]
 
 
 @pytest.mark.parametrize("source", [

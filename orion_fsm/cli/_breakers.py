@@ -14,7 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from orion_fsm import TRACE_FILE_ENV, BreakerConfig, Registry, default_trace_path
+
+from ._remote import add_server_options, connect
 
 _BLOCK = 1 << 16
 # Older lines than this are history, not "the latest state": stop looking.
@@ -27,6 +31,7 @@ def add_parser(sub: Any) -> None:
     breakers.add_argument("--trace-file", default=os.environ.get(TRACE_FILE_ENV),
                           help="JSONL trace file (default: traces/orion-fsm.jsonl)")
     breakers.add_argument("--json", action="store_true", help="print one JSON object")
+    add_server_options(breakers)
     breakers.set_defaults(handler=_breakers)
 
 
@@ -71,7 +76,22 @@ def _defaults(agents: list[str]) -> dict[str, dict[str, Any]]:
                 "last_failure": None, "retry_at": None, "config": config} for a in agents}
 
 
+async def _live(args: argparse.Namespace) -> dict[str, Any]:
+    async with connect(args) as server:
+        states: dict[str, Any] = (await server.get("/v1/orion/breakers"))["breakers"]
+    return states
+
+
 def _breakers(args: argparse.Namespace) -> int:
+    if args.server is not None:  # the server's breakers, live
+        states = anyio.run(_live, args)
+        if args.json:
+            print(json.dumps({"source": {"server": args.server}, "breakers": states},
+                             indent=2, ensure_ascii=False))
+        else:
+            print(f"live from {args.server}")
+            _table(states)
+        return 0
     registry = Registry.load(args.registry)
     path = Path(args.trace_file) if args.trace_file else default_trace_path()
     record = latest_breakers(path)
@@ -96,6 +116,11 @@ def _breakers(args: argparse.Namespace) -> int:
         when = record.get("started_at")
         shown = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) if when else "?"
         print(f"as recorded in {path} by request {record.get('request_id')} at {shown}")
+    _table(states)
+    return 0
+
+
+def _table(states: dict[str, Any]) -> None:
     print(f"  {'agent':<16} {'state':<10} {'failures':>8} {'opened':>7}  {'retry at':<10} "
           "last failure")
     now = time.time()
@@ -107,4 +132,3 @@ def _breakers(args: argparse.Namespace) -> int:
                                                                 time.localtime(retry_at))
         print(f"  {agent:<16} {s.get('state', '?'):<10} {s.get('consecutive_failures', 0):>8} "
               f"{s.get('opened_count', 0):>7}  {retry:<10} {s.get('last_failure') or '-'}")
-    return 0

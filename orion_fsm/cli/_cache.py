@@ -14,12 +14,15 @@ import anyio
 
 from orion_fsm import CACHE_LEVELS, CacheSet, CacheStats, caches_dir, resolve_cache_dir
 
+from ._remote import add_server_options, connect
+
 
 def add_parser(sub: Any) -> None:
     cache = sub.add_parser("cache", help="the L1/L2/L3 result caches")
     csub = cache.add_subparsers(dest="cache_command", required=True)
     stats = csub.add_parser("stats", help="entries, bytes and health of each level")
     stats.add_argument("--json", action="store_true")
+    add_server_options(stats)
     clear = csub.add_parser("clear", help="empty the caches (memory and disk)")
     clear.add_argument("--level", choices=CACHE_LEVELS,
                        help="only this level (default: every level)")
@@ -39,6 +42,19 @@ def _cache(args: argparse.Namespace) -> int:
         for level, entries in cleared.items():
             print(f"cleared {level}: {entries} entries ({root / level})")
         return 0
+    if args.cache_command == "stats" and args.server is not None:
+        levels = anyio.run(_live, args)
+        if args.json:
+            print(json.dumps({"server": args.server, "levels": levels}, indent=2))
+            return 0
+        print(f"caches of the server at {args.server} (this process's hit counters)")
+        print(f"{'level':<6}{'hits':>8}{'misses':>8}{'hit rate':>10}{'entries':>9}"
+              f"{'memory':>11}{'disk':>9}")
+        for level, s in levels.items():
+            print(f"{level:<6}{s['hits']:>8}{s['misses']:>8}{s['hit_rate']:>10.0%}"
+                  f"{s['memory_entries']:>9}{_size(s['memory_bytes']):>11}"
+                  f"{s['disk_entries']:>9}")
+        return 0
     stats = anyio.run(_stats, root)
     if args.json:
         print(json.dumps({"root": str(root),
@@ -54,6 +70,12 @@ def _cache(args: argparse.Namespace) -> int:
         if s.disk_problem:
             print(f"       problem: {s.disk_problem}")
     return 0
+
+
+async def _live(args: argparse.Namespace) -> dict[str, Any]:
+    async with connect(args) as server:
+        levels: dict[str, Any] = (await server.get("/v1/orion/cache"))["levels"]
+    return levels
 
 
 async def _stats(root: Path) -> dict[str, CacheStats]:

@@ -28,6 +28,7 @@ from orion_fsm import (
 )
 
 from ._common import Progress
+from ._remote import add_server_options, connect
 
 _MB: Final = 1 << 20
 _BAR_WIDTH: Final = 20
@@ -45,6 +46,7 @@ def add_parser(sub: Any) -> None:
                      help="memory budget to compare models with (default: half the available RAM)")
     mem.add_argument("--load", metavar="AGENT",
                      help="load this agent's model here, then unload it, measuring process RSS")
+    add_server_options(mem)
     mem.set_defaults(handler=_mem)
 
 
@@ -52,6 +54,9 @@ def _mem(args: argparse.Namespace) -> int:
     if args.interval <= 0:
         print("orion-fsm: --interval must be positive", file=sys.stderr)
         return 2
+    if args.server is not None:
+        code: int = anyio.run(_remote, args)
+        return code
     registry = Registry.load(args.registry)
     cache = resolve_cache_dir(args.cache_dir)
     progress = Progress(enabled=not args.json and sys.stderr.isatty())
@@ -78,6 +83,41 @@ def _mem(args: argparse.Namespace) -> int:
             time.sleep(args.interval)
     except KeyboardInterrupt:
         return 0
+
+
+async def _remote(args: argparse.Namespace) -> int:
+    """The server's own memory: its process, its loaded models, its pressure."""
+    frames = 0
+    async with connect(args) as server:
+        while True:
+            snap: dict[str, Any] = await server.get("/v1/orion/mem")
+            if args.json:
+                print(json.dumps(snap), flush=True)
+            else:
+                live = not args.once and sys.stdout.isatty()
+                print((_CLEAR if live else "") + render_server(snap, server.url), flush=True)
+            frames += 1
+            if args.once or (args.count is not None and frames >= args.count):
+                return 0
+            await anyio.sleep(args.interval)
+
+
+def render_server(snap: dict[str, Any], url: str) -> str:
+    budget = "-" if snap["budget_mb"] is None else f"{snap['budget_mb']:.0f} MB"
+    lines = [f"orion-fsm mem · server {url} · pressure {snap['level'].upper()}",
+             f"machine  {snap['system_total_mb']:.0f} MB RAM · "
+             f"{snap['system_available_mb']:.0f} MB available ({snap['available_pct']:.0f}%)",
+             f"server   {snap['process_rss_mb']:.0f} MB RSS · budget {budget}"]
+    if snap["models"]:
+        lines += ["", "loaded:"]
+        lines += [f"  {m['model']:<40} {m['estimate_mb']:>7.0f} MB  pins {m['pins']}  "
+                  f"idle {m['idle_s']:.0f} s" for m in snap["models"]]
+    else:
+        lines += ["", "no model loaded"]
+    if snap["caches_mb"]:
+        lines.append("caches   " + "  ".join(f"{k} {v} MB" for k, v in snap["caches_mb"].items()))
+    lines += ["", *snap["recommendations"]]
+    return "\n".join(lines)
 
 
 async def _measure_load(loader: ModelLoader, spec: AgentSpec) -> dict[str, Any]:

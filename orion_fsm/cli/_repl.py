@@ -13,7 +13,7 @@ import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Final, TextIO
+from typing import TYPE_CHECKING, Any, Final, TextIO
 
 import anyio
 
@@ -30,8 +30,13 @@ from orion_fsm import (
 from orion_fsm.replay import replay
 
 from ._common import Progress
+from ._remote import add_server_options, connect
+from ._repl_remote import RemoteSession
 from ._replay import report_lines
 from ._trace import bar_width, waterfall
+
+if TYPE_CHECKING:
+    from prompt_toolkit import PromptSession
 
 _RECORD_WAIT_S: Final = 2.0  # the trace writer appends in the background, within milliseconds
 _HELP: Final = """\
@@ -58,6 +63,7 @@ def add_parser(sub: Any) -> None:
     repl.add_argument("--trace-file", default=os.environ.get(TRACE_FILE_ENV),
                       help="JSONL trace file (default: traces/orion-fsm.jsonl)")
     repl.add_argument("--history", help="history file (default: repl-history in the cache dir)")
+    add_server_options(repl)
     # prompt_toolkit runs on asyncio only.
     repl.set_defaults(handler=lambda args: anyio.run(_repl, args, backend="asyncio"))
 
@@ -295,21 +301,29 @@ async def _repl(args: argparse.Namespace) -> int:
         resolve_cache_dir(args.cache_dir))
     history.parent.mkdir(parents=True, exist_ok=True)
     prompts: PromptSession[str] = PromptSession(history=FileHistory(str(history)))
+    if args.server is not None:
+        async with connect(args) as server:
+            await _loop(prompts, RemoteSession(server, args, sys.stdout, help_text=_HELP,
+                                               footer=_footer))
+        return 0
     progress = Progress(enabled=sys.stderr.isatty())
     engine = Engine(registry=args.registry, trace_path=args.trace_file, progress=progress,
                     cache_dir=args.cache_dir,
                     embeddings=None if args.router == "embedding" else False)
     async with engine:
-        session = Session(engine, args, sys.stdout)
-        session.say("orion-fsm repl · /help for commands · Ctrl-C stops a generation")
-        while True:
-            try:
-                line = await prompts.prompt_async(session.prompt)
-            except KeyboardInterrupt:
-                continue  # Ctrl-C at the prompt clears the line, as in a shell
-            except EOFError:
-                break
-            if not await session.handle(line):
-                break
+        await _loop(prompts, Session(engine, args, sys.stdout))
     progress.close()
     return 0
+
+
+async def _loop(prompts: PromptSession[str], session: Session | RemoteSession) -> None:
+    session.say("orion-fsm repl · /help for commands · Ctrl-C stops a generation")
+    while True:
+        try:
+            line = await prompts.prompt_async(session.prompt)
+        except KeyboardInterrupt:
+            continue  # Ctrl-C at the prompt clears the line, as in a shell
+        except EOFError:
+            break
+        if not await session.handle(line):
+            break

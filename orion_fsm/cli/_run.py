@@ -13,6 +13,7 @@ import anyio
 from orion_fsm import TRACE_FILE_ENV, Engine, RequestFailed, Result
 
 from ._common import Progress
+from ._remote import add_server_options, connect
 
 _BAR_WIDTH = 40
 
@@ -31,7 +32,9 @@ def add_parser(sub: Any) -> None:
                      help="how to pick the agent when --agent is not given (default: embedding)")
     run.add_argument("--trace-file", default=os.environ.get(TRACE_FILE_ENV),
                      help="JSONL trace file (default: traces/orion-fsm.jsonl)")
-    run.set_defaults(handler=lambda args: anyio.run(_run, args))
+    add_server_options(run)
+    run.set_defaults(handler=lambda args: anyio.run(_run if args.server is None else _remote,
+                                                    args))
 
 
 def timeline(result: Result) -> str:
@@ -50,6 +53,51 @@ def timeline(result: Result) -> str:
     if result.error:
         lines.append(f"  error ({result.error_reason}): {result.error}")
     return "\n".join(lines)
+
+
+def _failed(exc: RequestFailed, args: argparse.Namespace) -> int:
+    failed = exc.result
+    if args.json and isinstance(failed, Result):
+        print(json.dumps(failed.as_dict(), ensure_ascii=False))
+    elif isinstance(failed, Result):
+        print(timeline(failed), file=sys.stderr)
+    print(f"orion-fsm: error ({exc.reason}): {exc.message}", file=sys.stderr)
+    return 1
+
+
+def _done(result: Result, args: argparse.Namespace) -> int:
+    if args.json:
+        print(json.dumps(result.as_dict(), ensure_ascii=False))
+    else:
+        print(timeline(result))
+    return 0
+
+
+async def _remote(args: argparse.Namespace) -> int:
+    """The same request through a running server: its Engine, models and caches are warm."""
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.prompt}]
+    body: dict[str, Any] = {"model": args.agent or "auto", "messages": messages}
+    body.update({k: v for k, v in (("max_tokens", args.max_tokens),
+                                   ("temperature", args.temperature), ("seed", args.seed),
+                                   ("stop", args.stop)) if v is not None})
+    async with connect(args) as server:
+        try:
+            if args.json:
+                return _done(await server.chat(body), args)
+            result: Result | None = None
+            async for item in server.stream_chat(body):
+                if isinstance(item, Result):
+                    result = item
+                else:
+                    sys.stdout.write(item)
+                    sys.stdout.flush()
+        except RequestFailed as exc:
+            return _failed(exc, args)
+    if result is None:
+        print(f"orion-fsm: {args.server} ended the stream without a result", file=sys.stderr)
+        return 1
+    return _done(result, args)
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -73,16 +121,6 @@ async def _run(args: argparse.Namespace) -> int:
                 result = stream.result
         except RequestFailed as exc:
             progress.close()
-            failed = exc.result
-            if args.json and isinstance(failed, Result):
-                print(json.dumps(failed.as_dict(), ensure_ascii=False))
-            elif isinstance(failed, Result):
-                print(timeline(failed), file=sys.stderr)
-            print(f"orion-fsm: error ({exc.reason}): {exc.message}", file=sys.stderr)
-            return 1
+            return _failed(exc, args)
     progress.close()
-    if args.json:
-        print(json.dumps(result.as_dict(), ensure_ascii=False))
-    else:
-        print(timeline(result))
-    return 0
+    return _done(result, args)
