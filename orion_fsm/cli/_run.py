@@ -12,7 +12,7 @@ import anyio
 
 from orion_fsm import TRACE_FILE_ENV, Engine, RequestFailed, Result
 
-from ._common import Progress
+from ._common import Progress, add_format_options, format_request
 
 _BAR_WIDTH = 40
 
@@ -31,6 +31,7 @@ def add_parser(sub: Any) -> None:
                      help="how to pick the agent when --agent is not given (default: embedding)")
     run.add_argument("--trace-file", default=os.environ.get(TRACE_FILE_ENV),
                      help="JSONL trace file (default: traces/orion-fsm.jsonl)")
+    add_format_options(run)
     run.set_defaults(handler=lambda args: anyio.run(_run, args))
 
 
@@ -60,7 +61,8 @@ async def _run(args: argparse.Namespace) -> int:
                     cache_dir=args.cache_dir)
     params: dict[str, Any] = {"agent": args.agent, "max_tokens": args.max_tokens,
                               "temperature": args.temperature, "seed": args.seed,
-                              "stop": args.stop or None, "system": args.system}
+                              "stop": args.stop or None, "system": args.system,
+                              **format_request(args)}
     async with engine:
         try:
             if args.json:
@@ -84,5 +86,7 @@ async def _run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.as_dict(), ensure_ascii=False))
     else:
+        for call in result.tool_calls:
+            print(f"\n→ tool call {call.name}({json.dumps(dict(call.arguments))})")
         print(timeline(result))
     return 0
