@@ -442,12 +442,19 @@ async def inferencing(services: Services,
         return
     if state.stopped_for is not None:
         state.finish_reason = state.stopped_for
-    if (rejected := _check_format(state)) is not None:
-        # checking the output: a format cut off or broken goes to the next agent.
-        state.failures.append((agent.id, rejected))
-        _judge(state, None)  # the model worked; its output did not fit the format
-        yield Next("inference_failed")
+    if state.output_format is not None:
+        if (mask := state.mask) is not None:  # what the mask cost and changed
+            ms = sorted(mask.mask_ms)
+            state.notes.update({attr.OUTPUT_MASK_FORCED: mask.forced,
+                                attr.OUTPUT_MASK_MS_P50: ms[len(ms) // 2] if ms else 0.0})
+        yield Next("generated")  # checking_output decodes and validates it
         return
+    await _served(services, state)
+    yield Next("completed")
+
+
+async def _served(services: Services, state: RequestState) -> None:
+    """The attempt served: judge it, release its model, store the answer in L1."""
     _judge(state, None)
     await _end_attempt(state)
     if state.first_token_at is not None:
@@ -455,7 +462,22 @@ async def inferencing(services: Services,
     _l1_store(services, state)
     state.notes.update({attr.GEN_AI_USAGE_OUTPUT_TOKENS: len(state.token_ids),
                         attr.GEN_AI_RESPONSE_FINISH_REASONS: [state.finish_reason or "stop"]})
-    yield Next("completed")
+
+
+# --- checking_output ------------------------------------------------------------------------
+
+
+async def checking_output(services: Services, state: RequestState) -> str:
+    """Decode the output under the request's format: valid, it is served; cut off by
+    max_tokens or invalid, the next agent is tried."""
+    agent = state.agent
+    assert agent is not None
+    if (rejected := _check_format(state)) is not None:
+        state.failures.append((agent.id, rejected))
+        _judge(state, None)  # the model worked; its output did not fit the format
+        return "invalid_output"
+    await _served(services, state)
+    return "valid_output"
 
 
 def _check_format(state: RequestState) -> str | None:
@@ -463,10 +485,6 @@ def _check_format(state: RequestState) -> str | None:
     fmt, mask = state.output_format, state.mask
     if fmt is None:
         return None
-    if mask is not None:
-        ms = sorted(mask.mask_ms)
-        state.notes.update({attr.OUTPUT_MASK_FORCED: mask.forced,
-                            attr.OUTPUT_MASK_MS_P50: ms[len(ms) // 2] if ms else 0.0})
     try:
         checked = check_output(fmt, "".join(state.text_parts), mask)
     except OutputRejected as exc:
@@ -613,6 +631,7 @@ PHASES: Mapping[str, PhaseFn] = {
     "validating": validating,
     "routing": routing,
     "loading_agent": loading_agent,
+    "checking_output": checking_output,
     "fallback": fallback,
 }
 STREAMING_PHASES: Mapping[str, StreamingPhaseFn] = {"inferencing": inferencing}

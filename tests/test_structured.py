@@ -77,6 +77,8 @@ async def test_every_output_of_a_random_model_parses_and_validates(
             assert json.loads(result.text) == result.parsed
             jsonschema.validate(result.parsed, schema)
             assert result.finish_reason == "stop"
+            assert [p.state for p in result.phases] == [
+                "validating", "routing", "loading_agent", "inferencing", "checking_output"]
 
 
 async def test_a_streamed_json_output_is_the_parsed_value(make_engine: MakeEngine) -> None:
@@ -120,6 +122,9 @@ async def test_a_cut_off_output_falls_back_to_the_next_agent(
                                     response_format={"type": "regex", "pattern": "[0-9]{5}"})
     assert result.fallback and result.agent == "conversation"
     assert re.fullmatch("[0-9]{5}", result.text) and result.parsed == result.text
+    assert [p.state for p in result.phases][3:] == [
+        "inferencing", "checking_output", "fallback", "loading_agent", "inferencing",
+        "checking_output"]
 
 
 @pytest.mark.parametrize(("fmt", "pattern"), [
@@ -237,3 +242,22 @@ async def test_constrained_requests_replay_recorded_and_live(
     # Live: the sampled (seeded) JSON regenerates token for token under its mask.
     await assert_replays(records[0], registry=engine.registry, live=True,
                          cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.slow
+async def test_smollm2_fills_a_simple_schema_and_calls_the_right_tool(tmp_path: Path) -> None:
+    schema = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+              "properties": {"name": {"type": "string", "maxLength": 20},
+                             "age": {"type": "integer", "minimum": 0, "maximum": 150}}}
+    async with Engine(trace_path=tmp_path / "t.jsonl", embeddings=False, caches=False,
+                      threads=1) as engine:
+        person = await engine.infer("Alice is 31 years old. Give her name and age as JSON.",
+                                    agent="conversation", temperature=0, max_tokens=40,
+                                    response_format=json_format(schema))
+        weather = await engine.infer("What's the weather in Paris?", agent="conversation",
+                                     temperature=0, max_tokens=60, tools=[WEATHER, CLOCK],
+                                     tool_choice="required")
+    jsonschema.validate(person.parsed, schema)
+    assert person.parsed["name"] == "Alice"
+    (call,) = weather.tool_calls
+    jsonschema.validate(call.arguments, WEATHER["function"]["parameters"])  # type: ignore[index]
