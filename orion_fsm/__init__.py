@@ -35,7 +35,15 @@ from ._exceptions import (
 )
 from ._machine import request_chart
 from ._seams import Loader, Router
-from ._types import GenerationParams, Message, PhaseTiming, Request, Result, TokenUsage
+from ._types import (
+    GenerationParams,
+    Message,
+    PhaseTiming,
+    Request,
+    Result,
+    TokenUsage,
+    ToolCall,
+)
 from .backends import ConvertedModel, LoadedModel, ModelCache
 from .services.caches._cacheset import LEVELS as CACHE_LEVELS
 from .services.caches._cacheset import CacheConfig, CacheSet, CacheStats
@@ -120,6 +128,7 @@ __all__ = [
     "RuleRouter",
     "SystemClock",
     "TokenUsage",
+    "ToolCall",
     "ValidationError",
     "__version__",
     "caches_dir",

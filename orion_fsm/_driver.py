@@ -172,7 +172,7 @@ class RequestRun:
             error_reason=state.error_reason, error_field=state.error_field,
             token_ids=tuple(state.token_ids),
             routing=state.decision.as_dict() if state.decision else {},
-            cache=state.cache_level,
+            cache=state.cache_level, parsed=state.parsed, tool_calls=state.tool_calls,
         )
         self._driving.traces.submit(_trace_record(self._driving, state, recorder, result))
         if self._driving.metrics is not None:
@@ -203,6 +203,9 @@ def _trace_record(d: Driving, state: RequestState, recorder: PhaseRecorder,
             "top_k": sampling.top_k, "top_p": sampling.top_p,
             "repetition_penalty": sampling.repetition_penalty,
             "seed": sampling.seed, "stop": list(sampling.stop),
+            # Named only: replay compiles it again from the request's response_format/tools.
+            "grammar": None if sampling.grammar is None else {
+                "kind": sampling.grammar.kind, "digest": sampling.grammar.digest},
         },
         "streaming": state.streaming,
         "registry_source": None if d.registry_source is None else str(d.registry_source),

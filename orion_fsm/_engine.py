@@ -53,6 +53,9 @@ from .services.routing._embeddings import EmbeddingService
 from .services.routing._router import RuleRouter
 
 Prompt = str | Sequence[Message | Mapping[str, str]]
+# response_format, tools, tool_choice: checked by the validating phase.
+OutputRequest = tuple[Mapping[str, Any] | None, Sequence[Mapping[str, Any]] | None,
+                      str | Mapping[str, Any] | None]
 _log = logging.getLogger("orion_fsm.engine")
 
 
@@ -300,7 +303,8 @@ class Engine:
 
     def _request(self, prompt: object, agent: str | None, system: str | None,
                  params: GenerationParams | None, overrides: dict[str, Any],
-                 cache: bool | None = None) -> Request:
+                 cache: bool | None = None, output: OutputRequest = (None, None, None)
+                 ) -> Request:
         if params is None:
             stop = overrides.pop("stop", None)
             if isinstance(stop, str):
@@ -312,7 +316,9 @@ class Engine:
         # An id, not a secret: os.urandom (secrets) costs ~40 µs a call on these machines.
         request_id = f"{random.getrandbits(64):016x}"
         return Request(id=request_id, messages=_messages(prompt, system), agent=agent,
-                       params=params, created_at=self.clock.time(), cache=cache)
+                       params=params, created_at=self.clock.time(), cache=cache,
+                       response_format=output[0], tools=tuple(output[1] or ()),
+                       tool_choice=output[2])
 
     async def infer(
         self, prompt: Prompt, *, agent: str | None = None, system: str | None = None,
@@ -320,17 +326,23 @@ class Engine:
         temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
         repetition_penalty: float | None = None, seed: int | None = None,
         stop: str | Sequence[str] | None = None, cache: bool | None = None,
-        priority: int = 0,
+        priority: int = 0, response_format: Mapping[str, Any] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
     ) -> Result:
         """Run one request to its final state. Raises `RequestFailed` (with `.result`) on error.
 
         `cache`: None caches deterministic requests only (temperature 0 or a seed), True opts
         a sampled request in, False bypasses the result cache. `priority`: lower is served
         first when requests queue (past `max_queue`, the request fails at once: overloaded).
+        `response_format` (OpenAI's shapes, plus {"type": "regex", "pattern": ...} and
+        {"type": "grammar", "lark": ...}) constrains every token; `result.parsed` holds the
+        decoded JSON. `tools`/`tool_choice` as in OpenAI's chat API: `result.tool_calls`.
         """
         request = self._request(prompt, agent, system, params, dict(
             max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            repetition_penalty=repetition_penalty, seed=seed, stop=stop), cache)
+            repetition_penalty=repetition_penalty, seed=seed, stop=stop), cache,
+            (response_format, tools, tool_choice))
         run = RequestRun(self._running(), request, streaming=False, priority=priority)
         async with aclosing(run.texts()) as texts:
             async for _ in texts:
@@ -344,12 +356,15 @@ class Engine:
         temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
         repetition_penalty: float | None = None, seed: int | None = None,
         stop: str | Sequence[str] | None = None, cache: bool | None = None,
-        priority: int = 0,
+        priority: int = 0, response_format: Mapping[str, Any] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
     ) -> ResponseStream:
         """Text chunks as they are generated. A request that ends in error raises RequestFailed."""
         request = self._request(prompt, agent, system, params, dict(
             max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            repetition_penalty=repetition_penalty, seed=seed, stop=stop), cache)
+            repetition_penalty=repetition_penalty, seed=seed, stop=stop), cache,
+            (response_format, tools, tool_choice))
         run = RequestRun(self._running(), request, streaming=True, priority=priority)
         return ResponseStream(run)
 

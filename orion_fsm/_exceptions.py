@@ -4,10 +4,12 @@
     ├── ConfigurationError      a setting got a value it cannot take (also a ValueError)
     ├── RegistryError           models.json is malformed or names what does not exist
     ├── ValidationError         a request was rejected before reaching any model
+    ├── GrammarError            an output format cannot be compiled (also a ValueError)
     ├── ModelError
     │   ├── ModelLoadError      the model file is missing, unreadable or refused
     │   │   └── InsufficientMemory   refused before loading: it would not fit
     │   └── InferenceError      generation failed after the model was loaded
+    │       └── OutputRejected  the finished output does not fit the requested format
     ├── EmbeddingError          the embedding model failed, timed out or is not running
     │   └── EmbeddingUnavailable     it cannot be loaded at all
     ├── CacheError              a cache was asked for what it does not have
@@ -26,11 +28,13 @@ __all__ = [
     "ConfigurationError",
     "EmbeddingError",
     "EmbeddingUnavailable",
+    "GrammarError",
     "InferenceError",
     "InsufficientMemory",
     "ModelError",
     "ModelLoadError",
     "OrionError",
+    "OutputRejected",
     "Overloaded",
     "RegistryError",
     "RequestFailed",
@@ -84,6 +88,10 @@ class ValidationError(OrionError):
         self.field = field
 
 
+class GrammarError(OrionError, ValueError):
+    """A JSON schema, regex or grammar the constrained decoder cannot compile."""
+
+
 class ModelError(OrionError):
     """A model could not be converted, loaded or run."""
 
@@ -107,6 +115,10 @@ class InsufficientMemory(ModelLoadError):
 
 class InferenceError(ModelError):
     """Generation failed after the model was loaded."""
+
+
+class OutputRejected(InferenceError):
+    """The finished output is not what the requested format asks for (cut off, invalid)."""
 
 
 class EmbeddingError(OrionError):

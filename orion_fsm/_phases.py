@@ -21,9 +21,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
-from ._exceptions import InferenceError, ModelLoadError, RegistryError
-from ._types import GenerationParams, Message, Request
-from .backends import GenerationEvent, SamplingParams
+from ._exceptions import (
+    InferenceError,
+    ModelLoadError,
+    OutputRejected,
+    RegistryError,
+    ValidationError,
+)
+from ._structured import OutputFormat, check_output, output_format, prompt_messages
+from ._types import GenerationParams, Message, Request, ToolCall
+from .backends import GenerationEvent, Grammar, MaskStats, SamplingParams
 from .services.caches._cacheset import cache_key
 from .services.caches._entries import CachedResult
 from .services.models._registry import generation_bounds
@@ -41,7 +48,7 @@ if TYPE_CHECKING:
     from .services.resilience._guardrails import Guardrails
     from .services.routing._router import RoutingDecision
 
-_ROLES = frozenset({"system", "user", "assistant"})
+_ROLES = frozenset({"system", "user", "assistant", "tool"})
 _INTEGRAL = frozenset({"max_tokens", "top_k", "seed"})
 _MAX_STOP = 16
 
@@ -102,6 +109,11 @@ class RequestState:
     error: str | None = None
     error_reason: str | None = None
     error_field: str | None = None
+    # structured output: the format asked for, and what the output held
+    output_format: OutputFormat | None = None
+    mask: MaskStats | None = None
+    parsed: Any = None
+    tool_calls: tuple[ToolCall, ...] = ()
 
     def fail(self, reason: str, message: str, *, field: str | None = None) -> None:
         self.error, self.error_reason, self.error_field = message, reason, field
@@ -159,7 +171,7 @@ def _check_messages(messages: Sequence[Message]) -> tuple[str, str] | None:
         if not isinstance(m.content, str):
             return where, f"{where} must be text, got {type(m.content).__name__}"
         if m.role not in _ROLES:
-            return where, f"{where} has role {m.role!r}; expected system, user or assistant"
+            return where, f"{where} has role {m.role!r}; expected system, user, assistant or tool"
         if "\x00" in m.content:
             return where, f"{where} contains a NUL character; remove it"
     if not any(m.role == "user" and m.content.strip() for m in messages):
@@ -174,6 +186,15 @@ async def validating(services: Services, state: RequestState) -> str:
     if problem is None and request.agent is not None and request.agent not in registry.agents:
         known = ", ".join(registry.agents)
         problem = "agent", f"unknown agent {request.agent!r}; known agents: {known}"
+    if problem is None:
+        try:
+            state.output_format = fmt = output_format(request)
+        except ValidationError as exc:
+            problem = exc.field, exc.message
+        else:
+            if fmt is not None:
+                state.notes.update({attr.OUTPUT_FORMAT: fmt.kind,
+                                    attr.OUTPUT_GRAMMAR_DIGEST: fmt.grammar.digest})
     if problem is not None:
         state.fail("invalid", problem[1], field=problem[0])
         return "invalid"
@@ -225,6 +246,7 @@ async def routing(services: Services, state: RequestState) -> str:
     state.token_ids = list(hit.token_ids)
     state.prompt_ids = hit.prompt_token_ids
     state.finish_reason = hit.finish_reason
+    _check_format(state)  # only checked outputs are stored: this decodes it again
     state.notes.update({attr.CACHE_LEVEL: "L1", attr.CACHE_L1: "hit"})
     return "cache_hit"
 
@@ -253,10 +275,16 @@ async def _l1_lookup(services: Services, state: RequestState,
         prepared = await services.loader.prepare(agent)
     except ModelLoadError:
         return None  # loading_agent reports it and falls back; nothing to look up
-    sampling = _sampling(agent, state.request.params, agent.context_length)
+    sampling = _sampling(agent, state.request.params, agent.context_length, _grammar(state))
+    fmt = state.output_format
     key = state.l1_key = cache_key(
         "l1", _normalised(state.request.messages), agent.id, agent.system_prompt,
-        agent.chat_template.assistant_prefix, dataclasses.asdict(sampling), prepared.sha256)
+        agent.chat_template.assistant_prefix,
+        {k: v for k, v in dataclasses.asdict(sampling).items() if k != "grammar"},
+        prepared.sha256,
+        # The output format, named by its grammar's digest and the tools it offers; absent
+        # for free text, so plain requests keep their keys.
+        *(() if fmt is None else (fmt.grammar.digest, fmt.tool_prompt)))
     l1, flights = services.caches.l1, services.l1_flights
     hit = l1.get_memory(key)
     if hit is None:
@@ -295,7 +323,12 @@ def _prompt_ids(services: Services, prompt: str, prepared: Prepared,
     return ids
 
 
-def _sampling(agent: AgentSpec, params: GenerationParams, room: int) -> SamplingParams:
+def _grammar(state: RequestState) -> Grammar | None:
+    return state.output_format.grammar if state.output_format is not None else None
+
+
+def _sampling(agent: AgentSpec, params: GenerationParams, room: int,
+              grammar: Grammar | None = None) -> SamplingParams:
     d = agent.generation
     stop = params.stop if params.stop is not None else d.stop
     return SamplingParams(
@@ -307,6 +340,7 @@ def _sampling(agent: AgentSpec, params: GenerationParams, room: int) -> Sampling
                             else params.repetition_penalty),
         seed=d.seed if params.seed is None else params.seed,
         stop=tuple(stop),
+        grammar=grammar,
     )
 
 
@@ -350,10 +384,8 @@ async def loading_agent(services: Services, state: RequestState) -> str:
         prepared = state.prepared = await services.loader.prepare(agent)
     except ModelLoadError as exc:
         return _load_failed(state, agent, exc)
-    messages = list(state.request.messages)
-    if agent.system_prompt and not any(m.role == "system" for m in messages):
-        messages.insert(0, Message("system", agent.system_prompt))
-    prompt = agent.chat_template.render([(m.role, m.content) for m in messages])
+    prompt = agent.chat_template.render(prompt_messages(
+        state.request.messages, agent.system_prompt, state.output_format))
     ids = _prompt_ids(services, prompt, prepared, state.notes)
     state.notes[attr.GEN_AI_USAGE_INPUT_TOKENS] = len(ids)
     room = agent.context_length - len(ids)
@@ -365,7 +397,7 @@ async def loading_agent(services: Services, state: RequestState) -> str:
             "larger context_length"), field="prompt")
         return "invalid"
     state.prompt_ids = tuple(ids)
-    state.sampling = _sampling(agent, state.request.params, room)
+    state.sampling = _sampling(agent, state.request.params, room, _grammar(state))
     state.notes[attr.MODEL_SHA256] = prepared.sha256
     try:
         lease = state.lease = await scope.enter_async_context(services.loader.lease(agent))
@@ -410,6 +442,19 @@ async def inferencing(services: Services,
         return
     if state.stopped_for is not None:
         state.finish_reason = state.stopped_for
+    if state.output_format is not None:
+        if (mask := state.mask) is not None:  # what the mask cost and changed
+            ms = sorted(mask.mask_ms)
+            state.notes.update({attr.OUTPUT_MASK_FORCED: mask.forced,
+                                attr.OUTPUT_MASK_MS_P50: ms[len(ms) // 2] if ms else 0.0})
+        yield Next("generated")  # checking_output decodes and validates it
+        return
+    await _served(services, state)
+    yield Next("completed")
+
+
+async def _served(services: Services, state: RequestState) -> None:
+    """The attempt served: judge it, release its model, store the answer in L1."""
     _judge(state, None)
     await _end_attempt(state)
     if state.first_token_at is not None:
@@ -417,7 +462,39 @@ async def inferencing(services: Services,
     _l1_store(services, state)
     state.notes.update({attr.GEN_AI_USAGE_OUTPUT_TOKENS: len(state.token_ids),
                         attr.GEN_AI_RESPONSE_FINISH_REASONS: [state.finish_reason or "stop"]})
-    yield Next("completed")
+
+
+# --- checking_output ------------------------------------------------------------------------
+
+
+async def checking_output(services: Services, state: RequestState) -> str:
+    """Decode the output under the request's format: valid, it is served; cut off by
+    max_tokens or invalid, the next agent is tried."""
+    agent = state.agent
+    assert agent is not None
+    if (rejected := _check_format(state)) is not None:
+        state.failures.append((agent.id, rejected))
+        _judge(state, None)  # the model worked; its output did not fit the format
+        return "invalid_output"
+    await _served(services, state)
+    return "valid_output"
+
+
+def _check_format(state: RequestState) -> str | None:
+    """Decode the output under the request's format; why it does not fit, if it does not."""
+    fmt, mask = state.output_format, state.mask
+    if fmt is None:
+        return None
+    try:
+        checked = check_output(fmt, "".join(state.text_parts), mask)
+    except OutputRejected as exc:
+        state.notes[attr.OUTPUT_REJECTED] = exc.message
+        return exc.message
+    state.parsed, state.tool_calls = checked.parsed, checked.tool_calls
+    state.notes[attr.GEN_AI_OUTPUT_TYPE] = "json" if fmt.schema or fmt.tools else "text"
+    if checked.tool_calls:
+        state.notes[attr.OUTPUT_TOOL_CALLS] = [c.name for c in checked.tool_calls]
+    return None
 
 
 def _l1_store(services: Services, state: RequestState) -> None:
@@ -510,7 +587,7 @@ async def _stream_tokens(state: RequestState, model: Model, sampling: SamplingPa
             take(event)
             if event.text:
                 yield event.text
-        state.finish_reason = stream.outcome.finish_reason
+        state.finish_reason, state.mask = stream.outcome.finish_reason, stream.outcome.mask
     finally:
         stream.close()
 
@@ -520,7 +597,7 @@ async def _generate(state: RequestState, model: Model, sampling: SamplingParams,
     """The whole generation in one worker-thread hop: nobody waits for the chunks."""
     outcome = await _in_worker(state, lambda: model.generate(
         state.prompt_ids, sampling, on_event=take, should_stop=state.stop.is_set))
-    state.finish_reason = outcome.finish_reason
+    state.finish_reason, state.mask = outcome.finish_reason, outcome.mask
 
 
 # --- fallback -------------------------------------------------------------------------------
@@ -554,6 +631,7 @@ PHASES: Mapping[str, PhaseFn] = {
     "validating": validating,
     "routing": routing,
     "loading_agent": loading_agent,
+    "checking_output": checking_output,
     "fallback": fallback,
 }
 STREAMING_PHASES: Mapping[str, StreamingPhaseFn] = {"inferencing": inferencing}

@@ -5,6 +5,7 @@ All frozen: a Result handed to a caller never changes under it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -14,7 +15,7 @@ FinalState = Literal["success", "error"]
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One chat turn. `role` is system, user or assistant."""
+    """One chat turn. `role` is system, user, assistant or tool (a tool's result)."""
 
     role: str
     content: str
@@ -50,9 +51,13 @@ class Request:
     params: GenerationParams
     created_at: float  # unix time, from the engine's clock
     cache: bool | None = None  # None: results cached only when deterministic; False: bypass
+    # OpenAI's shapes, checked by the validating phase (see _structured.py).
+    response_format: Mapping[str, Any] | None = None
+    tools: tuple[Mapping[str, Any], ...] = ()
+    tool_choice: str | Mapping[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "id": self.id,
             "messages": [{"role": m.role, "content": m.content} for m in self.messages],
             "agent": self.agent,
@@ -60,6 +65,29 @@ class Request:
             "created_at": self.created_at,
             "cache": self.cache,
         }
+        # Only when asked: a plain request's record keeps its shape.
+        if self.response_format is not None:
+            doc["response_format"] = self.response_format
+        if self.tools:
+            doc["tools"] = list(self.tools)
+        if self.tool_choice is not None:
+            doc["tool_choice"] = self.tool_choice
+        return doc
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A call the model chose to make: a tool's name and arguments valid under its schema."""
+
+    id: str
+    name: str
+    arguments: Mapping[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        """OpenAI's shape: arguments as a JSON string."""
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.name,
+                             "arguments": json.dumps(self.arguments, ensure_ascii=False)}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +128,8 @@ class Result:
     token_ids: tuple[int, ...] = field(default=(), repr=False)
     routing: Mapping[str, Any] = field(default_factory=dict)
     cache: str | None = None  # "L1" when served from the result cache
+    parsed: Any = None  # under a JSON response_format: the decoded, validated value
+    tool_calls: tuple[ToolCall, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -128,4 +158,6 @@ class Result:
             "error_reason": self.error_reason,
             "routing": dict(self.routing),
             "cache": self.cache,
+            "parsed": self.parsed,
+            "tool_calls": [c.as_dict() for c in self.tool_calls],
         }

@@ -4,6 +4,7 @@ Nothing here imports the engine or its services; the only dependency inside orio
 `orion_fsm._exceptions`.
 """
 
+from ._constrained import Grammar, MaskStats, compile_grammar
 from ._convert import (
     ConvertedModel,
     GGUFHeader,
@@ -28,11 +29,14 @@ __all__ = [
     "GenerationEvent",
     "GenerationOutcome",
     "GenerationStream",
+    "Grammar",
     "IncrementalDecoder",
     "LoadedModel",
+    "MaskStats",
     "ModelCache",
     "SamplingParams",
     "Tokenizer",
+    "compile_grammar",
     "ensure_converted",
     "file_sha256",
     "read_gguf_header",

@@ -18,6 +18,7 @@ from typing import Any, Final
 
 from orion_fsm._exceptions import InferenceError, ModelLoadError
 
+from ._constrained import Grammar, MaskedSampler, MaskStats, logits_view
 from ._convert import read_gguf_header
 from ._tokenizer import IncrementalDecoder, Tokenizer
 
@@ -46,6 +47,7 @@ class SamplingParams:
     repetition_penalty: float = 1.1
     seed: int = -1  # -1 = random
     stop: tuple[str, ...] = ()
+    grammar: Grammar | None = None  # every token chosen under this grammar's mask
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class GenerationOutcome:
     token_ids: tuple[int, ...]  # every generated id, end-of-sequence excluded
     text: str  # exactly the text emitted through events
     finish_reason: str  # "stop" (EOS or stop sequence) | "length" | "cancelled"
+    mask: MaskStats | None = None  # under a grammar: what the mask cost and changed
 
 
 @functools.cache
@@ -319,6 +322,7 @@ class _Generation:
         self._unsent_ids: list[int] = []
         self._held = ""  # decoded text that might be the start of a stop string
         self._emitted: list[str] = []
+        self._masked: MaskedSampler | None = None
 
     def run(self, prompt: list[int]) -> Generator[GenerationEvent, None, GenerationOutcome]:
         params, llm, threads = self._params, self._llm, self._threads
@@ -342,11 +346,14 @@ class _Generation:
                 f"model {self._model.model_path} failed on the prompt: {exc}"
             ) from exc
 
+        if params.grammar is not None:
+            self._masked = MaskedSampler(params.grammar, params, self._model.tokenizer,
+                                         sorted(self._model.eos_token_ids), prompt)
         for _ in range(budget):
             if self._should_stop():
                 return (yield from self._finish("cancelled"))
             try:
-                token = int(
+                token = self._masked.choose(logits_view(llm)) if self._masked else int(
                     llm.sample(
                         # Greedy is top-k 1; temperature 0 itself would divide logits by zero.
                         top_k=1 if greedy else top_k,
@@ -357,6 +364,8 @@ class _Generation:
                         seed=rng.randrange(2**31 - 1),
                     )
                 )
+            except InferenceError:
+                raise
             except Exception as exc:
                 raise InferenceError(
                     f"model {self._model.model_path} failed to sample: {exc}"
@@ -367,6 +376,8 @@ class _Generation:
             if self._push(token):
                 return (yield from self._finish("stop", flush=False))
             yield from self._drain()
+            if self._masked is not None and self._masked.stopped:
+                return (yield from self._finish("stop"))  # the grammar admits nothing more
             if len(self._generated) == budget:
                 break  # evaluating the last token would only feed a sample nobody takes
             try:
@@ -419,4 +430,5 @@ class _Generation:
             self._held += self._decoder.flush()
             self._send(self._held)
         yield from self._drain()
-        return GenerationOutcome(tuple(self._generated), "".join(self._emitted), reason)
+        mask = self._masked.stats() if self._masked is not None else None
+        return GenerationOutcome(tuple(self._generated), "".join(self._emitted), reason, mask)

@@ -57,7 +57,7 @@ UNICODE_TO_BYTE: Final[Mapping[str, int]] = {c: b for b, c in BYTE_TO_UNICODE.it
 class Tokenizer:
     """A model's tokenizer. Special tokens written in text (`<|im_start|>`) encode to their ids."""
 
-    __slots__ = ("_backend", "_special_ids")
+    __slots__ = ("__weakref__", "_backend", "_special_ids")  # weakref: grammar caches key on it
 
     def __init__(self, backend: tokenizers.Tokenizer) -> None:
         self._backend = backend
@@ -135,6 +135,11 @@ class Tokenizer:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def to_json(self) -> str:
+        """The tokenizer.json text (what llguidance builds its token masks from)."""
+        text: str = self._backend.to_str()
+        return text
 
     def encode(self, text: str) -> list[int]:
         # No BOS/EOS added: prompts are built by the caller (ChatML), which places them itself.

@@ -1,9 +1,14 @@
-"""What the CLI commands share: progress bars on stderr."""
+"""What the CLI commands share: progress bars on stderr, output-format options."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
+from pathlib import Path
 from typing import Any
+
+from orion_fsm import OrionError
 
 
 class Progress:
@@ -29,3 +34,60 @@ class Progress:
     def close(self) -> None:
         for bar in self._bars.values():
             bar.close()
+
+
+def add_format_options(parser: Any) -> None:
+    """--schema / --json-object / --regex / --grammar, and --tools with --tool-choice."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--schema", metavar="FILE.json",
+                       help="the answer is JSON valid under this JSON schema (enforced per token)")
+    group.add_argument("--json-object", action="store_true", help="the answer is a JSON object")
+    group.add_argument("--regex", metavar="PATTERN", help="the answer matches this regex")
+    group.add_argument("--grammar", metavar="FILE.lark",
+                       help="the answer follows this Lark grammar")
+    group.add_argument("--tools", metavar="FILE.json",
+                       help='tools the model may call (OpenAI\'s [{"type": "function", ...}])')
+    parser.add_argument("--tool-choice", default=None,
+                        help="auto (default), none, required or a tool's name")
+
+
+def _read_file(path: str, what: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise OrionError(f"cannot read the {what} {path}: {exc.strerror}") from None
+
+
+def schema_format(path: str) -> dict[str, Any]:
+    """OpenAI's json_schema response_format around the schema in `path`."""
+    return {"type": "json_schema", "json_schema": {
+        "name": Path(path).stem, "schema": _read_json(path, "JSON schema"), "strict": True}}
+
+
+def _read_json(path: str, what: str) -> Any:
+    try:
+        return json.loads(_read_file(path, what))
+    except ValueError as exc:
+        raise OrionError(f"the {what} {path} is not JSON: {exc}") from None
+
+
+def format_request(args: argparse.Namespace) -> dict[str, Any]:
+    """The `response_format` / `tools` / `tool_choice` keywords the options ask for."""
+    options: dict[str, Any] = {}
+    if args.schema:
+        options["response_format"] = schema_format(args.schema)
+    elif args.json_object:
+        options["response_format"] = {"type": "json_object"}
+    elif args.regex:
+        options["response_format"] = {"type": "regex", "pattern": args.regex}
+    elif args.grammar:
+        options["response_format"] = {"type": "grammar",
+                                      "lark": _read_file(args.grammar, "Lark grammar")}
+    elif args.tools:
+        tools = _read_json(args.tools, "tools file")
+        options["tools"] = tools if isinstance(tools, list) else [tools]
+    if args.tool_choice is not None:
+        choice = args.tool_choice
+        options["tool_choice"] = choice if choice in ("auto", "none", "required") else {
+            "type": "function", "function": {"name": choice}}
+    return options

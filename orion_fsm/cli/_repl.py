@@ -7,6 +7,7 @@ slash commands look into the engine (/agents /agent /stats /cache /mem /breakers
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -29,7 +30,7 @@ from orion_fsm import (
 )
 from orion_fsm.replay import replay
 
-from ._common import Progress
+from ._common import Progress, schema_format
 from ._remote import add_server_options, connect
 from ._repl_remote import RemoteSession
 from ._replay import report_lines
@@ -43,6 +44,8 @@ _HELP: Final = """\
 Type a prompt and press Enter; Ctrl-C stops the generation, Ctrl-D or /quit leaves.
   /agents        the registry's agents (* marks the one prompts go to)
   /agent NAME    send prompts to NAME; /agent auto routes them again
+  /schema FILE   answers are JSON valid under the schema in FILE; /schema json: any
+                 JSON object; /schema off: free text again
   /stats         this session's requests, and the model loader's figures
   /cache         hits, misses and size of each cache level
   /mem           memory pressure, loaded models, recommendations
@@ -76,6 +79,7 @@ class Session:
         self.agent: str | None = args.agent
         self.max_tokens: int | None = args.max_tokens
         self.temperature: float | None = args.temperature
+        self.response_format: dict[str, Any] | None = None
         self.cache_dir: str | None = args.cache_dir
         self.out = out
         self.results: list[Result] = []
@@ -83,7 +87,8 @@ class Session:
         self.last_id: str | None = None  # None: the newest line of the trace file
         self.asked = False
         self._commands: dict[str, Callable[[str], Awaitable[bool]]] = {
-            "/agents": self._agents, "/agent": self._agent, "/stats": self._stats,
+            "/agents": self._agents, "/agent": self._agent, "/schema": self._schema,
+            "/stats": self._stats,
             "/cache": self._cache, "/mem": self._mem, "/breakers": self._breakers,
             "/trace": self._trace, "/replay": self._replay, "/help": self._help,
             "/quit": self._quit, "/exit": self._quit,
@@ -120,7 +125,8 @@ class Session:
         """Stream the answer; Ctrl-C (SIGINT) cancels it and the request ends `cancelled`."""
         self.asked = True
         stream = self.engine.stream(prompt, agent=self.agent, max_tokens=self.max_tokens,
-                                    temperature=self.temperature)
+                                    temperature=self.temperature,
+                                    response_format=self.response_format)
         self.last_id = stream.request_id
         result: Result | None = None
         interrupted = False
@@ -171,6 +177,22 @@ class Session:
             self.say(f"{mark} {spec.id:<16} {spec.role}{default}{fallback}")
         if self.agent is None:
             self.say("  prompts are routed; /agent NAME sends them to one agent")
+        return True
+
+    async def _schema(self, arg: str) -> bool:
+        if not arg:
+            shown = "free text" if self.response_format is None else json.dumps(
+                self.response_format, ensure_ascii=False)
+            self.say(f"answers are {shown}")
+        elif arg == "off":
+            self.response_format = None
+            self.say("answers are free text again")
+        elif arg == "json":
+            self.response_format = {"type": "json_object"}
+            self.say("answers are JSON objects")
+        else:
+            self.response_format = schema_format(arg)  # unreadable -> the error, kept as was
+            self.say(f"answers follow the JSON schema in {arg}")
         return True
 
     async def _agent(self, name: str) -> bool:

@@ -12,7 +12,7 @@ import anyio
 
 from orion_fsm import TRACE_FILE_ENV, Engine, RequestFailed, Result
 
-from ._common import Progress
+from ._common import Progress, add_format_options, format_request
 from ._remote import add_server_options, connect
 
 _BAR_WIDTH = 40
@@ -33,6 +33,7 @@ def add_parser(sub: Any) -> None:
     run.add_argument("--trace-file", default=os.environ.get(TRACE_FILE_ENV),
                      help="JSONL trace file (default: traces/orion-fsm.jsonl)")
     add_server_options(run)
+    add_format_options(run)
     run.set_defaults(handler=lambda args: anyio.run(_run if args.server is None else _remote,
                                                     args))
 
@@ -69,6 +70,8 @@ def _done(result: Result, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.as_dict(), ensure_ascii=False))
     else:
+        for call in result.tool_calls:
+            print(f"\n→ tool call {call.name}({json.dumps(dict(call.arguments))})")
         print(timeline(result))
     return 0
 
@@ -108,7 +111,8 @@ async def _run(args: argparse.Namespace) -> int:
                     cache_dir=args.cache_dir)
     params: dict[str, Any] = {"agent": args.agent, "max_tokens": args.max_tokens,
                               "temperature": args.temperature, "seed": args.seed,
-                              "stop": args.stop or None, "system": args.system}
+                              "stop": args.stop or None, "system": args.system,
+                              **format_request(args)}
     async with engine:
         try:
             if args.json:

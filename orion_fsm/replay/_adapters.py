@@ -126,14 +126,19 @@ class _ReplayRuntime:
     """The runtime under a `LoadedModel` whose sampler hands out the recorded token ids.
 
     Below `LoadedModel`, so that decoding, stop strings and `max_tokens` go through the real
-    generation loop; past the recorded ids it samples end-of-sequence.
+    generation loop; past the recorded ids it samples end-of-sequence. Under an output
+    grammar the loop reads logits instead: they make the recorded id the only finite one,
+    so the grammar's mask runs again on it and refuses a recorded id it would not allow.
     """
 
-    def __init__(self, token_ids: Sequence[int], *, context_length: int, eos_token_id: int) -> None:
+    def __init__(self, token_ids: Sequence[int], *, context_length: int, eos_token_id: int,
+                 vocab_size: int) -> None:
         self._ids = list(token_ids)
         self._next = 0
         self.context_length = context_length
         self.eos_token_id = eos_token_id
+        self._logits: Any = None  # numpy, made on first use: numpy is not imported eagerly
+        self._vocab_size = vocab_size
 
     @property
     def exhausted(self) -> bool:
@@ -152,6 +157,23 @@ class _ReplayRuntime:
         token = self._ids[self._next]
         self._next += 1
         return token
+
+    # The two runtime calls `backends._constrained.logits_view` makes, once per token.
+    def ctransformers_llm_logits_size(self) -> int:
+        return self._vocab_size
+
+    def ctransformers_llm_logits_data(self) -> Any:
+        import ctypes
+
+        import numpy as np
+
+        token = self.sample()
+        if self._logits is None:
+            self._logits = np.empty(self._vocab_size, dtype=np.float32)
+        self._logits.fill(-np.inf)
+        if 0 <= token < self._vocab_size:
+            self._logits[token] = 0.0
+        return self._logits.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
 
 
 class _RecordedStream:
@@ -288,7 +310,8 @@ class ReplayModel:
         ends = [tokenizer.token_id(t) for t in ("<|im_end|>", "<|endoftext|>")]
         runtime = _ReplayRuntime(
             self.output.token_ids, context_length=self.context_length,
-            eos_token_id=next((i for i in ends if i is not None), tokenizer.vocab_size))
+            eos_token_id=next((i for i in ends if i is not None), tokenizer.vocab_size),
+            vocab_size=tokenizer.vocab_size)
         model = LoadedModel(runtime, tokenizer, model_path=self.model_path, threads=1)
         return _ReplayStream(model.open_stream(prompt_ids, params), lambda: runtime.exhausted,
                              self.output, cancel=cancel, should_stop=should_stop)

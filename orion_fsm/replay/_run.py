@@ -158,7 +158,11 @@ async def _send(engine: Engine, record: Mapping[str, Any], params: GenerationPar
                 if isinstance(m, dict) else Message("", m)
                 for m in request.get("messages") or []]
     options: dict[str, Any] = {"agent": request.get("agent"), "params": params,
-                               "cache": request.get("cache")}
+                               "cache": request.get("cache"),
+                               # The format compiles again: its mask re-checks every token.
+                               "response_format": request.get("response_format"),
+                               "tools": request.get("tools"),
+                               "tool_choice": request.get("tool_choice")}
     with anyio.CancelScope() as scope:
         canceller.scope = scope
         try:

@@ -56,6 +56,15 @@ BREAKER_TRANSITION: Final = "orion.breaker.transition"
 LOAD_ERROR: Final = "orion.load_error"
 INFERENCE_ERROR: Final = "orion.inference_error"
 GUARD_REPETITION: Final = "orion.guard.repetition"
+
+# Structured output (response_format, tools): what the mask enforced and what it cost.
+GEN_AI_OUTPUT_TYPE: Final = "gen_ai.output.type"  # json | text
+OUTPUT_FORMAT: Final = "orion.output.format"  # json_schema | json_object | regex | grammar | tools
+OUTPUT_GRAMMAR_DIGEST: Final = "orion.output.grammar_digest"
+OUTPUT_MASK_FORCED: Final = "orion.output.mask_forced"  # steps where the model's best was refused
+OUTPUT_MASK_MS_P50: Final = "orion.output.mask_ms_p50"
+OUTPUT_REJECTED: Final = "orion.output.rejected"  # why the finished output failed its check
+OUTPUT_TOOL_CALLS: Final = "orion.output.tool_calls"  # names of the tools called
 GUARDRAILS_FINDINGS: Final = "orion.guardrails.findings"
 GUARDRAILS_BLOCKED: Final = "orion.guardrails.blocked"
 GUARDRAILS_RULES: Final = "orion.guardrails.rules"
