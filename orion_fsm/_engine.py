@@ -167,6 +167,7 @@ class Engine:
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         max_queue: int = DEFAULT_MAX_QUEUE,
         breakers: BreakerBoard | BreakerConfig | None = None,
+        admission: AdmissionController | None = None,
         guardrails: Guardrails | GuardrailConfig | Literal[False] | None = None,
         frequent_patterns: Sequence[str] = FREQUENT_PATTERNS,
     ) -> None:
@@ -180,7 +181,8 @@ class Engine:
         self.breakers = breakers if isinstance(breakers, BreakerBoard) else BreakerBoard(
             breakers, agents=self.registry.agents, clock=self.clock,
             on_transition=_log_breaker)
-        self.admission = AdmissionController(max_in_flight=max_in_flight, max_queue=max_queue)
+        self.admission = admission or AdmissionController(max_in_flight=max_in_flight,
+                                                          max_queue=max_queue)
         self._timeout = TimeoutPolicy(timeout_s)
         self.guardrails: Guardrails | None = (
             None if guardrails is False else guardrails if isinstance(guardrails, Guardrails)
