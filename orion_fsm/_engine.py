@@ -25,8 +25,8 @@ from ._config import (
     DEFAULT_MAX_QUEUE,
     DEFAULT_MEMORY_INTERVAL_S,
     DEFAULT_TIMEOUT_S,
-    DEFAULT_TRACE_PATH,
     caches_dir,
+    default_trace_path,
     resolve_cache_dir,
 )
 from ._driver import Driving, RequestRun
@@ -216,7 +216,7 @@ class Engine:
         if trace_path is False:
             self.trace_path: Path | None = None
         elif trace_path is None:
-            self.trace_path = DEFAULT_TRACE_PATH
+            self.trace_path = default_trace_path()
         else:
             self.trace_path = Path(trace_path)
         self._traces = TraceWriter(self.trace_path)
