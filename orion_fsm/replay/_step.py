@@ -20,7 +20,9 @@ _SHOWN_APART: Final = frozenset({
     "orion.attempt", "gen_ai.request.model", "orion.model.sha256", "error.type", "orion.error",
     "orion.messages", "gen_ai.operation.name", "gen_ai.system", "gen_ai.request.max_tokens",
     "gen_ai.request.temperature", "gen_ai.request.top_p", "gen_ai.request.top_k",
-    "gen_ai.usage.input_tokens",
+    "gen_ai.usage.input_tokens", "orion.model", "orion.model.variant", "orion.model.loaded_now",
+    "orion.model.load_ms", "orion.model.estimate_mb", "orion.model.unloaded",
+    "orion.model.preloaded", "orion.routing.degraded",
 })
 
 
@@ -112,7 +114,8 @@ def _explain(record: Mapping[str, Any], state: str, attrs: Mapping[str, Any],
                 f"(score {_num(attrs.get('orion.routing.score'))}, runner-up "
                 f"{attrs.get('orion.routing.runner_up') or '-'}, margin "
                 f"{_num(attrs.get('orion.routing.margin'))}); fallback chain "
-                f"{' -> '.join(attrs.get('orion.fallback_chain') or [])}")
+                f"{' -> '.join(attrs.get('orion.fallback_chain') or [])}"
+                + (" (degraded: rules)" if attrs.get("orion.routing.degraded") else ""))
         cache: Mapping[str, Any] = record.get("cache") or {}
         if cache.get("l1_key"):
             hit = attrs.get("cache.l1") or ("hit" if cache.get("level") else "-")
@@ -131,6 +134,15 @@ def _explain(record: Mapping[str, Any], state: str, attrs: Mapping[str, Any],
                         "consecutive failures at the start)")
         if attrs.get("orion.model.sha256"):
             decided.append(f"model sha256 {str(attrs['orion.model.sha256'])[:12]}…")
+        if "orion.model" in attrs:
+            how = (f"loaded now in {float(attrs.get('orion.model.load_ms', 0.0)):.0f} ms"
+                   if attrs.get("orion.model.loaded_now") else "already resident")
+            if attrs.get("orion.model.preloaded"):
+                how += ", preloaded"
+            unloaded = attrs.get("orion.model.unloaded") or []
+            decided.append(f"lease on {attrs['orion.model']}: {how}, estimate "
+                           f"{float(attrs.get('orion.model.estimate_mb') or 0.0):.1f} MB"
+                           + (f", unloaded {', '.join(map(str, unloaded))}" if unloaded else ""))
     elif state == "inferencing":
         agent = attempt_agents[-1] if attempt_agents else "?"
         received.append(f"agent {agent}, {attrs.get('gen_ai.usage.input_tokens', '?')} prompt "
