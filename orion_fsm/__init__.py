@@ -54,6 +54,7 @@ from .services.models._registry import AgentSpec, Registry
 from .services.models._tiers import MemoryEstimate, estimate_model_memory
 from .services.observability._logging import configure_logging
 from .services.observability._tracefile import find_traces, read_traces
+from .services.resilience._admission import AdmissionController
 from .services.resilience._breaker import BreakerBoard, BreakerConfig
 from .services.resilience._guardrails import GuardrailConfig, Guardrails
 from .services.routing._embedding_router import DEFAULT_METHOD as DEFAULT_ROUTING_METHOD
@@ -81,6 +82,7 @@ __all__ = [
     "DEFAULT_SHUTDOWN_GRACE_S",
     "SERVER_ENV",
     "TRACE_FILE_ENV",
+    "AdmissionController",
     "AgentSpec",
     "BreakerBoard",
     "BreakerConfig",

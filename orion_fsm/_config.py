@@ -22,11 +22,14 @@ __all__ = [
     "DEFAULT_MEMORY_INTERVAL_S",
     "DEFAULT_SHUTDOWN_GRACE_S",
     "DEFAULT_TIMEOUT_S",
+    "DEFAULT_TRACE_KEEP",
+    "DEFAULT_TRACE_MAX_BYTES",
     "DEFAULT_TRACE_PATH",
     "SERVER_ENV",
     "TRACE_FILE_ENV",
     "caches_dir",
     "default_cache_dir",
+    "default_state_dir",
     "default_trace_path",
     "repl_history_path",
     "resolve_cache_dir",
@@ -36,8 +39,12 @@ __all__ = [
 
 CACHE_DIR_ENV: Final = "ORION_FSM_CACHE"
 TRACE_FILE_ENV: Final = "ORION_FSM_TRACE_FILE"
-# The engine's trace file unless told otherwise; relative, so each project keeps its own.
+# The trace file under the state folder (`default_trace_path()`); never the working directory.
 DEFAULT_TRACE_PATH: Final = Path("traces") / "orion-fsm.jsonl"
+# A trace file past this size is rotated (orion-fsm.jsonl -> orion-fsm.1.jsonl -> ...), and
+# this many rotated files are kept: the traces of a busy engine stay bounded.
+DEFAULT_TRACE_MAX_BYTES: Final = 32 * 1024 * 1024
+DEFAULT_TRACE_KEEP: Final = 4
 
 
 def default_cache_dir() -> Path:
@@ -65,9 +72,18 @@ def repl_history_path(cache_dir: Path) -> Path:
     return cache_dir / "repl-history"
 
 
+def default_state_dir() -> Path:
+    """Where orion_fsm keeps what it records: the XDG state folder ($XDG_STATE_HOME, else
+    ~/.local/state) / orion-fsm."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
+    return Path(base) / "orion-fsm"
+
+
 def default_trace_path() -> Path:
-    """The CLI's trace file: $ORION_FSM_TRACE_FILE, else `DEFAULT_TRACE_PATH`."""
-    return Path(os.environ.get(TRACE_FILE_ENV) or DEFAULT_TRACE_PATH)
+    """The trace file of the engine and the CLI: $ORION_FSM_TRACE_FILE, else
+    `DEFAULT_TRACE_PATH` under `default_state_dir()`."""
+    env = os.environ.get(TRACE_FILE_ENV)
+    return Path(env) if env else default_state_dir() / DEFAULT_TRACE_PATH
 
 
 # --- limits ---------------------------------------------------------------------------------

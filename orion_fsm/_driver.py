@@ -144,6 +144,8 @@ class RequestRun:
     def _finish(self, state: RequestState, recorder: PhaseRecorder, machine: Any,
                 *, event: str | None = None) -> None:
         """The final event (if not sent yet), the Result and its trace line."""
+        where = next(iter(machine.configuration_values))  # before the abort leaves it
+        abort = None if event is None else _abort(self._driving, state, where)
         permit = state.permit  # not judged by a phase: judged as the stack was released
         if permit is not None and (change := permit.transition) is not None:
             state.notes[attr.BREAKER_TRANSITION] = (
@@ -174,13 +176,39 @@ class RequestRun:
             routing=state.decision.as_dict() if state.decision else {},
             cache=state.cache_level, parsed=state.parsed, tool_calls=state.tool_calls,
         )
-        self._driving.traces.submit(_trace_record(self._driving, state, recorder, result))
+        self._driving.traces.submit(_trace_record(self._driving, state, recorder, result,
+                                                  abort))
         if self._driving.metrics is not None:
             self._driving.metrics.record(result)
 
 
+def _abort(d: Driving, state: RequestState, where: str) -> dict[str, Any]:
+    """Where an abort (timeout, cancelled, overloaded) arrived, for replay to deliver it
+    there again: the state, the await in it, the tokens generated so far, and the limit."""
+    if where == "idle":
+        awaiting = "admission"
+    elif where == "routing":
+        awaiting = "route" if state.decision is None else "l1_lookup"
+    elif where == "loading_agent":
+        # The model's digest is noted once it is prepared, just before its lease is taken.
+        awaiting = "lease" if attr.MODEL_SHA256 in state.notes else "prepare"
+    elif where == "inferencing":
+        awaiting = "generate"
+    else:
+        awaiting = where
+    snapshot = d.admission.snapshot()
+    return {
+        "reason": state.error_reason, "state": where, "await": awaiting,
+        "agent": state.agent.id if state.agent else None, "attempt": state.attempt,
+        "tokens": len(state.token_ids),
+        "timeout_s": d.timeouts.timeout_s if state.error_reason == "timeout" else None,
+        "queue": None if awaiting != "admission" else {
+            "queued": snapshot["queued"], "max_queue": snapshot["max_queue"]},
+    }
+
+
 def _trace_record(d: Driving, state: RequestState, recorder: PhaseRecorder,
-                  result: Result) -> dict[str, Any]:
+                  result: Result, abort: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The trace file's one record of a request (format: services/observability/_tracefile)."""
     prepared, sampling, request = state.prepared, state.sampling, state.request
     breakers: Mapping[str, Any] = state.breakers_at_start
@@ -217,4 +245,5 @@ def _trace_record(d: Driving, state: RequestState, recorder: PhaseRecorder,
         "phases": [p.as_dict() for p in recorder.phases],
         "spans": recorder.spans,
         "result": {**result.as_dict(), "token_ids": list(result.token_ids)},
+        "abort": None if abort is None else dict(abort),
     }

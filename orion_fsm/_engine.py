@@ -25,8 +25,8 @@ from ._config import (
     DEFAULT_MAX_QUEUE,
     DEFAULT_MEMORY_INTERVAL_S,
     DEFAULT_TIMEOUT_S,
-    DEFAULT_TRACE_PATH,
     caches_dir,
+    default_trace_path,
     resolve_cache_dir,
 )
 from ._driver import Driving, RequestRun
@@ -171,6 +171,7 @@ class Engine:
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         max_queue: int = DEFAULT_MAX_QUEUE,
         breakers: BreakerBoard | BreakerConfig | None = None,
+        admission: AdmissionController | None = None,
         guardrails: Guardrails | GuardrailConfig | Literal[False] | None = None,
         frequent_patterns: Sequence[str] = FREQUENT_PATTERNS,
     ) -> None:
@@ -184,7 +185,8 @@ class Engine:
         self.breakers = breakers if isinstance(breakers, BreakerBoard) else BreakerBoard(
             breakers, agents=self.registry.agents, clock=self.clock,
             on_transition=_log_breaker)
-        self.admission = AdmissionController(max_in_flight=max_in_flight, max_queue=max_queue)
+        self.admission = admission or AdmissionController(max_in_flight=max_in_flight,
+                                                          max_queue=max_queue)
         self._timeout = TimeoutPolicy(timeout_s)
         self.guardrails: Guardrails | None = (
             None if guardrails is False else guardrails if isinstance(guardrails, Guardrails)
@@ -219,7 +221,7 @@ class Engine:
         if trace_path is False:
             self.trace_path: Path | None = None
         elif trace_path is None:
-            self.trace_path = DEFAULT_TRACE_PATH
+            self.trace_path = default_trace_path()
         else:
             self.trace_path = Path(trace_path)
         self._traces = TraceWriter(self.trace_path)

@@ -21,6 +21,14 @@ from orion_fsm import Engine, Registry
 from orion_fsm.testing import make_tiny_llama_gguf
 
 
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Tests never write into the user's state folder (default trace files go there)."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.delenv("ORION_FSM_TRACE_FILE", raising=False)
+    return tmp_path / "state"
+
+
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)

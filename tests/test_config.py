@@ -34,10 +34,16 @@ def test_a_given_cache_dir_wins_and_the_files_under_it_are_named_once(
     assert config.repl_history_path(tmp_path) == tmp_path / "repl-history"
 
 
-def test_trace_path_is_the_variable_else_traces_in_the_working_directory(
+def test_trace_path_is_the_variable_else_the_xdg_state_folder_never_the_working_directory(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("ORION_FSM_TRACE_FILE", raising=False)
-    assert config.default_trace_path() == Path("traces") / "orion-fsm.jsonl"
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    assert config.default_trace_path() == (
+        tmp_path / "state" / "orion-fsm" / "traces" / "orion-fsm.jsonl")
+    monkeypatch.delenv("XDG_STATE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert config.default_trace_path() == (
+        tmp_path / "home" / ".local" / "state" / "orion-fsm" / "traces" / "orion-fsm.jsonl")
     monkeypatch.setenv("ORION_FSM_TRACE_FILE", str(tmp_path / "t.jsonl"))
     assert config.default_trace_path() == tmp_path / "t.jsonl"
 
@@ -55,7 +61,8 @@ def test_the_engine_and_the_services_use_the_same_defaults(
     assert TimeoutPolicy().timeout_s == config.DEFAULT_TIMEOUT_S
     assert MemoryMonitor().interval_s == config.DEFAULT_MEMORY_INTERVAL_S
     built = Engine(cache_dir=tmp_path, embeddings=False)
-    assert built.trace_path == config.DEFAULT_TRACE_PATH
+    assert built.trace_path == config.default_trace_path()
+    assert built.trace_path.is_absolute()
     assert built.caches is not None and built.caches.root == config.caches_dir(tmp_path)
     monkeypatch.setenv("ORION_FSM_CACHE", str(tmp_path / "env"))
     from_env = Engine(embeddings=False)  # no cache_dir: the configured default

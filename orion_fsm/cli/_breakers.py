@@ -29,7 +29,8 @@ def add_parser(sub: Any) -> None:
     breakers = sub.add_parser("breakers", help="circuit breaker state of each agent "
                               "(from the latest trace record)")
     breakers.add_argument("--trace-file", default=os.environ.get(TRACE_FILE_ENV),
-                          help="JSONL trace file (default: traces/orion-fsm.jsonl)")
+                          help="JSONL trace file (default: $ORION_FSM_TRACE_FILE, else "
+                          "$XDG_STATE_HOME/orion-fsm/traces/orion-fsm.jsonl)")
     breakers.add_argument("--json", action="store_true", help="print one JSON object")
     add_server_options(breakers)
     breakers.set_defaults(handler=_breakers)

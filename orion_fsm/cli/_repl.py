@@ -64,7 +64,8 @@ def add_parser(sub: Any) -> None:
     repl.add_argument("--max-tokens", type=int)
     repl.add_argument("--temperature", type=float)
     repl.add_argument("--trace-file", default=os.environ.get(TRACE_FILE_ENV),
-                      help="JSONL trace file (default: traces/orion-fsm.jsonl)")
+                      help="JSONL trace file (default: $ORION_FSM_TRACE_FILE, else "
+                      "$XDG_STATE_HOME/orion-fsm/traces/orion-fsm.jsonl)")
     repl.add_argument("--history", help="history file (default: repl-history in the cache dir)")
     add_server_options(repl)
     # prompt_toolkit runs on asyncio only.

@@ -31,7 +31,8 @@ def add_parser(sub: Any) -> None:
     run.add_argument("--router", choices=("embedding", "rules"), default="embedding",
                      help="how to pick the agent when --agent is not given (default: embedding)")
     run.add_argument("--trace-file", default=os.environ.get(TRACE_FILE_ENV),
-                     help="JSONL trace file (default: traces/orion-fsm.jsonl)")
+                     help="JSONL trace file (default: $ORION_FSM_TRACE_FILE, else "
+                     "$XDG_STATE_HOME/orion-fsm/traces/orion-fsm.jsonl)")
     add_server_options(run)
     add_format_options(run)
     run.set_defaults(handler=lambda args: anyio.run(_run if args.server is None else _remote,

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from orion_fsm import default_trace_path, find_traces
+from orion_fsm import find_traces
 
 _LABEL: Final = 14  # phase names: loading_agent is the longest
 _MS: Final = 11
@@ -24,8 +24,9 @@ def add_parser(sub: Any) -> None:
     trace = sub.add_parser("trace", help="read trace files (see README: Trace files)")
     commands = trace.add_subparsers(dest="trace_command", required=True)
     show = commands.add_parser("show", help="waterfall of each request's phases and a summary")
-    show.add_argument("file", nargs="?", default=str(default_trace_path()),
-                      help="JSONL trace file (default: traces/orion-fsm.jsonl)")
+    show.add_argument("file", nargs="?", help="JSONL trace file (default: the latest "
+                      "records of $ORION_FSM_TRACE_FILE, else "
+                      "$XDG_STATE_HOME/orion-fsm/traces/orion-fsm.jsonl, and its rotated files)")
     show.add_argument("--request", help="only this request (an id or its first characters)")
     show.add_argument("--last", type=int, metavar="N", help="waterfalls of the last N requests "
                       "only (the summary still covers them all)")
@@ -35,7 +36,7 @@ def add_parser(sub: Any) -> None:
 
 
 def _show(args: argparse.Namespace) -> int:
-    records = find_traces(Path(args.file), args.request)
+    records = find_traces(Path(args.file) if args.file else None, args.request)
     width = args.width or bar_width()
     shown = records if args.last is None else records[-args.last:] if args.last > 0 else []
     if not args.summary:

@@ -4,5 +4,6 @@ its trace line recorded (or, live, the real models) and reports the first diverg
 
 from ._compare import Divergence, ReplayMode, ReplayReport, compare
 from ._run import replay
+from ._step import Step, steps
 
-__all__ = ["Divergence", "ReplayMode", "ReplayReport", "compare", "replay"]
+__all__ = ["Divergence", "ReplayMode", "ReplayReport", "Step", "compare", "replay", "steps"]

@@ -1,6 +1,6 @@
 """The stand-ins a replay gives the engine in place of what the recorded run met outside the
 machine: router, loader, model, streams, leases and tokenizer (recorded effects, no model
-file), the live loader, the breaker board, the caches and the clock.
+file), the live loader, the breaker board, admission, the caches and the clock.
 """
 
 from __future__ import annotations
@@ -39,11 +39,12 @@ from orion_fsm.services.models._loader import (
 from orion_fsm.services.models._pressure import PressureGauge
 from orion_fsm.services.models._registry import AgentSpec, Registry
 from orion_fsm.services.models._tiers import DEFAULT_VARIANT
+from orion_fsm.services.resilience._admission import AdmissionController, Overloaded
 from orion_fsm.services.resilience._breaker import BreakerBoard, BreakerPermit
 from orion_fsm.services.routing._embedding_router import decide
 from orion_fsm.services.routing._router import RoutingDecision, RuleRouter
 
-from ._script import Canceller, RecordedAttempt, RecordedOutput, Script
+from ._script import Aborter, RecordedAttempt, RecordedOutput, Script
 
 _STOP_WAIT_S: Final = 5.0  # a cancelled caller tells the stream to stop within milliseconds
 
@@ -58,20 +59,20 @@ class ReplayRouter:
 
     def __init__(self, record: Mapping[str, Any], registry: Registry, *,
                  thresholds: Mapping[str, float] | None = None,
-                 canceller: Canceller | None = None) -> None:
+                 aborter: Aborter | None = None) -> None:
         self._recorded: Mapping[str, Any] = (record.get("result") or {}).get("routing") or {}
         self._registry = registry
         self._rules = RuleRouter(registry)
         self._thresholds = thresholds
-        self._canceller = canceller
+        self._aborter = aborter
         self.warnings: list[str] = []
 
     def warm_texts(self) -> tuple[str, ...]:
         return ()  # replay embeds nothing
 
     async def route(self, text: str, *, requested: str | None) -> RoutingDecision:
-        if self._canceller is not None and self._canceller.reached("route"):
-            await anyio.sleep_forever()
+        if self._aborter is not None and self._aborter.reached("route"):
+            await self._aborter.deliver()
         if requested is not None:
             return self._rules.decide(text, requested=requested)
         recorded = self._recorded
@@ -210,41 +211,40 @@ class _RecordedStream:
 
 
 class _ReplayStream:
-    """A generation stream over the recorded output that then fails or is cancelled as
-    recorded. `cancel`, if given, cancels the caller (from the worker thread) once every
-    recorded token has been handed out."""
+    """A generation stream over the recorded output that then fails or is aborted as
+    recorded. `aborter`, if given, delivers the recorded abort (from the worker thread) once
+    every recorded token has been handed out: the timeout is raised, the caller cancelled."""
 
     def __init__(self, inner: _RecordedStream | GenerationStream, exhausted: Callable[[], bool],
-                 output: RecordedOutput, *,
-                 cancel: Callable[[], None] | None = None,
+                 output: RecordedOutput, *, aborter: Aborter | None = None,
                  should_stop: Callable[[], bool] | None = None) -> None:
         self._inner = inner
         self._exhausted = exhausted
         self._output = output
-        self._cancel = cancel
+        self._aborter = aborter
         self._should_stop = should_stop
 
     def next_event(self) -> GenerationEvent | None:
-        cancel, should_stop = self._cancel, self._should_stop
-        if cancel is not None and should_stop is not None and self._exhausted():
-            # The caller abandons this step when cancelled and tells the stream to stop:
-            # cancel once it asks beyond the recorded tokens, so all of them reached it.
-            self._cancel = None
-            cancel()
-            deadline = time.monotonic() + _STOP_WAIT_S
-            while not should_stop() and time.monotonic() < deadline:
-                time.sleep(0.001)
-            return None
+        aborter, should_stop = self._aborter, self._should_stop
+        if aborter is not None and self._exhausted():
+            if aborter.times_out:
+                # The deadline passed while the next token was awaited.
+                self._aborter = None
+                raise aborter.timeout()
+            if should_stop is not None:
+                # The caller abandons this step when cancelled and tells the stream to stop:
+                # cancel once it asks beyond the recorded tokens, so all of them reached it.
+                self._aborter = None
+                aborter.cancel_from_thread()
+                deadline = time.monotonic() + _STOP_WAIT_S
+                while not should_stop() and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                return None
         event = self._inner.next_event()
         if event is None:
             if self._output.error is not None:
                 raise InferenceError(self._output.error)
             return None
-        if cancel is not None and should_stop is None and self._exhausted():
-            # A caller that waits for each step to finish takes this event, then meets the
-            # cancellation at its next step.
-            self._cancel = None
-            cancel()
         return event
 
     @property
@@ -263,28 +263,30 @@ class _UnknownVocabulary:
 
 class ReplayModel:
     """A loaded model that generates what the recorded attempt generated, then fails or is
-    cancelled as it was. With the model's tokenizer the ids are decoded by the real
+    aborted as it was. With the model's tokenizer the ids are decoded by the real
     generation loop (text, stop strings, max_tokens); without it, the recorded text is used."""
 
     def __init__(self, output: RecordedOutput, *, tokenizer: Tokenizer | None, context_length: int,
-                 model_path: Path, canceller: Canceller | None = None) -> None:
+                 model_path: Path, aborter: Aborter | None = None) -> None:
         self.output = output
         self.tokenizer: Tokenizer | _UnknownVocabulary = tokenizer or _UnknownVocabulary()
         self.context_length = context_length
         self.model_path = model_path
         self._decoder = tokenizer
-        self._canceller = canceller
+        self._aborter = aborter if output.abort else None
 
     def open_stream(self, prompt_ids: Sequence[int], params: SamplingParams, *,
                     should_stop: Callable[[], bool] | None = None) -> _ReplayStream:
-        cancel = (self._canceller.cancel_from_thread
-                  if self.output.cancel and self._canceller else None)
-        return self._open(prompt_ids, params, cancel=cancel, should_stop=should_stop)
+        return self._open(prompt_ids, params, aborter=self._aborter, should_stop=should_stop)
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams, *,
                  on_event: Callable[[GenerationEvent], None],
                  should_stop: Callable[[], bool]) -> GenerationOutcome:
-        stream = self._open(prompt_ids, params)
+        aborter = self._aborter
+        # A timeout is raised by the stream where the next token was awaited; a cancelled
+        # caller is cancelled after the last token reached it.
+        stream = self._open(prompt_ids, params,
+                            aborter=aborter if aborter and aborter.times_out else None)
         try:
             while (event := stream.next_event()) is not None:
                 on_event(event)
@@ -293,20 +295,20 @@ class ReplayModel:
             outcome = stream.outcome
         finally:
             stream.close()
-        if self.output.cancel and self._canceller is not None:
+        if aborter is not None:
             # After the last on_event: the caller's cancellation abandons this thread, and
             # nothing may reach the request's token list once the abort has read it.
-            self._canceller.cancel_from_thread()
+            aborter.cancel_from_thread()
         return outcome
 
     def _open(self, prompt_ids: Sequence[int], params: SamplingParams, *,
-              cancel: Callable[[], None] | None = None,
+              aborter: Aborter | None = None,
               should_stop: Callable[[], bool] | None = None) -> _ReplayStream:
         tokenizer = self._decoder
         if tokenizer is None:
             recorded = _RecordedStream(self.output, params.max_tokens)
             return _ReplayStream(recorded, lambda: recorded.exhausted, self.output,
-                                 cancel=cancel, should_stop=should_stop)
+                                 aborter=aborter, should_stop=should_stop)
         ends = [tokenizer.token_id(t) for t in ("<|im_end|>", "<|endoftext|>")]
         runtime = _ReplayRuntime(
             self.output.token_ids, context_length=self.context_length,
@@ -314,7 +316,7 @@ class ReplayModel:
             vocab_size=tokenizer.vocab_size)
         model = LoadedModel(runtime, tokenizer, model_path=self.model_path, threads=1)
         return _ReplayStream(model.open_stream(prompt_ids, params), lambda: runtime.exhausted,
-                             self.output, cancel=cancel, should_stop=should_stop)
+                             self.output, aborter=aborter, should_stop=should_stop)
 
 
 class _ReplayLease:
@@ -338,13 +340,13 @@ class ReplayLoader:
 
     def __init__(self, script: Script, *, record: Mapping[str, Any],
                  tokenizers: Mapping[str, Tokenizer], clock: ManualClock,
-                 canceller: Canceller | None = None, encode_prompts: bool = True) -> None:
+                 aborter: Aborter | None = None, encode_prompts: bool = True) -> None:
         self._script = script
         self._tokenizers = tokenizers
         self._encode_prompts = encode_prompts
         self._prompt_ids: Sequence[int] = record.get("prompt_token_ids") or ()
         self._source = (record.get("model") or {}).get("source")
-        self._canceller = canceller
+        self._aborter = aborter
         self._prepared: dict[str, _ReplayPrepared] = {}
         self.clock = clock
         self._stats = LoaderStats()
@@ -358,8 +360,8 @@ class ReplayLoader:
 
     async def prepare(self, agent: AgentSpec, *, variant: str | None = None) -> _ReplayPrepared:
         attempt = self._script.attempt(agent)
-        if self._canceller is not None and self._canceller.reached("prepare", agent.id):
-            await anyio.sleep_forever()
+        if self._aborter is not None and self._aborter.reached("prepare", agent.id):
+            await self._aborter.deliver()
         if attempt.prepare_error is not None:
             raise ModelLoadError(attempt.prepare_error)
         return self._prepared_for(agent, attempt)
@@ -392,16 +394,17 @@ class ReplayLoader:
         if attempt.prepare_error is not None:
             raise ModelLoadError(attempt.prepare_error)
         prepared = self._prepared_for(agent, attempt)
-        if self._canceller is not None:
-            if self._canceller.reached("acquire", agent.id):
-                await anyio.sleep_forever()
-            # Cancelled before its first token: the cancellation lands on the model's lock.
-            self._canceller.reached("lease", agent.id)
+        if self._aborter is not None:
+            if self._aborter.reached("acquire", agent.id):
+                await self._aborter.deliver()
+            if self._aborter.reached("lease", agent.id):
+                # Cancelled before its first token: the cancellation lands on the model's lock.
+                self._aborter.cancel()
         if attempt.acquire_error is not None:
             raise ModelLoadError(attempt.acquire_error)
         model = ReplayModel(attempt.output, tokenizer=self._tokenizers.get(attempt.sha256 or ""),
                             context_length=agent.context_length,
-                            model_path=prepared.files.model_path, canceller=self._canceller)
+                            model_path=prepared.files.model_path, aborter=self._aborter)
         info = attempt.load_info or LoadInfo(prepared.key.label, prepared.key.variant, False,
                                              0.0, 0.0, (), False)
         yield _ReplayLease(model, info, prepared)
@@ -526,6 +529,24 @@ class ReplayBreakers(BreakerBoard):
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         return {**super().snapshot(), **self._recorded}
+
+
+class ReplayAdmission(AdmissionController):
+    """Admits every replayed request at once, except the one whose recorded run was refused
+    (overloaded, with the recorded queue figures) or cancelled while it was queued."""
+
+    def __init__(self, aborter: Aborter) -> None:
+        super().__init__()
+        self._aborter = aborter
+
+    async def acquire(self, priority: int = 0, *, request_id: str | None = None) -> None:
+        abort = self._aborter.abort
+        if abort is not None and self._aborter.reached("admission"):
+            if abort.reason == "overloaded":
+                self.rejected += 1
+                raise Overloaded(abort.queued, abort.max_queue, request_id=request_id)
+            await self._aborter.deliver()
+        await super().acquire(priority, request_id=request_id)
 
 
 def replay_caches(record: Mapping[str, Any], clock: ManualClock) -> CacheSet | Literal[False]:

@@ -123,7 +123,7 @@ def path_divergences(recorded: Mapping[str, Any], replayed: Mapping[str, Any], *
         pt, pp = pt[: len(rt)], pp[: len(rp)]
     for i in range(max(len(rt), len(pt))):
         if i >= 1 and i - 1 < len(rp) and i - 1 < len(pp):
-            divergence = _phase_divergence(rp[i - 1], pp[i - 1])
+            divergence = phase_divergence(rp[i - 1], pp[i - 1])
             if divergence is not None:
                 return [divergence]
         r, p = (rt[i] if i < len(rt) else None), (pt[i] if i < len(pt) else None)
@@ -134,7 +134,7 @@ def path_divergences(recorded: Mapping[str, Any], replayed: Mapping[str, Any], *
     return []
 
 
-def _phase_divergence(recorded: Mapping[str, Any],
+def phase_divergence(recorded: Mapping[str, Any],
                       replayed: Mapping[str, Any]) -> Divergence | None:
     state = str(recorded.get("state"))
     r_attrs: Mapping[str, Any] = recorded.get("attributes") or {}

@@ -30,6 +30,7 @@ from orion_fsm.services.observability._tracefile import read_traces, upgrade_rec
 
 from ._adapters import (
     LiveLoader,
+    ReplayAdmission,
     ReplayBreakers,
     ReplayLoader,
     ReplayRouter,
@@ -37,8 +38,10 @@ from ._adapters import (
     replay_clock,
 )
 from ._compare import Divergence, ReplayReport, Verbatim, output_divergences, path_divergences
-from ._script import Canceller, Script
+from ._script import Aborter, Script
 
+# Aborts a live replay still delivers: they arrive before any model is touched.
+_DELIVERED_LIVE: Final = frozenset({"admission", "route"})
 _REDACTED: Final = redaction("").removesuffix("]")  # how the trace writer marks a secret
 
 
@@ -151,7 +154,7 @@ def _live_params(record: Mapping[str, Any], params: GenerationParams
 
 
 async def _send(engine: Engine, record: Mapping[str, Any], params: GenerationParams,
-                canceller: Canceller) -> None:
+                aborter: Aborter) -> None:
     request = record.get("request") or {}
     # Contents as recorded, text or not: a prompt refused for its type must be refused again.
     messages = [Message(str(m.get("role", "")), m.get("content"))  # type: ignore[arg-type]
@@ -164,7 +167,7 @@ async def _send(engine: Engine, record: Mapping[str, Any], params: GenerationPar
                                "tools": request.get("tools"),
                                "tool_choice": request.get("tool_choice")}
     with anyio.CancelScope() as scope:
-        canceller.scope = scope
+        aborter.scope = scope
         try:
             if record.get("streaming"):
                 async with engine.stream(messages, **options) as stream:
@@ -197,7 +200,7 @@ async def replay(
     warnings += script.warnings
     root = resolve_cache_dir(cache_dir)
     clock = replay_clock(record)
-    canceller = Canceller(script.abort)
+    aborter = Aborter(script.abort)
     skipped: list[str] = []
     params = _params((record.get("request") or {}).get("params") or {})
     redacted = _REDACTED in json.dumps((record.get("request") or {}).get("messages"),
@@ -208,7 +211,7 @@ async def replay(
         warnings.append("the recorded prompt was redacted (secrets or personal data): replay "
                         "sends the redacted text, so rule routing and the result cache key "
                         "may differ from the recording")
-    router = ReplayRouter(record, resolved, thresholds=thresholds, canceller=canceller)
+    router = ReplayRouter(record, resolved, thresholds=thresholds, aborter=aborter)
     replay_loader: ReplayLoader | None = None
     live_loader: LiveLoader | None = None
     loader: ReplayLoader | LiveLoader
@@ -217,14 +220,15 @@ async def replay(
         params, why = _live_params(record, params)
         if why is not None:
             skipped.append(why)
-        if script.abort is not None:
-            canceller = Canceller(None)
-            skipped.append("the recorded caller cancelled: a live run is not cancelled at the "
-                           "same token, so only its path up to the cancellation is compared")
+        if script.abort is not None and script.abort.point not in _DELIVERED_LIVE:
+            aborter = Aborter(None)
+            skipped.append(f"the recorded request ended in {script.abort.reason} at "
+                           f"{script.abort.point}: a live run is not aborted at the same point, "
+                           "so only its path up to the abort is compared")
     else:
         tokenizers = await anyio.to_thread.run_sync(_find_tokenizers, script, record, root)
         replay_loader = loader = ReplayLoader(script, record=record, tokenizers=tokenizers,
-                                              clock=clock, canceller=canceller,
+                                              clock=clock, aborter=aborter,
                                               encode_prompts=not redacted)
     # The breaker board is an effect too: refuse where the recorded run was refused.
     breakers = ReplayBreakers(frozenset(a.agent for a in script.attempts.values()
@@ -235,11 +239,12 @@ async def replay(
             resolved, router=router, loader=loader,
             caches=replay_caches(record, clock), clock=clock, embeddings=False,
             warm_up=False, trace_path=trace_file, tracer_provider=_tracer_provider(),
-            machine=machine, memory_interval_s=3600.0, breakers=breakers)
+            machine=machine, memory_interval_s=3600.0, breakers=breakers,
+            admission=ReplayAdmission(aborter))
         failure: str | None = None
         try:
             async with engine:
-                await _send(engine, record, params, canceller)
+                await _send(engine, record, params, aborter)
         except Exception as exc:  # a broken statechart or phase: report it, do not crash
             failure = f"{type(exc).__name__}: {exc}"
         replayed_records = await anyio.to_thread.run_sync(
@@ -250,7 +255,8 @@ async def replay(
         divergences = [Divergence(None, "trace line", "one record",
                                   Verbatim(failure or "none written"))]
     else:
-        until_abort = live and script.abort is not None
+        until_abort = (live and script.abort is not None
+                       and script.abort.point not in _DELIVERED_LIVE)
         divergences = path_divergences(record, replayed, until_abort=until_abort)
         if divergences:
             skipped.clear()  # the outputs of another path are not compared at all

@@ -1,5 +1,5 @@
 """What to replay, read from a trace record: each agent's recorded attempt (load outcome and
-output), and where the recorded caller cancelled; `Canceller` cancels the replay there too.
+output), and where the recorded request was aborted; `Aborter` delivers that abort there again.
 """
 
 from __future__ import annotations
@@ -7,18 +7,24 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import anyio
 
-from orion_fsm._exceptions import ModelLoadError
+from orion_fsm._exceptions import ModelLoadError, RequestTimeout
 from orion_fsm.services.models._loader import LoadInfo
 from orion_fsm.services.models._registry import AgentSpec
 from orion_fsm.services.models._tiers import DEFAULT_VARIANT
 
 _PROMPT_TOKENS = re.compile(r"the prompt is (\d+) tokens")
+# What older records say only in their error message (RequestTimeout, Overloaded).
+_TIMEOUT = re.compile(r"longer than its timeout of ([0-9.e+-]+) s")
+_QUEUE = re.compile(r"(\d+) requests queued \(limit (\d+)\)")
 
-AbortPoint = Literal["route", "prepare", "acquire", "lease", "generate"]
+# Aborts that arrive from outside the phases (the caller, the deadline, the queue, a bug).
+_DELIVERED = frozenset({"cancelled", "timeout", "overloaded", "internal"})
+
+AbortPoint = Literal["admission", "route", "prepare", "acquire", "lease", "generate"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +35,7 @@ class RecordedOutput:
     text: str = ""
     finish_reason: str | None = None
     error: str | None = None  # the InferenceError it raised after emitting the above
-    cancel: bool = False  # the caller cancelled once it was all emitted
+    abort: bool = False  # the request was aborted (cancelled, timed out) once it was emitted
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,16 +55,22 @@ class RecordedAttempt:
 
 @dataclass(frozen=True, slots=True)
 class Abort:
-    """Where the recorded caller cancelled: the `call`-th call of `point` for `agent`."""
+    """Where the recorded request was aborted: the `call`-th call of `point` for `agent`,
+    and why (`reason`: cancelled, timeout or overloaded; the limits it was refused with)."""
 
     point: AbortPoint
     agent: str | None = None
     call: int = 1
+    reason: str = "cancelled"
+    state: str | None = None  # the phase it arrived in
+    timeout_s: float | None = None
+    queued: int = 0
+    max_queue: int = 0
 
 
 @dataclass(frozen=True)
 class Script:
-    """What the stand-ins serve: each agent's recorded attempt, and where to cancel."""
+    """What the stand-ins serve: each agent's recorded attempt, and where to abort."""
 
     attempts: Mapping[str, RecordedAttempt]
     abort: Abort | None
@@ -105,7 +117,7 @@ class Script:
         if abort is not None and abort.point == "generate":
             final_agent = next(a for a in attempts.values() if a.final)
             attempts[final_agent.agent] = replace(
-                final_agent, output=replace(final_agent.output, cancel=True))
+                final_agent, output=replace(final_agent.output, abort=True))
         return cls(attempts, abort, warnings)
 
     def attempt(self, agent: AgentSpec) -> RecordedAttempt:
@@ -143,60 +155,113 @@ def _load_info(attrs: Mapping[str, Any]) -> LoadInfo | None:
 def _abort_point(record: Mapping[str, Any], phases: Sequence[Mapping[str, Any]],
                  transitions: Sequence[Mapping[str, Any]],
                  attempts: Mapping[str, RecordedAttempt]) -> tuple[Abort | None, tuple[str, ...]]:
-    """Where to cancel the replayed request so that it aborts where the recorded one did."""
+    """Where to deliver the recorded abort so that the replayed request ends where it did."""
     last = transitions[-1].get("event") if transitions else None
-    reason = (record.get("result") or {}).get("error_reason")
-    if last == "rejected":
-        return None, (f"the recorded request was rejected before it started ({reason}); "
-                      "replay cannot provoke that, so expect a divergence there",)
-    if last != "abort":
+    if last not in ("abort", "rejected"):
         return None, ()
-    state = transitions[-1].get("source")
-    if reason != "cancelled":
+    where: Mapping[str, Any] | None = record.get("abort")
+    if where is None and (record.get("result") or {}).get("error_reason") in _DELIVERED:
+        where = _abort_from_phases(record, phases, transitions, attempts)
+    if where is None:
+        return None, ()  # a phase decided it (`fallback --abort-->`): replayed as it is
+    reason, state, awaiting = where.get("reason"), where.get("state"), where.get("await")
+    final = next((a.agent for a in attempts.values() if a.final), None)
+    agent = where.get("agent") or final
+    if awaiting == "admission":
+        queue = where.get("queue") or {}
+        return Abort("admission", reason=str(reason), state=str(state),
+                     queued=int(queue.get("queued", 0)),
+                     max_queue=int(queue.get("max_queue", 0))), ()
+    timeout_s = where.get("timeout_s")
+    if reason not in ("cancelled", "timeout") or (reason == "timeout" and timeout_s is None):
         return None, (f"the recorded request was aborted in {state} ({reason}); replay cannot "
                       "provoke that abort, so expect a divergence there",)
+    common: dict[str, Any] = {"reason": str(reason), "state": str(state),
+                              "timeout_s": None if timeout_s is None else float(timeout_s)}
+    if awaiting == "route":
+        return Abort("route", **common), ()
+    routed = (record.get("result") or {}).get("routing", {}).get("agent")
+    if awaiting == "l1_lookup" and isinstance(routed, str):
+        return Abort("prepare", routed, **common), ()
+    if awaiting == "prepare" and agent is not None:
+        # routing's L1 lookup prepared the same agent first (prepare is then cached: an
+        # abort could not have arrived in that second, instant, call)
+        first_attempt = not where.get("attempt")
+        call = 2 if (record.get("cache") or {}).get("l1_key") and first_attempt else 1
+        return Abort("prepare", agent, call, **common), ()
+    if awaiting == "lease" and agent is not None:
+        return Abort("acquire", agent, **common), ()
+    if awaiting == "generate" and agent is not None:
+        if reason == "cancelled" and not where.get("tokens"):
+            # Cancelled before its first token: the cancellation lands on the model's lock.
+            return Abort("lease", agent, **common), ()
+        return Abort("generate", agent, **common), ()
+    return None, (f"the recorded request was aborted in {state} ({reason}, awaiting "
+                  f"{awaiting}); replay cannot deliver it there, so expect a divergence there",)
+
+
+def _abort_from_phases(record: Mapping[str, Any], phases: Sequence[Mapping[str, Any]],
+                       transitions: Sequence[Mapping[str, Any]],
+                       attempts: Mapping[str, RecordedAttempt]) -> dict[str, Any]:
+    """The `abort` of a record written before it was recorded, read from its last phase."""
+    result = record.get("result") or {}
+    state = transitions[-1].get("source")
     attrs: Mapping[str, Any] = (phases[-1].get("attributes") or {}) if phases else {}
     final = next((a for a in attempts.values() if a.final), None)
+    awaiting = {"idle": "admission", "inferencing": "generate"}.get(str(state), str(state))
     if state == "routing":
-        if "orion.agent" not in attrs:
-            return Abort("route"), ()
-        return Abort("prepare", str(attrs["orion.agent"])), ()
-    if state == "loading_agent" and final is not None:
-        if final.sha256 is not None and "orion.model.sha256" in attrs:
-            return Abort("acquire", final.agent), ()
-        # routing's L1 lookup prepared the same agent first (prepare is then cached: a caller
-        # could not have cancelled in that second, instant, call)
-        cache = record.get("cache") or {}
-        first_attempt = attrs.get("orion.attempt", 0) == 0
-        call = 2 if cache.get("l1_key") and first_attempt else 1
-        return Abort("prepare", final.agent, call), ()
-    if state == "inferencing" and final is not None:
-        if final.output.token_ids:
-            return Abort("generate", final.agent), ()
-        return Abort("lease", final.agent), ()
-    return None, (f"the recorded request was cancelled in {state}; replay cannot cancel it "
-                  "there, so expect a divergence there",)
+        awaiting = "l1_lookup" if "orion.agent" in attrs else "route"
+    elif state == "loading_agent":
+        has_digest = final is not None and final.sha256 is not None
+        awaiting = "lease" if has_digest and "orion.model.sha256" in attrs else "prepare"
+    message = str(result.get("error") or "")
+    timeout = _TIMEOUT.search(message)
+    queue = _QUEUE.search(message)
+    return {
+        "reason": result.get("error_reason"), "state": state, "await": awaiting,
+        "agent": None if final is None else final.agent,
+        "attempt": attrs.get("orion.attempt", 0), "tokens": len(result.get("token_ids") or ()),
+        "timeout_s": float(timeout.group(1)) if timeout else None,
+        "queue": {"queued": int(queue.group(1)), "max_queue": int(queue.group(2))}
+        if queue else None,
+    }
 
 
-class Canceller:
-    """Cancels the replayed request at the recorded abort point, as its caller did."""
+class Aborter:
+    """Delivers the recorded abort at its point, as it arrived: the caller's cancellation
+    (the replayed request's scope is cancelled) or the deadline (its timeout is raised)."""
 
     def __init__(self, abort: Abort | None) -> None:
         self.abort = abort
         self.scope: anyio.CancelScope | None = None
         self._calls: dict[tuple[str, str | None], int] = {}
 
+    @property
+    def times_out(self) -> bool:
+        return self.abort is not None and self.abort.reason == "timeout"
+
     def reached(self, point: AbortPoint, agent: str | None = None) -> bool:
-        """Count this call; True (and the request cancelled) if the recorded caller gave up here."""
+        """Count this call; True if the recorded abort arrived here (then deliver it)."""
         abort = self.abort
         if abort is None or abort.point != point or abort.agent not in (None, agent):
             return False
         key = (point, agent)
         self._calls[key] = self._calls.get(key, 0) + 1
-        if self._calls[key] != abort.call:
-            return False
+        return self._calls[key] == abort.call
+
+    async def deliver(self) -> NoReturn:
+        """The abort, from the task it arrived in."""
+        if self.times_out:
+            raise self.timeout()
         self.cancel()
-        return True
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable: the replayed request was cancelled")
+
+    def timeout(self) -> RequestTimeout:
+        """The error the recorded deadline raised, in the phase it raised it."""
+        abort = self.abort
+        assert abort is not None and abort.timeout_s is not None
+        return RequestTimeout(abort.timeout_s, abort.state)
 
     def cancel(self) -> None:
         if self.scope is not None:

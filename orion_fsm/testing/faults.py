@@ -53,16 +53,21 @@ class FaultPlan:
     """
 
     def __init__(self, rate: float, kinds: Sequence[FaultKind] = ("raise", "hang", "malformed"),
-                 seed: int = 0, *, hang_s: float = 3600.0) -> None:
+                 seed: int = 0, *, hang_s: float = 3600.0, after_tokens: int = 0) -> None:
         if not 0.0 <= rate <= 1.0:
             raise ConfigurationError("FaultPlan.rate", rate, "a fault rate between 0 and 1")
         unknown = set(kinds) - set(FAULT_KINDS)
         if unknown or not kinds:
             raise ConfigurationError("FaultPlan.kinds", list(kinds),
                                      f"fault kinds among {', '.join(FAULT_KINDS)}")
+        if after_tokens < 0:
+            raise ConfigurationError("FaultPlan.after_tokens", after_tokens, "0 or more")
         self.rate = rate
         self.kinds = tuple(kinds)
         self.hang_s = hang_s
+        # raise and hang strike after this many real tokens: a runtime that stalls or
+        # fails mid-generation, once text already reached a streaming caller.
+        self.after_tokens = after_tokens
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self.injected: Counter[str] = Counter()
@@ -103,6 +108,14 @@ class FaultyModel(LoadedModel):
                  on_event: Callable[[GenerationEvent], None],
                  should_stop: Callable[[], bool]) -> GenerationOutcome:
         kind = self.plan.draw(_GENERATION_KINDS)
+        if kind in ("raise", "hang") and self.plan.after_tokens:
+            stream = _LateFaultStream(kind, self, prompt_ids, params, should_stop)
+            try:
+                while (event := stream.next_event()) is not None:
+                    on_event(event)
+                return stream.outcome
+            finally:
+                stream.close()
         if kind == "raise":
             raise InferenceError(f"injected fault: model {self.model_path} failed to sample")
         if kind == "hang":
@@ -120,6 +133,8 @@ class FaultyModel(LoadedModel):
         kind = self.plan.draw(_GENERATION_KINDS)
         if kind is None:
             return self.inner.open_stream(prompt_ids, params, should_stop=should_stop)
+        if kind in ("raise", "hang") and self.plan.after_tokens:
+            return _LateFaultStream(kind, self, prompt_ids, params, should_stop)
         return _FaultyStream(kind, self, should_stop)
 
     def _garbage(self) -> GenerationEvent:
@@ -169,6 +184,56 @@ class _FaultyStream(GenerationStream):
             self._fault_outcome = GenerationOutcome((), "", "cancelled")
 
 
+class _LateFaultStream(GenerationStream):
+    """The real generation for the plan's `after_tokens` tokens, then its fault: it raises,
+    or hangs until told to stop (closed, or `should_stop`)."""
+
+    def __init__(self, kind: FaultKind, model: FaultyModel, prompt_ids: Sequence[int],
+                 params: SamplingParams, should_stop: Callable[[], bool] | None) -> None:
+        # Not GenerationStream.__init__: the real stream is `inner`.
+        self._kind = kind
+        self._model = model
+        self._stop = should_stop or (lambda: False)
+        self._closed_event = threading.Event()
+        self._inner = model.inner.open_stream(prompt_ids, params, should_stop=should_stop)
+        self._token_ids: list[int] = []
+        self._texts: list[str] = []
+        self._fault_outcome: GenerationOutcome | None = None
+
+    def next_event(self) -> GenerationEvent | None:
+        if self._fault_outcome is not None:
+            return None
+        if len(self._token_ids) >= self._model.plan.after_tokens:
+            self._inner.close()  # the model is free again, as after a real failure
+            if self._kind == "raise":
+                raise InferenceError(f"injected fault: model {self._model.model_path} failed "
+                                     f"to sample after {len(self._token_ids)} tokens")
+            _hang(lambda: self._closed_event.is_set() or self._stop(), self._model.plan.hang_s)
+            self._fault_outcome = GenerationOutcome(tuple(self._token_ids),
+                                                    "".join(self._texts), "cancelled")
+            return None
+        event = self._inner.next_event()
+        if event is None:
+            self._fault_outcome = self._inner.outcome  # it ended before the fault struck
+            return None
+        self._token_ids.extend(event.token_ids)
+        self._texts.append(event.text)
+        return event
+
+    @property
+    def outcome(self) -> GenerationOutcome:
+        if self._fault_outcome is None:
+            raise InferenceError("the generation has not finished; call next_event() until None")
+        return self._fault_outcome
+
+    def close(self) -> None:
+        self._closed_event.set()
+        self._inner.close()
+        if self._fault_outcome is None:
+            self._fault_outcome = GenerationOutcome(tuple(self._token_ids),
+                                                    "".join(self._texts), "cancelled")
+
+
 def _hang(should_stop: Callable[[], bool], hang_s: float) -> None:
     """Block the worker thread like a stuck runtime, yet leave when told to stop."""
     deadline = time.monotonic() + hang_s
@@ -177,16 +242,19 @@ def _hang(should_stop: Callable[[], bool], hang_s: float) -> None:
 
 
 def faulty_loader(rate: float, kinds: Sequence[FaultKind] = ("raise", "hang", "malformed"),
-                  seed: int = 0, *, hang_s: float = 3600.0, only: Sequence[str] = (),
+                  seed: int = 0, *, hang_s: float = 3600.0, after_tokens: int = 0,
+                  only: Sequence[str] = (),
                   load: Callable[..., LoadedModel] = LoadedModel.load) -> FaultyLoader:
     """A `load_model` for `ModelLoader(load_model=...)`: loads the real model, then wraps it.
 
     With `load_error` among `kinds`, a load itself fails at `rate` with ModelLoadError.
+    `after_tokens`: raise and hang strike after that many real tokens (mid-generation).
     `only`: fault only models whose path contains one of these strings (one agent's model,
     to watch its breaker open while the others serve). The plan is shared by every model it
     loads: `loader.plan.injected` counts the faults.
     """
-    return FaultyLoader(FaultPlan(rate, kinds, seed, hang_s=hang_s), load, only=only)
+    return FaultyLoader(FaultPlan(rate, kinds, seed, hang_s=hang_s, after_tokens=after_tokens),
+                        load, only=only)
 
 
 class FaultyLoader:

@@ -58,8 +58,11 @@ class Repl:
         """Type `line`, return what the REPL printed before its next prompt."""
         self.child.sendline(line)
         self.child.expect(PROMPT)
-        before: str = self.child.before
-        return before.split("\n", 1)[1] if "\n" in before else ""  # drop the echoed line
+        lines: list[str] = self.child.before.split("\n")
+        # Drop the echo of the typed line (a busy terminal may redraw it more than once).
+        while lines and lines[0].strip() == line.strip():
+            lines.pop(0)
+        return "\n".join(lines)
 
     def records(self, count: int) -> list[dict[str, Any]]:
         """The trace file's records once it holds `count`: the writer appends in the background."""

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from orion_fsm.cli import main
+from tests.conftest import read_trace_lines
 
 SHIPPED = Path(__file__).parents[2] / "traces"
 
@@ -71,3 +74,27 @@ def test_an_unknown_request_is_a_one_line_error(capsys: pytest.CaptureFixture[st
     assert main(["trace", "show", str(SHIPPED / "success.jsonl"), "--request", "nope"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("orion-fsm: no request 'nope' in ") and err.count("\n") == 1
+
+
+def test_run_traces_into_the_state_folder_and_the_readers_find_it_there(
+    registry_doc: dict[str, Any], write_registry: Callable[[dict[str, Any]], Path],
+    tmp_path: Path, state_dir: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    registry = write_registry(registry_doc)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    code = main(["--registry", str(registry), "--cache-dir", str(tmp_path / "c"), "run", "hello",
+                 "--router", "rules", "--max-tokens", "4", "--json"])
+    assert code == 0
+    request_id = json.loads(capsys.readouterr().out)["trace_id"]
+    assert list(workdir.iterdir()) == []  # nothing written where the command ran
+    (record,) = read_trace_lines(state_dir / "orion-fsm" / "traces" / "orion-fsm.jsonl")
+    assert record["trace_id"] == request_id
+    assert main(["trace", "show", "--summary"]) == 0  # no FILE: the default one
+    assert capsys.readouterr().out.startswith("1 request: 1 success")
+    assert main(["--registry", str(registry), "--cache-dir", str(tmp_path / "c"), "replay",
+                 "--request", request_id[:8]]) == 0
+    assert capsys.readouterr().out.startswith("PASS ")
+    assert list(workdir.iterdir()) == []

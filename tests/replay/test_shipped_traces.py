@@ -18,7 +18,8 @@ from orion_fsm.testing.replay import assert_replays, replay, replay_cases
 pytestmark = pytest.mark.anyio
 
 TRACES = Path(__file__).parents[2] / "traces"
-SHIPPED = [TRACES / f"{name}.jsonl" for name in ("success", "cache-hit", "fallback", "invalid")]
+SHIPPED = [TRACES / f"{name}.jsonl"
+           for name in ("success", "cache-hit", "fallback", "invalid", "aborts")]
 
 
 @pytest.fixture
@@ -32,13 +33,16 @@ def no_model_files(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(LoadedModel, "load", refuse)
 
 
-def test_the_shipped_traces_cover_success_cache_hit_fallback_and_bad_input() -> None:
+def test_the_shipped_traces_cover_success_cache_hit_fallback_bad_input_and_aborts() -> None:
     records = {path.stem: [case.values[0] for case in replay_cases(path)] for path in SHIPPED}
     assert records["success"][0]["result"]["state"] == "success"
     assert records["cache-hit"][-1]["result"]["cache"] == "L1"
     fallback = records["fallback"][0]["result"]
     assert fallback["state"] == "success" and fallback["fallback"] is True
     assert {r["result"]["error_reason"] for r in records["invalid"]} == {"invalid"}
+    aborts = [(r["abort"]["reason"], r["abort"]["await"]) for r in records["aborts"]]
+    assert aborts == [("cancelled", "generate"), ("overloaded", "admission"),
+                      ("timeout", "generate")]
 
 
 @pytest.mark.parametrize("record", replay_cases(*SHIPPED))

@@ -92,6 +92,23 @@ def test_raise_fault_fails_the_generation_with_inference_error(tiny_path: Path) 
         assert model.plan.injected["raise"] == 2
 
 
+def test_late_faults_strike_after_the_first_real_tokens(tiny_path: Path,
+                                                         real: LoadedModel) -> None:
+    ids = real.tokenizer.encode(PROMPT)
+    first_two = collect(real, ids)[0].token_ids[:2]
+    with faulty(tiny_path, "raise", after_tokens=2) as model:
+        events: list[GenerationEvent] = []
+        with pytest.raises(InferenceError, match="after 2 tokens"):
+            model.generate(ids, GREEDY, on_event=events.append, should_stop=lambda: False)
+        assert tuple(t for e in events for t in e.token_ids) == first_two
+    with faulty(tiny_path, "hang", after_tokens=2, hang_s=0.05) as model:
+        stream = model.open_stream(ids, GREEDY)
+        while stream.next_event() is not None:
+            pass  # two real tokens, then a hang that gives up by itself
+        assert stream.outcome.token_ids == first_two
+        assert stream.outcome.finish_reason == "cancelled"
+
+
 def test_malformed_fault_returns_ids_outside_the_vocabulary_and_garbage_text(
         tiny_path: Path) -> None:
     with faulty(tiny_path, "malformed") as model:

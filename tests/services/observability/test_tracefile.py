@@ -8,12 +8,13 @@ from pathlib import Path
 import anyio
 import pytest
 
-from orion_fsm import OrionError
+from orion_fsm import OrionError, find_traces
 from orion_fsm.services.observability._tracefile import (
     TRACE_FORMAT,
     TRACE_VERSION,
     TraceWriter,
     read_traces,
+    trace_files,
     upgrade_record,
 )
 
@@ -35,6 +36,47 @@ async def test_every_submitted_record_is_written_before_close(tmp_path: Path) ->
         writer.close()
     assert [r["request_id"] for r in read_traces(tmp_path / "nested" / "t.jsonl")] == [
         f"r{i}" for i in range(500)]
+
+
+async def write(path: Path, ids: range, **options: int) -> None:
+    """Each record by a writer of its own: rotation is decided per batch written."""
+    for i in ids:
+        writer = TraceWriter(path, **options)
+        async with anyio.create_task_group() as tg:
+            await writer.prepare()
+            await tg.start(writer.run)
+            writer.submit(record(i))
+            writer.close()
+
+
+async def test_a_full_trace_file_is_rotated_and_only_so_many_are_kept(tmp_path: Path) -> None:
+    path = tmp_path / "orion-fsm.jsonl"
+    line = len(json.dumps(record(0)))  # records 0, 3, 6...: the shortest lines
+    await write(path, range(0, 60, 3), max_bytes=4 * line, keep=2)
+    files = trace_files(path)
+    assert [f.name for f in files] == ["orion-fsm.jsonl", "orion-fsm.1.jsonl",
+                                       "orion-fsm.2.jsonl"]
+    assert all(f.stat().st_size <= 4 * (line + 1) for f in files)
+    kept = [r["request_id"] for f in reversed(files) for r in read_traces(f)]
+    assert kept == [f"r{i}" for i in range(60 - 3 * len(kept), 60, 3)]  # the newest, in order
+
+
+async def test_readers_find_the_latest_records_and_a_request_in_any_rotated_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.delenv("ORION_FSM_TRACE_FILE", raising=False)
+    with pytest.raises(OrionError, match=r"no trace file at .*state/orion-fsm/traces"):
+        find_traces()
+    path = tmp_path / "state" / "orion-fsm" / "traces" / "orion-fsm.jsonl"
+    line = len(json.dumps(record(0)))
+    await write(path, range(0, 18, 3), max_bytes=2 * line, keep=3)
+    assert [r["request_id"] for r in find_traces()] == ["r12", "r15"]  # the current file
+    assert [r["request_id"] for r in find_traces(request_id="r3")] == ["r3"]  # rotated
+    with pytest.raises(OrionError, match=r"no request 'r99' in .* \(and 2 rotated\)"):
+        find_traces(request_id="r99")
+    with pytest.raises(OrionError, match=r"no trace file .*nope\.jsonl"):
+        find_traces(tmp_path / "nope.jsonl")
 
 
 async def test_an_unusable_trace_directory_is_a_clear_error(tmp_path: Path) -> None:
@@ -72,7 +114,7 @@ def test_upgrading_keeps_what_a_record_has() -> None:
           "cache": {"enabled": True, "level": None, "l1_key": None},
           "result": {"routing": {"agent": "a", "scores": {"a": 0.5}}}}
     assert upgrade_record(v2) == {**v2, "registry_source": None, "clock": None,
-                                  "breakers": None}
+                                  "breakers": None, "abort": None}
 
 
 def test_readers_refuse_a_line_without_a_version(tmp_path: Path) -> None:
