@@ -6,12 +6,14 @@ of older versions are read in the current shape (`upgrade_record`).
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskStatus
@@ -20,11 +22,17 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from orion_fsm._exceptions import OrionError
 from orion_fsm.services.observability._sanitize import sanitize
 
+if TYPE_CHECKING:
+    from opentelemetry.metrics import CallbackOptions, Meter, Observation
+
+_log = logging.getLogger("orion_fsm.trace")
 TRACE_FORMAT = "orion-fsm.trace"
 # 2 adds what decided the path from outside the machine: `streaming`, `registry_source`,
 # `clock`, `breakers`, `cache.enabled` and the router's per-agent `result.routing.scores`.
 TRACE_VERSION = 2
 _BATCH = 256
+# A record deeper than this is not ours: its fallback form stops there (a "..." marker).
+_MAX_DEPTH = 32
 # Version 2 fields, as a version 1 record (or a writer that predates a field) leaves them:
 # None means "not recorded", which replay treats as "unknown", never as false.
 _V2_DEFAULTS: dict[str, Any] = {
@@ -39,7 +47,10 @@ class TraceWriter:
     """Appends trace records to `path` from a task of the engine's task group.
 
     `submit` never blocks the request: records are queued, serialised and written in a
-    worker thread, in batches. Records submitted before `aclose` are always written.
+    worker thread, in batches. Records submitted before `aclose` are always written, or
+    counted in `dropped`: a record that cannot be written (a full disk, a path that became a
+    directory, a field no JSON can hold) is logged once per kind of failure and dropped; the
+    writer never raises into the engine's task group, so a failing sink never stops serving.
     """
 
     def __init__(self, path: Path | None) -> None:
@@ -48,11 +59,21 @@ class TraceWriter:
         self._receive: MemoryObjectReceiveStream[dict[str, Any]]
         self._send, self._receive = anyio.create_memory_object_stream[dict[str, Any]](math.inf)
         self.written = 0
+        self.dropped = 0  # records lost to a failing sink (also the trace.dropped metric)
+        self.repaired = 0  # records written in their safe form (bytes, objects, surrogates)
+        self._failures_seen: set[str] = set()
 
     def submit(self, record: dict[str, Any]) -> None:
         if self.path is None:
             return
-        self._send.send_nowait(record)
+        try:
+            self._send.send_nowait(record)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            # A request that ends as the Engine closes: its record comes too late to write.
+            self._drop(1, "closed", "the trace writer was already closed")
+
+    def stats(self) -> dict[str, int]:
+        return {"written": self.written, "dropped": self.dropped, "repaired": self.repaired}
 
     async def prepare(self) -> None:
         """Create the trace directory; a clear OrionError if that is impossible."""
@@ -70,7 +91,10 @@ class TraceWriter:
                         batch.append(self._receive.receive_nowait())
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
-                await anyio.to_thread.run_sync(self._write, batch)
+                try:
+                    await anyio.to_thread.run_sync(self._write, batch)
+                except Exception as exc:  # _write catches what it expects; this is a bug
+                    self._drop(len(batch), f"bug:{type(exc).__name__}", repr(exc))
 
     def close(self) -> None:
         """No more records; `run` returns once the queued ones are written."""
@@ -79,27 +103,132 @@ class TraceWriter:
     def _prepare(self) -> None:
         assert self.path is not None
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _make_private_dirs(self.path.parent)
         except OSError as exc:
             raise OrionError(
                 f"cannot create the trace directory {self.path.parent}: {exc.strerror}; "
                 "pass another trace_path (or --trace-file) or fix its permissions"
             ) from exc
+        if self.path.is_dir():
+            raise OrionError(f"the trace file {self.path} is a directory; "
+                             "pass a file path as trace_path (or --trace-file)")
 
     def _write(self, batch: list[dict[str, Any]]) -> None:
         assert self.path is not None
-        # Secrets and personal data never reach the file (API keys, e-mails, card numbers...).
-        lines = "".join(json.dumps(sanitize(r), ensure_ascii=False, separators=(",", ":"))
-                        + "\n" for r in batch)
+        lines: list[bytes] = []
+        for record in batch:
+            line = self._line(record)
+            if line is not None:
+                lines.append(line)
+        if not lines:
+            return
         # One write of whole lines in append mode: concurrent writers never interleave a line.
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        data = memoryview(b"".join(lines))
         try:
-            data = memoryview(lines.encode("utf-8"))
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        except OSError as exc:
+            self._drop(len(lines), _failure_kind(exc), f"cannot open {self.path}: {exc}")
+            return
+        try:
             while data:
                 data = data[os.write(fd, data):]
+        except OSError as exc:
+            # Part of the batch may be on disk; the torn line is skipped by the reader.
+            self._drop(len(lines), _failure_kind(exc), f"cannot write {self.path}: {exc}")
+            return
         finally:
             os.close(fd)
-        self.written += len(batch)
+        self.written += len(lines)
+
+    def _line(self, record: dict[str, Any]) -> bytes | None:
+        """One JSON line: sanitised (secrets never reach the file), then serialised; a record
+        JSON cannot hold as it is (bytes, objects, lone surrogates, NaN) in its safe form."""
+        try:
+            text = json.dumps(sanitize(record), ensure_ascii=False, separators=(",", ":"),
+                              allow_nan=False)
+            return text.encode("utf-8") + b"\n"
+        except (TypeError, ValueError, RecursionError, UnicodeError):
+            pass
+        try:
+            text = json.dumps(sanitize(json_safe(record)), ensure_ascii=False,
+                              separators=(",", ":"), allow_nan=False)
+            data = text.encode("utf-8") + b"\n"
+        except Exception as exc:  # json_safe gives plain data: only a bug lands here
+            self._drop(1, f"serialise:{type(exc).__name__}", repr(exc))
+            return None
+        self.repaired += 1
+        return data
+
+    def _drop(self, count: int, kind: str, message: str) -> None:
+        self.dropped += count
+        if kind not in self._failures_seen:  # once per kind: a full disk must not flood logs
+            self._failures_seen.add(kind)
+            _log.error("trace records dropped", extra={
+                "failure": kind, "error": message, "trace_path": str(self.path),
+                "dropped": self.dropped})
+
+
+def json_safe(value: object, depth: int = 0) -> Any:
+    """`value` as plain JSON data: str keys, finite numbers, valid Unicode; bytes and other
+    objects as their repr. Used for records the fast path could not serialise."""
+    if depth > _MAX_DEPTH:
+        return "..."
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, str):
+        return _valid_unicode(value)
+    if isinstance(value, dict):
+        return {_valid_unicode(k if isinstance(k, str) else repr(k)): json_safe(v, depth + 1)
+                for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v, depth + 1) for v in value]
+    return _valid_unicode(repr(value))
+
+
+def _valid_unicode(text: str) -> str:
+    # Lone surrogates (what non-UTF-8 argv or file names decode to) become U+FFFD.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return text
+
+
+def _failure_kind(exc: OSError) -> str:
+    name = errno.errorcode.get(exc.errno or 0, "")
+    return f"{type(exc).__name__}:{name}" if name else type(exc).__name__
+
+
+def _make_private_dirs(directory: Path) -> None:
+    """mkdir -p; the directories it creates are the user's only (0700). Existing ones are
+    left as they are: they are not ours to change."""
+    missing: list[Path] = []
+    for parent in (directory, *directory.parents):
+        if parent.exists():
+            break
+        missing.append(parent)
+    for path in reversed(missing):
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+    if not directory.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(directory))
+
+
+def register_trace_metrics(meter: Meter, writer: TraceWriter) -> None:
+    """`orion_fsm.trace.records` by outcome (written, dropped, repaired)."""
+    from opentelemetry.metrics import Observation
+
+    def observe(options: CallbackOptions) -> Iterable[Observation]:
+        for outcome, count in writer.stats().items():
+            yield Observation(count, {"outcome": outcome})
+
+    meter.create_observable_counter(
+        "orion_fsm.trace.records", callbacks=[observe], unit="{record}",
+        description="Trace records written, dropped by a failing sink, or written repaired")
 
 
 def upgrade_record(record: dict[str, Any]) -> dict[str, Any]:
