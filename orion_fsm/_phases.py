@@ -143,6 +143,9 @@ def _check_params(params: GenerationParams) -> tuple[str, str] | None:
             rel = "above 0 and at most" if name == "top_p" else f"between {shown_low} and"
             return name, f"{name} must be {rel} {high}, got {value!r}"
     if params.stop is not None:
+        if not isinstance(params.stop, tuple):
+            return "stop", ("stop must be a string or a list of strings, got "
+                            f"{type(params.stop).__name__}")
         if len(params.stop) > _MAX_STOP:
             return "stop", f"at most {_MAX_STOP} stop sequences, got {len(params.stop)}"
         for s in params.stop:
@@ -168,9 +171,18 @@ def _check_messages(messages: Sequence[Message]) -> tuple[str, str] | None:
     return None
 
 
+def _check_options(request: Request) -> tuple[str, str] | None:
+    if request.agent is not None and not isinstance(request.agent, str):
+        return "agent", f"agent must be an agent id (text), got {type(request.agent).__name__}"
+    if request.cache is not None and not isinstance(request.cache, bool):
+        return "cache", f"cache must be True, False or None, got {request.cache!r:.40}"
+    return None
+
+
 async def validating(services: Services, state: RequestState) -> str:
     request, registry = state.request, services.registry
-    problem = _check_messages(request.messages) or _check_params(request.params)
+    problem = (request.refused or _check_messages(request.messages)
+               or _check_params(request.params) or _check_options(request))
     if problem is None and request.agent is not None and request.agent not in registry.agents:
         known = ", ".join(registry.agents)
         problem = "agent", f"unknown agent {request.agent!r}; known agents: {known}"

@@ -50,9 +50,12 @@ class Request:
     params: GenerationParams
     created_at: float  # unix time, from the engine's clock
     cache: bool | None = None  # None: results cached only when deterministic; False: bypass
+    # (field, message): an argument the Request cannot hold as given (`params=` of another
+    # type, `params=` with overrides, a bad priority); the validating phase refuses it.
+    refused: tuple[str, str] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        shape = {
             "id": self.id,
             "messages": [{"role": m.role, "content": m.content} for m in self.messages],
             "agent": self.agent,
@@ -60,6 +63,9 @@ class Request:
             "created_at": self.created_at,
             "cache": self.cache,
         }
+        if self.refused is not None:
+            shape["refused"] = {"field": self.refused[0], "message": self.refused[1]}
+        return shape
 
 
 @dataclass(frozen=True, slots=True)
