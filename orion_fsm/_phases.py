@@ -268,7 +268,8 @@ async def _l1_lookup(services: Services, state: RequestState,
     sampling = _sampling(agent, state.request.params, agent.context_length)
     key = state.l1_key = cache_key(
         "l1", _normalised(state.request.messages), agent.id, agent.system_prompt,
-        agent.chat_template.assistant_prefix, dataclasses.asdict(sampling), prepared.sha256)
+        dataclasses.asdict(agent.chat_template), services.registry.digest,
+        dataclasses.asdict(sampling), prepared.sha256)
     l1, flights = services.caches.l1, services.l1_flights
     hit = l1.get_memory(key)
     if hit is None:

@@ -4,6 +4,7 @@ Nothing a caller passes or a disk does may stop the Engine or lose a request."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import uuid
 from collections.abc import Awaitable, Callable
@@ -184,3 +185,24 @@ async def test_the_admission_controller_refuses_a_priority_it_cannot_order() -> 
 async def _quietly(call: Awaitable[Result]) -> None:
     with contextlib.suppress(RequestFailed):
         await call
+
+
+# --- L1 keys on everything that shapes the prompt -----------------------------------------
+
+
+async def test_an_edited_chat_template_never_serves_an_answer_cached_before_it(
+        make_engine: Callable[..., Engine], registry_doc: dict[str, Any]) -> None:
+    async with make_engine() as engine:
+        first = await engine.infer("hello", max_tokens=2)
+        assert (await engine.infer("hello", max_tokens=2)).cache == "L1"
+    edited = copy.deepcopy(registry_doc)
+    edited["agents"][0]["chat_template"] = {
+        "system": "<|im_start|>system\n{content}<|im_end|>\n",
+        "user": "<|im_start|>user (edited)\n{content}<|im_end|>\n",
+        "assistant": "<|im_start|>assistant\n{content}<|im_end|>\n",
+        "assistant_prefix": "<|im_start|>assistant\n",
+    }
+    async with make_engine(edited) as engine:
+        again = await engine.infer("hello", max_tokens=2)
+    assert first.agent == again.agent == "conversation"
+    assert again.cache is None
