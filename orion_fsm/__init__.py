@@ -41,6 +41,7 @@ from .services.models._pressure import PressureLevel, PressureThresholds
 from .services.models._registry import AgentSpec, Registry
 from .services.models._tiers import MemoryEstimate, estimate_model_memory
 from .services.observability._logging import configure_logging
+from .services.observability._sanitize import sanitize_text
 from .services.observability._tracefile import find_traces, read_traces
 from .services.resilience._breaker import BreakerBoard, BreakerConfig
 from .services.resilience._guardrails import GuardrailConfig, Guardrails
@@ -127,4 +128,5 @@ __all__ = [
     "repl_history_path",
     "request_chart",
     "resolve_cache_dir",
+    "sanitize_text",
 ]

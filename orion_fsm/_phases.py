@@ -28,13 +28,14 @@ from .services.caches._cacheset import cache_key
 from .services.caches._entries import CachedResult
 from .services.models._registry import generation_bounds
 from .services.observability import _attributes as attr
+from .services.observability._sanitize import holds_secret
 from .services.resilience._guardrails import RepetitionGuard
 
 if TYPE_CHECKING:
     from ._clock import Clock
     from ._seams import Lease, Loader, Model, Prepared, Router
     from ._singleflight import SingleFlight
-    from .services.caches._cacheset import CacheSet
+    from .services.caches._cacheset import CacheSet, TieredCache
     from .services.models._registry import AgentSpec, Registry
     from .services.resilience._admission import Deadline
     from .services.resilience._breaker import BreakerBoard, BreakerPermit
@@ -304,7 +305,8 @@ def _prompt_ids(services: Services, prompt: str, prepared: Prepared,
         notes[attr.CACHE_L3] = "hit"
         return list(cached)
     ids = prepared.tokenizer.encode(prompt)
-    services.background(caches.l3.set, key, tuple(ids))
+    caches.l3.put_memory(key, tuple(ids))
+    services.background(_persist_unless_secret, caches.l3, key, tuple(ids), (prompt,))
     return ids
 
 
@@ -443,7 +445,17 @@ def _l1_store(services: Services, state: RequestState) -> None:
     value = CachedResult("".join(state.text_parts), tuple(state.token_ids), state.prompt_ids,
                          state.finish_reason).as_value()
     caches.l1.put_memory(state.l1_key, value)  # visible to the next identical request now
-    services.background(caches.l1.set, state.l1_key, value)  # persisted without delaying it
+    texts = (value["text"], *(m.content for m in state.request.messages))
+    # Persisted without delaying the reply.
+    services.background(_persist_unless_secret, caches.l1, state.l1_key, value, texts)
+
+
+async def _persist_unless_secret(cache: TieredCache[Any], key: str, value: Any,
+                                 texts: Sequence[str]) -> None:
+    """`cache.set` unless `texts` hold a secret the sanitiser detects: its token ids would
+    decode back to it on disk. The memory tier keeps it for this process."""
+    if not await anyio.to_thread.run_sync(holds_secret, *texts):
+        await cache.set(key, value)
 
 
 class _Recorder:

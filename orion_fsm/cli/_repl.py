@@ -26,6 +26,7 @@ from orion_fsm import (
     find_traces,
     repl_history_path,
     resolve_cache_dir,
+    sanitize_text,
 )
 from orion_fsm.replay import replay
 
@@ -291,10 +292,19 @@ async def _repl(args: argparse.Namespace) -> int:
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import FileHistory
 
+    class RedactedHistory(FileHistory):
+        """Prompts typed in the REPL are kept across sessions, with their secrets redacted."""
+
+        def store_string(self, string: str) -> None:
+            super().store_string(sanitize_text(string))
+
     history = Path(args.history) if args.history else repl_history_path(
         resolve_cache_dir(args.cache_dir))
-    history.parent.mkdir(parents=True, exist_ok=True)
-    prompts: PromptSession[str] = PromptSession(history=FileHistory(str(history)))
+    history.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # What someone typed is theirs only: the file is created private, and made so if it was not.
+    os.close(os.open(history, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    history.chmod(0o600)
+    prompts: PromptSession[str] = PromptSession(history=RedactedHistory(str(history)))
     progress = Progress(enabled=sys.stderr.isatty())
     engine = Engine(registry=args.registry, trace_path=args.trace_file, progress=progress,
                     cache_dir=args.cache_dir,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from orion_fsm._files import make_private_dirs
 from orion_fsm.services.caches._records import BadRecord, decode_record, encode_record
 
 if TYPE_CHECKING:
@@ -149,7 +150,7 @@ def _open_cache(directory: Path, size_limit: int) -> diskcache.Cache:
     from orion_fsm.services.caches._records import open_data_cache
 
     # Cached prompts and answers are the user's: the directory and its database are private.
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_private_dirs(directory)
     directory.chmod(0o700)
     cache = open_data_cache(directory, size_limit=size_limit, timeout=_SQLITE_TIMEOUT_S)
     for name in os.listdir(directory):

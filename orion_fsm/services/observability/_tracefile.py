@@ -20,7 +20,8 @@ from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from orion_fsm._exceptions import OrionError
-from orion_fsm.services.observability._sanitize import sanitize
+from orion_fsm._files import make_private_dirs
+from orion_fsm.services.observability._sanitize import sanitize, warm_up
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import CallbackOptions, Meter, Observation
@@ -102,8 +103,9 @@ class TraceWriter:
 
     def _prepare(self) -> None:
         assert self.path is not None
+        warm_up()  # detect-secrets' import, here in a worker thread, not at the first secret
         try:
-            _make_private_dirs(self.path.parent)
+            make_private_dirs(self.path.parent)
         except OSError as exc:
             raise OrionError(
                 f"cannot create the trace directory {self.path.parent}: {exc.strerror}; "
@@ -144,13 +146,13 @@ class TraceWriter:
         """One JSON line: sanitised (secrets never reach the file), then serialised; a record
         JSON cannot hold as it is (bytes, objects, lone surrogates, NaN) in its safe form."""
         try:
-            text = json.dumps(sanitize(record), ensure_ascii=False, separators=(",", ":"),
+            text = json.dumps(_at_rest(record), ensure_ascii=False, separators=(",", ":"),
                               allow_nan=False)
             return text.encode("utf-8") + b"\n"
         except (TypeError, ValueError, RecursionError, UnicodeError):
             pass
         try:
-            text = json.dumps(sanitize(json_safe(record)), ensure_ascii=False,
+            text = json.dumps(_at_rest(json_safe(record)), ensure_ascii=False,
                               separators=(",", ":"), allow_nan=False)
             data = text.encode("utf-8") + b"\n"
         except Exception as exc:  # json_safe gives plain data: only a bug lands here
@@ -166,6 +168,27 @@ class TraceWriter:
             _log.error("trace records dropped", extra={
                 "failure": kind, "error": message, "trace_path": str(self.path),
                 "dropped": self.dropped})
+
+
+def _at_rest(record: dict[str, Any]) -> dict[str, Any]:
+    """`record` as it may be written: secrets redacted (API keys, e-mails, cards...), and the
+    token ids of a redacted text dropped, since they would decode back to the secret. The
+    record names what it dropped in `redacted`; replay does not compare those ids."""
+    clean: dict[str, Any] = sanitize(record)
+    if clean is record:
+        return record
+    dropped = []
+    if clean.get("request") is not record.get("request") and record.get("prompt_token_ids"):
+        clean["prompt_token_ids"] = []
+        dropped.append("prompt_token_ids")
+    result, original = clean.get("result"), record.get("result")
+    if (isinstance(result, dict) and isinstance(original, dict) and result.get("token_ids")
+            and result.get("text") != original.get("text")):
+        clean["result"] = {**result, "token_ids": []}
+        dropped.append("result.token_ids")
+    if dropped:
+        clean["redacted"] = dropped
+    return clean
 
 
 def json_safe(value: object, depth: int = 0) -> Any:
@@ -199,23 +222,6 @@ def _valid_unicode(text: str) -> str:
 def _failure_kind(exc: OSError) -> str:
     name = errno.errorcode.get(exc.errno or 0, "")
     return f"{type(exc).__name__}:{name}" if name else type(exc).__name__
-
-
-def _make_private_dirs(directory: Path) -> None:
-    """mkdir -p; the directories it creates are the user's only (0700). Existing ones are
-    left as they are: they are not ours to change."""
-    missing: list[Path] = []
-    for parent in (directory, *directory.parents):
-        if parent.exists():
-            break
-        missing.append(parent)
-    for path in reversed(missing):
-        try:
-            path.mkdir(mode=0o700)
-        except FileExistsError:
-            continue
-    if not directory.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(directory))
 
 
 def register_trace_metrics(meter: Meter, writer: TraceWriter) -> None:
