@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
+import threading
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -16,9 +18,19 @@ import hypothesis.strategies as st
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from orion_fsm import ConfigurationError, Engine, GenerationParams, RequestFailed, Result
+from orion_fsm import (
+    ConfigurationError,
+    Engine,
+    GenerationParams,
+    Registry,
+    RegistryError,
+    RequestFailed,
+    Result,
+    RuleRouter,
+)
+from orion_fsm._resources import data_file
 from orion_fsm.services.resilience._admission import AdmissionController
-from tests.conftest import read_trace_lines
+from tests.conftest import assert_no_thread_leaked, read_trace_lines
 
 pytestmark = pytest.mark.anyio
 
@@ -206,3 +218,96 @@ async def test_an_edited_chat_template_never_serves_an_answer_cached_before_it(
         again = await engine.infer("hello", max_tokens=2)
     assert first.agent == again.agent == "conversation"
     assert again.cache is None
+
+
+# --- routing never blocks the event loop; deadlines hold ------------------------------------
+
+# What the default registry's `logic` rule was before it was made linear: quadratic on a run
+# of digits. Registries may still hold such patterns (only exponential ones are refused).
+_QUADRATIC = r"\d+\s*[-+*/]\s*\d+"
+_HOSTILE_PROMPTS = ["7" * 32_000, "if " * 12_000, "1 " * 20_000, "a." * 30_000 + "@",
+                    "eyJ" * 15_000, "password = " * 5_000]
+
+
+def _hostile_doc(registry_doc: dict[str, Any]) -> dict[str, Any]:
+    doc = copy.deepcopy(registry_doc)
+    logic = json.loads(data_file("models.json").read_text(encoding="utf-8"))
+    patterns = next(a for a in logic["agents"] if a["id"] == "logic")["routing"]["patterns"]
+    doc["agents"][1]["routing"]["patterns"] += [*patterns, _QUADRATIC]
+    return doc
+
+
+class _Heartbeat:
+    """Ticks on the event loop; `max_gap` is the longest the loop left it waiting."""
+
+    def __init__(self) -> None:
+        self.max_gap = 0.0
+
+    async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        last = anyio.current_time()
+        while True:
+            await anyio.sleep(0.005)
+            now = anyio.current_time()
+            self.max_gap = max(self.max_gap, now - last)
+            last = now
+
+
+async def test_hostile_prompts_end_in_a_final_state_with_a_trace_line(
+        make_engine: Callable[..., Engine], registry_doc: dict[str, Any], tmp_path: Path) -> None:
+    async with make_engine(_hostile_doc(registry_doc)) as engine:
+        for prompt in _HOSTILE_PROMPTS:
+            with pytest.raises(RequestFailed) as caught:  # all longer than the context
+                await engine.infer(prompt, max_tokens=1)
+            assert caught.value.reason == "invalid"
+    assert len(read_trace_lines(tmp_path / "traces" / "test.jsonl")) == len(_HOSTILE_PROMPTS)
+
+
+async def test_a_slow_routing_rule_runs_off_the_event_loop(
+        make_engine: Callable[..., Engine], registry_doc: dict[str, Any]) -> None:
+    # The quadratic rule on a long run of digits: the routing phase takes a while; the
+    # heartbeat shows whether the loop kept running meanwhile (it stops dead on the loop).
+    before = set(threading.enumerate())
+    async with make_engine(_hostile_doc(registry_doc), guardrails=False) as engine:
+        heartbeat = _Heartbeat()
+        async with anyio.create_task_group() as tg:
+            await tg.start(heartbeat.run)
+            with pytest.raises(RequestFailed) as caught:
+                await engine.infer("7" * 32_000, max_tokens=1)
+            tg.cancel_scope.cancel()
+    phases = caught.value.result.phases
+    routing_s = sum(p.ms for p in phases if p.state == "routing") / 1e3
+    assert heartbeat.max_gap < routing_s, (heartbeat.max_gap, routing_s)
+    await assert_no_thread_leaked(before, within_s=30)
+
+
+async def test_a_slow_routing_rule_never_holds_the_caller_past_its_deadline(
+        make_engine: Callable[..., Engine], registry_doc: dict[str, Any]) -> None:
+    before = set(threading.enumerate())
+    doc = copy.deepcopy(registry_doc)
+    # Quadratic on a run of digits: seconds on the old uncapped text, a fraction of one on
+    # the capped text, still longer than this deadline.
+    doc["agents"][1]["routing"]["patterns"] = [_QUADRATIC, _QUADRATIC + "x"]
+    async with make_engine(doc, guardrails=False, timeout_s=0.05) as engine:
+        with pytest.raises(RequestFailed) as caught:
+            await engine.infer("9" * 40_000, max_tokens=1)
+    assert caught.value.reason == "timeout"
+    assert [p.state for p in caught.value.result.phases][-1] == "routing"
+    await assert_no_thread_leaked(before, within_s=60)
+
+
+@pytest.mark.parametrize("pattern", [r"(a+)+$", r"(\w+\s?)*!", r"((ab)*c)+", r"(?:x|(y+))*z"])
+def test_patterns_that_backtrack_exponentially_are_refused_at_load(
+        registry_doc: dict[str, Any], pattern: str) -> None:
+    doc = copy.deepcopy(registry_doc)
+    doc["agents"][1]["routing"]["patterns"] = [r"\bdef\b", pattern]
+    with pytest.raises(RegistryError, match=r"agents\[1\]\.routing\.patterns\[1\]") as caught:
+        Registry.from_dict(doc)
+    assert "exponential" in str(caught.value)
+
+
+def test_the_default_registry_routing_rules_are_linear() -> None:
+    registry = Registry.load(None)
+    router = RuleRouter(registry)
+    for text in ("what is 12 * 7?", "3.5 + 2 is", "if it rains then stay", "50 % off"):
+        assert router.decide(text).agent == "logic", text

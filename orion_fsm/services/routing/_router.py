@@ -12,11 +12,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import anyio
+
 from orion_fsm.services.models._registry import Registry
 
 RoutingSource = Literal["explicit", "rules", "default", "embedding"]
 
 _WORD = re.compile(r"\w+", re.UNICODE)
+# Rules see the head of the text: a registry pattern that backtracks costs a bounded time,
+# whatever the prompt's length (keywords and patterns that decide sit near the start).
+MAX_RULE_CHARS = 2048
+# Longer texts are matched in a worker thread, so that the event loop never waits on a
+# pattern; the request's deadline still holds (the thread is abandoned at it).
+_THREAD_FROM_CHARS = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,18 +89,25 @@ class RuleRouter:
                 )
             )
         self._rules = tuple(rules)
+        self._limiter: anyio.CapacityLimiter | None = None  # made on first use, in a loop
 
     def warm_texts(self) -> tuple[str, ...]:
         """Rules embed nothing: nothing to warm up."""
         return ()
 
     async def route(self, text: str, *, requested: str | None) -> RoutingDecision:
+        if requested is None and len(text) > _THREAD_FROM_CHARS:
+            if self._limiter is None:
+                self._limiter = anyio.CapacityLimiter(1)
+            return await anyio.to_thread.run_sync(self.decide, text, abandon_on_cancel=True,
+                                                  limiter=self._limiter)
         return self.decide(text, requested=requested)
 
     def decide(self, text: str, *, requested: str | None = None) -> RoutingDecision:
         if requested is not None:
             self._registry.get(requested)  # unknown agent -> RegistryError naming the known ones
             return RoutingDecision(agent=requested, source="explicit", score=1.0)
+        text = text[:MAX_RULE_CHARS]
         lowered = text.lower()
         words = set(_WORD.findall(lowered))
         scored: list[tuple[float, int, int, str, tuple[str, ...]]] = []
