@@ -77,11 +77,18 @@ class _Rule:
     valid: Callable[[str], bool] | None = None  # checksum: False keeps the text as it is
     # "v": redact only the value and keep its label ("password=" stays readable).
     value_only: bool = False
+    word_start: bool = False  # the match must start a word (the pattern's \b, checked here)
 
 
 def _rule(kind: str, pattern: str, needs: Callable[[str, str], bool],
           valid: Callable[[str], bool] | None = None) -> _Rule:
-    return _Rule(kind, re.compile(pattern), needs, valid, "(?P<v>" in pattern)
+    # A leading \b stops Python's regex engine from scanning for a keyword's first letters
+    # in C (3-5x slower on long text): the replacer checks the boundary instead. Keyword
+    # rules only: on a pattern led by a character class, \b is what bounds the starts.
+    word_start = pattern.startswith("(?i)\\b")
+    if word_start:
+        pattern = "(?i)" + pattern[6:]
+    return _Rule(kind, re.compile(pattern), needs, valid, "(?P<v>" in pattern, word_start)
 
 
 def _luhn(digits: str) -> bool:
@@ -187,11 +194,17 @@ _RULES: Final[tuple[_Rule, ...]] = (
 )
 
 
+def _is_word_char(ch: str) -> bool:
+    return ch.isalnum() or ch == "_"
+
+
 def _replacer(rule: _Rule) -> Callable[[re.Match[str]], str]:
     marker = redaction(rule.kind)
 
     def replace(match: re.Match[str]) -> str:
         text = match.group()
+        if rule.word_start and (at := match.start()) and _is_word_char(match.string[at - 1]):
+            return text
         if rule.valid is not None and not rule.valid(text):
             return text
         if not rule.value_only:

@@ -7,6 +7,8 @@ an explicit agent always wins, and nothing matching means the registry's default
 
 from __future__ import annotations
 
+import importlib
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,6 +27,21 @@ MAX_RULE_CHARS = 2048
 # Longer texts are matched in a worker thread, so that the event loop never waits on a
 # pattern; the request's deadline still holds (the thread is abandoned at it).
 _THREAD_FROM_CHARS = 512
+# A pattern still searching after this long is taken as not matching (and logged once).
+PATTERN_TIMEOUT_S = 0.1
+_log = logging.getLogger("orion_fsm.routing")
+_slow_patterns: set[str] = set()
+
+
+def _search(pattern: Any, text: str) -> bool:
+    try:
+        return pattern.search(text, concurrent=True, timeout=PATTERN_TIMEOUT_S) is not None
+    except TimeoutError:
+        if pattern.pattern not in _slow_patterns:
+            _slow_patterns.add(pattern.pattern)
+            _log.warning("routing pattern timed out, taken as no match", extra={
+                "pattern": pattern.pattern, "timeout_s": PATTERN_TIMEOUT_S})
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +80,7 @@ class _AgentRules:
     agent: str
     keywords: frozenset[str]
     phrases: tuple[str, ...]  # multi-word keywords, matched as substrings
-    patterns: tuple[re.Pattern[str], ...]
+    patterns: tuple[Any, ...]  # regex.Pattern
     priority: int
 
 
@@ -75,6 +92,11 @@ class RuleRouter:
     """
 
     def __init__(self, registry: Registry) -> None:
+        # mrab-regex, not re: its matcher releases the GIL (`concurrent`) and takes a timeout,
+        # so a registry pattern that backtracks never stalls the event loop nor runs on.
+        # Imported here (no stubs; ~10 ms): a router is built once per engine.
+        regex: Any = importlib.import_module("regex")
+
         self._registry = registry
         rules = []
         for spec in registry.agents.values():
@@ -84,7 +106,8 @@ class RuleRouter:
                     agent=spec.id,
                     keywords=frozenset(w for w in words if " " not in w),
                     phrases=tuple(w for w in words if " " in w),
-                    patterns=tuple(re.compile(p, re.IGNORECASE) for p in spec.routing.patterns),
+                    patterns=tuple(regex.compile(p, regex.IGNORECASE)
+                                   for p in spec.routing.patterns),
                     priority=spec.routing.priority,
                 )
             )
@@ -116,7 +139,7 @@ class RuleRouter:
             matched += [p for p in rule.phrases if p in lowered]
             score = float(len(matched))
             for pattern in rule.patterns:
-                if pattern.search(text):
+                if _search(pattern, text):
                     score += 2.0
                     matched.append(pattern.pattern)
             scored.append((score, rule.priority, -order, rule.agent, tuple(sorted(matched))))
