@@ -32,7 +32,7 @@ from orion_fsm.replay import replay
 
 from ._common import Progress
 from ._replay import report_lines
-from ._trace import bar_width, waterfall
+from ._trace import bar_width, terminal_safe, waterfall
 
 _RECORD_WAIT_S: Final = 2.0  # the trace writer appends in the background, within milliseconds
 _HELP: Final = """\
@@ -235,7 +235,7 @@ class Session:
     async def _trace(self, _: str) -> bool:
         record = await self._last_record()
         if record is not None:
-            self.say(waterfall(record, bar_width()))
+            self.say(terminal_safe(waterfall(record, bar_width())))
         return True
 
     async def _replay(self, _: str) -> bool:

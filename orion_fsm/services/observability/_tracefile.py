@@ -254,15 +254,50 @@ def upgrade_record(record: dict[str, Any]) -> dict[str, Any]:
 
 def read_traces(path: Path) -> Iterator[dict[str, Any]]:
     """The records of a trace file, oldest first, upgraded to the current version's shape
-    (`upgrade_record`); refuses formats it does not know and versions newer than it knows."""
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
+    (`upgrade_record`); refuses formats it does not know and versions newer than it knows.
+
+    A line that is torn (a writer killed mid-line), not UTF-8, longer than `_MAX_LINE` bytes
+    or with fields of the wrong type is skipped with a warning: one bad line never makes the
+    rest of the file unreadable. A file that cannot be read at all is a one-line OrionError.
+    """
+    try:
+        fh = path.open("rb")
+    except FileNotFoundError:
+        raise OrionError(f"no trace file {path} (yet): run a request first, or pass the "
+                         "trace file to read") from None
+    except IsADirectoryError:
+        raise OrionError(f"{path} is a directory, not a trace file") from None
+    except OSError as exc:
+        raise OrionError(f"cannot read the trace file {path}: {exc.strerror or exc}") from None
+    with fh:
+        number = 0
+        while True:
+            try:
+                raw = fh.readline(_MAX_LINE + 1)
+            except OSError as exc:
+                raise OrionError(f"cannot read the trace file {path}: "
+                                 f"{exc.strerror or exc}") from None
+            if not raw:
+                return
+            number += 1
+            if len(raw) > _MAX_LINE and not raw.endswith(b"\n"):
+                # Not a torn line (those are short): not a trace file, or not one of ours.
+                raise OrionError(f"{path}:{number}: a line longer than {_MAX_LINE} bytes; "
+                                 "not an orion-fsm trace file")
+            if not raw.strip():
                 continue
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise OrionError(f"{path}:{number}: not a JSON trace line ({exc.msg})") from exc
+                record = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+            except UnicodeDecodeError:
+                if number == 1 and b"\x00" in raw:
+                    raise OrionError(f"{path} is not a trace file (binary data)") from None
+                _skipped(path, number, "not UTF-8")
+                continue
+            except (ValueError, RecursionError) as exc:
+                if number == 1 and not raw.lstrip().startswith(b"{"):
+                    raise OrionError(f"{path}:{number}: not a JSON trace line ({exc})") from None
+                _skipped(path, number, f"not a JSON trace line ({exc})")
+                continue
             version = record.get("version") if isinstance(record, dict) else None
             if (not isinstance(record, dict) or record.get("format") != TRACE_FORMAT
                     or not isinstance(version, int) or not 1 <= version <= TRACE_VERSION):
@@ -270,15 +305,79 @@ def read_traces(path: Path) -> Iterator[dict[str, Any]]:
                     "format": record.get("format"), "version": version}
                 raise OrionError(
                     f"{path}:{number}: not an orion-fsm trace of version 1 to {TRACE_VERSION} "
-                    f"({shown!r}); a newer orion-fsm may read it"
+                    f"({shown!r:.200}); a newer orion-fsm may read it"
                 )
+            if (problem := _shape_problem(record)) is not None:
+                _skipped(path, number, problem)
+                continue
             yield upgrade_record(record)
+
+
+# A trace line is a few kB; a longer one is not ours (or `trace show /dev/zero`).
+_MAX_LINE = 16 * 1024 * 1024
+# Phase times beyond this (ms since the request started, ~11 days) are not a request's.
+_MAX_MS = 1e9
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _skipped(path: Path, number: int, why: str) -> None:
+    _log.warning("trace line skipped", extra={"trace_path": str(path), "line": number,
+                                               "reason": why})
+
+
+def _number(value: object, low: float = -_MAX_MS, high: float = _MAX_MS) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value) and low <= value <= high)
+
+
+def _shape_problem(record: dict[str, Any]) -> str | None:
+    """What makes `record` unusable by the readers (trace show, replay), or None."""
+    for name in ("request_id", "trace_id"):
+        if not isinstance(record.get(name), str | None):
+            return f"{name} is not text"
+    for name, kind in (("request", dict), ("result", dict), ("cache", dict | None),
+                       ("model", dict | None), ("sampling", dict | None),
+                       ("breakers", dict | None), ("clock", dict | None)):
+        if name in record and not isinstance(record[name], kind):
+            return f"{name} is a {type(record[name]).__name__}"
+    for name in ("phases", "transitions", "spans", "prompt_token_ids"):
+        if not isinstance(record.get(name, []), list):
+            return f"{name} is not a list"
+    for i, phase in enumerate(record.get("phases", [])):
+        if not (isinstance(phase, dict) and isinstance(phase.get("state"), str)
+                and _number(phase.get("start_ms", 0), 0) and _number(phase.get("ms", 0), 0)):
+            return f"phases[{i}] is not a phase (state, start_ms, ms)"
+    for i, item in enumerate(record.get("transitions", [])):
+        if not isinstance(item, dict):
+            return f"transitions[{i}] is not an object"
+    result = record.get("result", {})
+    if not isinstance(result.get("state", ""), str):
+        return "result.state is not text"
+    for name in ("total_ms", "ttft_ms"):
+        if result.get(name) is not None and not _number(result[name], 0):
+            return f"result.{name} is not a duration"
+    for name in ("phases", "agents_tried", "token_ids"):
+        if not isinstance(result.get(name, []), list):
+            return f"result.{name} is not a list"
+    for name in ("routing", "tokens"):
+        if not isinstance(result.get(name, {}), dict):
+            return f"result.{name} is not an object"
+    ids = [*record.get("prompt_token_ids", []), *result.get("token_ids", [])]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        return "token ids are not integers"
+    return None
 
 
 def find_traces(path: Path, request_id: str | None = None) -> list[dict[str, Any]]:
     """The records of a trace file, or those whose request (or trace) id starts with
     `request_id`; an OrionError naming the file if none does."""
     records = list(read_traces(path))
+    if not records:
+        raise OrionError(f"{path} holds no trace records: run a request first, or pass the "
+                         "trace file to read")
     if request_id is None:
         return records
     chosen = [r for r in records if str(r.get("request_id", "")).startswith(request_id)

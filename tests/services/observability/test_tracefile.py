@@ -49,9 +49,12 @@ def test_readers_refuse_newer_versions_and_other_formats(tmp_path: Path) -> None
     path.write_text(json.dumps({"format": TRACE_FORMAT, "version": TRACE_VERSION + 1}) + "\n")
     with pytest.raises(OrionError, match="version"):
         list(read_traces(path))
-    path.write_text("{not json\n")
+    path.write_text("not json\n")
     with pytest.raises(OrionError, match=":1: not a JSON trace line"):
         list(read_traces(path))
+    # A line that starts like a record but is cut (a writer killed mid-line) is skipped.
+    path.write_text('{"format": "orion-fsm.trace", "vers\n')
+    assert list(read_traces(path)) == []
 
 
 def test_version_1_records_are_read_with_the_newer_fields_unknown(tmp_path: Path) -> None:
