@@ -14,7 +14,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import caches, embeddings, http, loader, replay, resilience, routing, spine, structured
+from bench import (
+    caches,
+    embeddings,
+    hostile,
+    http,
+    loader,
+    replay,
+    resilience,
+    routing,
+    spine,
+    structured,
+)
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -40,7 +51,8 @@ def main() -> int:
     args = parser.parse_args()
     every = {**spine.BENCHMARKS, **caches.BENCHMARKS, **loader.BENCHMARKS,
              **embeddings.BENCHMARKS, **routing.BENCHMARKS, **resilience.BENCHMARKS,
-             **http.BENCHMARKS, **structured.BENCHMARKS, **replay.BENCHMARKS}
+             **http.BENCHMARKS, **structured.BENCHMARKS, **replay.BENCHMARKS,
+             **hostile.BENCHMARKS}
     benchmarks = {name: fn for name, fn in every.items() if not args.only or args.only in name}
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -53,6 +53,7 @@ from .services.models._pressure import PressureLevel, PressureThresholds
 from .services.models._registry import AgentSpec, Registry
 from .services.models._tiers import MemoryEstimate, estimate_model_memory
 from .services.observability._logging import configure_logging
+from .services.observability._sanitize import sanitize_text
 from .services.observability._tracefile import find_traces, read_traces
 from .services.resilience._admission import AdmissionController
 from .services.resilience._breaker import BreakerBoard, BreakerConfig
@@ -146,4 +147,5 @@ __all__ = [
     "repl_history_path",
     "request_chart",
     "resolve_cache_dir",
+    "sanitize_text",
 ]

@@ -25,6 +25,7 @@ __all__ = [
     "DEFAULT_TRACE_KEEP",
     "DEFAULT_TRACE_MAX_BYTES",
     "DEFAULT_TRACE_PATH",
+    "PRIORITY_RANGE",
     "SERVER_ENV",
     "TRACE_FILE_ENV",
     "caches_dir",
@@ -91,6 +92,7 @@ def default_trace_path() -> Path:
 DEFAULT_TIMEOUT_S: Final = 60.0  # per request, queueing excluded
 DEFAULT_MAX_IN_FLIGHT: Final = 64  # requests running at once
 DEFAULT_MAX_QUEUE: Final = 1024  # requests waiting for a slot; past it: Overloaded
+PRIORITY_RANGE: Final = (-1000, 1000)  # infer/stream `priority=`, lower served first
 DEFAULT_MEMORY_INTERVAL_S: Final = 30.0  # between two samples of the memory monitor
 
 

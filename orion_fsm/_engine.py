@@ -25,6 +25,7 @@ from ._config import (
     DEFAULT_MAX_QUEUE,
     DEFAULT_MEMORY_INTERVAL_S,
     DEFAULT_TIMEOUT_S,
+    PRIORITY_RANGE,
     caches_dir,
     default_trace_path,
     resolve_cache_dir,
@@ -44,7 +45,7 @@ from .services.models._pressure import PressureThresholds
 from .services.models._registry import Registry
 from .services.observability._metrics import RequestMetrics
 from .services.observability._telemetry import INSTRUMENTATION_NAME, resolve_tracer
-from .services.observability._tracefile import TraceWriter
+from .services.observability._tracefile import TraceWriter, register_trace_metrics
 from .services.resilience._admission import AdmissionController, TimeoutPolicy
 from .services.resilience._breaker import BreakerBoard, BreakerConfig, register_breaker_metrics
 from .services.resilience._guardrails import GuardrailConfig, Guardrails
@@ -86,6 +87,15 @@ def _messages(prompt: object, system: str | None) -> tuple[Message, ...]:
     if system is not None:
         messages.insert(0, Message("system", system))
     return tuple(messages)
+
+
+def _refused_priority(priority: object) -> tuple[str, str] | None:
+    low, high = PRIORITY_RANGE
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        return "priority", f"priority must be an integer, got {type(priority).__name__}"
+    if not low <= priority <= high:
+        return "priority", f"priority must be between {low} and {high}, got {priority}"
+    return None
 
 
 class ResponseStream:
@@ -225,6 +235,7 @@ class Engine:
         else:
             self.trace_path = Path(trace_path)
         self._traces = TraceWriter(self.trace_path)
+        register_trace_metrics(meter, self._traces)
         self._driving: Driving | None = None  # set while the Engine runs
         self._exit_stack = AsyncExitStack()
         self._closed = False
@@ -287,6 +298,10 @@ class Engine:
             return {}
         return {level: stats.to_dict() for level, stats in self.caches.stats().items()}
 
+    def trace_stats(self) -> dict[str, int]:
+        """Trace records written, dropped by a failing sink, and written in a repaired form."""
+        return self._traces.stats()
+
     def _running(self) -> Driving:
         if self._driving is None or self._closed:
             raise OrionError("the Engine is not running: use it inside `async with Engine(...)`")
@@ -305,22 +320,41 @@ class Engine:
 
     def _request(self, prompt: object, agent: str | None, system: str | None,
                  params: GenerationParams | None, overrides: dict[str, Any],
-                 cache: bool | None = None, output: OutputRequest = (None, None, None)
-                 ) -> Request:
-        if params is None:
+                 cache: bool | None, priority: object,
+                 output: OutputRequest = (None, None, None)) -> tuple[Request, int]:
+        """The Request and its admission priority. Never raises for what the caller passed:
+        arguments of the wrong type reach the validating phase, which refuses them naming the
+        field, so every request ends in a final state with its trace line."""
+        given = sorted(k for k, v in overrides.items() if v is not None)
+        refused = _refused_priority(priority)
+        tools = output[1]
+        if tools is not None and not isinstance(tools, list | tuple):
+            refused = refused or ("tools", "tools must be a list of tool definitions, got "
+                                  f"{type(tools).__name__}")
+            tools = None
+        if params is not None:
+            if not isinstance(params, GenerationParams):
+                refused = refused or ("params", "params must be a GenerationParams, got "
+                                      f"{type(params).__name__}; or pass max_tokens=, stop=... "
+                                      "as keywords")
+                params = GenerationParams()
+            elif given:
+                refused = refused or ("params", "pass either params= or keyword overrides, not "
+                                      f"both: params= with {', '.join(f'{k}=' for k in given)}")
+        else:
             stop = overrides.pop("stop", None)
-            if isinstance(stop, str):
-                stop = (stop,)
+            # A stop of another type stays as given: the validating phase names it.
+            stop = (stop,) if isinstance(stop, str) else \
+                tuple(stop) if isinstance(stop, list | tuple) else stop
             params = GenerationParams(
-                **{k: v for k, v in overrides.items() if v is not None},
-                stop=None if stop is None else tuple(stop),
-            )
+                **{k: v for k, v in overrides.items() if v is not None}, stop=stop)
         # An id, not a secret: os.urandom (secrets) costs ~40 µs a call on these machines.
         request_id = f"{random.getrandbits(64):016x}"
-        return Request(id=request_id, messages=_messages(prompt, system), agent=agent,
-                       params=params, created_at=self.clock.time(), cache=cache,
-                       response_format=output[0], tools=tuple(output[1] or ()),
-                       tool_choice=output[2])
+        request = Request(id=request_id, messages=_messages(prompt, system), agent=agent,
+                          params=params, created_at=self.clock.time(), cache=cache,
+                          response_format=output[0], tools=tuple(tools or ()),
+                          tool_choice=output[2], refused=refused)
+        return request, priority if refused is None and isinstance(priority, int) else 0
 
     async def infer(
         self, prompt: Prompt, *, agent: str | None = None, system: str | None = None,
@@ -341,9 +375,9 @@ class Engine:
         {"type": "grammar", "lark": ...}) constrains every token; `result.parsed` holds the
         decoded JSON. `tools`/`tool_choice` as in OpenAI's chat API: `result.tool_calls`.
         """
-        request = self._request(prompt, agent, system, params, dict(
+        request, priority = self._request(prompt, agent, system, params, dict(
             max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            repetition_penalty=repetition_penalty, seed=seed, stop=stop), cache,
+            repetition_penalty=repetition_penalty, seed=seed, stop=stop), cache, priority,
             (response_format, tools, tool_choice))
         run = RequestRun(self._running(), request, streaming=False, priority=priority)
         async with aclosing(run.texts()) as texts:
@@ -363,9 +397,9 @@ class Engine:
         tool_choice: str | Mapping[str, Any] | None = None,
     ) -> ResponseStream:
         """Text chunks as they are generated. A request that ends in error raises RequestFailed."""
-        request = self._request(prompt, agent, system, params, dict(
+        request, priority = self._request(prompt, agent, system, params, dict(
             max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            repetition_penalty=repetition_penalty, seed=seed, stop=stop), cache,
+            repetition_penalty=repetition_penalty, seed=seed, stop=stop), cache, priority,
             (response_format, tools, tool_choice))
         run = RequestRun(self._running(), request, streaming=True, priority=priority)
         return ResponseStream(run)

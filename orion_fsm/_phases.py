@@ -35,13 +35,14 @@ from .services.caches._cacheset import cache_key
 from .services.caches._entries import CachedResult
 from .services.models._registry import generation_bounds
 from .services.observability import _attributes as attr
+from .services.observability._sanitize import holds_secret
 from .services.resilience._guardrails import RepetitionGuard
 
 if TYPE_CHECKING:
     from ._clock import Clock
     from ._seams import Lease, Loader, Model, Prepared, Router
     from ._singleflight import SingleFlight
-    from .services.caches._cacheset import CacheSet
+    from .services.caches._cacheset import CacheSet, TieredCache
     from .services.models._registry import AgentSpec, Registry
     from .services.resilience._admission import Deadline
     from .services.resilience._breaker import BreakerBoard, BreakerPermit
@@ -155,6 +156,9 @@ def _check_params(params: GenerationParams) -> tuple[str, str] | None:
             rel = "above 0 and at most" if name == "top_p" else f"between {shown_low} and"
             return name, f"{name} must be {rel} {high}, got {value!r}"
     if params.stop is not None:
+        if not isinstance(params.stop, tuple):
+            return "stop", ("stop must be a string or a list of strings, got "
+                            f"{type(params.stop).__name__}")
         if len(params.stop) > _MAX_STOP:
             return "stop", f"at most {_MAX_STOP} stop sequences, got {len(params.stop)}"
         for s in params.stop:
@@ -180,9 +184,18 @@ def _check_messages(messages: Sequence[Message]) -> tuple[str, str] | None:
     return None
 
 
+def _check_options(request: Request) -> tuple[str, str] | None:
+    if request.agent is not None and not isinstance(request.agent, str):
+        return "agent", f"agent must be an agent id (text), got {type(request.agent).__name__}"
+    if request.cache is not None and not isinstance(request.cache, bool):
+        return "cache", f"cache must be True, False or None, got {request.cache!r:.40}"
+    return None
+
+
 async def validating(services: Services, state: RequestState) -> str:
     request, registry = state.request, services.registry
-    problem = _check_messages(request.messages) or _check_params(request.params)
+    problem = (request.refused or _check_messages(request.messages)
+               or _check_params(request.params) or _check_options(request))
     if problem is None and request.agent is not None and request.agent not in registry.agents:
         known = ", ".join(registry.agents)
         problem = "agent", f"unknown agent {request.agent!r}; known agents: {known}"
@@ -279,7 +292,7 @@ async def _l1_lookup(services: Services, state: RequestState,
     fmt = state.output_format
     key = state.l1_key = cache_key(
         "l1", _normalised(state.request.messages), agent.id, agent.system_prompt,
-        agent.chat_template.assistant_prefix,
+        dataclasses.asdict(agent.chat_template), services.registry.digest,
         {k: v for k, v in dataclasses.asdict(sampling).items() if k != "grammar"},
         prepared.sha256,
         # The output format, named by its grammar's digest and the tools it offers; absent
@@ -319,7 +332,8 @@ def _prompt_ids(services: Services, prompt: str, prepared: Prepared,
         notes[attr.CACHE_L3] = "hit"
         return list(cached)
     ids = prepared.tokenizer.encode(prompt)
-    services.background(caches.l3.set, key, tuple(ids))
+    caches.l3.put_memory(key, tuple(ids))
+    services.background(_persist_unless_secret, caches.l3, key, tuple(ids), (prompt,))
     return ids
 
 
@@ -507,7 +521,17 @@ def _l1_store(services: Services, state: RequestState) -> None:
     value = CachedResult("".join(state.text_parts), tuple(state.token_ids), state.prompt_ids,
                          state.finish_reason).as_value()
     caches.l1.put_memory(state.l1_key, value)  # visible to the next identical request now
-    services.background(caches.l1.set, state.l1_key, value)  # persisted without delaying it
+    texts = (value["text"], *(m.content for m in state.request.messages))
+    # Persisted without delaying the reply.
+    services.background(_persist_unless_secret, caches.l1, state.l1_key, value, texts)
+
+
+async def _persist_unless_secret(cache: TieredCache[Any], key: str, value: Any,
+                                 texts: Sequence[str]) -> None:
+    """`cache.set` unless `texts` hold a secret the sanitiser detects: its token ids would
+    decode back to it on disk. The memory tier keeps it for this process."""
+    if not await anyio.to_thread.run_sync(holds_secret, *texts):
+        await cache.set(key, value)
 
 
 class _Recorder:

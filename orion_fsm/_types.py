@@ -55,6 +55,9 @@ class Request:
     response_format: Mapping[str, Any] | None = None
     tools: tuple[Mapping[str, Any], ...] = ()
     tool_choice: str | Mapping[str, Any] | None = None
+    # (field, message): an argument the Request cannot hold as given (`params=` of another
+    # type, `params=` with overrides, a bad priority); the validating phase refuses it.
+    refused: tuple[str, str] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -72,6 +75,8 @@ class Request:
             doc["tools"] = list(self.tools)
         if self.tool_choice is not None:
             doc["tool_choice"] = self.tool_choice
+        if self.refused is not None:
+            doc["refused"] = {"field": self.refused[0], "message": self.refused[1]}
         return doc
 
 

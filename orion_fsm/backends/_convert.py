@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from orion_fsm._exceptions import ModelLoadError
+from orion_fsm._files import make_private_dirs
 
 from ._tokenizer import UNICODE_TO_BYTE, Tokenizer
 
@@ -259,7 +260,8 @@ def ensure_converted(
     except OSError as exc:
         raise ModelLoadError(f"cannot read model file {source}: {exc.strerror or exc}") from exc
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        # Private like every folder the engine makes (0700): other users have no business there.
+        make_private_dirs(cache_dir)
     except OSError as exc:
         raise ModelLoadError(f"cannot create model cache {cache_dir}: {exc}") from exc
 
@@ -275,7 +277,7 @@ def ensure_converted(
         return ConvertedModel(source, beside, sha)
 
     try:
-        target.mkdir(exist_ok=True)
+        target.mkdir(mode=0o700, exist_ok=True)
         _convert(source, converted, progress)
     except ModelLoadError:
         raise

@@ -27,6 +27,7 @@ from orion_fsm import (
     find_traces,
     repl_history_path,
     resolve_cache_dir,
+    sanitize_text,
 )
 from orion_fsm.replay import replay
 
@@ -34,7 +35,7 @@ from ._common import Progress, schema_format
 from ._remote import add_server_options, connect
 from ._repl_remote import RemoteSession
 from ._replay import report_lines
-from ._trace import bar_width, waterfall
+from ._trace import bar_width, terminal_safe, waterfall
 
 if TYPE_CHECKING:
     from prompt_toolkit import PromptSession
@@ -263,7 +264,7 @@ class Session:
     async def _trace(self, _: str) -> bool:
         record = await self._last_record()
         if record is not None:
-            self.say(waterfall(record, bar_width()))
+            self.say(terminal_safe(waterfall(record, bar_width())))
         return True
 
     async def _replay(self, _: str) -> bool:
@@ -320,10 +321,19 @@ async def _repl(args: argparse.Namespace) -> int:
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import FileHistory
 
+    class RedactedHistory(FileHistory):
+        """Prompts typed in the REPL are kept across sessions, with their secrets redacted."""
+
+        def store_string(self, string: str) -> None:
+            super().store_string(sanitize_text(string))
+
     history = Path(args.history) if args.history else repl_history_path(
         resolve_cache_dir(args.cache_dir))
-    history.parent.mkdir(parents=True, exist_ok=True)
-    prompts: PromptSession[str] = PromptSession(history=FileHistory(str(history)))
+    history.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # What someone typed is theirs only: the file is created private, and made so if it was not.
+    os.close(os.open(history, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    history.chmod(0o600)
+    prompts: PromptSession[str] = PromptSession(history=RedactedHistory(str(history)))
     if args.server is not None:
         async with connect(args) as server:
             await _loop(prompts, RemoteSession(server, args, sys.stdout, help_text=_HELP,

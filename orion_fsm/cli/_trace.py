@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import shutil
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -41,10 +42,20 @@ def _show(args: argparse.Namespace) -> int:
     shown = records if args.last is None else records[-args.last:] if args.last > 0 else []
     if not args.summary:
         for record in shown:
-            print(waterfall(record, width))
+            print(terminal_safe(waterfall(record, width)))
             print()
-    print(summary(records))
+    print(terminal_safe(summary(records)))
     return 0
+
+
+# Control characters (escape sequences: cursor moves, colours, a terminal title...) other
+# than newline: a trace holds what callers sent, and must not drive the reader's terminal.
+_CONTROL: Final = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with control characters shown as escapes (\\x1b), never sent raw."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 def bar_width(columns: int | None = None) -> int:

@@ -145,3 +145,13 @@ def test_history_survives_the_session(slow_registry: Path, tmp_path: Path) -> No
     assert second.quit("\x04") == 0  # Ctrl-D leaves too
     sent = [r["request"]["messages"][0]["content"] for r in second.records(2)]
     assert sent == ["hello there", "hello there"]
+
+
+def test_history_is_private_and_keeps_no_secret(slow_registry: Path, tmp_path: Path) -> None:
+    repl = Repl(slow_registry, tmp_path, max_tokens=2)
+    assert "── success" in repl.run("my password is Hunter2024! and hello")
+    assert repl.quit() == 0
+    history = repl.cache / "repl-history"
+    assert history.stat().st_mode & 0o777 == 0o600
+    text = history.read_text(encoding="utf-8")
+    assert "Hunter2024!" not in text and "[REDACTED:spoken_secret]" in text

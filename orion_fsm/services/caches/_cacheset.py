@@ -120,6 +120,7 @@ class CacheStats:
     disk_entries: int
     disk_bytes: int
     disk_errors: int
+    disk_rejected: int  # disk records that did not decode (not ours): evicted, misses
     disk_state: DiskState  # ok | rebuilt | unavailable (memory-only after a problem) | none
     disk_problem: str | None
     disk_dir: str | None
@@ -339,7 +340,8 @@ class TieredCache(Generic[V]):
             memory_entries=len(self._memory), memory_capacity=self._memory.capacity,
             memory_bytes=self._memory.nbytes, ttl_s=self.config.ttl_s,
             disk_entries=disk.entries if disk else 0, disk_bytes=disk.nbytes if disk else 0,
-            disk_errors=self._disk_errors, disk_state=self._disk_state,
+            disk_errors=self._disk_errors, disk_rejected=disk.rejected if disk else 0,
+            disk_state=self._disk_state,
             disk_problem=self._disk_problem,
             disk_dir=None if self.config.disk_dir is None else str(self.config.disk_dir))
 
@@ -440,6 +442,9 @@ def register_cache_metrics(meter: Meter, caches: Iterable[TieredCache[Any]]) -> 
     meter.create_observable_counter(
         "orion.cache.disk_errors", [observe((None, "disk_errors"))], unit="{error}",
         description="Disk-tier failures served as misses")
+    meter.create_observable_counter(
+        "orion.cache.disk_rejected", [observe((None, "disk_rejected"))], unit="{entry}",
+        description="Disk records that were not ours (a pickle, a hand edit): evicted, misses")
     meter.create_observable_gauge(
         "orion.cache.entries", [observe(("memory", "memory_entries"), ("disk", "disk_entries"))],
         unit="{entry}", description="Entries held, by level and tier")

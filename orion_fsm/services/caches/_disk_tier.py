@@ -2,18 +2,22 @@
 
 Every method here blocks: callers run them in a worker thread. A corrupt directory is moved
 aside and rebuilt empty; a location that cannot hold a cache leaves the level memory-only.
+Records are data, never pickles (`_records`): a crafted database cannot run code, and an
+entry that does not decode is a miss, evicted and counted (`rejected`).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from orion_fsm._exceptions import CacheError
+from orion_fsm._files import make_private_dirs
+from orion_fsm.services.caches._records import BadRecord, decode_record, encode_record
 
 if TYPE_CHECKING:
     import diskcache
@@ -50,6 +54,7 @@ class DiskTier:
         self._cache = cache
         self.directory = Path(cache.directory)
         self.max_entries = max_entries
+        self.rejected = 0  # records that did not decode: evicted, served as misses
         # Last observed figures, refreshed by writes so stats() never touches the disk.
         self.entries = 0
         self.nbytes = 0
@@ -89,15 +94,20 @@ class DiskTier:
         return DiskOpening(tier, "rebuilt", problem)
 
     def get(self, key: str, now_unix: float) -> tuple[DiskHit | None, bool]:
-        """`(hit or None, expired)`. An expired record is deleted on the way."""
-        record = self._cache.get(key, default=_MISSING)
-        if record is _MISSING:
+        """`(hit or None, expired)`. An expired record is deleted on the way, and so is a
+        record that is not ours (a pickle, another format, a hand edit): a miss, counted."""
+        try:
+            stored = self._cache.get(key, default=_MISSING)
+            if stored is _MISSING:
+                return None, False
+            expires_at, value = decode_record(stored)
+        except BadRecord as exc:
+            self.rejected += 1
+            logger.warning("cache disk record rejected, evicted", extra={
+                "cache_dir": str(self.directory), "cache_key": key, "error": str(exc)})
+            self._cache.delete(key)
+            self.refresh()
             return None, False
-        if not (isinstance(record, tuple) and len(record) == 2
-                and (record[0] is None or isinstance(record[0], float | int))):
-            raise CacheError(f"disk record of key {key!r} is a {type(record).__name__}, "
-                             "not an (expires_at, value) pair: clear this cache level")
-        expires_at, value = record
         if expires_at is not None and now_unix >= expires_at:
             self._cache.delete(key)
             self.refresh()
@@ -107,14 +117,19 @@ class DiskTier:
     def set(self, key: str, value: Any, expires_at: float | None, ttl_s: float | None) -> int:
         """Write one record (one SQLite transaction); returns how many old entries were
         dropped to stay within `max_entries`."""
-        self._cache.set(key, (expires_at, value), expire=ttl_s)
+        self._cache.set(key, encode_record(expires_at, value), expire=ttl_s)
         dropped = 0
         if self.max_entries is not None:
             excess = len(self._cache) - self.max_entries
             if excess > 0:
                 # Iteration order is rowid order: the oldest stored records go first.
-                for old in list(itertools.islice(iter(self._cache), excess)):
-                    dropped += int(self._cache.delete(old))
+                try:
+                    for old in list(itertools.islice(iter(self._cache), excess)):
+                        dropped += int(self._cache.delete(old))
+                except BadRecord:
+                    # A key that is not text was not written by us: start again empty.
+                    dropped += len(self._cache)
+                    self._cache.clear()
         self.refresh()
         return dropped
 
@@ -131,10 +146,17 @@ class DiskTier:
 
 
 def _open_cache(directory: Path, size_limit: int) -> diskcache.Cache:
-    import diskcache  # when a disk tier opens (in a worker thread), not at `import orion_fsm`
+    # When a disk tier opens (in a worker thread), not at `import orion_fsm`.
+    from orion_fsm.services.caches._records import open_data_cache
 
-    return diskcache.Cache(str(directory), size_limit=size_limit, timeout=_SQLITE_TIMEOUT_S,
-                           eviction_policy="least-recently-used")
+    # Cached prompts and answers are the user's: the directory and its database are private.
+    make_private_dirs(directory)
+    directory.chmod(0o700)
+    cache = open_data_cache(directory, size_limit=size_limit, timeout=_SQLITE_TIMEOUT_S)
+    for name in os.listdir(directory):
+        if name.startswith("cache.db"):
+            (directory / name).chmod(0o600)
+    return cache
 
 
 def _move_aside(directory: Path, now_unix: float) -> Path:

@@ -309,6 +309,38 @@ def _agent(raw: Mapping[str, Any], base: Path | None) -> AgentSpec:
     )
 
 
+def nested_repeat(pattern: str) -> bool:
+    """Whether `pattern` repeats without bound something that itself repeats without bound
+    (`(a+)+`, `(\\w+\\s?)*`): the shape that backtracks exponentially."""
+    # The parser `re` compiles with (no stubs; its shape is stable since 3.11).
+    parser: Any = importlib.import_module("re._parser")
+
+    repeats = {parser.MAX_REPEAT, parser.MIN_REPEAT, parser.POSSESSIVE_REPEAT}
+
+    def walk(items: Any, inside: bool) -> bool:
+        for op, arg in items:
+            if op in repeats:
+                _, high, sub = arg
+                unbounded = high == parser.MAXREPEAT
+                if (unbounded and inside and op is not parser.POSSESSIVE_REPEAT) \
+                        or walk(sub, inside or unbounded):
+                    return True
+                continue
+            if op is parser.SUBPATTERN:
+                children = [arg[-1]]
+            elif op is parser.BRANCH:
+                children = list(arg[1])
+            elif op in (parser.ASSERT, parser.ASSERT_NOT):
+                children = [arg[1]]
+            else:
+                continue
+            if any(walk(child, inside) for child in children):
+                return True
+        return False
+
+    return walk(parser.parse(pattern), False)
+
+
 def _digest(doc: object) -> str:
     canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
@@ -570,6 +602,13 @@ def _check_agent(agent: Mapping[str, Any], at: str) -> None:
                 f"invalid regular expression {pattern!r}: {exc}",
                 json_path=f"{at}.routing.patterns[{k}]",
             ) from None
+        if nested_repeat(pattern):
+            raise RegistryError(
+                f"regular expression {pattern!r} nests an unbounded repetition inside another "
+                "(as in (a+)+): it can take exponential time on a hostile prompt; bound the "
+                "inner one (e.g. {1,20}) or remove the outer one",
+                json_path=f"{at}.routing.patterns[{k}]",
+            )
 
     seen: set[str] = set()
     for k, variant in enumerate(agent.get("quantization", ())):

@@ -2,16 +2,19 @@
 
 One rule per kind (API keys, tokens, private keys, e-mails, cards, IBANs, phones), each run
 only on text that could hold it; checksums (Luhn, IBAN mod 97) spare numbers that look alike.
+detect-secrets' detectors (Yelp) run after ours, on bounded windows. Every quantifier is
+bounded, so the cost is linear in the text (`make bench`: 64k characters).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
-__all__ = ["SENSITIVE_KEYS", "redaction", "sanitize", "sanitize_text"]
+__all__ = ["SENSITIVE_KEYS", "holds_secret", "redaction", "sanitize", "sanitize_text"]
 
 
 def redaction(kind: str) -> str:
@@ -39,8 +42,21 @@ _NUMBER_END = r"(?!\w|\.\d)"
 _AWS_PREFIXES: Final = ("AKIA", "ASIA", "ABIA", "ACCA", "AROA", "AIDA")
 _GITHUB_PREFIXES: Final = ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_")
 _ASSIGNMENT_WORDS: Final = ("secret", "pass", "pwd", "token", "api", "private", "mot")
+# "my password is X", "mon mot de passe est X": a secret named in a sentence.
+_SPOKEN_NAME = (r"password|passwd|passphrase|passcode|pin(?: code)?|mot de passe|mdp|"
+                r"code secret|contrase(?:ñ|n)a|passwort|api[ _-]?key|secret key|access key")
+# What follows "the password is" in prose that gives no password.
+_NOT_A_SECRET = (r"(?i:required|needed|mandatory|wrong|incorrect|invalid|correct|missing|empty|"
+                 r"expired|too|not|never|always|set|changed|reset|the|an?|weak|strong|long|"
+                 r"short|case|being|also|still|now|stored|saved|hidden|requis|obligatoire|"
+                 r"incorrect|invalide|vide|trop|pas|une?|le|la|les|faux|expiré)")
+_SPOKEN_WORDS: Final = ("pass", "pin", "mdp", "code secret", "contrase", "api", "key")
 # A run of at least 8 digits (separators allowed): every card and phone number has one.
 _DIGIT_RUN: Final = re.compile(r"\d(?:[ ().+-]{0,2}\d){7}")
+# Text past this length is scanned by detect-secrets in overlapping windows of this size, so
+# a pattern of theirs that backtracks costs a constant per window, never the whole text.
+_WINDOW = 1024
+_OVERLAP = 256
 
 
 def _any_of(*literals: str) -> Callable[[str, str], bool]:
@@ -61,11 +77,18 @@ class _Rule:
     valid: Callable[[str], bool] | None = None  # checksum: False keeps the text as it is
     # "v": redact only the value and keep its label ("password=" stays readable).
     value_only: bool = False
+    word_start: bool = False  # the match must start a word (the pattern's \b, checked here)
 
 
 def _rule(kind: str, pattern: str, needs: Callable[[str, str], bool],
           valid: Callable[[str], bool] | None = None) -> _Rule:
-    return _Rule(kind, re.compile(pattern), needs, valid, "(?P<v>" in pattern)
+    # A leading \b stops Python's regex engine from scanning for a keyword's first letters
+    # in C (3-5x slower on long text): the replacer checks the boundary instead. Keyword
+    # rules only: on a pattern led by a character class, \b is what bounds the starts.
+    word_start = pattern.startswith("(?i)\\b")
+    if word_start:
+        pattern = "(?i)" + pattern[6:]
+    return _Rule(kind, re.compile(pattern), needs, valid, "(?P<v>" in pattern, word_start)
 
 
 def _luhn(digits: str) -> bool:
@@ -96,7 +119,7 @@ def _card_brand(digits: str) -> bool:
 
 
 def _is_card(text: str) -> bool:
-    groups = re.split(r"[ -]", text)
+    groups = re.split(r"[ .-]", text)
     if len(groups) > 1:
         sizes = [len(g) for g in groups]
         # Cards are written 4-4-4-4(-3) or 4-6-5 / 4-6-4; other groupings are other numbers.
@@ -108,7 +131,7 @@ def _is_card(text: str) -> bool:
 
 
 def _is_iban(text: str) -> bool:
-    compact = text.replace(" ", "")
+    compact = text.replace(" ", "").upper()
     if not 15 <= len(compact) <= 34:
         return False
     rotated = compact[4:] + compact[:4]
@@ -124,35 +147,46 @@ def _is_phone(text: str) -> bool:
 # Applied in order: a label-keeping rule (authorization) runs before the token rules that
 # would otherwise redact its value under another name.
 _RULES: Final[tuple[_Rule, ...]] = (
-    _rule("private_key", r"-----BEGIN[A-Z0-9 ]{0,20} PRIVATE KEY(?: BLOCK)?-----(?s:.*?)"
+    _rule("private_key", r"(?i)-----BEGIN[A-Z0-9 ]{0,20} PRIVATE KEY(?: BLOCK)?-----(?s:.*?)"
                          r"(?:-----END[A-Z0-9 ]{0,20} PRIVATE KEY(?: BLOCK)?-----|\Z)",
-          _any_of("PRIVATE KEY")),
+          _any_lower("private key")),
     _rule("authorization", r"(?i)\b(?:proxy-)?authorization\b[\"']?\s*[:=]\s*[\"']?"
-                           r"(?:(?:basic|bearer|token|digest)\s+)?(?P<v>[^\s\"',;]{8,})",
+                           r"(?:(?:basic|bearer|token|digest)\s{1,8})?(?P<v>[^\s\"',;]{8,4096})",
           _any_lower("authorization")),
-    _rule("bearer", r"(?i)\bbearer\s+(?P<v>[A-Za-z0-9._~+/-]{16,}=*)", _any_lower("bearer")),
-    _rule("jwt", r"\beyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*", _any_of("eyJ")),
-    _rule("openai_key", r"\bsk-(?:proj-|svcacct-|admin-|ant-(?:api\d\d-)?)?[A-Za-z0-9_-]{20,}",
-          _any_of("sk-")),
-    _rule("stripe_key", r"\b[sr]k_(?:live|test)_[A-Za-z0-9]{16,}",
-          _any_of("k_live_", "k_test_")),
+    _rule("bearer", r"(?i)\bbearer\s{1,8}(?P<v>[A-Za-z0-9._~+/-]{16,4096}=*)",
+          _any_lower("bearer")),
+    _rule("jwt", r"\beyJ[A-Za-z0-9_-]{5,1024}\.eyJ[A-Za-z0-9_-]{5,8192}\.[A-Za-z0-9_-]{0,1024}",
+          _any_of("eyJ")),
+    _rule("openai_key", r"(?i)\bsk-(?:proj-|svcacct-|admin-|ant-(?:api\d\d-)?)?"
+                        r"[A-Za-z0-9_-]{20,512}", _any_lower("sk-")),
+    _rule("stripe_key", r"(?i)\b[sr]k_(?:live|test)_[A-Za-z0-9]{16,256}",
+          _any_lower("k_live_", "k_test_")),
     _rule("aws_access_key", r"\b(?:AKIA|ASIA|ABIA|ACCA|AROA|AIDA)[A-Z0-9]{16}\b",
           _any_of(*_AWS_PREFIXES)),
     _rule("github_token", r"\bgh[pousr]_[A-Za-z0-9]{36,255}\b|\bgithub_pat_[A-Za-z0-9_]{22,255}\b",
           _any_of(*_GITHUB_PREFIXES)),
-    _rule("slack_token", r"\bxox[abposre]-[A-Za-z0-9-]{10,}"
-                         r"|https://hooks\.slack\.com/services/[A-Za-z0-9/_-]+",
+    _rule("slack_token", r"\bxox[abposre]-[A-Za-z0-9-]{10,512}"
+                         r"|https://hooks\.slack\.com/services/[A-Za-z0-9/_-]{1,512}",
           _any_of("xox", "hooks.slack.com")),
     _rule("google_api_key", r"\bAIza[0-9A-Za-z_-]{35}\b", _any_of("AIza")),
-    _rule("url_password", r"\b[a-z][a-z0-9+.-]*://[^\s:/@]*:(?P<v>[^\s@/]+)@", _any_of("://")),
-    _rule("assignment", r"(?i)\b(?:" + _ASSIGNED_NAME + r")[\"']?\s*(?:[:=]|=>)\s*[\"']?"
-                        r"(?P<v>[^\s\"',;&<>]{4,})",
+    _rule("url_password", r"(?i)\b[a-z][a-z0-9+.-]{0,30}://[^\s:/@]{0,256}:"
+                          r"(?P<v>[^\s@/]{1,256})@", _any_of("://")),
+    _rule("assignment", r"(?i)\b(?:" + _ASSIGNED_NAME + r")[\"']?\s{0,16}(?:[:=]|=>)\s{0,16}"
+                        r"[\"']?(?P<v>[^\s\"',;&<>]{4,4096})",
           lambda text, lower: ("=" in text or ":" in text)
           and any(w in lower for w in _ASSIGNMENT_WORDS)),
-    _rule("email", r"\b[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}\b", _any_of("@")),
-    _rule("iban", r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b",
+    _rule("spoken_secret", r"(?i)\b(?:" + _SPOKEN_NAME + r")\s{1,4}(?:is|was|est|était|es|ist|"
+                           r"is now|est maintenant|c'est|=|:)\s{0,4}[:\"'«]?\s{0,2}"
+                           r"(?!\[REDACTED:|(?:" + _NOT_A_SECRET + r")\b)"
+                           r"(?P<v>[^\s\"'»,;]{4,256})",
+          _any_lower(*_SPOKEN_WORDS)),
+    # Local part and labels bounded as RFC 5321 bounds them: linear on "a.a.a.a…" text.
+    _rule("email", r"\b[A-Za-z0-9._%+-]{1,64}@(?:[A-Za-z0-9-]{1,63}\.){1,8}[A-Za-z]{2,24}\b",
+          _any_of("@")),
+    # Classes, not (?i): a case-insensitive pattern loses the engine's C prefix scan.
+    _rule("iban", r"\b[A-Za-z]{2}\d{2}(?: ?[A-Za-z0-9]{4}){2,7}(?: ?[A-Za-z0-9]{1,3})?\b",
           lambda text, lower: _DIGIT_RUN.search(text) is not None, _is_iban),
-    _rule("card", _NUMBER_START + r"\d(?:[ -]?\d){12,18}" + _NUMBER_END,
+    _rule("card", _NUMBER_START + r"\d(?:[ .-]?\d){12,18}" + _NUMBER_END,
           lambda text, lower: _DIGIT_RUN.search(text) is not None, _is_card),
     _rule("phone", r"(?<![\w+])\+[1-9]\d{0,2}(?:[ .-]?\(?\d{1,4}\)?){2,6}(?!\w|\.\d)"
                    r"|" + _NUMBER_START + r"0[1-9](?:[ .-]?\d{2}){4}" + _NUMBER_END +
@@ -161,11 +195,17 @@ _RULES: Final[tuple[_Rule, ...]] = (
 )
 
 
+def _is_word_char(ch: str) -> bool:
+    return ch.isalnum() or ch == "_"
+
+
 def _replacer(rule: _Rule) -> Callable[[re.Match[str]], str]:
     marker = redaction(rule.kind)
 
     def replace(match: re.Match[str]) -> str:
         text = match.group()
+        if rule.word_start and (at := match.start()) and _is_word_char(match.string[at - 1]):
+            return text
         if rule.valid is not None and not rule.valid(text):
             return text
         if not rule.value_only:
@@ -181,9 +221,10 @@ _PASSES: Final = tuple((rule, _replacer(rule)) for rule in _RULES)
 # Nothing shorter can hold any of the patterns (the shortest: an e-mail like "a@b.io").
 _MIN_CANDIDATE = 6
 # What at least one rule needs: text with none of it is clean without running any rule.
-_SCREEN_LITERALS: Final = ("@", "://", "sk-", "k_live_", "k_test_", "eyJ", "xox", "AIza",
-                           "PRIVATE KEY", *_AWS_PREFIXES, *_GITHUB_PREFIXES)
-_SCREEN_WORDS: Final = ("authorization", "bearer", *_ASSIGNMENT_WORDS)
+_SCREEN_LITERALS: Final = ("@", "://", "eyJ", "xox", "AIza", *_AWS_PREFIXES,
+                           *_GITHUB_PREFIXES)
+_SCREEN_WORDS: Final = ("authorization", "bearer", "sk-", "k_live_", "k_test_", "private key",
+                        *_ASSIGNMENT_WORDS, *_SPOKEN_WORDS)
 # Short strings found clean: trace records repeat the same state names, agents and paths.
 # Only clean text is kept, so the cache never holds a secret.
 _clean: dict[str, None] = {}
@@ -209,13 +250,126 @@ def _remember_clean(text: str) -> None:
         _clean[text] = None
 
 
+# --- detect-secrets ---------------------------------------------------------------------------
+# Their regex detectors, with what each needs to be worth running (substring tests) and the
+# shortest text it can match. Entropy, keyword and public-IP detectors are left out: they
+# flag hashes, ids and prose that traces are full of; their JWT pattern backtracks on runs of
+# "eyJ" and ours (above) finds the same tokens.
+
+
+@dataclass(frozen=True, slots=True)
+class _Detector:
+    kind: str
+    patterns: tuple[re.Pattern[str], ...]
+    literals: tuple[str, ...]  # case-sensitive; any one must occur ("" = always run)
+    min_len: int
+
+
+_DETECTOR_NEEDS: Final[dict[str, tuple[str, tuple[str, ...], int]]] = {
+    "ArtifactoryDetector": ("artifactory_token", ("AKC", "AP"), 10),
+    "AWSKeyDetector": ("aws_key", ("A3T", "ABIA", "ACCA", "AKIA", "ASIA", "aws", "AWS"), 20),
+    "AzureStorageKeyDetector": ("azure_storage_key", ("AccountKey=",), 99),
+    "BasicAuthDetector": ("basic_auth", ("://",), 6),
+    "CloudantDetector": ("cloudant_key", ("cloudant", "Cloudant", "CLOUDANT", "cl_", "CL_",
+                                          "clou"), 12),
+    "DiscordBotTokenDetector": ("discord_token", ("M", "N", "O"), 59),
+    "GitHubTokenDetector": ("github_token", ("gh",), 40),
+    "GitLabTokenDetector": ("gitlab_token", ("gl", "GR1348941"), 25),
+    "IbmCloudIamDetector": ("ibm_cloud_key", ("ibm", "iam", "cloud", "IBM", "IAM", "Cloud",
+                                              "CLOUD"), 44),
+    "IbmCosHmacDetector": ("ibm_cos_key", ("secret", "SECRET", "Secret"), 32),
+    "MailchimpDetector": ("mailchimp_key", ("-us",), 35),
+    "NpmDetector": ("npm_token", ("_authToken",), 20),
+    "OpenAIDetector": ("openai_key", ("T3BlbkFJ",), 51),
+    "PrivateKeyDetector": ("private_key", ("PRIVATE KEY", "PuTTY"), 15),
+    "PypiTokenDetector": ("pypi_token", ("pypi-",), 85),
+    "SendGridDetector": ("sendgrid_key", ("SG.",), 69),
+    "SlackDetector": ("slack_token", ("xox", "hooks.slack"), 15),
+    "SoftlayerDetector": ("softlayer_key", ("softlayer", "Softlayer", "SOFTLAYER", "sl_", "SL_",
+                                            "sl-"), 20),
+    "SquareOAuthDetector": ("square_oauth_secret", ("sq0csp-",), 50),
+    "StripeDetector": ("stripe_key", ("k_live_",), 32),
+    "TelegramBotTokenDetector": ("telegram_token", (":",), 44),
+    "TwilioKeyDetector": ("twilio_key", ("AC", "SK"), 34),
+}
+_detectors: tuple[_Detector, ...] | None = None
+_detectors_lock = threading.Lock()
+
+
+def _load_detectors() -> tuple[_Detector, ...]:
+    """detect-secrets' regex detectors, imported once (~170 ms: the trace writer's thread
+    pays it, see `warm_up`)."""
+    global _detectors
+    with _detectors_lock:
+        if _detectors is None:
+            from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_class
+
+            found = []
+            classes: list[Any] = list(get_mapping_from_secret_type_to_class().values())
+            for cls in classes:
+                needs = _DETECTOR_NEEDS.get(cls.__name__)
+                if needs is None:
+                    continue
+                found.append(_Detector(needs[0], tuple(cls().denylist), needs[1], needs[2]))
+            _detectors = tuple(found)
+    return _detectors
+
+
+def warm_up() -> None:
+    """Import detect-secrets now (in a worker thread) rather than at the first secret."""
+    _load_detectors()
+
+
+def _windows(text: str) -> Iterator[str]:
+    if len(text) <= _WINDOW:
+        yield text
+        return
+    for start in range(0, len(text) - _OVERLAP, _WINDOW - _OVERLAP):
+        yield text[start:start + _WINDOW]
+
+
+def _detect_secrets_pass(text: str) -> str:
+    """`text` with what detect-secrets finds replaced (each finding everywhere it occurs)."""
+    found: dict[str, str] = {}
+    for detector in _load_detectors():
+        if len(text) < detector.min_len or not any(x in text for x in detector.literals):
+            continue
+        for window in _windows(text):
+            for pattern in detector.patterns:
+                for match in pattern.finditer(window):
+                    # Their group is the secret (a password after "user:"), or a prefix.
+                    group = match.group(1) if pattern.groups else None
+                    secret = group if group and len(group) >= 8 else match.group()
+                    # Short findings would redact common words everywhere they occur.
+                    if secret and len(secret) >= 8 and "[REDACTED:" not in secret:
+                        found.setdefault(secret, detector.kind)
+    for secret in sorted(found, key=len, reverse=True):
+        text = text.replace(secret, redaction(found[secret]))
+    return text
+
+
+def _detectors_might_match(text: str) -> bool:
+    return any(len(text) >= d.min_len and any(x in text for x in d.literals)
+               for d in _load_detectors())
+
+
+def holds_secret(*texts: str) -> bool:
+    """Whether the sanitiser would redact something in any of `texts`."""
+    return any(isinstance(t, str) and sanitize_text(t) != t for t in texts)
+
+
 def sanitize_text(text: str) -> str:
     """`text` with every secret and personal datum replaced by `[REDACTED:kind]`."""
     if len(text) < _MIN_CANDIDATE or text in _clean:
         return text
     if _screened_clean(text):
-        _remember_clean(text)
-        return text
+        if not _detectors_might_match(text):
+            _remember_clean(text)
+            return text
+        text_out = _detect_secrets_pass(text)
+        if text_out == text:
+            _remember_clean(text)
+        return text_out
     original, lower = text, text.lower()
     digits_found: bool | None = None
     for rule, replace in _PASSES:
@@ -228,6 +382,7 @@ def sanitize_text(text: str) -> str:
         elif not rule.needs(text, lower):
             continue
         text = rule.pattern.sub(replace, text)
+    text = _detect_secrets_pass(text)
     if text == original:
         _remember_clean(original)
     return text

@@ -84,6 +84,10 @@ class AdmissionController:
             self.release()
 
     async def acquire(self, priority: int = 0, *, request_id: str | None = None) -> None:
+        # Checked before anything is counted: a priority the heap cannot order would leave a
+        # waiter behind and the counters wrong for every later request.
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ConfigurationError("priority", priority, "an integer")
         await checkpoint_if_cancelled()
         if self._in_flight < self.max_in_flight and not self._queued:
             self._in_flight += 1

@@ -7,16 +7,41 @@ an explicit agent always wins, and nothing matching means the registry's default
 
 from __future__ import annotations
 
+import importlib
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+import anyio
 
 from orion_fsm.services.models._registry import Registry
 
 RoutingSource = Literal["explicit", "rules", "default", "embedding"]
 
 _WORD = re.compile(r"\w+", re.UNICODE)
+# Rules see the head of the text: a registry pattern that backtracks costs a bounded time,
+# whatever the prompt's length (keywords and patterns that decide sit near the start).
+MAX_RULE_CHARS = 2048
+# Longer texts are matched in a worker thread, so that the event loop never waits on a
+# pattern; the request's deadline still holds (the thread is abandoned at it).
+_THREAD_FROM_CHARS = 512
+# A pattern still searching after this long is taken as not matching (and logged once).
+PATTERN_TIMEOUT_S = 0.1
+_log = logging.getLogger("orion_fsm.routing")
+_slow_patterns: set[str] = set()
+
+
+def _search(pattern: Any, text: str) -> bool:
+    try:
+        return pattern.search(text, concurrent=True, timeout=PATTERN_TIMEOUT_S) is not None
+    except TimeoutError:
+        if pattern.pattern not in _slow_patterns:
+            _slow_patterns.add(pattern.pattern)
+            _log.warning("routing pattern timed out, taken as no match", extra={
+                "pattern": pattern.pattern, "timeout_s": PATTERN_TIMEOUT_S})
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +80,7 @@ class _AgentRules:
     agent: str
     keywords: frozenset[str]
     phrases: tuple[str, ...]  # multi-word keywords, matched as substrings
-    patterns: tuple[re.Pattern[str], ...]
+    patterns: tuple[Any, ...]  # regex.Pattern
     priority: int
 
 
@@ -67,6 +92,11 @@ class RuleRouter:
     """
 
     def __init__(self, registry: Registry) -> None:
+        # mrab-regex, not re: its matcher releases the GIL (`concurrent`) and takes a timeout,
+        # so a registry pattern that backtracks never stalls the event loop nor runs on.
+        # Imported here (no stubs; ~10 ms): a router is built once per engine.
+        regex: Any = importlib.import_module("regex")
+
         self._registry = registry
         rules = []
         for spec in registry.agents.values():
@@ -76,23 +106,31 @@ class RuleRouter:
                     agent=spec.id,
                     keywords=frozenset(w for w in words if " " not in w),
                     phrases=tuple(w for w in words if " " in w),
-                    patterns=tuple(re.compile(p, re.IGNORECASE) for p in spec.routing.patterns),
+                    patterns=tuple(regex.compile(p, regex.IGNORECASE)
+                                   for p in spec.routing.patterns),
                     priority=spec.routing.priority,
                 )
             )
         self._rules = tuple(rules)
+        self._limiter: anyio.CapacityLimiter | None = None  # made on first use, in a loop
 
     def warm_texts(self) -> tuple[str, ...]:
         """Rules embed nothing: nothing to warm up."""
         return ()
 
     async def route(self, text: str, *, requested: str | None) -> RoutingDecision:
+        if requested is None and len(text) > _THREAD_FROM_CHARS:
+            if self._limiter is None:
+                self._limiter = anyio.CapacityLimiter(1)
+            return await anyio.to_thread.run_sync(self.decide, text, abandon_on_cancel=True,
+                                                  limiter=self._limiter)
         return self.decide(text, requested=requested)
 
     def decide(self, text: str, *, requested: str | None = None) -> RoutingDecision:
         if requested is not None:
             self._registry.get(requested)  # unknown agent -> RegistryError naming the known ones
             return RoutingDecision(agent=requested, source="explicit", score=1.0)
+        text = text[:MAX_RULE_CHARS]
         lowered = text.lower()
         words = set(_WORD.findall(lowered))
         scored: list[tuple[float, int, int, str, tuple[str, ...]]] = []
@@ -101,7 +139,7 @@ class RuleRouter:
             matched += [p for p in rule.phrases if p in lowered]
             score = float(len(matched))
             for pattern in rule.patterns:
-                if pattern.search(text):
+                if _search(pattern, text):
                     score += 2.0
                     matched.append(pattern.pattern)
             scored.append((score, rule.priority, -order, rule.agent, tuple(sorted(matched))))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -38,17 +39,6 @@ def memory_only(entries: int = 10, ttl_s: float | None = None) -> CacheConfig:
 def on_disk(directory: Path, entries: int = 10, ttl_s: float | None = None,
             **extra: Any) -> CacheConfig:
     return CacheConfig(memory_entries=entries, ttl_s=ttl_s, disk_dir=directory, **extra)
-
-
-def _explode() -> None:
-    raise RuntimeError("this record cannot be read back")
-
-
-class BreaksWhenRead:
-    """Pickles fine, fails to unpickle: a disk record that exists but cannot be read."""
-
-    def __reduce__(self) -> tuple[Any, tuple[()]]:
-        return _explode, ()
 
 
 # -- memory tier -------------------------------------------------------------------------------
@@ -365,18 +355,75 @@ async def test_an_unwritable_location_leaves_the_level_memory_only_and_reported(
     assert record.cache_level == "l2"  # type: ignore[attr-defined]
 
 
-async def test_a_disk_read_error_is_a_miss_not_a_crash(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+class RunsCodeWhenUnpickled:
+    """What a crafted cache database holds: unpickling it would create `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("crafted", ["pickle", "pickled-tuple", "text", "bad-json",
+                                     "wrong-shape", "unknown-tag", "bad-array"])
+async def test_a_record_that_is_not_ours_is_a_miss_evicted_and_counted_never_run(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, crafted: str) -> None:
+    import diskcache
+
+    marker = tmp_path / "code-ran"
+    magic = b"orion-fsm.cache.v1\n"
+    value: Any = {
+        "pickle": RunsCodeWhenUnpickled(marker),
+        "pickled-tuple": (None, RunsCodeWhenUnpickled(marker)),
+        "text": "[null, {}]",
+        "bad-json": magic + b"[null, {",
+        "wrong-shape": magic + b'{"text": 1}',
+        "unknown-tag": magic + b'[null, {"$eval": "x"}]',
+        "bad-array": magic + b'[null, {"$array": ["float16", "AAA"]}]',
+    }[crafted]
     async with TieredCache[Any]("l1", on_disk(tmp_path / "l1")) as cache:
-        await cache.set("k", BreaksWhenRead())
+        await cache.set("fine", {"text": "ok"})
+    with diskcache.Cache(str(tmp_path / "l1")) as raw:  # the default Disk: it pickles
+        raw.set("k", value)
     with caplog.at_level(logging.WARNING, logger="orion_fsm.cache"):
         async with TieredCache[Any]("l1", on_disk(tmp_path / "l1")) as reopened:
             assert await reopened.get("k") is None
+            assert await reopened.get("k") is None  # evicted: the second look is a plain miss
+            assert await reopened.get("fine") == {"text": "ok"}
             stats = reopened.stats()
-    assert (stats.disk_errors, stats.misses, stats.disk_state) == (1, 1, "ok")
-    [record] = [r for r in caplog.records if "served as a miss" in r.getMessage()]
-    assert record.cache_operation == "get"  # type: ignore[attr-defined]
-    assert "cannot be read back" in record.error  # type: ignore[attr-defined]
+    assert not marker.exists()
+    assert (stats.disk_rejected, stats.disk_errors, stats.misses) == (1, 0, 2)
+    assert stats.disk_entries == 1 and stats.disk_state == "ok"
+    [record] = [r for r in caplog.records if "rejected" in r.getMessage()]
+    assert record.cache_key == "k"  # type: ignore[attr-defined]
+
+
+async def test_stored_values_read_back_as_they_were(tmp_path: Path) -> None:
+    values: list[Any] = [
+        "text", 3, 2.5, True, (1, 2, 3), [1, (2, 3)], {"a": (1,), "b": [b"\x00\xff", None]},
+        {"$tuple": "a dict that looks tagged"}, {"$x": 1, "y": 2}, b"bytes",
+        np.linspace(-1, 1, 8).astype(np.float32),
+    ]
+    async with TieredCache[Any]("l3", on_disk(tmp_path / "l3")) as cache:
+        for i, value in enumerate(values):
+            await cache.set(f"k{i}", value)
+    async with TieredCache[Any]("l3", on_disk(tmp_path / "l3")) as reopened:
+        for i, value in enumerate(values):
+            got = await reopened.get(f"k{i}")
+            if isinstance(value, np.ndarray):
+                assert got.dtype == value.dtype and np.array_equal(got, value)
+            else:
+                assert got == value and type(got) is type(value)
+
+
+async def test_cache_directories_and_databases_are_private(tmp_path: Path) -> None:
+    async with CacheSet(tmp_path / "caches") as caches:
+        await caches.l1.set("k", {"text": "secret answer"})
+    for level in ("l1", "l2", "l3"):
+        directory = tmp_path / "caches" / level
+        assert directory.stat().st_mode & 0o777 == 0o700
+        assert (directory / "cache.db").stat().st_mode & 0o777 == 0o600
 
 
 async def test_a_disk_write_error_keeps_the_value_in_memory(tmp_path: Path) -> None:

@@ -91,9 +91,12 @@ def test_readers_refuse_newer_versions_and_other_formats(tmp_path: Path) -> None
     path.write_text(json.dumps({"format": TRACE_FORMAT, "version": TRACE_VERSION + 1}) + "\n")
     with pytest.raises(OrionError, match="version"):
         list(read_traces(path))
-    path.write_text("{not json\n")
+    path.write_text("not json\n")
     with pytest.raises(OrionError, match=":1: not a JSON trace line"):
         list(read_traces(path))
+    # A line that starts like a record but is cut (a writer killed mid-line) is skipped.
+    path.write_text('{"format": "orion-fsm.trace", "vers\n')
+    assert list(read_traces(path)) == []
 
 
 def test_version_1_records_are_read_with_the_newer_fields_unknown(tmp_path: Path) -> None:
@@ -122,3 +125,101 @@ def test_readers_refuse_a_line_without_a_version(tmp_path: Path) -> None:
     path.write_text(json.dumps({"format": TRACE_FORMAT}) + "\n")
     with pytest.raises(OrionError, match="version 1 to"):
         list(read_traces(path))
+
+
+class _Opaque:
+    def __repr__(self) -> str:
+        return "<opaque>"
+
+
+@pytest.mark.parametrize("field", [
+    "caf\udce9",  # what non-UTF-8 argv decodes to
+    b"\xff\xfe raw",
+    _Opaque(),
+    float("nan"),
+    {("tuple", "key"): 1},
+    ["nested", {"deep": [b"x", {1.5: float("-inf")}]}],
+])
+async def test_every_record_is_written_in_a_safe_form(tmp_path: Path, field: object) -> None:
+    writer = TraceWriter(tmp_path / "t.jsonl")
+    async with anyio.create_task_group() as tg:
+        await writer.prepare()
+        await tg.start(writer.run)
+        writer.submit({**record(0), "field": field})
+        writer.submit(record(1))
+        writer.close()
+    records = list(read_traces(tmp_path / "t.jsonl"))
+    assert [r["request_id"] for r in records] == ["r0", "r1"]
+    assert writer.stats() == {"written": 2, "dropped": 0, "repaired": 1}
+    # What was written is valid UTF-8 and strict JSON throughout (no lone surrogate, no NaN).
+    for line in (tmp_path / "t.jsonl").read_bytes().decode("utf-8").splitlines():
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in a trace line"))
+
+
+async def test_a_self_referencing_record_is_written_cut_at_a_depth(tmp_path: Path) -> None:
+    loop: dict[str, object] = {}
+    loop["self"] = loop
+    writer = TraceWriter(tmp_path / "t.jsonl")
+    async with anyio.create_task_group() as tg:
+        await writer.prepare()
+        await tg.start(writer.run)
+        writer.submit({**record(0), "loop": loop})
+        writer.close()
+    assert [r["request_id"] for r in read_traces(tmp_path / "t.jsonl")] == ["r0"]
+
+
+async def test_a_full_disk_drops_and_counts_records_and_logs_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    writer = TraceWriter(Path("/dev/full"))
+    async with anyio.create_task_group() as tg:
+        await writer.prepare()
+        await tg.start(writer.run)
+        for i in range(50):
+            writer.submit(record(i))
+            if i % 10 == 0:
+                await anyio.sleep(0.01)  # several batches, several failures
+        writer.close()
+    assert writer.dropped == 50 and writer.written == 0
+    failures = [r for r in caplog.records if r.name == "orion_fsm.trace"]
+    assert len(failures) == 1 and "ENOSPC" in str(failures[0].__dict__["failure"])
+
+
+async def test_a_trace_path_that_becomes_a_directory_degrades(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    writer = TraceWriter(path)
+    async with anyio.create_task_group() as tg:
+        await writer.prepare()
+        await tg.start(writer.run)
+        writer.submit(record(0))
+        await anyio.sleep(0.05)
+        path.unlink()
+        path.mkdir()
+        writer.submit(record(1))
+        writer.close()
+    assert writer.stats()["dropped"] == 1 and writer.written == 1
+
+
+async def test_a_trace_path_that_is_a_directory_is_refused_at_start(tmp_path: Path) -> None:
+    with pytest.raises(OrionError, match="is a directory"):
+        await TraceWriter(tmp_path).prepare()
+
+
+async def test_records_after_close_are_counted_not_raised(tmp_path: Path) -> None:
+    writer = TraceWriter(tmp_path / "t.jsonl")
+    writer.close()
+    writer.submit(record(0))
+    assert writer.dropped == 1
+
+
+async def test_trace_files_and_the_directories_made_for_them_are_private(
+        tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "t.jsonl"
+    writer = TraceWriter(path)
+    async with anyio.create_task_group() as tg:
+        await writer.prepare()
+        await tg.start(writer.run)
+        writer.submit(record(0))
+        writer.close()
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "a").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "a" / "b").stat().st_mode & 0o777 == 0o700

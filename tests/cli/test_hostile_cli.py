@@ -1,0 +1,150 @@
+"""Hostile files and arguments through the real entry point: `trace show` and `replay` on
+broken, binary, huge or tampered traces, and a bounded fuzz of CLI arguments. Every path
+ends in an exit code and, on error, one line naming the problem; never a traceback."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from orion_fsm.cli import main
+
+SHIPPED = Path(__file__).parents[2] / "traces"
+RECORDS = [json.loads(line) for name in ("success", "cache-hit", "fallback", "invalid")
+           for line in (SHIPPED / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()]
+ENTRY = "import sys; from orion_fsm.cli import main; sys.exit(main())"
+
+
+def _bad_files(root: Path) -> dict[str, Path]:
+    good = (SHIPPED / "invalid.jsonl").read_bytes()
+    files = {
+        "empty": b"",
+        "blank lines": b"\n\n  \n",
+        "torn only line": (SHIPPED / "success.jsonl").read_bytes()[:300],
+        "binary": Path(sys.executable).read_bytes()[:2000],
+        "latin-1": "café\n".encode("latin-1"),
+        "not json": b"hello world\n",
+        "a json list": b"[1, 2, 3]\n",
+        "NaN fields": good.replace(b'"ms":', b'"ms":NaN,"x":', 1),
+    }
+    paths = {}
+    for name, data in files.items():
+        paths[name] = root / f"{name.replace(' ', '-')}.jsonl"
+        paths[name].write_bytes(data)
+    (root / "a-directory").mkdir()
+    paths["a directory"] = root / "a-directory"
+    paths["missing"] = root / "missing.jsonl"
+    return paths
+
+
+@pytest.mark.parametrize("command", [["trace", "show"], ["trace", "show", "--summary"],
+                                     ["replay"]])
+@pytest.mark.parametrize("name", ["empty", "blank lines", "torn only line", "binary", "latin-1",
+                                  "not json", "a json list", "a directory", "missing"])
+def test_unusable_trace_files_are_one_line_errors(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str],
+        name: str) -> None:
+    path = _bad_files(tmp_path)[name]
+    assert main([*command, str(path)]) != 0
+    err = [line for line in capsys.readouterr().err.splitlines()
+           if line.startswith("orion-fsm:")]
+    assert len(err) == 1 and str(path.name) in err[0], err
+
+
+def test_a_torn_last_line_is_skipped_and_the_rest_is_read(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "t.jsonl"
+    data = (SHIPPED / "invalid.jsonl").read_bytes()
+    path.write_bytes(data + (SHIPPED / "success.jsonl").read_bytes()[:200])
+    assert main(["trace", "show", str(path), "--summary"]) == 0
+    assert "total" in capsys.readouterr().out
+    assert main(["replay", str(path)]) == 0
+
+
+def test_terminal_escapes_in_a_trace_never_reach_the_terminal(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    record = copy.deepcopy(RECORDS[0])
+    record["result"]["agent"] = "\x1b]0;pwned\x07\x1b[2J"
+    record["request_id"] = "\x1b[31mred"
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    assert main(["trace", "show", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\\x1b" in out
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.text(max_size=6)
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
+                                                                max_size=3),
+    max_leaves=6)
+_FIELDS = ["request_id", "trace_id", "request", "result", "phases", "transitions", "spans",
+           "prompt_token_ids", "cache", "model", "sampling", "breakers", "clock", "streaming",
+           "started_at", "registry_digest", "redacted"]
+_NESTED = [("result", "state"), ("result", "total_ms"), ("result", "phases"),
+           ("result", "token_ids"), ("result", "routing"), ("result", "tokens"),
+           ("request", "messages"), ("request", "params"), ("cache", "l1_key"),
+           ("phases", 0), ("transitions", 0)]
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(base=st.sampled_from(RECORDS), field=st.sampled_from(_FIELDS + _NESTED), value=_JSON,
+       drop=st.booleans())
+def test_tampered_records_never_give_a_traceback_in_trace_show_or_replay(
+        tmp_path: Path, base: dict[str, Any], field: Any, value: Any, drop: bool) -> None:
+    record = copy.deepcopy(base)
+    if isinstance(field, tuple):
+        holder = record.get(field[0])
+        if isinstance(holder, dict):
+            holder[field[1]] = value
+        elif isinstance(holder, list) and holder:
+            holder[0] = value
+    elif drop:
+        record.pop(field, None)
+    else:
+        record[field] = value
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    # Either read (0) or refused with a one-line error (2); replay may also FAIL (1).
+    assert main(["trace", "show", str(path), "--width", "30"]) in (0, 2)
+    assert main(["replay", str(path)]) in (0, 1, 2)
+
+
+def _cli(args: list[str | bytes], cwd: Path) -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]),
+           "ORION_FSM_CACHE": str(cwd / "cache")}
+    return subprocess.run([sys.executable, "-c", ENTRY, *args], cwd=cwd, env=env,
+                          capture_output=True, timeout=120, check=False)
+
+
+def test_a_bounded_fuzz_of_arguments_never_gives_a_traceback(tmp_path: Path) -> None:
+    files = _bad_files(tmp_path)
+    rng = random.Random(15)
+    junk: list[str | bytes] = [b"caf\xe9", b"\xff\xfe", "--", "-1", "1e999", "nan", "", "\x00x",
+                               str(files["binary"]), str(files["a directory"]),
+                               str(files["missing"]), "/dev/zero", "💥" * 10]
+    commands: list[list[str | bytes]] = [
+        ["trace", "show"], ["trace", "show", "--last"], ["trace", "show", "--width"],
+        ["trace", "show", "--request"], ["replay"], ["replay", "--request"],
+        ["run", "--trace-file"], ["run", "--max-tokens"], ["run", "--agent"]]
+    cases = [[*rng.choice(commands), rng.choice(junk)] for _ in range(16)]
+    for args in cases:
+        done = _cli(args, tmp_path)
+        err = done.stderr.decode("utf-8", "replace")
+        assert "Traceback" not in err, (args, err)
+        if done.returncode != 0:
+            last = [line for line in err.splitlines() if line.strip()]
+            assert last and (last[-1].startswith(("orion-fsm:", "usage:"))
+                             or "error:" in last[-1]), (args, err)
