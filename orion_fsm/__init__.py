@@ -15,9 +15,10 @@ from ._config import (
     repl_history_path,
     resolve_cache_dir,
 )
-from ._engine import Engine, ResponseStream
+from ._engine import Engine, EngineStats, ResponseStream
 from ._exceptions import (
     ConfigurationError,
+    GenerationStalled,
     InferenceError,
     InsufficientMemory,
     ModelError,
@@ -31,11 +32,13 @@ from ._exceptions import (
 )
 from ._machine import request_chart
 from ._seams import Loader, Router
+from ._session import Session, SessionStream
 from ._types import GenerationParams, Message, PhaseTiming, Request, Result, TokenUsage
 from .backends import ConvertedModel, LoadedModel, ModelCache
 from .services.caches._cacheset import LEVELS as CACHE_LEVELS
 from .services.caches._cacheset import CacheConfig, CacheSet, CacheStats
-from .services.models._loader import LoaderConfig, ModelLoader
+from .services.models._cpu import CpuAllotter, CpuSnapshot
+from .services.models._loader import LoaderConfig, ModelLoader, SlotStats
 from .services.models._memory import MemoryMonitor
 from .services.models._pressure import PressureLevel, PressureThresholds
 from .services.models._registry import AgentSpec, Registry
@@ -72,12 +75,16 @@ __all__ = [
     "Clock",
     "ConfigurationError",
     "ConvertedModel",
+    "CpuAllotter",
+    "CpuSnapshot",
     "EmbeddingError",
     "EmbeddingRouter",
     "EmbeddingService",
     "Engine",
+    "EngineStats",
     "EvalReport",
     "GenerationParams",
+    "GenerationStalled",
     "GuardrailConfig",
     "Guardrails",
     "InferenceError",
@@ -110,6 +117,9 @@ __all__ = [
     "Router",
     "RoutingDecision",
     "RuleRouter",
+    "Session",
+    "SessionStream",
+    "SlotStats",
     "SystemClock",
     "TokenUsage",
     "ValidationError",

@@ -70,3 +70,7 @@ DEFAULT_TIMEOUT_S: Final = 60.0  # per request, queueing excluded
 DEFAULT_MAX_IN_FLIGHT: Final = 64  # requests running at once
 DEFAULT_MAX_QUEUE: Final = 1024  # requests waiting for a slot; past it: Overloaded
 DEFAULT_MEMORY_INTERVAL_S: Final = 30.0  # between two samples of the memory monitor
+# A generation yielding no token for this long is abandoned as stalled (at least; an agent's
+# default is 20 x its measured time per token). Its prompt gets this much per 64-token chunk.
+DEFAULT_STALL_FLOOR_S: Final = 5.0
+STALL_TOKENS_FACTOR: Final = 20

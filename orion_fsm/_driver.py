@@ -72,7 +72,8 @@ class RequestRun:
         state = RequestState(request=request, streaming=self._streaming, stack=stack,
                              deadline=d.timeouts.start(), started=recorder.origin,
                              notes=recorder.notes,
-                             breakers_at_start=services.breakers.snapshot())
+                             breakers_at_start=services.breakers.snapshot(),
+                             priority=self._priority)
         try:
             await d.admission.acquire(self._priority, request_id=request.id)
         except Overloaded as exc:  # refused at once, never queued
@@ -165,9 +166,17 @@ class RequestRun:
             finish_reason=state.finish_reason, error=state.error,
             error_reason=state.error_reason, token_ids=tuple(state.token_ids),
             routing=state.decision.as_dict() if state.decision else {},
-            cache=state.cache_level,
+            cache=state.cache_level, **_slot_fields(state),
         )
         self._driving.traces.submit(_trace_record(self._driving, state, recorder, result))
+
+
+def _slot_fields(state: RequestState) -> dict[str, Any]:
+    """Which slot served the request and what it saved (Result fields)."""
+    info = state.load_info
+    return {"session_id": state.request.session_id, "prefilled_tokens": state.prefilled,
+            **({} if info is None else {"slot": info.slot, "slot_wait_ms": info.slot_wait_ms,
+                                        "reused_prefix_tokens": info.reused_tokens})}
 
 
 def _trace_record(d: Driving, state: RequestState, recorder: PhaseRecorder,

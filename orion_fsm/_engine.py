@@ -10,6 +10,7 @@ import logging
 import random
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, aclosing
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -34,11 +35,13 @@ from ._exceptions import OrionError, RequestFailed
 from ._machine import request_chart
 from ._phases import Services
 from ._seams import Loader, Router
+from ._session import Session
 from ._singleflight import SingleFlight
 from ._types import GenerationParams, Message, Request, Result
 from .backends import LoadedModel
 from .services.caches._cacheset import CacheSet, register_cache_metrics
-from .services.models._loader import LoaderConfig, ModelLoader, ProgressCallback
+from .services.models._cpu import CpuAllotter, CpuSnapshot
+from .services.models._loader import LoaderConfig, ModelLoader, ProgressCallback, SlotStats
 from .services.models._memory import MemoryMonitor, register_memory_metrics
 from .services.models._pressure import PressureThresholds
 from .services.models._registry import Registry
@@ -82,6 +85,16 @@ def _messages(prompt: object, system: str | None) -> tuple[Message, ...]:
     if system is not None:
         messages.insert(0, Message("system", system))
     return tuple(messages)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A snapshot of the queues: `Engine.stats()`."""
+
+    in_flight: int  # requests admitted and not finished
+    queued: int  # requests waiting for admission
+    models: tuple[SlotStats, ...]  # per resident model: slots, running, queued, quarantined
+    cores: CpuSnapshot | None  # the core pool (None: the Engine was given fixed threads)
 
 
 class ResponseStream:
@@ -172,6 +185,8 @@ class Engine:
     ) -> None:
         self.registry = registry if isinstance(registry, Registry) else Registry.load(registry)
         self.clock: Clock = clock or SystemClock()
+        # Cores for generations and embedding batches; explicit `threads` turns it off.
+        self.cores: CpuAllotter | None = None if threads is not None else CpuAllotter()
         root = resolve_cache_dir(cache_dir)
         self.loader: Loader = loader or ModelLoader(
             root, threads=threads, progress=progress, config=loader_config, clock=self.clock,
@@ -194,6 +209,8 @@ class Engine:
         self.embeddings: EmbeddingService | None = None if embeddings is False else (
             embeddings or EmbeddingService(store=self.caches.l2 if self.caches else None,
                                            clock=self.clock))
+        if self.embeddings is not None and self.cores is not None:
+            self.embeddings.share_cores(self.cores)
         if router is None:
             rules = RuleRouter(self.registry)
             router = rules if self.embeddings is None else EmbeddingRouter(
@@ -252,7 +269,8 @@ class Engine:
             services = Services(
                 registry=self.registry, router=self.router, loader=self.loader,
                 caches=self.caches, breakers=self.breakers, guardrails=self.guardrails,
-                clock=self.clock, l1_flights=SingleFlight(), background=task_group.start_soon)
+                clock=self.clock, l1_flights=SingleFlight(), background=task_group.start_soon,
+                cores=self.cores)
             self._driving = Driving(
                 services=services, chart=self._chart, tracer=self._tracer,
                 admission=self.admission, timeouts=self._timeout, traces=self._traces,
@@ -289,7 +307,7 @@ class Engine:
 
     def _request(self, prompt: object, agent: str | None, system: str | None,
                  params: GenerationParams | None, overrides: dict[str, Any],
-                 cache: bool | None = None) -> Request:
+                 cache: bool | None = None, session_id: str | None = None) -> Request:
         if params is None:
             stop = overrides.pop("stop", None)
             if isinstance(stop, str):
@@ -301,7 +319,8 @@ class Engine:
         # An id, not a secret: os.urandom (secrets) costs ~40 µs a call on these machines.
         request_id = f"{random.getrandbits(64):016x}"
         return Request(id=request_id, messages=_messages(prompt, system), agent=agent,
-                       params=params, created_at=self.clock.time(), cache=cache)
+                       params=params, created_at=self.clock.time(), cache=cache,
+                       session_id=session_id)
 
     async def infer(
         self, prompt: Prompt, *, agent: str | None = None, system: str | None = None,
@@ -309,7 +328,7 @@ class Engine:
         temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
         repetition_penalty: float | None = None, seed: int | None = None,
         stop: str | Sequence[str] | None = None, cache: bool | None = None,
-        priority: int = 0,
+        priority: int = 0, session_id: str | None = None,
     ) -> Result:
         """Run one request to its final state. Raises `RequestFailed` (with `.result`) on error.
 
@@ -319,7 +338,7 @@ class Engine:
         """
         request = self._request(prompt, agent, system, params, dict(
             max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            repetition_penalty=repetition_penalty, seed=seed, stop=stop), cache)
+            repetition_penalty=repetition_penalty, seed=seed, stop=stop), cache, session_id)
         run = RequestRun(self._running(), request, streaming=False, priority=priority)
         async with aclosing(run.texts()) as texts:
             async for _ in texts:
@@ -333,12 +352,24 @@ class Engine:
         temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
         repetition_penalty: float | None = None, seed: int | None = None,
         stop: str | Sequence[str] | None = None, cache: bool | None = None,
-        priority: int = 0,
+        priority: int = 0, session_id: str | None = None,
     ) -> ResponseStream:
         """Text chunks as they are generated. A request that ends in error raises RequestFailed."""
         request = self._request(prompt, agent, system, params, dict(
             max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            repetition_penalty=repetition_penalty, seed=seed, stop=stop), cache)
+            repetition_penalty=repetition_penalty, seed=seed, stop=stop), cache, session_id)
         run = RequestRun(self._running(), request, streaming=True, priority=priority)
         return ResponseStream(run)
+
+    def session(self, *, agent: str | None = None, system: str | None = None,
+                session_id: str | None = None) -> Session:
+        """A conversation: each `infer`/`stream` turn is sent with the history (see Session)."""
+        return Session(self, agent=agent, system=system, session_id=session_id)
+
+    def stats(self) -> EngineStats:
+        """Requests running and queued, each resident model's slots, and the core pool."""
+        return EngineStats(
+            in_flight=self.admission.in_flight, queued=self.admission.queued,
+            models=tuple(self.loader.slot_stats()),
+            cores=None if self.cores is None else self.cores.snapshot())
 

@@ -8,6 +8,7 @@
     │   ├── ModelLoadError      the model file is missing, unreadable or refused
     │   │   └── InsufficientMemory   refused before loading: it would not fit
     │   └── InferenceError      generation failed after the model was loaded
+    │       └── GenerationStalled    no token came within the agent's stall_s
     ├── EmbeddingError          the embedding model failed, timed out or is not running
     │   └── EmbeddingUnavailable     it cannot be loaded at all
     ├── CacheError              a cache was asked for what it does not have
@@ -26,6 +27,7 @@ __all__ = [
     "ConfigurationError",
     "EmbeddingError",
     "EmbeddingUnavailable",
+    "GenerationStalled",
     "InferenceError",
     "InsufficientMemory",
     "ModelError",
@@ -107,6 +109,18 @@ class InsufficientMemory(ModelLoadError):
 
 class InferenceError(ModelError):
     """Generation failed after the model was loaded."""
+
+
+class GenerationStalled(InferenceError):
+    """No token came within the stall limit: the generation was abandoned (its slot is
+    quarantined, as a runtime call cannot be interrupted) and the request falls back."""
+
+    def __init__(self, limit_s: float, *, request_id: str | None = None) -> None:
+        super().__init__(
+            f"stalled: no token for {limit_s:g} s; the generation was abandoned and its slot "
+            "quarantined (raise the agent's stall_s if the model is just slow)",
+            request_id=request_id)
+        self.limit_s = limit_s
 
 
 class EmbeddingError(OrionError):

@@ -50,6 +50,7 @@ class Request:
     params: GenerationParams
     created_at: float  # unix time, from the engine's clock
     cache: bool | None = None  # None: results cached only when deterministic; False: bypass
+    session_id: str | None = None  # a turn of this Session (history trimmed to fit)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -59,6 +60,7 @@ class Request:
             "params": self.params.as_dict(),
             "created_at": self.created_at,
             "cache": self.cache,
+            "session_id": self.session_id,
         }
 
 
@@ -99,6 +101,13 @@ class Result:
     token_ids: tuple[int, ...] = field(default=(), repr=False)
     routing: Mapping[str, Any] = field(default_factory=dict)
     cache: str | None = None  # "L1" when served from the result cache
+    # The slot (model instance) that served it, the time spent waiting for a free slot, the
+    # prompt tokens its context already held and those it evaluated (None: no model ran).
+    slot: int | None = None
+    slot_wait_ms: float | None = None
+    reused_prefix_tokens: int | None = None
+    prefilled_tokens: int | None = None
+    session_id: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -127,4 +136,9 @@ class Result:
             "error_reason": self.error_reason,
             "routing": dict(self.routing),
             "cache": self.cache,
+            "slot": self.slot,
+            "slot_wait_ms": None if self.slot_wait_ms is None else round(self.slot_wait_ms, 3),
+            "reused_prefix_tokens": self.reused_prefix_tokens,
+            "prefilled_tokens": self.prefilled_tokens,
+            "session_id": self.session_id,
         }

@@ -14,16 +14,19 @@ from ._convert import (
     resolve_package_file,
 )
 from ._ctransformers import (
+    CoreGate,
     GenerationEvent,
     GenerationOutcome,
     GenerationStream,
     LoadedModel,
     SamplingParams,
+    Threads,
 )
 from ._tokenizer import IncrementalDecoder, Tokenizer
 
 __all__ = [
     "ConvertedModel",
+    "CoreGate",
     "GGUFHeader",
     "GenerationEvent",
     "GenerationOutcome",
@@ -32,6 +35,7 @@ __all__ = [
     "LoadedModel",
     "ModelCache",
     "SamplingParams",
+    "Threads",
     "Tokenizer",
     "ensure_converted",
     "file_sha256",

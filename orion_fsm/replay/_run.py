@@ -158,7 +158,8 @@ async def _send(engine: Engine, record: Mapping[str, Any], params: GenerationPar
                 if isinstance(m, dict) else Message("", m)
                 for m in request.get("messages") or []]
     options: dict[str, Any] = {"agent": request.get("agent"), "params": params,
-                               "cache": request.get("cache")}
+                               "cache": request.get("cache"),
+                               "session_id": request.get("session_id")}
     with anyio.CancelScope() as scope:
         canceller.scope = scope
         try:
