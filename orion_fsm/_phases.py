@@ -593,8 +593,9 @@ async def _in_worker(run: _Run, fn: Callable[[], T]) -> T:
         await stop_and_wait()
         raise
     if stalled:
-        state.stop.set()
         abandoned.set()
+        state.stop.set()  # the stuck thread holds this event: it stops if it ever returns
+        state.stop = threading.Event()  # the next attempt (another agent) is not stopped
         raise GenerationStalled(stalled[0])
     # Only reached when the deadline's scope swallowed the cancellation.
     await stop_and_wait()
@@ -606,6 +607,7 @@ async def _stream_tokens(run: _Run) -> AsyncGenerator[str, None]:
     state = run.state
     stream = run.lease.model.open_stream(state.prompt_ids, run.sampling,
                                          should_stop=state.stop.is_set, cores=run.cores)
+    stalled = False
     try:
         while (event := await _in_worker(run, stream.next_event)) is not None:
             run.take(event)
@@ -613,8 +615,12 @@ async def _stream_tokens(run: _Run) -> AsyncGenerator[str, None]:
                 yield event.text
         state.finish_reason = stream.outcome.finish_reason
         state.prefilled = stream.outcome.prefilled
+    except GenerationStalled:
+        stalled = True  # its thread may still be inside the stream: closing it would race
+        raise
     finally:
-        stream.close()
+        if not stalled:
+            stream.close()
 
 
 async def _generate(run: _Run) -> None:

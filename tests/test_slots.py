@@ -154,7 +154,8 @@ async def test_a_hung_generation_is_abandoned_as_stalled_and_its_slot_quarantine
         assert engine.loader.stats.quarantined == 2
         assert stats["tiny-medium"].slots == 0  # both quarantined, replaced on demand
     assert [r.agent for r in results] == ["backup", "backup"]
-    assert all(r.ok and r.fallback for r in results)
+    assert all(r.ok and r.fallback and r.finish_reason == "length" and r.tokens.output == 8
+               for r in results)  # the backup generated in full: the stall stopped no one else
     assert load.plan.injected["hang"] == 2
     records = read_trace_lines(tmp_path / "traces" / "test.jsonl")
     for record in records:
@@ -162,6 +163,26 @@ async def test_a_hung_generation_is_abandoned_as_stalled_and_its_slot_quarantine
         assert span["attributes"]["orion.inference.failure"] == "stalled"
         assert "stalled: no token for" in span["attributes"]["orion.inference_error"]
     await assert_no_thread_leaked(before)
+
+
+async def test_a_hung_stream_falls_back_before_any_text_and_replays_as_stalled(
+    make_engine: MakeEngine, tiny_models: dict[str, Path], tmp_path: Path,
+) -> None:
+    doc = {"version": 1, "default_agent": "hangs", "agents": [
+        agent("hangs", tiny_models["medium"], fallback="backup", stall_s=0.2),
+        agent("backup", tiny_models["small"])]}
+    engine = make_engine(doc, load_model=faulty_loader(1.0, ("hang",), only=["medium"]),
+                         caches=False)
+    async with engine:
+        stream = engine.stream("hello", agent="hangs", max_tokens=3)
+        texts = [text async for text in stream]
+    assert stream.result.ok and stream.result.agent == "backup"
+    assert "".join(texts) == stream.result.text
+    (record,) = read_trace_lines(tmp_path / "traces" / "test.jsonl")
+    report = await assert_replays(record, registry=engine.registry)
+    assert report.replayed is not None
+    (failed,) = [p for p in report.replayed["phases"] if p["state"] == "inferencing"][:1]
+    assert failed["attributes"]["orion.inference.failure"] == "stalled"
 
 
 async def test_the_slot_figures_replay_as_recorded(make_engine: MakeEngine,
