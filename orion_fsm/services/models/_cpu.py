@@ -51,7 +51,12 @@ class _ExternalLoad:
         self._sample_s = sample_s
         self._lock = threading.Lock()
         self._previous = self._read()
-        self.busy = 0.0
+        # Until two readings are 0.5 s apart, the 1-minute load average stands in: nothing of
+        # ours runs yet, and a first chunk on every core of a busy machine would crawl.
+        try:
+            self.busy = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            self.busy = 0.0
 
     def _read(self) -> tuple[float, float, float]:
         machine = self._psutil.cpu_times()
