@@ -63,6 +63,33 @@ async def test_a_request_takes_the_free_slot_holding_its_prefix(
     await loader.aclose()
 
 
+async def test_a_freed_slot_goes_to_the_waiting_request_of_lowest_priority_number(
+    tiny_models: dict[str, Path], tmp_path: Path,
+) -> None:
+    spec = Registry.from_dict(one_model(tiny_models["small"], parallel=1)).get("a")
+    loader = ModelLoader(tmp_path / "cache", threads=1,
+                         config=LoaderConfig(predictive_preload=False))
+    held = await loader.acquire(spec)
+    served: list[str] = []
+
+    async def wait(name: str, priority: int) -> None:
+        lease = await loader.acquire(spec, priority=priority)
+        served.append(name)
+        assert lease.load_info.slot_wait_ms > 0
+        lease.release()
+
+    async with anyio.create_task_group() as tg:
+        for queued, (name, priority) in enumerate(
+                (("late-low", 5), ("first-normal", 1), ("urgent", 0)), start=1):
+            tg.start_soon(wait, name, priority)
+            while loader.slot_stats()[0].queued < queued:  # noqa: ASYNC110
+                await anyio.sleep(0.001)
+        held.release()
+    assert served == ["urgent", "first-normal", "late-low"]
+    assert loader.stats.slot_waits == 3
+    await loader.aclose()
+
+
 async def test_a_cancelled_queued_request_leaves_the_queue_and_the_next_one_is_served(
     make_engine: MakeEngine, tiny_models: dict[str, Path], tmp_path: Path,
 ) -> None:
