@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import re
 import statistics
 import sys
 import tempfile
@@ -205,6 +206,10 @@ def load_under_faults(quick: bool = False) -> dict[str, Any]:
         counts["trace_lines"] = len(records) - 1  # minus the warm-up
         reasons = Counter(r["result"]["error_reason"] for r in records
                           if r["result"]["state"] == "error")
+        # What each agent's failure was, in the requests no agent could serve.
+        causes = Counter(re.sub(r"\d+", "N", f"{agent}: {why}")[:90]
+                         for r in records if r["result"]["error_reason"] == "exhausted"
+                         for agent, why in _tried(r["result"]["error"]))
 
     outcomes.pop("warmup", None)
     explained = sum(outcomes.values()) - len(unexplained)
@@ -217,6 +222,7 @@ def load_under_faults(quick: bool = False) -> dict[str, Any]:
         "faults_injected": dict(injector.plan.injected),
         "outcomes": dict(outcomes.most_common()),
         "trace_error_reasons": dict(reasons),
+        "exhausted_causes": dict(causes.most_common(6)),
         "p50_ms": round(statistics.median(latencies), 2),
         "p99_ms": round(percentile(latencies, 0.99), 2),
         "breaker_transitions": len(transitions), "breaker_opened": len(opened),
@@ -250,6 +256,13 @@ class _nothing:
 
     async def __aexit__(self, *exc: object) -> None:
         return None
+
+
+def _tried(error: str) -> list[tuple[str, str]]:
+    """(agent, why) pairs of an `exhausted` error: "no agent could serve ... (a: x; b: y)"."""
+    inner = error.partition("(")[2].rpartition(")")[0]
+    return [(a.strip(), w.strip()) for a, _, w in
+            (part.partition(":") for part in inner.split("; "))]
 
 
 def _classify(result: Any, timed_out: bool, guard: Any, vocab: int) -> str:
