@@ -23,6 +23,7 @@ from bench import (
     replay,
     resilience,
     routing,
+    slots,
     spine,
     structured,
 )
@@ -52,7 +53,7 @@ def main() -> int:
     every = {**spine.BENCHMARKS, **caches.BENCHMARKS, **loader.BENCHMARKS,
              **embeddings.BENCHMARKS, **routing.BENCHMARKS, **resilience.BENCHMARKS,
              **http.BENCHMARKS, **structured.BENCHMARKS, **replay.BENCHMARKS,
-             **hostile.BENCHMARKS}
+             **hostile.BENCHMARKS, **slots.BENCHMARKS}
     benchmarks = {name: fn for name, fn in every.items() if not args.only or args.only in name}
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),

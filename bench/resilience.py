@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import re
 import statistics
 import sys
 import tempfile
@@ -26,6 +27,7 @@ import anyio.lowlevel
 from bench._common import check, percentile
 
 PRIMARY, BACKUP = "primary", "backup"
+STALL_S = 0.25
 
 
 
@@ -39,7 +41,10 @@ def _registry(root: Path) -> Any:
                 "model": {"path": str(model)}, "format": "gguf", "model_type": "llama",
                 "chat_template": "chatml", "system_prompt": "", "context_length": 256,
                 "generation": {"max_tokens": 8, "temperature": 0, "top_k": 1, "seed": 7},
-                "ram_estimate_mb": 1, "fallback": fallback}
+                "ram_estimate_mb": 1, "fallback": fallback,
+                # A tiny model's token takes well under a millisecond: a hang is a stall
+                # long before the request's 1 s deadline (the default floor is 5 s).
+                "stall_s": STALL_S}
 
     primary = make_tiny_llama_gguf(root / "primary" / "tiny-primary.gguf", n_layers=2,
                                    n_embd=32, seed=11)
@@ -185,6 +190,8 @@ def load_under_faults(quick: bool = False) -> dict[str, Any]:
                 async with anyio.create_task_group() as tg:
                     for i in range(n):
                         tg.start_soon(request, i, engine, vocab)
+                counts["slots_quarantined"] = engine.loader.stats.quarantined
+                counts["quarantined_at_end"] = sum(m.quarantined for m in engine.stats().models)
             counts["tasks_leaked"] = len(asyncio.all_tasks()) - tasks_before
 
         start = time.perf_counter()
@@ -199,6 +206,10 @@ def load_under_faults(quick: bool = False) -> dict[str, Any]:
         counts["trace_lines"] = len(records) - 1  # minus the warm-up
         reasons = Counter(r["result"]["error_reason"] for r in records
                           if r["result"]["state"] == "error")
+        # What each agent's failure was, in the requests no agent could serve.
+        causes = Counter(re.sub(r"\d+", "N", f"{agent}: {why}")[:90]
+                         for r in records if r["result"]["error_reason"] == "exhausted"
+                         for agent, why in _tried(r["result"]["error"]))
 
     outcomes.pop("warmup", None)
     explained = sum(outcomes.values()) - len(unexplained)
@@ -211,6 +222,7 @@ def load_under_faults(quick: bool = False) -> dict[str, Any]:
         "faults_injected": dict(injector.plan.injected),
         "outcomes": dict(outcomes.most_common()),
         "trace_error_reasons": dict(reasons),
+        "exhausted_causes": dict(causes.most_common(6)),
         "p50_ms": round(statistics.median(latencies), 2),
         "p99_ms": round(percentile(latencies, 0.99), 2),
         "breaker_transitions": len(transitions), "breaker_opened": len(opened),
@@ -218,6 +230,11 @@ def load_under_faults(quick: bool = False) -> dict[str, Any]:
         "checks": [
             check("requests stuck (never ended)", counts.get("stuck_requests", 0), "== 0",
                    not counts.get("stuck_requests", 0)),
+            check("timeouts (share of requests)", outcomes["error:timeout"] / n, "<= 0.05",
+                  outcomes["error:timeout"] / n <= 0.05),
+            check("quarantined slots still held at the end", counts.get(
+                "quarantined_at_end", -1), f"<= {injector.plan.injected['hang']}",
+                0 <= counts.get("quarantined_at_end", -1) <= injector.plan.injected["hang"]),
             check("requests ending in success, fallback or error with a reason", explained,
                    f"== {n}", explained == n),
             check("trace lines", counts["trace_lines"], f">= {n}", counts["trace_lines"] >= n),
@@ -239,6 +256,13 @@ class _nothing:
 
     async def __aexit__(self, *exc: object) -> None:
         return None
+
+
+def _tried(error: str) -> list[tuple[str, str]]:
+    """(agent, why) pairs of an `exhausted` error: "no agent could serve ... (a: x; b: y)"."""
+    inner = error.partition("(")[2].rpartition(")")[0]
+    return [(a.strip(), w.strip()) for a, _, w in
+            (part.partition(":") for part in inner.split("; "))]
 
 
 def _classify(result: Any, timed_out: bool, guard: Any, vocab: int) -> str:

@@ -21,9 +21,10 @@ from ._config import (
     repl_history_path,
     resolve_cache_dir,
 )
-from ._engine import Engine, ResponseStream
+from ._engine import Engine, EngineStats, ResponseStream
 from ._exceptions import (
     ConfigurationError,
+    GenerationStalled,
     InferenceError,
     InsufficientMemory,
     ModelError,
@@ -35,6 +36,7 @@ from ._exceptions import (
 )
 from ._machine import request_chart
 from ._seams import Loader, Router
+from ._session import Session, SessionStream
 from ._types import (
     GenerationParams,
     Message,
@@ -47,7 +49,8 @@ from ._types import (
 from .backends import ConvertedModel, LoadedModel, ModelCache
 from .services.caches._cacheset import LEVELS as CACHE_LEVELS
 from .services.caches._cacheset import CacheConfig, CacheSet, CacheStats
-from .services.models._loader import LoaderConfig, ModelLoader
+from .services.models._cpu import CpuAllotter, CpuSnapshot
+from .services.models._loader import LoaderConfig, ModelLoader, SlotStats
 from .services.models._memory import MemoryMonitor
 from .services.models._pressure import PressureLevel, PressureThresholds
 from .services.models._registry import AgentSpec, Registry
@@ -93,12 +96,16 @@ __all__ = [
     "Clock",
     "ConfigurationError",
     "ConvertedModel",
+    "CpuAllotter",
+    "CpuSnapshot",
     "EmbeddingError",
     "EmbeddingRouter",
     "EmbeddingService",
     "Engine",
+    "EngineStats",
     "EvalReport",
     "GenerationParams",
+    "GenerationStalled",
     "GuardrailConfig",
     "Guardrails",
     "InferenceError",
@@ -129,6 +136,9 @@ __all__ = [
     "Router",
     "RoutingDecision",
     "RuleRouter",
+    "Session",
+    "SessionStream",
+    "SlotStats",
     "SystemClock",
     "TokenUsage",
     "ToolCall",

@@ -104,3 +104,8 @@ DEFAULT_MAX_BODY_BYTES: Final = 1 << 20
 DEFAULT_SHUTDOWN_GRACE_S: Final = 30  # on SIGTERM, before in-flight requests are cancelled
 API_KEY_ENV: Final = "ORION_FSM_API_KEY"
 SERVER_ENV: Final = "ORION_FSM_SERVER"  # the CLI's --server
+
+# A generation yielding no token for this long is abandoned as stalled (at least; an agent's
+# default is 20 x its measured time per token). Its prompt gets this much per 64-token chunk.
+DEFAULT_STALL_FLOOR_S: Final = 5.0
+STALL_TOKENS_FACTOR: Final = 20

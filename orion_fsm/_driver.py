@@ -73,7 +73,8 @@ class RequestRun:
         state = RequestState(request=request, streaming=self._streaming, stack=stack,
                              deadline=d.timeouts.start(), started=recorder.origin,
                              notes=recorder.notes,
-                             breakers_at_start=services.breakers.snapshot())
+                             breakers_at_start=services.breakers.snapshot(),
+                             priority=self._priority)
         # A machine only once admitted: a thousand queued requests hold no machine.
         try:
             await d.admission.acquire(self._priority, request_id=request.id)
@@ -175,6 +176,7 @@ class RequestRun:
             token_ids=tuple(state.token_ids),
             routing=state.decision.as_dict() if state.decision else {},
             cache=state.cache_level, parsed=state.parsed, tool_calls=state.tool_calls,
+            **_slot_fields(state),
         )
         self._driving.traces.submit(_trace_record(self._driving, state, recorder, result,
                                                   abort))
@@ -205,6 +207,14 @@ def _abort(d: Driving, state: RequestState, where: str) -> dict[str, Any]:
         "queue": None if awaiting != "admission" else {
             "queued": snapshot["queued"], "max_queue": snapshot["max_queue"]},
     }
+
+
+def _slot_fields(state: RequestState) -> dict[str, Any]:
+    """Which slot served the request and what it saved (Result fields)."""
+    info = state.load_info
+    return {"session_id": state.request.session_id, "prefilled_tokens": state.prefilled,
+            **({} if info is None else {"slot": info.slot, "slot_wait_ms": info.slot_wait_ms,
+                                        "reused_prefix_tokens": info.reused_tokens})}
 
 
 def _trace_record(d: Driving, state: RequestState, recorder: PhaseRecorder,

@@ -10,6 +10,7 @@ import logging
 import random
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, aclosing
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -35,11 +36,13 @@ from ._exceptions import EmbeddingError, OrionError, RequestFailed
 from ._machine import MachinePool, request_chart
 from ._phases import Services
 from ._seams import Loader, Router
+from ._session import Session
 from ._singleflight import SingleFlight
 from ._types import GenerationParams, Message, Request, Result
 from .backends import LoadedModel
 from .services.caches._cacheset import CacheSet, register_cache_metrics
-from .services.models._loader import LoaderConfig, ModelLoader, ProgressCallback
+from .services.models._cpu import CpuAllotter, CpuSnapshot
+from .services.models._loader import LoaderConfig, ModelLoader, ProgressCallback, SlotStats
 from .services.models._memory import MemoryMonitor, register_memory_metrics
 from .services.models._pressure import PressureThresholds
 from .services.models._registry import Registry
@@ -96,6 +99,16 @@ def _refused_priority(priority: object) -> tuple[str, str] | None:
     if not low <= priority <= high:
         return "priority", f"priority must be between {low} and {high}, got {priority}"
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A snapshot of the queues: `Engine.stats()`."""
+
+    in_flight: int  # requests admitted and not finished
+    queued: int  # requests waiting for admission
+    models: tuple[SlotStats, ...]  # per resident model: slots, running, queued, quarantined
+    cores: CpuSnapshot | None  # the core pool (None: the Engine was given fixed threads)
 
 
 class ResponseStream:
@@ -187,6 +200,8 @@ class Engine:
     ) -> None:
         self.registry = registry if isinstance(registry, Registry) else Registry.load(registry)
         self.clock: Clock = clock or SystemClock()
+        # Cores for generations and embedding batches; explicit `threads` turns it off.
+        self.cores: CpuAllotter | None = None if threads is not None else CpuAllotter()
         root = resolve_cache_dir(cache_dir)
         self.loader: Loader = loader or ModelLoader(
             root, threads=threads, progress=progress, config=loader_config, clock=self.clock,
@@ -210,6 +225,8 @@ class Engine:
         self.embeddings: EmbeddingService | None = None if embeddings is False else (
             embeddings or EmbeddingService(store=self.caches.l2 if self.caches else None,
                                            clock=self.clock))
+        if self.embeddings is not None and self.cores is not None:
+            self.embeddings.share_cores(self.cores)
         if router is None:
             rules = RuleRouter(self.registry)
             router = rules if self.embeddings is None else EmbeddingRouter(
@@ -270,7 +287,8 @@ class Engine:
             services = Services(
                 registry=self.registry, router=self.router, loader=self.loader,
                 caches=self.caches, breakers=self.breakers, guardrails=self.guardrails,
-                clock=self.clock, l1_flights=SingleFlight(), background=task_group.start_soon)
+                clock=self.clock, l1_flights=SingleFlight(), background=task_group.start_soon,
+                cores=self.cores)
             self._driving = Driving(
                 services=services, machines=MachinePool(self._chart), tracer=self._tracer,
                 admission=self.admission, timeouts=self._timeout, traces=self._traces,
@@ -321,12 +339,17 @@ class Engine:
     def _request(self, prompt: object, agent: str | None, system: str | None,
                  params: GenerationParams | None, overrides: dict[str, Any],
                  cache: bool | None, priority: object,
-                 output: OutputRequest = (None, None, None)) -> tuple[Request, int]:
+                 output: OutputRequest = (None, None, None),
+                 session_id: str | None = None) -> tuple[Request, int]:
         """The Request and its admission priority. Never raises for what the caller passed:
         arguments of the wrong type reach the validating phase, which refuses them naming the
         field, so every request ends in a final state with its trace line."""
         given = sorted(k for k, v in overrides.items() if v is not None)
         refused = _refused_priority(priority)
+        if session_id is not None and not isinstance(session_id, str):
+            refused = refused or ("session_id", "session_id must be text, got "
+                                  f"{type(session_id).__name__}; or use engine.session()")
+            session_id = None
         tools = output[1]
         if tools is not None and not isinstance(tools, list | tuple):
             refused = refused or ("tools", "tools must be a list of tool definitions, got "
@@ -353,7 +376,8 @@ class Engine:
         request = Request(id=request_id, messages=_messages(prompt, system), agent=agent,
                           params=params, created_at=self.clock.time(), cache=cache,
                           response_format=output[0], tools=tuple(tools or ()),
-                          tool_choice=output[2], refused=refused)
+                          tool_choice=output[2], refused=refused,
+                          session_id=session_id)
         return request, priority if refused is None and isinstance(priority, int) else 0
 
     async def infer(
@@ -364,7 +388,7 @@ class Engine:
         stop: str | Sequence[str] | None = None, cache: bool | None = None,
         priority: int = 0, response_format: Mapping[str, Any] | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
-        tool_choice: str | Mapping[str, Any] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None, session_id: str | None = None,
     ) -> Result:
         """Run one request to its final state. Raises `RequestFailed` (with `.result`) on error.
 
@@ -378,7 +402,7 @@ class Engine:
         request, priority = self._request(prompt, agent, system, params, dict(
             max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, seed=seed, stop=stop), cache, priority,
-            (response_format, tools, tool_choice))
+            (response_format, tools, tool_choice), session_id)
         run = RequestRun(self._running(), request, streaming=False, priority=priority)
         async with aclosing(run.texts()) as texts:
             async for _ in texts:
@@ -394,13 +418,25 @@ class Engine:
         stop: str | Sequence[str] | None = None, cache: bool | None = None,
         priority: int = 0, response_format: Mapping[str, Any] | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
-        tool_choice: str | Mapping[str, Any] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None, session_id: str | None = None,
     ) -> ResponseStream:
         """Text chunks as they are generated. A request that ends in error raises RequestFailed."""
         request, priority = self._request(prompt, agent, system, params, dict(
             max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, seed=seed, stop=stop), cache, priority,
-            (response_format, tools, tool_choice))
+            (response_format, tools, tool_choice), session_id)
         run = RequestRun(self._running(), request, streaming=True, priority=priority)
         return ResponseStream(run)
+
+    def session(self, *, agent: str | None = None, system: str | None = None,
+                session_id: str | None = None) -> Session:
+        """A conversation: each `infer`/`stream` turn is sent with the history (see Session)."""
+        return Session(self, agent=agent, system=system, session_id=session_id)
+
+    def stats(self) -> EngineStats:
+        """Requests running and queued, each resident model's slots, and the core pool."""
+        return EngineStats(
+            in_flight=self.admission.in_flight, queued=self.admission.queued,
+            models=tuple(self.loader.slot_stats()),
+            cores=None if self.cores is None else self.cores.snapshot())
 

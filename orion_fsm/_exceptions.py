@@ -9,7 +9,8 @@
     │   ├── ModelLoadError      the model file is missing, unreadable or refused
     │   │   └── InsufficientMemory   refused before loading: it would not fit
     │   └── InferenceError      generation failed after the model was loaded
-    │       └── OutputRejected  the finished output does not fit the requested format
+    │       ├── OutputRejected  the finished output does not fit the requested format
+    │       └── GenerationStalled    no token came within the agent's stall_s
     ├── EmbeddingError          the embedding model failed, timed out or is not running
     │   └── EmbeddingUnavailable     it cannot be loaded at all
     ├── CacheError              a cache was asked for what it does not have
@@ -28,6 +29,7 @@ __all__ = [
     "ConfigurationError",
     "EmbeddingError",
     "EmbeddingUnavailable",
+    "GenerationStalled",
     "GrammarError",
     "InferenceError",
     "InsufficientMemory",
@@ -119,6 +121,18 @@ class InferenceError(ModelError):
 
 class OutputRejected(InferenceError):
     """The finished output is not what the requested format asks for (cut off, invalid)."""
+
+
+class GenerationStalled(InferenceError):
+    """No token came within the stall limit: the generation was abandoned (its slot is
+    quarantined, as a runtime call cannot be interrupted) and the request falls back."""
+
+    def __init__(self, limit_s: float, *, request_id: str | None = None) -> None:
+        super().__init__(
+            f"stalled: no token for {limit_s:g} s; the generation was abandoned and its slot "
+            "quarantined (raise the agent's stall_s if the model is just slow)",
+            request_id=request_id)
+        self.limit_s = limit_s
 
 
 class EmbeddingError(OrionError):

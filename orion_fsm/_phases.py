@@ -13,24 +13,27 @@ import dataclasses
 import math
 import secrets
 import threading
+import time
 import unicodedata
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
-from contextlib import AsyncExitStack, aclosing
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import AsyncExitStack, aclosing, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
 from ._exceptions import (
+    GenerationStalled,
     InferenceError,
     ModelLoadError,
     OutputRejected,
     RegistryError,
     ValidationError,
 )
+from ._session import fit_history
 from ._structured import OutputFormat, check_output, output_format, prompt_messages
 from ._types import GenerationParams, Message, Request, ToolCall
-from .backends import GenerationEvent, Grammar, MaskStats, SamplingParams
+from .backends import CoreGate, GenerationEvent, Grammar, MaskStats, SamplingParams
 from .services.caches._cacheset import cache_key
 from .services.caches._entries import CachedResult
 from .services.models._registry import generation_bounds
@@ -40,9 +43,11 @@ from .services.resilience._guardrails import RepetitionGuard
 
 if TYPE_CHECKING:
     from ._clock import Clock
-    from ._seams import Lease, Loader, Model, Prepared, Router
+    from ._seams import Lease, Loader, Prepared, Router
     from ._singleflight import SingleFlight
     from .services.caches._cacheset import CacheSet, TieredCache
+    from .services.models._cpu import CpuAllotter
+    from .services.models._loader import LoadInfo
     from .services.models._registry import AgentSpec, Registry
     from .services.resilience._admission import Deadline
     from .services.resilience._breaker import BreakerBoard, BreakerPermit
@@ -52,6 +57,7 @@ if TYPE_CHECKING:
 _ROLES = frozenset({"system", "user", "assistant", "tool"})
 _INTEGRAL = frozenset({"max_tokens", "top_k", "seed"})
 _MAX_STOP = 16
+_PROMPT_CHUNK = 64  # prompt tokens per runtime call (the backend's chunk)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -69,6 +75,8 @@ class Services:
     l1_flights: SingleFlight[None]
     # The Engine's task group: cache writes happen after the reply, never before it.
     background: Callable[..., object]
+    # Cores for each runtime call of a generation; None when the Engine was given `threads`.
+    cores: CpuAllotter | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -82,6 +90,7 @@ class RequestState:
     started: float  # the services clock's monotonic time at the start
     notes: dict[str, Any]  # span attributes of the current phase
     breakers_at_start: Mapping[str, Any] = field(default_factory=dict)
+    priority: int = 0  # lower first, for a slot as for admission
     # routing
     decision: RoutingDecision | None = None
     chain: tuple[str, ...] = ()
@@ -94,6 +103,8 @@ class RequestState:
     prepared: Prepared | None = None
     permit: BreakerPermit | None = None
     lease: Lease | None = None
+    load_info: LoadInfo | None = None  # the last lease's: which slot, how long it waited
+    prefilled: int | None = None  # prompt tokens the last generation evaluated
     prompt_ids: tuple[int, ...] = ()
     sampling: SamplingParams | None = None
     # generation
@@ -398,8 +409,16 @@ async def loading_agent(services: Services, state: RequestState) -> str:
         prepared = state.prepared = await services.loader.prepare(agent)
     except ModelLoadError as exc:
         return _load_failed(state, agent, exc)
+    messages = list(state.request.messages)
+    if agent.system_prompt and not any(m.role == "system" for m in messages):
+        messages.insert(0, Message("system", agent.system_prompt))
+    if state.request.session_id is not None:
+        state.notes[attr.SESSION_ID] = state.request.session_id
+        messages, trimmed = fit_history(messages, agent, prepared.tokenizer)
+        if trimmed:
+            state.notes[attr.SESSION_TRIMMED] = trimmed
     prompt = agent.chat_template.render(prompt_messages(
-        state.request.messages, agent.system_prompt, state.output_format))
+        messages, agent.system_prompt, state.output_format))
     ids = _prompt_ids(services, prompt, prepared, state.notes)
     state.notes[attr.GEN_AI_USAGE_INPUT_TOKENS] = len(ids)
     room = agent.context_length - len(ids)
@@ -414,9 +433,11 @@ async def loading_agent(services: Services, state: RequestState) -> str:
     state.sampling = _sampling(agent, state.request.params, room, _grammar(state))
     state.notes[attr.MODEL_SHA256] = prepared.sha256
     try:
-        lease = state.lease = await scope.enter_async_context(services.loader.lease(agent))
+        lease = state.lease = await scope.enter_async_context(services.loader.lease(
+            agent, prompt_ids=state.prompt_ids, priority=state.priority))
     except ModelLoadError as exc:
         return _load_failed(state, agent, exc)
+    state.load_info = lease.load_info
     state.notes.update(lease.load_info.span_attributes())
     return "loaded"
 
@@ -440,20 +461,29 @@ async def inferencing(services: Services,
                         attr.GEN_AI_REQUEST_TOP_K: sampling.top_k,
                         attr.GEN_AI_USAGE_INPUT_TOKENS: len(state.prompt_ids)})
     take = _Recorder(services, state, lease.model.tokenizer.vocab_size)
+    run = _Run(services, state, lease, sampling, take)
     try:
-        async with lease.generation_lock:
+        with _cores(services) as cores:
+            run.cores = cores
             if state.streaming:
-                async with aclosing(_stream_tokens(state, lease.model, sampling, take)) as texts:
+                async with aclosing(_stream_tokens(run)) as texts:
                     async for text in texts:
                         yield text
             else:
-                await _generate(state, lease.model, sampling, take)
+                await _generate(run)
     except InferenceError as exc:
         state.failures.append((agent.id, exc.message))
         state.notes[attr.INFERENCE_ERROR] = exc.message
-        _judge(state, "malformed_output" if "malformed" in exc.message else "inference_failed")
+        failure = "malformed_output" if "malformed" in exc.message else "inference_failed"
+        if isinstance(exc, GenerationStalled):
+            # Its thread may still be stuck in the runtime: nobody gets this slot again.
+            lease.quarantine()
+            failure = "stalled"
+        state.notes[attr.INFERENCE_FAILURE] = failure
+        _judge(state, failure)
         yield Next("inference_failed")
         return
+    take.learn(lease)
     if state.stopped_for is not None:
         state.finish_reason = state.stopped_for
     if state.output_format is not None:
@@ -473,6 +503,8 @@ async def _served(services: Services, state: RequestState) -> None:
     await _end_attempt(state)
     if state.first_token_at is not None:
         state.notes[attr.GEN_AI_SERVER_TIME_TO_FIRST_TOKEN] = state.first_token_at / 1e3
+    if state.prefilled is not None:
+        state.notes[attr.PREFILLED_TOKENS] = state.prefilled
     _l1_store(services, state)
     state.notes.update({attr.GEN_AI_USAGE_OUTPUT_TOKENS: len(state.token_ids),
                         attr.GEN_AI_RESPONSE_FINISH_REASONS: [state.finish_reason or "stop"]})
@@ -537,13 +569,28 @@ async def _persist_unless_secret(cache: TieredCache[Any], key: str, value: Any,
 class _Recorder:
     """Takes each generated chunk: output guards first, then the request's text."""
 
-    __slots__ = ("_services", "_state", "_vocab", "repetition")
+    __slots__ = ("_services", "_state", "_vocab", "first_at", "last_at", "repetition",
+                 "tokens")
 
     def __init__(self, services: Services, state: RequestState, vocab_size: int) -> None:
         self._services, self._state, self._vocab = services, state, vocab_size
         self.repetition = RepetitionGuard()
+        # Real time of the first and last chunk (the watchdog's heartbeat: worker threads
+        # are real, whatever clock the services run on).
+        self.first_at: float | None = None
+        self.last_at = time.monotonic()
+        self.tokens = 0
+
+    def learn(self, lease: Lease) -> None:
+        """Tell the lease how fast tokens came after the first (the stall default)."""
+        if self.first_at is not None and self.tokens > 1:
+            lease.record_generation(self.tokens - 1, self.last_at - self.first_at)
 
     def __call__(self, event: GenerationEvent) -> None:
+        self.last_at = time.monotonic()
+        if self.first_at is None:
+            self.first_at = self.last_at
+        self.tokens += len(event.token_ids)
         state, guardrails = self._state, self._services.guardrails
         if guardrails is not None:
             blocked = guardrails.check_output(event.token_ids, event.text,
@@ -565,21 +612,59 @@ class _Recorder:
 T = TypeVar("T")
 
 
-async def _in_worker(state: RequestState, fn: Callable[[], T]) -> T:
-    """`fn()` in a worker thread, abandoned on cancellation or at the request's deadline.
+@contextmanager
+def _cores(services: Services) -> Iterator[CoreGate | None]:
+    """This generation's share of the cores, for its whole run (None: fixed threads)."""
+    if services.cores is None:
+        yield None
+        return
+    with services.cores.consumer() as gate:
+        yield gate
+
+
+@dataclass(eq=False, slots=True)
+class _Run:
+    """One generation: the slot it runs in, its parameters, its recorder and its cores."""
+
+    services: Services
+    state: RequestState
+    lease: Lease
+    sampling: SamplingParams
+    take: _Recorder
+    cores: CoreGate | None = None
+
+    def stall_limit(self) -> float:
+        """Seconds the next chunk may take: `stall_s`, and for the first one as much again per
+        prompt chunk the slot must evaluate (a long prompt is not a stall)."""
+        stall = self.lease.stall_s
+        if self.take.first_at is not None:
+            return stall
+        new = len(self.state.prompt_ids) - self.lease.load_info.reused_tokens
+        return stall * (1 + math.ceil(max(0, new) / _PROMPT_CHUNK))
+
+
+async def _in_worker(run: _Run, fn: Callable[[], T]) -> T:
+    """`fn()` in a worker thread, abandoned on cancellation, at the request's deadline, or
+    when no chunk arrives within the stall limit (`GenerationStalled`).
 
     Abandoning is safe because the thread is told to stop (`state.stop`) and, if it started,
-    is awaited (shielded) before the model's lock is released: the next request never finds
-    the model still generating. A job cancelled before a thread took it never runs.
+    is awaited (shielded) before the slot is released: the next request never finds the
+    instance still generating. A job cancelled before a thread took it never runs. A stalled
+    thread is not awaited (it may never return): the caller quarantines its slot instead.
     """
+    state, take = run.state, run.take
     started, finished, abandoned = threading.Event(), threading.Event(), threading.Event()
     outcome: list[T] = []
+    failed: list[Exception] = []  # raised here, not through the watchdog's task group
+    stalled: list[float] = []
 
     def work() -> None:
         started.set()
         try:
             if not abandoned.is_set():  # nobody awaits an abandoned job
                 outcome.append(fn())
+        except Exception as exc:
+            failed.append(exc)
         finally:
             finished.set()
 
@@ -590,38 +675,68 @@ async def _in_worker(state: RequestState, fn: Callable[[], T]) -> T:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(finished.wait)
 
+    async def watch(scope: anyio.CancelScope) -> None:
+        limit = run.stall_limit()
+        take.last_at = time.monotonic()
+        while (left := take.last_at + limit - time.monotonic()) > 0:
+            await anyio.sleep(left)
+            limit = run.stall_limit()
+        stalled.append(limit)
+        scope.cancel()
+
     try:
         with state.deadline.scope():
-            await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
-            return outcome[0]
+            async with anyio.create_task_group() as group:
+                group.start_soon(watch, group.cancel_scope)
+                await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
+                group.cancel_scope.cancel()
+            if failed:
+                raise failed[0]
+            if not stalled:
+                return outcome[0]
     except anyio.get_cancelled_exc_class():
         await stop_and_wait()
         raise
+    if stalled:
+        abandoned.set()
+        state.stop.set()  # the stuck thread holds this event: it stops if it ever returns
+        state.stop = threading.Event()  # the next attempt (another agent) is not stopped
+        raise GenerationStalled(stalled[0])
     # Only reached when the deadline's scope swallowed the cancellation.
     await stop_and_wait()
     raise state.deadline.error("inferencing", request_id=state.request.id)
 
 
-async def _stream_tokens(state: RequestState, model: Model, sampling: SamplingParams,
-                         take: _Recorder) -> AsyncGenerator[str, None]:
+async def _stream_tokens(run: _Run) -> AsyncGenerator[str, None]:
     """One worker-thread hop per chunk: the consumer sees each token as it is made."""
-    stream = model.open_stream(state.prompt_ids, sampling, should_stop=state.stop.is_set)
+    state = run.state
+    stream = run.lease.model.open_stream(state.prompt_ids, run.sampling,
+                                         should_stop=state.stop.is_set, cores=run.cores)
+    stalled = False
     try:
-        while (event := await _in_worker(state, stream.next_event)) is not None:
-            take(event)
+        while (event := await _in_worker(run, stream.next_event)) is not None:
+            run.take(event)
             if event.text:
                 yield event.text
-        state.finish_reason, state.mask = stream.outcome.finish_reason, stream.outcome.mask
+        outcome = stream.outcome
+        state.finish_reason, state.mask = outcome.finish_reason, outcome.mask
+        state.prefilled = outcome.prefilled
+    except GenerationStalled:
+        stalled = True  # its thread may still be inside the stream: closing it would race
+        raise
     finally:
-        stream.close()
+        if not stalled:
+            stream.close()
 
 
-async def _generate(state: RequestState, model: Model, sampling: SamplingParams,
-                    take: _Recorder) -> None:
+async def _generate(run: _Run) -> None:
     """The whole generation in one worker-thread hop: nobody waits for the chunks."""
-    outcome = await _in_worker(state, lambda: model.generate(
-        state.prompt_ids, sampling, on_event=take, should_stop=state.stop.is_set))
+    state = run.state
+    outcome = await _in_worker(run, lambda: run.lease.model.generate(
+        state.prompt_ids, run.sampling, on_event=run.take, should_stop=state.stop.is_set,
+        cores=run.cores))
     state.finish_reason, state.mask = outcome.finish_reason, outcome.mask
+    state.prefilled = outcome.prefilled
 
 
 # --- fallback -------------------------------------------------------------------------------

@@ -14,11 +14,10 @@ from typing import TYPE_CHECKING, Protocol
 from .services.models._memory import WatchedLoader
 
 if TYPE_CHECKING:
-    import anyio
     from anyio.abc import TaskStatus
 
-    from .backends import GenerationEvent, GenerationOutcome, SamplingParams
-    from .services.models._loader import LoaderStats, LoadInfo, ModelKey
+    from .backends import CoreGate, GenerationEvent, GenerationOutcome, SamplingParams, Threads
+    from .services.models._loader import LoaderStats, LoadInfo, ModelKey, SlotStats
     from .services.models._registry import AgentSpec
     from .services.routing._router import RoutingDecision
 
@@ -53,12 +52,19 @@ class Model(Protocol):
     @property
     def tokenizer(self) -> Vocabulary: ...
 
+    @property
+    def cached_ids(self) -> Sequence[int]:
+        """The ids its context holds: a prompt sharing their prefix evaluates only the rest."""
+        ...
+
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams, *,
                  on_event: Callable[[GenerationEvent], None],
-                 should_stop: Callable[[], bool]) -> GenerationOutcome: ...
+                 should_stop: Callable[[], bool], threads: Threads = None,
+                 cores: CoreGate | None = None) -> GenerationOutcome: ...
 
     def open_stream(self, prompt_ids: Sequence[int], params: SamplingParams, *,
-                    should_stop: Callable[[], bool] | None = None) -> Stream: ...
+                    should_stop: Callable[[], bool] | None = None, threads: Threads = None,
+                    cores: CoreGate | None = None) -> Stream: ...
 
 
 class Prepared(Protocol):
@@ -75,7 +81,8 @@ class Prepared(Protocol):
 
 
 class Lease(Protocol):
-    """A pinned, loaded model. Hold `generation_lock` while generating."""
+    """One slot of a loaded model (an instance with its own context), the request's alone
+    until the lease is released."""
 
     @property
     def model(self) -> Model: ...
@@ -84,7 +91,15 @@ class Lease(Protocol):
     def load_info(self) -> LoadInfo: ...
 
     @property
-    def generation_lock(self) -> anyio.Semaphore: ...
+    def stall_s(self) -> float:
+        """No token for this long: the generation is abandoned."""
+        ...
+
+    def quarantine(self) -> None:
+        """Never hand this slot out again: a generation was abandoned in it."""
+
+    def record_generation(self, tokens: int, seconds: float) -> None:
+        """How long `tokens` took to generate (after the first): what `stall_s` learns from."""
 
 
 class Loader(WatchedLoader, Protocol):
@@ -93,7 +108,10 @@ class Loader(WatchedLoader, Protocol):
 
     async def prepare(self, agent: AgentSpec) -> Prepared: ...
 
-    def lease(self, agent: AgentSpec) -> AbstractAsyncContextManager[Lease]: ...
+    def lease(self, agent: AgentSpec, *, prompt_ids: Sequence[int] = (),
+              priority: int = 0) -> AbstractAsyncContextManager[Lease]: ...
+
+    def slot_stats(self) -> list[SlotStats]: ...
 
     @property
     def stats(self) -> LoaderStats: ...

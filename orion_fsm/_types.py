@@ -58,6 +58,7 @@ class Request:
     # (field, message): an argument the Request cannot hold as given (`params=` of another
     # type, `params=` with overrides, a bad priority); the validating phase refuses it.
     refused: tuple[str, str] | None = None
+    session_id: str | None = None  # a turn of this Session (history trimmed to fit)
 
     def as_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -67,6 +68,7 @@ class Request:
             "params": self.params.as_dict(),
             "created_at": self.created_at,
             "cache": self.cache,
+            "session_id": self.session_id,
         }
         # Only when asked: a plain request's record keeps its shape.
         if self.response_format is not None:
@@ -135,6 +137,13 @@ class Result:
     cache: str | None = None  # "L1" when served from the result cache
     parsed: Any = None  # under a JSON response_format: the decoded, validated value
     tool_calls: tuple[ToolCall, ...] = ()
+    # The slot (model instance) that served it, the time spent waiting for a free slot, the
+    # prompt tokens its context already held and those it evaluated (None: no model ran).
+    slot: int | None = None
+    slot_wait_ms: float | None = None
+    reused_prefix_tokens: int | None = None
+    prefilled_tokens: int | None = None
+    session_id: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -165,4 +174,9 @@ class Result:
             "cache": self.cache,
             "parsed": self.parsed,
             "tool_calls": [c.as_dict() for c in self.tool_calls],
+            "slot": self.slot,
+            "slot_wait_ms": None if self.slot_wait_ms is None else round(self.slot_wait_ms, 3),
+            "reused_prefix_tokens": self.reused_prefix_tokens,
+            "prefilled_tokens": self.prefilled_tokens,
+            "session_id": self.session_id,
         }

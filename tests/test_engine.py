@@ -257,12 +257,13 @@ async def test_an_unusable_trace_path_fails_at_start_and_leaks_nothing(
     assert (tmp_path / "file").read_text() == "a file where a directory should be"
 
     # Nothing was left held: an engine on the same cache folder, given a usable trace path,
-    # serves at once, writes its trace line, and leaves the model's generation lock free.
+    # serves at once, writes its trace line, and leaves the model's slot free.
     fixed = make_engine(trace_path=tmp_path / "traces" / "fixed.jsonl")
     async with fixed:
         result = await fixed.infer("hello", agent="conversation", max_tokens=2, cache=False)
+        assert [s.running for s in fixed.stats().models] == [0]
         lease = await fixed.loader.acquire(fixed.registry.get("conversation"))
-        assert lease.generation_lock.value == 1
+        assert lease.load_info.slot_wait_ms == 0  # the slot was free: no wait
         lease.release()
     assert result.state == "success"
     (line,) = read_trace_lines(tmp_path / "traces" / "fixed.jsonl")

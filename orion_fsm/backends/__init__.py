@@ -15,16 +15,19 @@ from ._convert import (
     resolve_package_file,
 )
 from ._ctransformers import (
+    CoreGate,
     GenerationEvent,
     GenerationOutcome,
     GenerationStream,
     LoadedModel,
     SamplingParams,
+    Threads,
 )
 from ._tokenizer import IncrementalDecoder, Tokenizer
 
 __all__ = [
     "ConvertedModel",
+    "CoreGate",
     "GGUFHeader",
     "GenerationEvent",
     "GenerationOutcome",
@@ -35,6 +38,7 @@ __all__ = [
     "MaskStats",
     "ModelCache",
     "SamplingParams",
+    "Threads",
     "Tokenizer",
     "compile_grammar",
     "ensure_converted",

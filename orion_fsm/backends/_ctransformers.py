@@ -11,10 +11,10 @@ import platform
 import random
 import threading
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from orion_fsm._exceptions import InferenceError, ModelLoadError
 
@@ -23,11 +23,13 @@ from ._convert import read_gguf_header
 from ._tokenizer import IncrementalDecoder, Tokenizer
 
 __all__ = [
+    "CoreGate",
     "GenerationEvent",
     "GenerationOutcome",
     "GenerationStream",
     "LoadedModel",
     "SamplingParams",
+    "Threads",
 ]
 
 # Prompt tokens evaluated per runtime call: past ~32 throughput is flat (~250 tok/s for
@@ -64,6 +66,13 @@ class GenerationOutcome:
     text: str  # exactly the text emitted through events
     finish_reason: str  # "stop" (EOS or stop sequence) | "length" | "cancelled"
     mask: MaskStats | None = None  # under a grammar: what the mask cost and changed
+    # Prompt tokens this call evaluated: the rest were reused from the instance's context.
+    prefilled: int = field(default=0, compare=False)
+
+
+# Threads for one runtime call: a number, or asked again before every call (a CPU allotter
+# hands out cores per token, so concurrent generations share the cores without waiting).
+Threads = int | Callable[[], int] | None
 
 
 @functools.cache
@@ -171,6 +180,18 @@ class LoadedModel:
     def closed(self) -> bool:
         return self._llm is None
 
+    @property
+    def cached_ids(self) -> tuple[int, ...]:
+        """Token ids the context holds from the last generation: a prompt sharing a prefix
+        with them evaluates only what follows it."""
+        llm = self._llm
+        return () if llm is None else tuple(llm._context)
+
+    @property
+    def generating(self) -> bool:
+        """A generation holds the instance (possibly a thread stuck in the runtime)."""
+        return self._lock.locked()
+
     def close(self) -> None:
         """Free the runtime's memory. Waits for a running generation; idempotent."""
         with self._lock:
@@ -184,13 +205,17 @@ class LoadedModel:
         *,
         on_event: Callable[[GenerationEvent], None],
         should_stop: Callable[[], bool],
+        threads: Threads = None,
+        cores: CoreGate | None = None,
     ) -> GenerationOutcome:
         """Generate from `prompt_ids`, streaming text deltas to `on_event`. Blocking.
 
         Stops on an end-of-sequence id, a stop string (never emitted, nor anything after it),
         `max_tokens`, or when `should_stop()` turns true (checked between tokens).
+        `threads` (default: the load's) is read before each runtime call; `cores`, if given,
+        is held around each call (see `CoreGate`).
         """
-        steps = self._steps(self._checked(prompt_ids), params, should_stop)
+        steps = self._steps(self._checked(prompt_ids), params, should_stop, threads, cores)
         try:
             while True:
                 try:
@@ -208,12 +233,15 @@ class LoadedModel:
         params: SamplingParams,
         *,
         should_stop: Callable[[], bool] | None = None,
+        threads: Threads = None,
+        cores: CoreGate | None = None,
     ) -> GenerationStream:
         """The same generation, pulled one event at a time (see `GenerationStream`).
 
         Does not block: the model is taken by the first `next_event()` call.
         """
-        return GenerationStream(self, self._checked(prompt_ids), params, should_stop)
+        return GenerationStream(self, self._checked(prompt_ids), params, should_stop,
+                                threads=threads, cores=cores)
 
     def _checked(self, prompt_ids: Sequence[int]) -> list[int]:
         if not prompt_ids:
@@ -232,7 +260,8 @@ class LoadedModel:
         return list(prompt_ids)
 
     def _steps(
-        self, prompt: list[int], params: SamplingParams, should_stop: Callable[[], bool]
+        self, prompt: list[int], params: SamplingParams, should_stop: Callable[[], bool],
+        threads: Threads = None, cores: CoreGate | None = None,
     ) -> Generator[GenerationEvent, None, GenerationOutcome]:
         # Wait for the lock in short steps so a request cancelled while queued leaves at once.
         while not self._lock.acquire(timeout=_LOCK_POLL_SECONDS):
@@ -242,12 +271,23 @@ class LoadedModel:
             llm = self._llm
             if llm is None:
                 raise InferenceError(f"model {self.model_path} was closed; load it again")
-            generation = _Generation(self, llm, params, should_stop, threads=self._threads)
+            generation = _Generation(self, llm, params, should_stop,
+                                     threads=self._threads if threads is None else threads,
+                                     cores=cores)
             return (yield from generation.run(prompt))
         finally:
             # A plain Lock may be released by another thread: stream steps hop between
             # worker threads.
             self._lock.release()
+
+
+class CoreGate(Protocol):
+    """Cores for one runtime call: `acquire()` blocks until at least one is free and returns
+    how many the call may use; `release(n)` gives them back. Called from worker threads."""
+
+    def acquire(self) -> int: ...
+
+    def release(self, granted: int) -> None: ...
 
 
 class GenerationStream:
@@ -264,10 +304,14 @@ class GenerationStream:
         prompt: list[int],
         params: SamplingParams,
         should_stop: Callable[[], bool] | None,
+        *,
+        threads: Threads = None,
+        cores: CoreGate | None = None,
     ) -> None:
         self._closed = False
         stop = should_stop or (lambda: False)
-        self._steps = model._steps(prompt, params, lambda: self._closed or stop())
+        self._steps = model._steps(prompt, params, lambda: self._closed or stop(), threads,
+                                   cores)
         self._outcome: GenerationOutcome | None = None
         self._token_ids: list[int] = []
         self._texts: list[str] = []
@@ -309,10 +353,13 @@ class _Generation:
         params: SamplingParams,
         should_stop: Callable[[], bool],
         *,
-        threads: int | None,
+        threads: Threads,
+        cores: CoreGate | None = None,
     ) -> None:
         self._model = model
         self._threads = threads
+        self._cores = cores
+        self._prefilled = 0
         self._llm = llm
         self._params = params
         self._should_stop = should_stop
@@ -324,8 +371,22 @@ class _Generation:
         self._emitted: list[str] = []
         self._masked: MaskedSampler | None = None
 
+    def _eval(self, tokens: Sequence[int]) -> None:
+        threads = self._threads
+        gate = self._cores
+        if gate is None:
+            self._llm.eval(tokens, threads=threads() if callable(threads) else threads)
+            return
+        granted = gate.acquire()
+        try:
+            # An explicit count still wins over the grant; the gate then only paces.
+            n = threads() if callable(threads) else threads
+            self._llm.eval(tokens, threads=granted if n is None else n)
+        finally:
+            gate.release(granted)
+
     def run(self, prompt: list[int]) -> Generator[GenerationEvent, None, GenerationOutcome]:
-        params, llm, threads = self._params, self._llm, self._threads
+        params, llm = self._params, self._llm
         greedy = params.temperature <= 0
         # ctransformers reseeds its generator with the given seed on *every* sample (and -1
         # means time(NULL), one value per second), so draw a fresh seed per token here.
@@ -340,7 +401,9 @@ class _Generation:
             for start in range(0, len(pending), _PROMPT_CHUNK):
                 if self._should_stop():
                     return (yield from self._finish("cancelled"))
-                llm.eval(pending[start : start + _PROMPT_CHUNK], threads=threads)
+                chunk = pending[start : start + _PROMPT_CHUNK]
+                self._eval(chunk)
+                self._prefilled += len(chunk)
         except Exception as exc:
             raise InferenceError(
                 f"model {self._model.model_path} failed on the prompt: {exc}"
@@ -381,7 +444,7 @@ class _Generation:
             if len(self._generated) == budget:
                 break  # evaluating the last token would only feed a sample nobody takes
             try:
-                llm.eval([token], threads=threads)
+                self._eval([token])
             except Exception as exc:
                 raise InferenceError(
                     f"model {self._model.model_path} failed to evaluate: {exc}"
@@ -431,4 +494,5 @@ class _Generation:
             self._send(self._held)
         yield from self._drain()
         mask = self._masked.stats() if self._masked is not None else None
-        return GenerationOutcome(tuple(self._generated), "".join(self._emitted), reason, mask)
+        return GenerationOutcome(tuple(self._generated), "".join(self._emitted), reason, mask,
+                                 self._prefilled)

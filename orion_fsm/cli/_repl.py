@@ -1,7 +1,8 @@
 """`orion-fsm repl`: type a prompt, watch the tokens stream, on the Engine an app would embed.
 
-Ctrl-C stops the current generation and keeps the session; history persists across runs;
-slash commands look into the engine (/agents /agent /stats /cache /mem /breakers /trace ...).
+Prompts are turns of one conversation (an engine Session: each turn re-sends the history, and
+the slot holding it evaluates only the new turn); Ctrl-C stops the current generation and
+keeps the conversation; slash commands look into the engine (/agents /stats /cache /mem ...).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ Type a prompt and press Enter; Ctrl-C stops the generation, Ctrl-D or /quit leav
   /agent NAME    send prompts to NAME; /agent auto routes them again
   /schema FILE   answers are JSON valid under the schema in FILE; /schema json: any
                  JSON object; /schema off: free text again
-  /stats         this session's requests, and the model loader's figures
+  /new           start a new conversation (forget the turns so far)
+  /stats         this session's requests, the loader's figures, slots and queues
   /cache         hits, misses and size of each cache level
   /mem           memory pressure, loaded models, recommendations
   /breakers      each agent's circuit breaker
@@ -88,9 +90,10 @@ class Session:
         self.cancelled = 0
         self.last_id: str | None = None  # None: the newest line of the trace file
         self.asked = False
+        self.conversation = engine.session(agent=self.agent)
         self._commands: dict[str, Callable[[str], Awaitable[bool]]] = {
             "/agents": self._agents, "/agent": self._agent, "/schema": self._schema,
-            "/stats": self._stats,
+            "/stats": self._stats, "/new": self._new,
             "/cache": self._cache, "/mem": self._mem, "/breakers": self._breakers,
             "/trace": self._trace, "/replay": self._replay, "/help": self._help,
             "/quit": self._quit, "/exit": self._quit,
@@ -126,9 +129,10 @@ class Session:
     async def ask(self, prompt: str) -> None:
         """Stream the answer; Ctrl-C (SIGINT) cancels it and the request ends `cancelled`."""
         self.asked = True
-        stream = self.engine.stream(prompt, agent=self.agent, max_tokens=self.max_tokens,
-                                    temperature=self.temperature,
-                                    response_format=self.response_format)
+        self.conversation.agent = self.agent or self.conversation.agent
+        stream = self.conversation.stream(prompt, max_tokens=self.max_tokens,
+                                          temperature=self.temperature,
+                                          response_format=self.response_format)
         self.last_id = stream.request_id
         result: Result | None = None
         interrupted = False
@@ -201,11 +205,16 @@ class Session:
         if not name:
             self.say(f"prompts go to {self.agent or 'the routed agent'}")
         elif name == "auto":
-            self.agent = None
+            self.agent = self.conversation.agent = None
             self.say("prompts are routed again")
         else:
             self.agent = self.engine.registry.get(name).id  # unknown -> names the known ones
             self.say(f"prompts now go to {self.agent}")
+        return True
+
+    async def _new(self, _: str) -> bool:
+        self.conversation = self.engine.session(agent=self.agent)
+        self.say("new conversation")
         return True
 
     async def _stats(self, _: str) -> bool:
@@ -228,6 +237,18 @@ class Session:
         models = ", ".join(m.label for m in self.engine.loader.models()) or "none"
         self.say(f"loader: {stats.loads} loads, {stats.unloads} unloads, {stats.evictions} "
                  f"evictions, {stats.refusals} refusals · loaded: {models}")
+        now = self.engine.stats()
+        self.say(f"requests now: {now.in_flight} in flight, {now.queued} queued for admission")
+        for m in now.models:
+            self.say(f"  {m.model:<36} slots {m.slots}/{m.parallel}  running {m.running}  "
+                     f"queued {m.queued}  quarantined {m.quarantined}")
+        if now.cores is not None:
+            c = now.cores
+            self.say(f"cores: {c.in_use}/{c.capacity} in use of {c.cores} usable "
+                     f"(other processes busy: {c.external_busy:g})")
+        turns = len(self.conversation.messages) // 2
+        self.say(f"conversation: {turns} turn(s)"
+                 + (f", on {self.conversation.agent}" if self.conversation.agent else ""))
         return True
 
     async def _cache(self, _: str) -> bool:
@@ -312,6 +333,8 @@ def _footer(result: Result) -> str:
         head += f" · {result.cache}"
     ttft = "-" if result.ttft_ms is None else f"{result.ttft_ms:.0f} ms"
     head += f" · {result.tokens.output} tokens · ttft {ttft} · {result.total_ms:.0f} ms"
+    if result.slot is not None:
+        head += f" · slot {result.slot}, {result.reused_prefix_tokens or 0} tokens reused"
     if result.error:
         head += f"\n[error ({result.error_reason}): {result.error}]"
     return head

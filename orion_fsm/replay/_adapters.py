@@ -5,6 +5,7 @@ file), the live loader, the breaker board, admission, the caches and the clock.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -16,13 +17,15 @@ import anyio
 from anyio.abc import TaskStatus
 
 from orion_fsm._clock import Clock, ManualClock
-from orion_fsm._exceptions import InferenceError, ModelLoadError
+from orion_fsm._exceptions import GenerationStalled, InferenceError, ModelLoadError
 from orion_fsm.backends import (
+    CoreGate,
     GenerationEvent,
     GenerationOutcome,
     GenerationStream,
     LoadedModel,
     SamplingParams,
+    Threads,
     Tokenizer,
 )
 from orion_fsm.backends._convert import TOKENIZER_FILENAME, ConvertedModel
@@ -35,6 +38,7 @@ from orion_fsm.services.models._loader import (
     ModelLoader,
     PreparedModel,
     ResidentModel,
+    SlotStats,
 )
 from orion_fsm.services.models._pressure import PressureGauge
 from orion_fsm.services.models._registry import AgentSpec, Registry
@@ -46,7 +50,9 @@ from orion_fsm.services.routing._router import RoutingDecision, RuleRouter
 
 from ._script import Aborter, RecordedAttempt, RecordedOutput, Script
 
-_STOP_WAIT_S: Final = 5.0  # a cancelled caller tells the stream to stop within milliseconds
+_STOP_WAIT_S: Final = 5.0
+# Replayed generations never stall for real (a recorded stall is replayed as its failure).
+_REPLAY_STALL_S: Final = 3600.0  # a cancelled caller tells the stream to stop within milliseconds
 
 
 class ReplayRouter:
@@ -243,7 +249,7 @@ class _ReplayStream:
         event = self._inner.next_event()
         if event is None:
             if self._output.error is not None:
-                raise InferenceError(self._output.error)
+                raise _recorded_failure(self._output.error)
             return None
         return event
 
@@ -253,6 +259,19 @@ class _ReplayStream:
 
     def close(self) -> None:
         self._inner.close()
+
+
+_STALLED = re.compile(r"^stalled: no token for ([0-9.e+-]+) s")
+
+
+def _recorded_failure(message: str) -> InferenceError:
+    """The recorded inference failure; a stall again as a stall (its slot is quarantined)."""
+    found = _STALLED.match(message)
+    if found is not None:
+        stalled = GenerationStalled(float(found.group(1)))
+        if stalled.message == message:
+            return stalled
+    return InferenceError(message)
 
 
 class _UnknownVocabulary:
@@ -275,13 +294,19 @@ class ReplayModel:
         self._decoder = tokenizer
         self._aborter = aborter if output.abort else None
 
+    @property
+    def cached_ids(self) -> tuple[int, ...]:
+        return ()  # the recorded slot and reused prefix come with the recorded LoadInfo
+
     def open_stream(self, prompt_ids: Sequence[int], params: SamplingParams, *,
-                    should_stop: Callable[[], bool] | None = None) -> _ReplayStream:
+                    should_stop: Callable[[], bool] | None = None, threads: Threads = None,
+                    cores: CoreGate | None = None) -> _ReplayStream:
         return self._open(prompt_ids, params, aborter=self._aborter, should_stop=should_stop)
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams, *,
                  on_event: Callable[[GenerationEvent], None],
-                 should_stop: Callable[[], bool]) -> GenerationOutcome:
+                 should_stop: Callable[[], bool], threads: Threads = None,
+                 cores: CoreGate | None = None) -> GenerationOutcome:
         aborter = self._aborter
         # A timeout is raised by the stream where the next token was awaited; a cancelled
         # caller is cancelled after the last token reached it.
@@ -320,14 +345,22 @@ class ReplayModel:
 
 
 class _ReplayLease:
-    """What the phases use of a `ModelLease`."""
+    """What the phases use of a `ModelLease`: the recorded slot, wait and reused prefix ride
+    on the recorded `LoadInfo`."""
+
+    stall_s = _REPLAY_STALL_S
 
     def __init__(self, model: ReplayModel, load_info: LoadInfo,
                  prepared: _ReplayPrepared) -> None:
         self.model = model
         self.load_info = load_info
         self.prepared = prepared
-        self.generation_lock = anyio.Semaphore(1)
+
+    def quarantine(self) -> None:
+        return None  # nothing real was stuck
+
+    def record_generation(self, tokens: int, seconds: float) -> None:
+        return None
 
 
 class ReplayLoader:
@@ -388,8 +421,12 @@ class ReplayLoader:
             files=ConvertedModel(source, source.parent / TOKENIZER_FILENAME, sha),
             tokenizer=tokenizer)
 
+    def slot_stats(self) -> list[SlotStats]:
+        return []
+
     @asynccontextmanager
-    async def lease(self, agent: AgentSpec) -> AsyncIterator[_ReplayLease]:
+    async def lease(self, agent: AgentSpec, *, prompt_ids: Sequence[int] = (),
+                    priority: int = 0) -> AsyncIterator[_ReplayLease]:
         attempt = self._script.attempt(agent)
         if attempt.prepare_error is not None:
             raise ModelLoadError(attempt.prepare_error)
@@ -466,12 +503,17 @@ class LiveLoader:
                 self.warnings.append(warning)
         return prepared
 
+    def slot_stats(self) -> list[SlotStats]:
+        return self.inner.slot_stats()
+
     @asynccontextmanager
-    async def lease(self, agent: AgentSpec) -> AsyncIterator[ModelLease | _FailingLease]:
+    async def lease(self, agent: AgentSpec, *, prompt_ids: Sequence[int] = (),
+                    priority: int = 0) -> AsyncIterator[ModelLease | _FailingLease]:
         attempt = self._script.attempt(agent)
         if attempt.prepare_error is not None or attempt.acquire_error is not None:
             raise ModelLoadError(attempt.prepare_error or attempt.acquire_error or "")
-        async with self.inner.lease(agent) as lease:
+        async with self.inner.lease(agent, prompt_ids=prompt_ids,
+                                    priority=priority) as lease:
             if attempt.output.error is None:
                 yield lease
                 return
@@ -509,7 +551,13 @@ class _FailingLease:
         self.model = model
         self.load_info = lease.load_info
         self.prepared = lease.prepared
-        self.generation_lock = lease.generation_lock
+        self.stall_s = lease.stall_s
+
+    def quarantine(self) -> None:
+        return None  # the replayed failure leaves the real slot sound
+
+    def record_generation(self, tokens: int, seconds: float) -> None:
+        return None
 
 
 class ReplayBreakers(BreakerBoard):

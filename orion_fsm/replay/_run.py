@@ -165,7 +165,8 @@ async def _send(engine: Engine, record: Mapping[str, Any], params: GenerationPar
                                # The format compiles again: its mask re-checks every token.
                                "response_format": request.get("response_format"),
                                "tools": request.get("tools"),
-                               "tool_choice": request.get("tool_choice")}
+                               "tool_choice": request.get("tool_choice"),
+                               "session_id": request.get("session_id")}
     with anyio.CancelScope() as scope:
         aborter.scope = scope
         try:

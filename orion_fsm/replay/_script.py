@@ -15,6 +15,7 @@ from orion_fsm._exceptions import ModelLoadError, RequestTimeout
 from orion_fsm.services.models._loader import LoadInfo
 from orion_fsm.services.models._registry import AgentSpec
 from orion_fsm.services.models._tiers import DEFAULT_VARIANT
+from orion_fsm.services.observability import _attributes as attr
 
 _PROMPT_TOKENS = re.compile(r"the prompt is (\d+) tokens")
 # What older records say only in their error message (RequestTimeout, Overloaded).
@@ -149,6 +150,10 @@ def _load_info(attrs: Mapping[str, Any]) -> LoadInfo | None:
         estimate_mb=float(attrs.get("orion.model.estimate_mb", 0.0)),
         unloaded=tuple(attrs.get("orion.model.unloaded") or ()),
         preloaded=bool(attrs.get("orion.model.preloaded", False)),
+        slot=int(attrs.get(attr.SLOT, 0)),
+        slot_wait_ms=float(attrs.get(attr.SLOT_WAIT_MS, 0.0)),
+        reused_tokens=int(attrs.get(attr.SLOT_REUSED_TOKENS, 0)),
+        parallel=int(attrs.get(attr.SLOT_PARALLEL, 1)),
     )
 
 

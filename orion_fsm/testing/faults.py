@@ -19,11 +19,13 @@ from typing import Any, Final, Literal
 
 from orion_fsm._exceptions import ConfigurationError, InferenceError, ModelLoadError
 from orion_fsm.backends import (
+    CoreGate,
     GenerationEvent,
     GenerationOutcome,
     GenerationStream,
     LoadedModel,
     SamplingParams,
+    Threads,
 )
 
 __all__ = [
@@ -97,16 +99,27 @@ class FaultyModel(LoadedModel):
         self.context_length = inner.context_length
         self.eos_token_ids = inner.eos_token_ids
 
+        self.hanging = 0  # generations stuck in an injected hang right now
+
     @property
     def closed(self) -> bool:
         return self.inner.closed
+
+    @property
+    def cached_ids(self) -> tuple[int, ...]:
+        return self.inner.cached_ids
+
+    @property
+    def generating(self) -> bool:
+        return self.hanging > 0 or self.inner.generating
 
     def close(self) -> None:
         self.inner.close()
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams, *,
                  on_event: Callable[[GenerationEvent], None],
-                 should_stop: Callable[[], bool]) -> GenerationOutcome:
+                 should_stop: Callable[[], bool], threads: Threads = None,
+                 cores: CoreGate | None = None) -> GenerationOutcome:
         kind = self.plan.draw(_GENERATION_KINDS)
         if kind in ("raise", "hang") and self.plan.after_tokens:
             stream = _LateFaultStream(kind, self, prompt_ids, params, should_stop)
@@ -119,20 +132,26 @@ class FaultyModel(LoadedModel):
         if kind == "raise":
             raise InferenceError(f"injected fault: model {self.model_path} failed to sample")
         if kind == "hang":
-            _hang(should_stop, self.plan.hang_s)
+            self.hanging += 1
+            try:
+                _hang(should_stop, self.plan.hang_s)
+            finally:
+                self.hanging -= 1
             return GenerationOutcome((), "", "cancelled")
         if kind == "malformed":
             event = self._garbage()
             on_event(event)
             return GenerationOutcome(event.token_ids, event.text, "stop")
         return self.inner.generate(prompt_ids, params, on_event=on_event,
-                                   should_stop=should_stop)
+                                   should_stop=should_stop, threads=threads, cores=cores)
 
     def open_stream(self, prompt_ids: Sequence[int], params: SamplingParams, *,
-                    should_stop: Callable[[], bool] | None = None) -> GenerationStream:
+                    should_stop: Callable[[], bool] | None = None, threads: Threads = None,
+                    cores: CoreGate | None = None) -> GenerationStream:
         kind = self.plan.draw(_GENERATION_KINDS)
         if kind is None:
-            return self.inner.open_stream(prompt_ids, params, should_stop=should_stop)
+            return self.inner.open_stream(prompt_ids, params, should_stop=should_stop,
+                                          threads=threads, cores=cores)
         if kind in ("raise", "hang") and self.plan.after_tokens:
             return _LateFaultStream(kind, self, prompt_ids, params, should_stop)
         return _FaultyStream(kind, self, should_stop)
@@ -162,7 +181,12 @@ class _FaultyStream(GenerationStream):
             raise InferenceError(
                 f"injected fault: model {self._model.model_path} failed to sample")
         if self._kind == "hang":
-            _hang(lambda: self._closed_event.is_set() or self._stop(), self._model.plan.hang_s)
+            self._model.hanging += 1
+            try:
+                _hang(lambda: self._closed_event.is_set() or self._stop(),
+                      self._model.plan.hang_s)
+            finally:
+                self._model.hanging -= 1
             self._fault_outcome = GenerationOutcome((), "", "cancelled")
             return None
         if not self._sent:

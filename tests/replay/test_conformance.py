@@ -63,11 +63,12 @@ class StallingLoader(ModelLoader):
             await anyio.sleep_forever()
         return await super().prepare(agent, variant=variant)
 
-    def lease(self, agent: AgentSpec, *,
-              variant: str | None = None) -> AbstractAsyncContextManager[ModelLease]:
+    def lease(self, agent: AgentSpec, *, variant: str | None = None,
+              prompt_ids: Sequence[int] = (),
+              priority: int = 0) -> AbstractAsyncContextManager[ModelLease]:
         if agent.id == "slowload":
             return _stalled_lease()
-        return super().lease(agent, variant=variant)
+        return super().lease(agent, variant=variant, prompt_ids=prompt_ids, priority=priority)
 
 
 @asynccontextmanager

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import heapq
+import itertools
 import logging
-import os
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -22,9 +23,11 @@ import anyio
 from anyio.abc import TaskStatus
 
 from orion_fsm._clock import Clock, SystemClock
+from orion_fsm._config import DEFAULT_STALL_FLOOR_S, STALL_TOKENS_FACTOR
 from orion_fsm._exceptions import ConfigurationError, InsufficientMemory, ModelLoadError
 from orion_fsm._singleflight import SingleFlight
 from orion_fsm.backends import ConvertedModel, LoadedModel, Tokenizer, ensure_converted
+from orion_fsm.services.models._cpu import usable_cores
 from orion_fsm.services.models._pressure import PressureGauge, PressureLevel
 from orion_fsm.services.models._registry import AgentSpec, ModelSource
 from orion_fsm.services.models._tiers import (
@@ -37,6 +40,7 @@ from orion_fsm.services.models._tiers import (
     estimate_model_memory,
     tier_for,
 )
+from orion_fsm.services.observability import _attributes as attr
 
 if TYPE_CHECKING:
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -51,6 +55,7 @@ __all__ = [
     "PreparedModel",
     "ProgressCallback",
     "ResidentModel",
+    "SlotStats",
 ]
 
 ProgressCallback = Callable[[str, int, int], None]
@@ -102,16 +107,24 @@ class LoadInfo:
     estimate_mb: float
     unloaded: tuple[str, ...]  # models unloaded to make room for this load
     preloaded: bool  # the load was started ahead of time by a preload
+    slot: int = 0  # which instance of the model serves the request
+    slot_wait_ms: float = 0.0  # time waiting for a free slot (queued behind other requests)
+    reused_tokens: int = 0  # prompt tokens the slot's context already held (not evaluated)
+    parallel: int = 1  # slots the model may have
 
     def span_attributes(self) -> dict[str, Any]:
         return {
-            "orion.model": self.model,
-            "orion.model.variant": self.variant,
-            "orion.model.loaded_now": self.loaded_now,
-            "orion.model.load_ms": round(self.load_ms, 3),
-            "orion.model.estimate_mb": round(self.estimate_mb, 1),
-            "orion.model.unloaded": list(self.unloaded),
-            "orion.model.preloaded": self.preloaded,
+            attr.MODEL: self.model,
+            attr.MODEL_VARIANT: self.variant,
+            attr.MODEL_LOADED_NOW: self.loaded_now,
+            attr.MODEL_LOAD_MS: round(self.load_ms, 3),
+            attr.MODEL_ESTIMATE_MB: round(self.estimate_mb, 1),
+            attr.MODEL_UNLOADED: list(self.unloaded),
+            attr.MODEL_PRELOADED: self.preloaded,
+            attr.SLOT: self.slot,
+            attr.SLOT_WAIT_MS: round(self.slot_wait_ms, 3),
+            attr.SLOT_REUSED_TOKENS: self.reused_tokens,
+            attr.SLOT_PARALLEL: self.parallel,
         }
 
 
@@ -132,6 +145,18 @@ class ResidentModel:
     @property
     def variant(self) -> str:
         return self.key.variant
+
+
+@dataclass(frozen=True, slots=True)
+class SlotStats:
+    """One resident model's slots as `Engine.stats()` reports them."""
+
+    model: str
+    parallel: int  # the most slots it may have
+    slots: int  # instances loaded and usable
+    running: int  # slots generating
+    queued: int  # requests waiting for a slot
+    quarantined: int  # slots abandoned by the stall watchdog, not yet freed
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,24 +210,69 @@ class LoaderStats:
     room_waits: int = 0  # times a load waited for requests to release models
     preloads: int = 0
     preload_hits: int = 0  # a request found the model a preload had loaded
+    slots_added: int = 0  # instances loaded beyond a model's first
+    quarantined: int = 0  # slots the stall watchdog abandoned
+    slot_waits: int = 0  # requests that queued for a slot
 
 
 @dataclass(eq=False)
-class _Slot:
-    prepared: PreparedModel
+class _Instance:
+    """One slot: an instance of the model with its own runtime context (KV cache), so one
+    generation at a time; its context keeps the ids it last evaluated (prefix reuse)."""
+
+    index: int
     model: LoadedModel
     last_used: float
+    busy: bool = False
+    quarantined: bool = False
+
+
+@dataclass(eq=False)
+class _Waiter:
+    priority: int
+    seq: int
+    event: anyio.Event
+    instance: _Instance | None = None  # handed over by a release; None: look again
+    woken: bool = False
+    abandoned: bool = False
+
+    def __lt__(self, other: _Waiter) -> bool:
+        return (self.priority, self.seq) < (other.priority, other.seq)
+
+
+@dataclass(eq=False)
+class _Resident:
+    """A model's weights file, resident as one or more instances (slots)."""
+
+    prepared: PreparedModel
+    instances: list[_Instance]
+    last_used: float
     keep_alive_s: float
-    # One generation per model instance at a time: the runtime holds one context.
-    # A semaphore, not a Lock: a stream abandoned without aclose() is closed by the event
-    # loop's async-generator finalizer, in another task, and a Lock refuses that release.
-    generation_lock: anyio.Semaphore = field(default_factory=lambda: anyio.Semaphore(1))
+    parallel: int = 1  # the most instances it may have
     pins: int = 0
     preloaded: bool = False  # loaded by a preload and not used yet
+    creating: int = 0  # instances being loaded
+    # Instances abandoned by the stall watchdog: their thread may still be stuck in the
+    # runtime, so they are never used again, and counted until that thread lets go.
+    quarantined: list[_Instance] = field(default_factory=list)
+    waiters: list[_Waiter] = field(default_factory=list)  # a heap: priority, then arrival
+    queued: int = 0
+    token_s: float | None = None  # measured seconds per generated token (moving average)
+    next_index: int = 1
+
+    @property
+    def instance_bytes(self) -> int:
+        return self.prepared.estimate.total_bytes
 
     @property
     def estimate_bytes(self) -> int:
-        return self.prepared.estimate.total_bytes
+        # ctransformers shares nothing between instances (measured: ~180 MB each for
+        # SmolLM2 Q4_1 at 2048 tokens), so every instance counts in full.
+        return self.instance_bytes * (len(self.instances) + self.creating + len(self.quarantined))
+
+    @property
+    def running(self) -> int:
+        return sum(i.busy for i in self.instances)
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,35 +282,46 @@ class _Loaded:
 
 
 class ModelLease:
-    """A pinned, loaded model. Hold `lease.generation_lock` while generating; then `release()`."""
+    """A pinned model and one of its slots, held by one request until `release()`."""
 
-    __slots__ = ("_on_release", "_released", "_slot", "load_info")
+    __slots__ = ("_instance", "_on_release", "_released", "_resident", "load_info", "stall_s")
 
-    def __init__(self, slot: _Slot, load_info: LoadInfo,
-                 on_release: Callable[[_Slot], None]) -> None:
-        self._slot = slot
+    def __init__(self, resident: _Resident, instance: _Instance, load_info: LoadInfo,
+                 stall_s: float, on_release: Callable[[_Resident, _Instance], None]) -> None:
+        self._resident = resident
+        self._instance = instance
         self._released = False
         self._on_release = on_release
         self.load_info = load_info
-        slot.pins += 1
+        self.stall_s = stall_s  # no token for this long: the generation is abandoned
 
     @property
     def model(self) -> LoadedModel:
-        return self._slot.model
+        return self._instance.model
 
     @property
     def prepared(self) -> PreparedModel:
-        return self._slot.prepared
+        return self._resident.prepared
 
-    @property
-    def generation_lock(self) -> anyio.Semaphore:
-        return self._slot.generation_lock
+    def quarantine(self) -> None:
+        """Never use this slot again: a generation was abandoned in it (see `_Resident`)."""
+        instance, resident = self._instance, self._resident
+        if not instance.quarantined:
+            instance.quarantined = True
+            resident.instances.remove(instance)
+            resident.quarantined.append(instance)
+
+    def record_generation(self, tokens: int, seconds: float) -> None:
+        """How long tokens took (after the first): what the default `stall_s` is made of."""
+        if tokens > 0 and seconds > 0:
+            per = seconds / tokens
+            old = self._resident.token_s
+            self._resident.token_s = per if old is None else 0.8 * old + 0.2 * per
 
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._slot.pins -= 1
-            self._on_release(self._slot)
+            self._on_release(self._resident, self._instance)
 
 
 class _UsageModel:
@@ -291,7 +372,8 @@ class ModelLoader:
         monitor: PressureGauge | None = None,
     ) -> None:
         self.cache_dir = cache_dir
-        self.threads = threads or max(1, os.cpu_count() or 1)
+        # Explicit threads win; None lets each runtime call take cores from a CpuAllotter.
+        self.threads = threads
         self.config = config = config or LoaderConfig()
         self.clock: Clock = clock or SystemClock()
         # The pressure source: at CRITICAL, loads are refused. A MemoryMonitor given this
@@ -308,11 +390,12 @@ class ModelLoader:
                                 else config.budget_fraction * memory.available)
         self.max_loaded_models = config.max_loaded_models or self.tier.max_loaded_models
         self._prepared: dict[ModelKey, PreparedModel] = {}
-        self._slots: dict[ModelKey, _Slot] = {}
+        self._residents: dict[ModelKey, _Resident] = {}
         self._reserved: dict[ModelKey, int] = {}  # loads under way, counted against the limits
         self._preparing: SingleFlight[PreparedModel] = SingleFlight()
         self._loading: SingleFlight[_Loaded] = SingleFlight()
         self._admission: anyio.Lock | None = None
+        self._seq = itertools.count()  # arrival order of requests waiting for a slot
         self._room_freed: anyio.Event | None = None  # set when a request releases a model
         self._usage = _UsageModel(config.usage_window)
         self._agents: dict[str, AgentSpec] = {}
@@ -350,7 +433,7 @@ class ModelLoader:
     # --- what is loaded ---------------------------------------------------------------------
 
     def loaded(self) -> list[ModelKey]:
-        return list(self._slots)
+        return list(self._residents)
 
     def models(self) -> list[ResidentModel]:
         """Loaded models, least recently used first."""
@@ -362,7 +445,8 @@ class ModelLoader:
     @property
     def used_bytes(self) -> int:
         """Estimated bytes of the loaded models and of the loads under way."""
-        return sum(s.estimate_bytes for s in self._slots.values()) + sum(self._reserved.values())
+        return (sum(r.estimate_bytes for r in self._residents.values())
+                + sum(self._reserved.values()))
 
     # --- preparing and acquiring -----------------------------------------------------------
 
@@ -388,9 +472,28 @@ class ModelLoader:
 
         return await self._preparing.run(key, convert)
 
-    async def acquire(self, agent: AgentSpec, *, variant: str | None = None) -> ModelLease:
-        """Load the agent's model if needed and pin it for the caller; `release()` unpins.
+    def parallel_for(self, agent: AgentSpec, prepared: PreparedModel) -> int:
+        """Slots the agent's model may have: the agent's `parallel`, else `auto`: two per
+        usable core (four generations share two cores token by token, so none waits for
+        another to finish), as many as the memory budget holds, at least one."""
+        if agent.parallel is not None:
+            return agent.parallel
+        fit = self.budget_bytes // max(1, prepared.estimate.total_bytes)
+        return max(1, min(2 * usable_cores(), fit))
 
+    def stall_s_for(self, agent: AgentSpec, resident: _Resident) -> float:
+        """The agent's `stall_s`, else 20 x the measured time per token, at least 5 s."""
+        if agent.stall_s is not None:
+            return agent.stall_s
+        return max(DEFAULT_STALL_FLOOR_S, STALL_TOKENS_FACTOR * (resident.token_s or 0.0))
+
+    async def acquire(self, agent: AgentSpec, *, variant: str | None = None,
+                      prompt_ids: Sequence[int] = (), priority: int = 0) -> ModelLease:
+        """Load the agent's model if needed and take one of its slots; `release()` frees it.
+
+        Of the free slots, the one whose context shares the longest prefix with `prompt_ids`
+        (its evaluation is skipped); with none free, another slot is loaded if `parallel`
+        and the budget allow, else the request waits, lower `priority` numbers first.
         Raises `InsufficientMemory` (a `ModelLoadError`) when the model cannot fit.
         """
         prepared = await self.prepare(agent, variant=variant)
@@ -401,21 +504,35 @@ class ModelLoader:
         flight: _Loaded | None = None
         # Loop: a model loaded for us could be evicted before this task resumes; pinning
         # happens with no await between the lookup and the pin.
-        while (slot := self._slots.get(key)) is None:
+        while (resident := self._residents.get(key)) is None:
             flight = await self._loading.run(key, lambda: self._load(prepared, agent))
+        resident.pins += 1
+        loaded_at = self.clock.monotonic()
+        resident.parallel = max(resident.parallel, self.parallel_for(agent, prepared))
+        try:
+            instance, queued = await self._take_slot(resident, prompt_ids, priority)
+        except BaseException:
+            resident.pins -= 1
+            self._after_release(resident)
+            raise
+        waited = (self.clock.monotonic() - loaded_at) * 1e3 if queued else 0.0
         info = LoadInfo(
             model=key.label, variant=key.variant, loaded_now=flight is not None,
-            load_ms=0.0 if flight is None else (self.clock.monotonic() - started) * 1e3,
+            load_ms=0.0 if flight is None else (loaded_at - started) * 1e3,
             estimate_mb=prepared.estimate.total_mb,
             unloaded=() if flight is None else flight.unloaded,
-            preloaded=slot.preloaded or (flight is not None and flight.preloaded),
+            preloaded=resident.preloaded or (flight is not None and flight.preloaded),
+            slot=instance.index, slot_wait_ms=waited,
+            reused_tokens=_reused(instance.model.cached_ids, prompt_ids),
+            parallel=resident.parallel,
         )
-        if slot.preloaded:
-            slot.preloaded = False
+        if resident.preloaded:
+            resident.preloaded = False
             self.stats.preload_hits += 1
-        slot.keep_alive_s = max(slot.keep_alive_s, self.keep_alive_for(agent))
-        slot.last_used = self.clock.monotonic()
-        lease = ModelLease(slot, info, self._released)
+        resident.keep_alive_s = max(resident.keep_alive_s, self.keep_alive_for(agent))
+        resident.last_used = instance.last_used = self.clock.monotonic()
+        lease = ModelLease(resident, instance, info, self.stall_s_for(agent, resident),
+                           self._released)
         if self.config.predictive_preload:
             for nxt in self._usage.likely_next(agent.id, self.config.preload_min_share):
                 spec = self._agents[nxt]
@@ -425,14 +542,95 @@ class ModelLoader:
         return lease
 
     @contextlib.asynccontextmanager
-    async def lease(self, agent: AgentSpec, *,
-                    variant: str | None = None) -> AsyncIterator[ModelLease]:
-        """`acquire` for the block: the model stays pinned until it is left, however."""
-        lease = await self.acquire(agent, variant=variant)
+    async def lease(self, agent: AgentSpec, *, variant: str | None = None,
+                    prompt_ids: Sequence[int] = (),
+                    priority: int = 0) -> AsyncIterator[ModelLease]:
+        """`acquire` for the block: the slot is held until it is left, however."""
+        lease = await self.acquire(agent, variant=variant, prompt_ids=prompt_ids,
+                                   priority=priority)
         try:
             yield lease
         finally:
             lease.release()
+
+    def slot_stats(self) -> list[SlotStats]:
+        """Each resident model's slots: running, queued, quarantined."""
+        return [SlotStats(r.prepared.key.label, r.parallel, len(r.instances), r.running,
+                          r.queued, len(r.quarantined)) for r in self._residents.values()]
+
+    async def _take_slot(self, resident: _Resident, prompt_ids: Sequence[int],
+                         priority: int) -> tuple[_Instance, bool]:
+        """A slot for the request, and whether it had to queue (or load one) for it."""
+        queued = False
+        while True:
+            free = [i for i in resident.instances if not i.busy]
+            if free and not resident.queued:
+                # The longest shared prefix; among equals, the least recently used, so a
+                # conversation's slot is the last to be taken by strangers.
+                best = max(free, key=lambda i: (_reused(i.model.cached_ids, prompt_ids),
+                                                -i.last_used))
+                best.busy = True
+                return best, queued
+            if (len(resident.instances) + resident.creating < resident.parallel
+                    and (added := await self._add_slot(resident)) is not None):
+                return added, True
+            if not queued:
+                queued = True
+                self.stats.slot_waits += 1
+            instance = await self._wait_for_slot(resident, priority)
+            if instance is not None:
+                return instance, queued
+
+    async def _wait_for_slot(self, resident: _Resident, priority: int) -> _Instance | None:
+        """Queue until a release hands this request a slot (or wakes it to look again)."""
+        waiter = _Waiter(priority, next(self._seq), anyio.Event())
+        heapq.heappush(resident.waiters, waiter)
+        resident.queued += 1
+        try:
+            await waiter.event.wait()
+        except BaseException:
+            if waiter.instance is not None:
+                # A slot arrived as we were cancelled: pass it on, or it is lost.
+                self._released(resident, waiter.instance, pinned=False)
+            elif not waiter.woken:
+                waiter.abandoned = True
+                resident.queued -= 1
+            raise
+        return waiter.instance
+
+    async def _add_slot(self, resident: _Resident) -> _Instance | None:
+        """Load one more instance for a request that found every slot busy; None when the
+        budget has no room for it (the request then waits for a slot)."""
+        prepared = resident.prepared
+        if self._admission is None:
+            self._admission = anyio.Lock()
+        # Counted (in `parallel` and in used_bytes) from the start: the caller checked
+        # `parallel` with no await since, so two requests never both take the last place.
+        resident.creating += 1
+        try:
+            async with self._admission:
+                if self.used_bytes > self.budget_bytes and await self._evict_for(
+                        0, keep=resident, count_models=False) is None:
+                    if not resident.instances:  # every slot quarantined: nothing frees up
+                        raise self._refuse(prepared, (
+                            f"its {len(resident.quarantined)} slot(s) were abandoned by the "
+                            "stall watchdog and the budget has no room for a new one"))
+                    return None
+            with anyio.CancelScope(shield=True):
+                model = await anyio.to_thread.run_sync(self._load_blocking, prepared)
+        except ModelLoadError:
+            if not resident.instances:
+                raise
+            return None  # serve with the slots there are
+        finally:
+            resident.creating -= 1
+        instance = _Instance(resident.next_index, model, self.clock.monotonic(), busy=True)
+        resident.next_index += 1
+        resident.instances.append(instance)
+        self.stats.slots_added += 1
+        _log.info("slot_added", extra={"model": prepared.key.label, "slot": instance.index,
+                                       "slots": len(resident.instances)})
+        return instance
 
     def preload(self, agent: AgentSpec, *, variant: str | None = None) -> bool:
         """Ask the background task to load the agent's model if memory allows. Never blocks.
@@ -453,6 +651,7 @@ class ModelLoader:
 
     async def sweep(self) -> list[str]:
         """One pass of the keep-alive policy: unload models idle past their keep-alive."""
+        await self._reap_quarantined()
         now = self.clock.monotonic()
         expired = [s for s in self._by_recency()
                    if s.pins == 0 and now - s.last_used >= s.keep_alive_s]
@@ -466,9 +665,9 @@ class ModelLoader:
     async def aclose(self) -> None:
         """Unload every model (the engine is closing: no request holds a lease)."""
         self.stop()
-        slots, self._slots = list(self._slots.values()), {}
-        for slot in slots:
-            await anyio.to_thread.run_sync(self._close, slot.model)
+        residents, self._residents = list(self._residents.values()), {}
+        for resident in residents:
+            await self._close_instances(resident)
             self.stats.unloads += 1
 
     # --- the background task ----------------------------------------------------------------
@@ -497,8 +696,8 @@ class ModelLoader:
 
     # --- internals --------------------------------------------------------------------------
 
-    def _by_recency(self) -> list[_Slot]:
-        return sorted(self._slots.values(), key=lambda s: s.last_used)
+    def _by_recency(self) -> list[_Resident]:
+        return sorted(self._residents.values(), key=lambda s: s.last_used)
 
     def _pressure(self) -> PressureLevel:
         return PressureLevel.LOW if self.monitor is None else self.monitor.level
@@ -508,13 +707,39 @@ class ModelLoader:
             key = self.key_for(agent)
         except ModelLoadError:
             return False
-        return key not in self._slots and not self._loading.in_flight(key)
+        return key not in self._residents and not self._loading.in_flight(key)
 
-    def _released(self, slot: _Slot) -> None:
-        slot.last_used = self.clock.monotonic()
-        if slot.pins == 0:
+    def _released(self, resident: _Resident, instance: _Instance, *, pinned: bool = True) -> None:
+        """A request let go of a slot: hand it to the first waiter, or free it."""
+        now = self.clock.monotonic()
+        resident.last_used = instance.last_used = now
+        if pinned:
+            resident.pins -= 1
+        if instance.quarantined:
+            self.stats.quarantined += 1
+            _log.warning("slot_quarantined", extra={"model": resident.prepared.key.label,
+                                                    "slot": instance.index})
+        handed = False
+        while resident.waiters and not handed:
+            waiter = heapq.heappop(resident.waiters)
+            if waiter.abandoned:
+                continue
+            resident.queued -= 1
+            waiter.woken = True
+            if not instance.quarantined:
+                waiter.instance = instance  # still busy: it changes hands
+                handed = True
+            # Woken without a slot: it may load a replacement for the quarantined one.
+            waiter.event.set()
+            break
+        if not handed:
+            instance.busy = False
+        self._after_release(resident)
+
+    def _after_release(self, resident: _Resident) -> None:
+        if resident.pins == 0:
             self._signal_room()
-        if slot.pins == 0 and slot.keep_alive_s <= 0:
+        if resident.pins == 0 and resident.keep_alive_s <= 0:
             # Keep-alive 0: unload now, from the background task (release cannot await).
             # A full queue or a stopped loader: the next sweep, or aclose(), gets it.
             with contextlib.suppress(*_SEND_FAILURES):
@@ -526,7 +751,7 @@ class ModelLoader:
             return  # a guess is not worth memory that is already short
         try:
             prepared = await self.prepare(agent, variant=variant)
-            if prepared.key in self._slots:
+            if prepared.key in self._residents:
                 return
             await self._loading.run(prepared.key,
                                     lambda: self._load(prepared, agent, preload=True))
@@ -546,7 +771,7 @@ class ModelLoader:
 
     def _held_back(self, need: int) -> str | None:
         """Why the models requests hold (or are loading) leave no room; None if they don't."""
-        held = [s for s in self._slots.values() if s.pins > 0]
+        held = [s for s in self._residents.values() if s.pins > 0]
         held_bytes = sum(s.estimate_bytes for s in held) + sum(self._reserved.values())
         held_count = len(held) + len(self._reserved)
         if held_bytes + need <= self.budget_bytes and held_count < self.max_loaded_models:
@@ -589,13 +814,16 @@ class ModelLoader:
             with anyio.move_on_after(remaining):
                 await self._room_freed.wait()
 
-    async def _evict_for(self, need: int) -> list[str] | None:
-        """Unload idle models, least recently used first, until `need` fits; None if the idle
-        ones ran out (requests pinned them while this awaited)."""
+    async def _evict_for(self, need: int, *, keep: _Resident | None = None,
+                         count_models: bool = True) -> list[str] | None:
+        """Unload idle models (never `keep`), least recently used first, until `need` fits;
+        None if the idle ones ran out (requests pinned them while this awaited)."""
         unloaded: list[str] = []
         while (self.used_bytes + need > self.budget_bytes
-               or len(self._slots) + len(self._reserved) >= self.max_loaded_models):
-            victim = next((s for s in self._by_recency() if s.pins == 0), None)
+               or (count_models and len(self._residents) + len(self._reserved)
+                   >= self.max_loaded_models)):
+            victim = next((s for s in self._by_recency() if s.pins == 0 and s is not keep),
+                          None)
             if victim is None:
                 return None
             if await self._unload(victim, idle=False):
@@ -627,7 +855,7 @@ class ModelLoader:
             raise
         del self._reserved[key]
         now = self.clock.monotonic()
-        self._slots[key] = _Slot(prepared, model, last_used=now,
+        self._residents[key] = _Resident(prepared, [_Instance(0, model, now)], last_used=now,
                                  keep_alive_s=self.keep_alive_for(agent), preloaded=preload)
         self.stats.loads += 1
         self.stats.preloads += int(preload)
@@ -653,14 +881,14 @@ class ModelLoader:
         except Exception as exc:  # the runtime raises plain errors on bad files
             raise ModelLoadError(f"cannot load {prepared.key.source}: {exc}") from exc
 
-    async def _unload(self, slot: _Slot, *, idle: bool) -> bool:
-        key = slot.prepared.key
+    async def _unload(self, resident: _Resident, *, idle: bool) -> bool:
+        key = resident.prepared.key
         # Checked and removed with no await in between: nobody can pin it after this.
-        if slot.pins > 0 or self._slots.get(key) is not slot:
+        if resident.pins > 0 or self._residents.get(key) is not resident:
             return False
-        del self._slots[key]
+        del self._residents[key]
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(self._close, slot.model)
+            await self._close_instances(resident)
         self.stats.unloads += 1
         if idle:
             self.stats.idle_unloads += 1
@@ -670,10 +898,39 @@ class ModelLoader:
                                            "reason": "idle" if idle else "evicted"})
         return True
 
+    async def _close_instances(self, resident: _Resident) -> None:
+        live = [i.model for i in resident.instances]
+        # A quarantined instance whose thread is still stuck cannot be closed (closing waits
+        # for it): it is dropped, and the runtime frees it when that thread lets go.
+        live += [i.model for i in resident.quarantined if not i.model.generating]
+        resident.instances, resident.quarantined = [], []
+        for model in live:
+            await anyio.to_thread.run_sync(self._close, model)
+
+    async def _reap_quarantined(self) -> None:
+        """Close quarantined instances whose stuck generation has ended: room for new slots."""
+        for resident in list(self._residents.values()):
+            done = [i for i in resident.quarantined if not i.model.generating]
+            for instance in done:
+                resident.quarantined.remove(instance)
+                await anyio.to_thread.run_sync(self._close, instance.model)
+            if done:
+                self._signal_room()
+
     @staticmethod
     def _close(model: LoadedModel) -> None:
         model.close()
         _release_freed_heap()
+
+
+def _reused(cached: Sequence[int], prompt: Sequence[int]) -> int:
+    """Prompt tokens a context holding `cached` skips: the common prefix, less the last prompt
+    token, which is always evaluated for its logits (as ctransformers does)."""
+    limit = min(len(cached), len(prompt) - 1)
+    n = 0
+    while n < limit and cached[n] == prompt[n]:
+        n += 1
+    return n
 
 
 def _mb(n: int) -> str:

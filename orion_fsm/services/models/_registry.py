@@ -182,6 +182,8 @@ class AgentSpec:
     fallback: str | None
     routing: RoutingHints
     keep_alive_s: float | None = None  # None: the loader's default for the RAM tier
+    parallel: int | None = None  # slots (model instances); None ("auto"): from cores and budget
+    stall_s: float | None = None  # no token for this long: abandoned; None: from token times
 
 
 @dataclass(frozen=True)
@@ -306,6 +308,8 @@ def _agent(raw: Mapping[str, Any], base: Path | None) -> AgentSpec:
             priority=routing.get("priority", 0),
         ),
         keep_alive_s=None if "keep_alive_s" not in raw else float(raw["keep_alive_s"]),
+        parallel=None if raw.get("parallel", "auto") == "auto" else int(raw["parallel"]),
+        stall_s=None if "stall_s" not in raw else float(raw["stall_s"]),
     )
 
 

@@ -78,3 +78,14 @@ MODEL_LOAD_MS: Final = "orion.model.load_ms"
 MODEL_ESTIMATE_MB: Final = "orion.model.estimate_mb"
 MODEL_UNLOADED: Final = "orion.model.unloaded"
 MODEL_PRELOADED: Final = "orion.model.preloaded"
+# The slot (model instance) that served it: which, how long the request waited for it, how
+# many prompt tokens its context already held, and how many slots the model may have.
+SLOT: Final = "orion.slot"
+SLOT_WAIT_MS: Final = "orion.slot.wait_ms"
+SLOT_REUSED_TOKENS: Final = "orion.slot.reused_tokens"
+SLOT_PARALLEL: Final = "orion.slot.parallel"
+# Why a generation failed, when the agent's attempt failed (e.g. "stalled").
+INFERENCE_FAILURE: Final = "orion.inference.failure"
+SESSION_ID: Final = "orion.session.id"
+SESSION_TRIMMED: Final = "orion.session.trimmed_messages"
+PREFILLED_TOKENS: Final = "orion.prefilled_tokens"

@@ -13,7 +13,8 @@ import os
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -28,6 +29,8 @@ from orion_fsm._exceptions import ConfigurationError, EmbeddingError, EmbeddingU
 if TYPE_CHECKING:
     # Imported where used: numpy alone would add ~80 ms to `import orion_fsm`.
     import numpy as np
+
+    from orion_fsm.backends import CoreGate
 
 # EmbeddingError lives in _exceptions; re-exported for the CLI's import of it from here.
 __all__ = [
@@ -130,15 +133,40 @@ class _SharedModel:
     # One encode at a time per model: torch already spreads a batch over every core.
     lock: threading.Lock
 
-    def encode(self, texts: list[str]) -> np.ndarray:
+    def encode(self, texts: list[str], cores: CoreShare | None = None) -> np.ndarray:
         import numpy as np
 
-        with self.lock:
+        with self.lock, _cores_for_torch(cores):
             vectors = self.model.encode(
                 texts, batch_size=max(1, len(texts)), normalize_embeddings=True,
                 convert_to_numpy=True, show_progress_bar=False,
             )
         return np.asarray(vectors, dtype=np.float32)
+
+
+class CoreShare(Protocol):
+    """A pool of cores shared with the generations (`CpuAllotter`): a batch counts as one
+    consumer and holds the cores it was granted while torch computes."""
+
+    def consumer(self) -> AbstractContextManager[CoreGate]: ...
+
+
+@contextmanager
+def _cores_for_torch(cores: CoreShare | None) -> Iterator[None]:
+    """torch's intra-op threads set to the cores the pool grants this batch: without it,
+    torch spreads over every core while ggml's threads spin on them (0.42x tok/s)."""
+    if cores is None:
+        yield
+        return
+    import torch
+
+    with cores.consumer() as gate:
+        granted = gate.acquire()
+        try:
+            torch.set_num_threads(granted)
+            yield
+        finally:
+            gate.release(granted)
 
 
 _MODELS: dict[Path, _SharedModel] = {}
@@ -298,6 +326,7 @@ class EmbeddingService:
         self._running = False
         self._closing = False
         self._task_group: TaskGroup | None = None
+        self._cores: CoreShare | None = None
         self._stats = {"texts": 0, "memory_hits": 0, "store_hits": 0, "encoded": 0,
                        "batches": 0, "largest_batch": 0, "encode_ms": 0.0, "precomputed": 0,
                        "timeouts": 0, "errors": 0, "store_errors": 0}
@@ -528,11 +557,15 @@ class EmbeddingService:
                 raise
         return self._shared
 
+    def share_cores(self, cores: CoreShare) -> None:
+        """Encode within `cores` (the engine's pool), never beside running generations."""
+        self._cores = cores
+
     async def _encode(self, texts: list[str]) -> np.ndarray:
         shared = await self._ensure_model()
         started = self.clock.monotonic()
         try:
-            vectors = await anyio.to_thread.run_sync(shared.encode, texts)
+            vectors = await anyio.to_thread.run_sync(shared.encode, texts, self._cores)
         except Exception as exc:
             raise EmbeddingError(f"the embedding model failed to encode a batch: {exc!r}") from exc
         self._stats["encode_ms"] += (self.clock.monotonic() - started) * 1e3

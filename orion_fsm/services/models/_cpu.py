@@ -1,0 +1,158 @@
+"""Cores for the work that computes: each runtime call of a generation (one token, one prompt
+chunk) and each embedding batch takes cores from one pool, so the threads at work never
+exceed the usable cores, whatever runs at once; other processes' load shrinks the pool.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Final
+
+__all__ = ["CpuAllotter", "CpuSnapshot", "usable_cores"]
+
+_SAMPLE_S: Final = 0.5  # a load reading is reused this long: /proc/stat costs ~50 µs
+_WAIT_POLL_S: Final = 0.05  # a waiter looks again this often (the pool shrinks on its own)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity), not the machine's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity on macOS / Windows
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True, slots=True)
+class CpuSnapshot:
+    """The pool as `Engine.stats()` reports it."""
+
+    cores: int  # usable cores
+    external_busy: float  # cores other processes kept busy at the last reading
+    capacity: int  # cores the pool hands out now
+    in_use: int  # cores held by runtime calls right now
+    consumers: int  # generations and embedding batches sharing the pool
+
+
+class _ExternalLoad:
+    """Cores other processes keep busy: the machine's busy time minus this process's, over
+    the time between two readings (psutil), read at most every `sample_s`."""
+
+    def __init__(self, sample_s: float) -> None:
+        import psutil  # here, not at module level: keeps `import orion_fsm` cheap
+
+        self._psutil = psutil
+        self._process = psutil.Process()
+        self._sample_s = sample_s
+        self._lock = threading.Lock()
+        self._previous = self._read()
+        # Until two readings are 0.5 s apart, the 1-minute load average stands in: nothing of
+        # ours runs yet, and a first chunk on every core of a busy machine would crawl.
+        try:
+            self.busy = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            self.busy = 0.0
+
+    def _read(self) -> tuple[float, float, float]:
+        machine = self._psutil.cpu_times()
+        busy = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
+        own = self._process.cpu_times()
+        return time.monotonic(), busy, own.user + own.system
+
+    def cores(self) -> float:
+        with self._lock:
+            at, busy, own = self._previous
+            if time.monotonic() - at < self._sample_s:
+                return self.busy
+            now = self._read()
+            wall = now[0] - at
+            if wall > 0:
+                self.busy = max(0.0, ((now[1] - busy) - (now[2] - own)) / wall)
+            self._previous = now
+            return self.busy
+
+
+class _Consumer:
+    """One generation's (or embedding batch's) access to the pool: a `CoreGate`."""
+
+    __slots__ = ("_pool",)
+
+    def __init__(self, pool: CpuAllotter) -> None:
+        self._pool = pool
+
+    def acquire(self) -> int:
+        return self._pool._acquire()
+
+    def release(self, granted: int) -> None:
+        self._pool._release(granted)
+
+
+class CpuAllotter:
+    """Hands cores to runtime calls, first come first served, a fair share each.
+
+    A call gets `capacity // consumers` cores (at least 1) of those free, waiting while none
+    is: one lone generation uses every core; four share two cores one each, two at a time,
+    taking turns token by token (ggml's spinning barrier collapses when threads outnumber
+    cores, so waiting a turn beats oversubscribing). `capacity` is the usable cores minus
+    those other processes keep busy (psutil, `busy=` in tests).
+    """
+
+    def __init__(self, *, cores: int | None = None, sample_s: float = _SAMPLE_S,
+                 busy: Callable[[], float] | None = None) -> None:
+        self.cores = cores or usable_cores()
+        self._busy = busy or _ExternalLoad(sample_s).cores
+        self._cond = threading.Condition()
+        self._queue: deque[object] = deque()
+        self._in_use = 0
+        self._consumers = 0
+        self.peak_in_use = 0  # most cores held at once (tests and the bench check it)
+        self.grants = 0
+
+    def capacity(self) -> int:
+        return max(1, self.cores - round(self._busy()))
+
+    @contextmanager
+    def consumer(self) -> Iterator[_Consumer]:
+        """Count one generation (or batch) in the fair share while the block runs."""
+        with self._cond:
+            self._consumers += 1
+        try:
+            yield _Consumer(self)
+        finally:
+            with self._cond:
+                self._consumers -= 1
+                self._cond.notify_all()
+
+    def snapshot(self) -> CpuSnapshot:
+        return CpuSnapshot(self.cores, round(self._busy(), 2), self.capacity(), self._in_use,
+                           self._consumers)
+
+    def _acquire(self) -> int:
+        ticket = object()
+        with self._cond:
+            self._queue.append(ticket)
+            try:
+                while True:
+                    capacity = self.capacity()
+                    free = capacity - self._in_use
+                    if self._queue[0] is ticket and free >= 1:
+                        break
+                    self._cond.wait(_WAIT_POLL_S)
+            finally:
+                self._queue.remove(ticket)
+                self._cond.notify_all()
+            granted = min(free, max(1, capacity // max(1, self._consumers)))
+            self._in_use += granted
+            self.peak_in_use = max(self.peak_in_use, self._in_use)
+            self.grants += 1
+            return granted
+
+    def _release(self, granted: int) -> None:
+        with self._cond:
+            self._in_use -= granted
+            self._cond.notify_all()

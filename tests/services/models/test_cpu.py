@@ -1,0 +1,111 @@
+"""The core pool: a lone generation takes every core, concurrent ones share them so the threads
+at work never exceed the cores, other processes' load shrinks it, embeddings take their turn."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from orion_fsm import CpuAllotter, Engine
+from orion_fsm.services.models._cpu import usable_cores
+from tests.conftest import agent
+
+pytestmark = pytest.mark.anyio
+
+MakeEngine = Callable[..., Engine]
+
+
+def test_a_lone_consumer_takes_every_core_and_four_share_two() -> None:
+    pool = CpuAllotter(cores=2, busy=lambda: 0.0)
+    with pool.consumer() as gate:
+        assert gate.acquire() == 2
+        gate.release(2)
+    gates = [pool.consumer() for _ in range(4)]
+    held = [g.__enter__() for g in gates]
+    assert [held[0].acquire(), held[1].acquire()] == [1, 1]  # a fair share: 2 cores / 4
+    assert pool.snapshot().in_use == 2 == pool.peak_in_use
+    for g in gates:
+        g.__exit__(None, None, None)
+
+
+def test_other_processes_load_shrinks_the_pool() -> None:
+    busy = [1.2]
+    pool = CpuAllotter(cores=2, busy=lambda: busy[0])
+    assert pool.capacity() == 1
+    with pool.consumer() as gate:
+        assert gate.acquire() == 1  # threads=2 beside a busy process collapses; 1 holds
+        gate.release(1)
+        busy[0] = 0.0
+        assert gate.acquire() == 2
+        gate.release(2)
+    busy[0] = 5.0
+    assert pool.capacity() == 1  # never below one core
+
+
+def test_a_call_waits_for_a_free_core_and_gets_it_in_arrival_order() -> None:
+    pool = CpuAllotter(cores=1, busy=lambda: 0.0)
+    order: list[str] = []
+    with pool.consumer() as first, pool.consumer() as second, pool.consumer() as third:
+        held = first.acquire()
+
+        def take(name: str, gate: Any) -> None:
+            granted = gate.acquire()
+            order.append(name)
+            gate.release(granted)
+
+        waiting = [threading.Thread(target=take, args=("second", second))]
+        waiting[0].start()
+        while not pool._queue:  # the second is queued before the third comes
+            threading.Event().wait(0.001)
+        waiting.append(threading.Thread(target=take, args=("third", third)))
+        waiting[1].start()
+        assert order == []  # nobody runs beside the call holding the only core
+        first.release(held)
+        for t in waiting:
+            t.join(5)
+    assert order == ["second", "third"]
+    assert pool.peak_in_use == 1
+
+
+def test_usable_cores_follow_the_process_affinity() -> None:
+    assert 1 <= usable_cores() <= (len(__import__("os").sched_getaffinity(0)))
+
+
+async def test_concurrent_generations_never_use_more_threads_than_cores(
+    make_engine: MakeEngine, tiny_models: dict[str, Path],
+) -> None:
+    doc = {"version": 1, "default_agent": "a",
+           "agents": [agent("a", tiny_models["medium"], parallel=4,
+                            generation={"max_tokens": 24, "temperature": 0, "top_k": 1})]}
+    engine = make_engine(doc, threads=None, caches=False)
+    assert engine.cores is not None
+    results = []
+
+    async def one(i: int) -> None:
+        results.append(await engine.infer(f"request number {i}", max_tokens=24))
+
+    async with engine:
+        async with anyio.create_task_group() as tg:
+            for i in range(6):
+                tg.start_soon(one, i)
+        snapshot = engine.stats().cores
+    assert all(r.ok for r in results)
+    assert snapshot is not None and snapshot.in_use == 0 and snapshot.consumers == 0
+    # Every runtime call took its cores from the pool, and the pool never lent out more
+    # cores than there are.
+    assert engine.cores.grants >= sum(r.tokens.output for r in results)
+    assert 1 <= engine.cores.peak_in_use <= engine.cores.cores
+
+
+async def test_explicit_threads_win_over_the_pool(make_engine: MakeEngine) -> None:
+    engine = make_engine(threads=1)
+    assert engine.cores is None
+    async with engine:
+        result = await engine.infer("hello", max_tokens=2)
+        assert engine.stats().cores is None
+    assert result.ok
