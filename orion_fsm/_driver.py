@@ -145,7 +145,7 @@ class RequestRun:
         permit = state.permit  # not judged by a phase: judged as the stack was released
         if permit is not None and (change := permit.transition) is not None:
             state.notes[attr.BREAKER_TRANSITION] = (
-                f"{change.agent}: {change.source} -> {change.target}")
+                f"{change.key}: {change.source} -> {change.target}")
         if event is not None:
             machine.send(event)
         agent = state.agent.id if state.agent else None
@@ -169,7 +169,7 @@ class RequestRun:
             finish_reason=state.finish_reason, error=state.error,
             error_reason=state.error_reason, token_ids=tuple(state.token_ids),
             routing=state.decision.as_dict() if state.decision else {},
-            cache=state.cache_level,
+            cache=state.cache_level, retry_after_s=state.retry_after_s,
         )
         self._driving.traces.submit(_trace_record(self._driving, state, recorder, result))
 

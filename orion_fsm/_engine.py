@@ -45,8 +45,14 @@ from .services.models._registry import Registry
 from .services.observability._telemetry import INSTRUMENTATION_NAME, resolve_tracer
 from .services.observability._tracefile import TraceWriter
 from .services.resilience._admission import AdmissionController, TimeoutPolicy
-from .services.resilience._breaker import BreakerBoard, BreakerConfig, register_breaker_metrics
+from .services.resilience._breaker import (
+    BreakerBoard,
+    BreakerConfig,
+    breaker_keys,
+    register_breaker_metrics,
+)
 from .services.resilience._guardrails import GuardrailConfig, Guardrails
+from .services.resilience._retry import Retries, RetryPolicy
 from .services.routing._embedding_router import EmbeddingRouter
 from .services.routing._embeddings import EmbeddingService
 from .services.routing._router import RuleRouter
@@ -55,9 +61,9 @@ Prompt = str | Sequence[Message | Mapping[str, str]]
 _log = logging.getLogger("orion_fsm.engine")
 
 
-def _log_breaker(agent: str, source: str, target: str, reason: str) -> None:
+def _log_breaker(key: str, source: str, target: str, reason: str) -> None:
     level = logging.WARNING if target == "open" else logging.INFO
-    _log.log(level, "breaker", extra={"agent": agent, "source": source, "target": target,
+    _log.log(level, "breaker", extra={"breaker": key, "source": source, "target": target,
                                      "reason": reason})
 
 # Precomputed into L2 at start-up: short requests people type again and again.
@@ -135,7 +141,8 @@ def _outcome(result: Result) -> Result:
     if result.state != "success":
         raise RequestFailed(result.error or "request failed",
                             reason=result.error_reason or "error",
-                            request_id=result.request_id, result=result)
+                            request_id=result.request_id, result=result,
+                            retry_after_s=result.retry_after_s)
     return result
 
 
@@ -167,6 +174,7 @@ class Engine:
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         max_queue: int = DEFAULT_MAX_QUEUE,
         breakers: BreakerBoard | BreakerConfig | None = None,
+        retries: Retries | RetryPolicy | Literal[False] | None = None,
         guardrails: Guardrails | GuardrailConfig | Literal[False] | None = None,
         frequent_patterns: Sequence[str] = FREQUENT_PATTERNS,
     ) -> None:
@@ -176,10 +184,13 @@ class Engine:
         self.loader: Loader = loader or ModelLoader(
             root, threads=threads, progress=progress, config=loader_config, clock=self.clock,
             load_model=load_model or LoadedModel.load)
-        # Resilience: per-agent breakers, a bounded queue, a deadline per request, guardrails.
+        # Resilience: a breaker per model instance (agents sharing a model share it), a
+        # bounded queue, a deadline per request, retries, guardrails.
         self.breakers = breakers if isinstance(breakers, BreakerBoard) else BreakerBoard(
-            breakers, agents=self.registry.agents, clock=self.clock,
-            on_transition=_log_breaker)
+            breakers, clock=self.clock, on_transition=_log_breaker)
+        self.breakers.assign(breaker_keys(self.registry.agents.values(), self.loader.key_for))
+        self.retries = retries if isinstance(retries, Retries) else Retries(
+            RetryPolicy(same_agent=0) if retries is False else retries)
         self.admission = AdmissionController(max_in_flight=max_in_flight, max_queue=max_queue)
         self._timeout = TimeoutPolicy(timeout_s)
         self.guardrails: Guardrails | None = (
@@ -252,7 +263,8 @@ class Engine:
             services = Services(
                 registry=self.registry, router=self.router, loader=self.loader,
                 caches=self.caches, breakers=self.breakers, guardrails=self.guardrails,
-                clock=self.clock, l1_flights=SingleFlight(), background=task_group.start_soon)
+                clock=self.clock, l1_flights=SingleFlight(), background=task_group.start_soon,
+                retries=self.retries)
             self._driving = Driving(
                 services=services, machines=MachinePool(self._chart), tracer=self._tracer,
                 admission=self.admission, timeouts=self._timeout, traces=self._traces,

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
-from ._exceptions import InferenceError, ModelLoadError, RegistryError
+from ._exceptions import InferenceError, InsufficientMemory, ModelLoadError, RegistryError
 from ._types import GenerationParams, Message, Request
 from .backends import GenerationEvent, SamplingParams
 from .services.caches._cacheset import cache_key
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from .services.resilience._admission import Deadline
     from .services.resilience._breaker import BreakerBoard, BreakerPermit
     from .services.resilience._guardrails import Guardrails
+    from .services.resilience._retry import Retries
     from .services.routing._router import RoutingDecision
 
 _ROLES = frozenset({"system", "user", "assistant"})
@@ -61,6 +62,7 @@ class Services:
     l1_flights: SingleFlight[None]
     # The Engine's task group: cache writes happen after the reply, never before it.
     background: Callable[..., object]
+    retries: Retries  # whether a transient failure tries the same agent again
 
 
 @dataclass(eq=False, slots=True)
@@ -99,6 +101,10 @@ class RequestState:
     stop: threading.Event = field(default_factory=threading.Event)
     stopped_for: str | None = None  # finish reason when a guard stopped the generation
     failures: list[tuple[str, str]] = field(default_factory=list)  # (agent, why)
+    failure_kind: str | None = None  # how the last attempt failed (breaker_open, load_failed...)
+    retried: int = 0  # retries of the current agent of the chain
+    refused: set[str] = field(default_factory=set)  # agents an open breaker turned away
+    retry_after_s: float | None = None  # every agent refused: when a breaker lets one in
     error: str | None = None
     error_reason: str | None = None
     error_field: str | None = None
@@ -326,12 +332,16 @@ def _judge(state: RequestState, failure: str | None) -> None:
     change = permit.success() if failure is None else permit.failure(failure)
     state.permit = None  # judged: the driver has nothing left to report about it
     if change is not None:
-        state.notes[attr.BREAKER_TRANSITION] = f"{change.agent}: {change.source} -> {change.target}"
+        state.notes[attr.BREAKER_TRANSITION] = f"{change.key}: {change.source} -> {change.target}"
 
 
-def _load_failed(state: RequestState, agent: AgentSpec, exc: ModelLoadError) -> str:
+def _load_failed(state: RequestState, agent: AgentSpec, exc: ModelLoadError, *,
+                 transient: bool) -> str:
     state.failures.append((agent.id, exc.message))
     state.notes[attr.LOAD_ERROR] = exc.message
+    # Only a load the runtime refused may go better a second time; a model that cannot be
+    # found or cannot fit will not.
+    state.failure_kind = "load_failed" if transient else "unavailable"
     _judge(state, "load_failed")
     return "load_failed"
 
@@ -341,15 +351,22 @@ async def loading_agent(services: Services, state: RequestState) -> str:
     state.notes.update({attr.AGENT: agent.id, attr.GEN_AI_REQUEST_MODEL: agent.id,
                         attr.ATTEMPT: state.attempt})
     scope = state.attempt_scope = await state.stack.enter_async_context(AsyncExitStack())
+    state.failure_kind = None
+    key = state.notes[attr.BREAKER_KEY] = services.breakers.key_for(agent.id)
     state.permit = scope.enter_context(services.breakers.attempt(agent.id))
     if state.permit is None:
-        state.failures.append((agent.id, f"circuit breaker of {agent.id!r} is open"))
+        state.failures.append((agent.id, f"circuit breaker of {agent.id!r} is open "
+                               f"(model {key})"))
         state.notes[attr.BREAKER] = "open"
+        state.failure_kind = "breaker_open"
+        state.refused.add(agent.id)
         return "breaker_open"
+    if state.permit.trial:
+        state.notes[attr.BREAKER_PROBE] = True
     try:
         prepared = state.prepared = await services.loader.prepare(agent)
     except ModelLoadError as exc:
-        return _load_failed(state, agent, exc)
+        return _load_failed(state, agent, exc, transient=False)
     messages = list(state.request.messages)
     if agent.system_prompt and not any(m.role == "system" for m in messages):
         messages.insert(0, Message("system", agent.system_prompt))
@@ -370,7 +387,8 @@ async def loading_agent(services: Services, state: RequestState) -> str:
     try:
         lease = state.lease = await scope.enter_async_context(services.loader.lease(agent))
     except ModelLoadError as exc:
-        return _load_failed(state, agent, exc)
+        return _load_failed(state, agent, exc,
+                            transient=not isinstance(exc, InsufficientMemory))
     state.notes.update(lease.load_info.span_attributes())
     return "loaded"
 
@@ -396,6 +414,8 @@ async def inferencing(services: Services,
     take = _Recorder(services, state, lease.model.tokenizer.vocab_size)
     try:
         async with lease.generation_lock:
+            if state.permit is not None:
+                state.permit.engage()  # from here a timeout is the model's, not the queue's
             if state.streaming:
                 async with aclosing(_stream_tokens(state, lease.model, sampling, take)) as texts:
                     async for text in texts:
@@ -405,7 +425,9 @@ async def inferencing(services: Services,
     except InferenceError as exc:
         state.failures.append((agent.id, exc.message))
         state.notes[attr.INFERENCE_ERROR] = exc.message
-        _judge(state, "malformed_output" if "malformed" in exc.message else "inference_failed")
+        kind = state.failure_kind = (
+            "malformed_output" if "malformed" in exc.message else "inference_failed")
+        _judge(state, kind)
         yield Next("inference_failed")
         return
     if state.stopped_for is not None:
@@ -537,16 +559,38 @@ async def fallback(services: Services, state: RequestState) -> str:
             f"agent {failed!r} failed after streaming {state.emitted_chars} characters ({why}); "
             "not retried on another agent so outputs are not mixed"))
         return "abort"
+    retry = services.retries.decide(state.failure_kind, state.retried,
+                                    state.deadline.remaining())
+    if retry.delay_s is not None:
+        state.retried += 1
+        state.notes.update({attr.FALLBACK_TO: failed, attr.RETRY_SAME: round(retry.delay_s, 4)})
+        _clear_output(state)
+        await anyio.sleep(retry.delay_s)
+        return "retry_same"
+    if state.failure_kind != "breaker_open":
+        state.notes[attr.RETRY_SKIPPED] = retry.why
     state.attempt += 1
+    state.retried = 0
     if state.attempt < len(state.chain):
         state.notes[attr.FALLBACK_TO] = state.chain[state.attempt]
-        state.text_parts.clear()
-        state.token_ids.clear()
-        state.first_token_at = None
+        _clear_output(state)
         return "retry"
     tried = "; ".join(f"{a}: {w}" for a, w in state.failures)
+    if state.refused.issuperset(state.chain):
+        # Nothing can serve: say so now, and when the first breaker lets a probe through.
+        wait = state.retry_after_s = round(services.breakers.retry_after(state.chain), 3)
+        state.notes[attr.RETRY_AFTER] = wait
+        state.fail("exhausted", f"no agent could serve the request: every circuit breaker of "
+                   f"its chain is open; retry after {wait:g} s ({tried})")
+        return "exhausted"
     state.fail("exhausted", f"no agent could serve the request ({tried})")
     return "exhausted"
+
+
+def _clear_output(state: RequestState) -> None:
+    state.text_parts.clear()
+    state.token_ids.clear()
+    state.first_token_at = None
 
 
 # Bound to the statechart's states by name (see _machine.request_chart).

@@ -93,6 +93,11 @@ class Loader(WatchedLoader, Protocol):
 
     async def prepare(self, agent: AgentSpec) -> Prepared: ...
 
+    def key_for(self, agent: AgentSpec) -> ModelKey:
+        """The model instance that serves `agent` (what its circuit breaker guards); raises
+        ModelLoadError when the model file cannot be found."""
+        ...
+
     def lease(self, agent: AgentSpec) -> AbstractAsyncContextManager[Lease]: ...
 
     @property

@@ -99,6 +99,9 @@ class Result:
     token_ids: tuple[int, ...] = field(default=(), repr=False)
     routing: Mapping[str, Any] = field(default_factory=dict)
     cache: str | None = None  # "L1" when served from the result cache
+    # exhausted because every circuit breaker of the chain was open: seconds until the first
+    # lets a probe request through (HTTP: 503 + Retry-After); None otherwise
+    retry_after_s: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -127,4 +130,5 @@ class Result:
             "error_reason": self.error_reason,
             "routing": dict(self.routing),
             "cache": self.cache,
+            "retry_after_s": self.retry_after_s,
         }
