@@ -14,8 +14,8 @@ import math
 import secrets
 import threading
 import unicodedata
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
-from contextlib import AsyncExitStack, aclosing
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -413,7 +413,7 @@ async def inferencing(services: Services,
                         attr.GEN_AI_USAGE_INPUT_TOKENS: len(state.prompt_ids)})
     take = _Recorder(services, state, lease.model.tokenizer.vocab_size)
     try:
-        async with lease.generation_lock:
+        async with _model_turn(state, lease.generation_lock):
             if state.permit is not None:
                 state.permit.engage()  # from here a timeout is the model's, not the queue's
             if state.streaming:
@@ -440,6 +440,22 @@ async def inferencing(services: Services,
     state.notes.update({attr.GEN_AI_USAGE_OUTPUT_TOKENS: len(state.token_ids),
                         attr.GEN_AI_RESPONSE_FINISH_REASONS: [state.finish_reason or "stop"]})
     yield Next("completed")
+
+
+@asynccontextmanager
+async def _model_turn(state: RequestState, lock: anyio.Semaphore) -> AsyncIterator[None]:
+    """Hold the model's generation lock, waiting for it no later than the deadline: a
+    request queued behind another generation times out here, before its model call starts."""
+    with state.deadline.scope() as waiting:
+        await lock.acquire()
+    if waiting.cancelled_caught:
+        raise state.deadline.error("inferencing", request_id=state.request.id)
+    try:
+        if state.deadline.expired:  # got the model just as the deadline passed
+            raise state.deadline.error("inferencing", request_id=state.request.id)
+        yield
+    finally:
+        lock.release()
 
 
 def _l1_store(services: Services, state: RequestState) -> None:
