@@ -103,6 +103,7 @@ class RequestState:
     failures: list[tuple[str, str]] = field(default_factory=list)  # (agent, why)
     failure_kind: str | None = None  # how the last attempt failed (breaker_open, load_failed...)
     retried: int = 0  # retries of the current agent of the chain
+    attempt_started: float = 0.0  # services clock, when the current attempt began
     refused: set[str] = field(default_factory=set)  # agents an open breaker turned away
     retry_after_s: float | None = None  # every agent refused: when a breaker lets one in
     error: str | None = None
@@ -351,7 +352,7 @@ async def loading_agent(services: Services, state: RequestState) -> str:
     state.notes.update({attr.AGENT: agent.id, attr.GEN_AI_REQUEST_MODEL: agent.id,
                         attr.ATTEMPT: state.attempt})
     scope = state.attempt_scope = await state.stack.enter_async_context(AsyncExitStack())
-    state.failure_kind = None
+    state.failure_kind, state.attempt_started = None, services.clock.monotonic()
     key = state.notes[attr.BREAKER_KEY] = services.breakers.key_for(agent.id)
     state.permit = scope.enter_context(services.breakers.attempt(agent.id))
     if state.permit is None:
@@ -576,7 +577,8 @@ async def fallback(services: Services, state: RequestState) -> str:
             "not retried on another agent so outputs are not mixed"))
         return "abort"
     retry = services.retries.decide(state.failure_kind, state.retried,
-                                    state.deadline.remaining())
+                                    state.deadline.remaining(),
+                                    services.clock.monotonic() - state.attempt_started)
     if retry.delay_s is not None:
         state.retried += 1
         state.notes.update({attr.FALLBACK_TO: failed, attr.RETRY_SAME: round(retry.delay_s, 4)})

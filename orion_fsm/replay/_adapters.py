@@ -537,7 +537,8 @@ class ReplayRetries(Retries):
         super().__init__()
         self._decisions = list(decisions)
 
-    def decide(self, failure: str | None, retried: int, remaining_s: float) -> RetryDecision:
+    def decide(self, failure: str | None, retried: int, remaining_s: float,
+               attempt_s: float = 0.0) -> RetryDecision:
         if self._decisions and self._decisions.pop(0):
             return RetryDecision(0.0, "retried in the recorded run")
         return RetryDecision(None, "not retried in the recorded run")

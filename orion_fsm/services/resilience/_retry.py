@@ -58,9 +58,12 @@ class Retries:
     def __init__(self, policy: RetryPolicy | None = None) -> None:
         self.policy = policy or RetryPolicy()
 
-    def decide(self, failure: str | None, retried: int, remaining_s: float) -> RetryDecision:
+    def decide(self, failure: str | None, retried: int, remaining_s: float,
+               attempt_s: float = 0.0) -> RetryDecision:
         """After a failure of kind `failure` on an agent already retried `retried` times, with
-        `remaining_s` left before the request's deadline."""
+        `remaining_s` left before the request's deadline. The failed attempt took `attempt_s`
+        (queueing for the model included): a retry is expected to take as long, so it is only
+        worth it if that much is left after the backoff."""
         policy = self.policy
         if failure not in TRANSIENT_FAILURES:
             return RetryDecision(None, f"{failure} is not transient")
@@ -68,6 +71,8 @@ class Retries:
             return RetryDecision(None, f"retried {retried} time(s) already")
         delay = policy.backoff_s * (2 ** retried)
         delay *= 1 + policy.jitter * (2 * random.random() - 1)
-        if remaining_s < delay + policy.min_remaining_s:
-            return RetryDecision(None, f"{remaining_s:.3f} s left before the deadline")
+        needed = delay + max(policy.min_remaining_s, attempt_s)
+        if remaining_s < needed:
+            return RetryDecision(None, f"{remaining_s:.3f} s left before the deadline, "
+                                 f"{needed:.3f} s needed")
         return RetryDecision(delay, f"{failure}: transient")
