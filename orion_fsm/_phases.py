@@ -589,6 +589,8 @@ async def fallback(services: Services, state: RequestState) -> str:
         state.notes[attr.RETRY_SKIPPED] = retry.why
     state.attempt += 1
     state.retried = 0
+    if state.failure_kind != "breaker_open":
+        _pass_over_same_model(services, state, services.breakers.key_for(failed))
     if state.attempt < len(state.chain):
         state.notes[attr.FALLBACK_TO] = state.chain[state.attempt]
         _clear_output(state)
@@ -603,6 +605,28 @@ async def fallback(services: Services, state: RequestState) -> str:
         return "exhausted"
     state.fail("exhausted", f"no agent could serve the request ({tried})")
     return "exhausted"
+
+
+def _pass_over_same_model(services: Services, state: RequestState, failed_key: str) -> None:
+    """Skip the next agents served by the model that just failed when the deadline leaves
+    less than that attempt took: they would queue for the same model and time out."""
+    attempt_s = services.clock.monotonic() - state.attempt_started
+    answers: list[str] = []  # "try" or "skip", per agent weighed (span attributes are str)
+    skipped: list[str] = []
+    while state.attempt < len(state.chain) - 1 and \
+            services.breakers.key_for(state.chain[state.attempt]) == failed_key:
+        worth = services.retries.worth_waiting(state.deadline.remaining(), attempt_s)
+        answers.append("try" if worth else "skip")
+        if worth:
+            break
+        skipped.append(state.chain[state.attempt])
+        state.attempt += 1
+    if answers:
+        state.notes[attr.FALLBACK_SAME_MODEL] = answers
+    if skipped:
+        state.notes[attr.FALLBACK_SKIPPED] = skipped
+        state.failures += [(agent, "skipped: same model as the failed attempt, no time to "
+                            "queue for it again") for agent in skipped]
 
 
 def _clear_output(state: RequestState) -> None:

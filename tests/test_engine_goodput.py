@@ -218,3 +218,24 @@ async def wait_for(condition: Callable[[], bool]) -> None:
     # Polled: the probes take their permits inside the engine, with no event to wait on.
     while not condition():  # noqa: ASYNC110
         await anyio.sleep(0.005)
+
+
+async def test_agents_on_the_failed_model_are_passed_over_when_no_time_is_left(
+    make_engine: MakeEngine, registry_doc: dict[str, Any], tiny_models: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    doc = {**registry_doc, "default_agent": "chat", "agents": [
+        agent("chat", tiny_models["medium"], fallback="coder"),
+        agent("coder", tiny_models["medium"], fallback="backup"),  # queues for the same model
+        agent("backup", tiny_models["small"])]}
+    garbage = faulty_loader(1.0, kinds=("malformed",), only=("medium",))
+    no_time = RetryPolicy(min_remaining_s=3600.0)  # as if the deadline were nearly over
+    async with make_engine(doc, load_model=garbage, retries=no_time) as engine:
+        result = await engine.infer("hello", agent="chat", cache=False)
+    assert garbage.plan.injected == {"malformed": 1}  # coder never queued for the model
+    assert result.agent == "backup" and result.fallback
+    (record,) = await replay_all(tmp_path / "traces" / "test.jsonl", engine)
+    fallback = next(p for p in record["phases"] if p["state"] == "fallback")["attributes"]
+    assert fallback["orion.fallback.skipped"] == ["coder"]
+    assert fallback["orion.fallback.same_model"] == ["skip"]
+    assert fallback["orion.fallback.to"] == "backup"

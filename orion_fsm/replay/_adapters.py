@@ -533,9 +533,13 @@ class ReplayRetries(Retries):
     """Retries the same agent exactly where the recorded run did: the deadline it measured
     is an effect of that run's timing, not of the decision logic."""
 
-    def __init__(self, decisions: Sequence[bool]) -> None:
+    def __init__(self, decisions: Sequence[bool], same_model: Sequence[bool] = ()) -> None:
         super().__init__()
         self._decisions = list(decisions)
+        self._same_model = list(same_model)
+
+    def worth_waiting(self, remaining_s: float, attempt_s: float) -> bool:
+        return self._same_model.pop(0) if self._same_model else True
 
     def decide(self, failure: str | None, retried: int, remaining_s: float,
                attempt_s: float = 0.0) -> RetryDecision:

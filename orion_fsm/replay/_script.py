@@ -71,6 +71,8 @@ class Script:
     warnings: tuple[str, ...]
     turns: Mapping[str, tuple[RecordedAttempt, ...]] = field(default_factory=dict)
     retries: tuple[bool, ...] = ()
+    # Each time a fallback weighed an agent on the model that just failed: was it tried.
+    same_model: tuple[bool, ...] = ()
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Script:
@@ -120,8 +122,12 @@ class Script:
         retries = tuple(t.get("event") == "retry_same" for t in transitions
                         if t.get("source") == "fallback"
                         and t.get("event") in ("retry_same", "retry", "exhausted"))
+        same_model = tuple(answer == "try" for p in phases if p.get("state") == "fallback"
+                           for answer in (p.get("attributes") or {}).get(
+                               "orion.fallback.same_model") or ())
         return cls(attempts, abort, warnings,
-                   turns={a: tuple(ts) for a, ts in turns.items()}, retries=retries)
+                   turns={a: tuple(ts) for a, ts in turns.items()}, retries=retries,
+                   same_model=same_model)
 
     def attempt(self, agent: AgentSpec, turn: int | None = None) -> RecordedAttempt:
         """The agent's `turn`-th recorded attempt (its last one past the recorded turns, or

@@ -76,3 +76,8 @@ class Retries:
             return RetryDecision(None, f"{remaining_s:.3f} s left before the deadline, "
                                  f"{needed:.3f} s needed")
         return RetryDecision(delay, f"{failure}: transient")
+
+    def worth_waiting(self, remaining_s: float, attempt_s: float) -> bool:
+        """Whether another agent served by the model that just failed is worth trying: its
+        attempt queues for the same model, and the failed one took `attempt_s`."""
+        return remaining_s >= max(self.policy.min_remaining_s, attempt_s)
