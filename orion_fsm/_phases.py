@@ -413,10 +413,8 @@ async def inferencing(services: Services,
                         attr.GEN_AI_REQUEST_TOP_K: sampling.top_k,
                         attr.GEN_AI_USAGE_INPUT_TOKENS: len(state.prompt_ids)})
     take = _Recorder(services, state, lease.model.tokenizer.vocab_size)
-    budget = services.retries.queue_budget(state.deadline.remaining(),
-                                           _another_model_follows(services, state))
     try:
-        async with _model_turn(state, lease.generation_lock, budget):
+        async with _model_turn(state, lease.generation_lock):
             if state.permit is not None:
                 state.permit.engage()  # from here a timeout is the model's, not the queue's
             if state.streaming:
@@ -433,13 +431,6 @@ async def inferencing(services: Services,
         _judge(state, kind)
         yield Next("inference_failed")
         return
-    except _ModelBusy:
-        # Not the model's failure (no verdict): another model of the chain may serve in time.
-        state.failures.append((agent.id, f"model busy: waited {budget:.3f} s for it"))
-        state.notes[attr.MODEL_BUSY_S] = round(budget, 3)
-        state.failure_kind = "busy"
-        yield Next("busy")
-        return
     if state.stopped_for is not None:
         state.finish_reason = state.stopped_for
     _judge(state, None)
@@ -452,28 +443,14 @@ async def inferencing(services: Services,
     yield Next("completed")
 
 
-class _ModelBusy(Exception):
-    """The model stayed busy for the request's whole queue budget."""
-
-
-def _another_model_follows(services: Services, state: RequestState) -> bool:
-    key = services.breakers.key_for(state.chain[state.attempt])
-    return any(services.breakers.key_for(a) != key for a in state.chain[state.attempt + 1:])
-
-
 @asynccontextmanager
-async def _model_turn(state: RequestState, lock: anyio.Semaphore,
-                      budget_s: float) -> AsyncIterator[None]:
-    """Hold the model's generation lock, waiting for it at most `budget_s` and no later than
-    the deadline: a request queued behind another generation (or a hung one) leaves the queue
-    before its model call starts, for its fallback (_ModelBusy) or as a timeout."""
-    deadline = state.deadline.at
-    with anyio.CancelScope(deadline=min(deadline, anyio.current_time() + budget_s)) as waiting:
+async def _model_turn(state: RequestState, lock: anyio.Semaphore) -> AsyncIterator[None]:
+    """Hold the model's generation lock, waiting for it no later than the deadline: a
+    request queued behind another generation times out here, before its model call starts."""
+    with state.deadline.scope() as waiting:
         await lock.acquire()
     if waiting.cancelled_caught:
-        if state.deadline.expired:
-            raise state.deadline.error("inferencing", request_id=state.request.id)
-        raise _ModelBusy
+        raise state.deadline.error("inferencing", request_id=state.request.id)
     try:
         if state.deadline.expired:  # got the model just as the deadline passed
             raise state.deadline.error("inferencing", request_id=state.request.id)
@@ -638,11 +615,8 @@ def _pass_over_same_model(services: Services, state: RequestState, failed_key: s
     skipped: list[str] = []
     while state.attempt < len(state.chain) - 1 and \
             services.breakers.key_for(state.chain[state.attempt]) == failed_key:
-        if state.failure_kind == "busy":
-            worth = False  # the model is still busy: never queue for it again
-        else:
-            worth = services.retries.worth_waiting(state.deadline.remaining(), attempt_s)
-            answers.append("try" if worth else "skip")
+        worth = services.retries.worth_waiting(state.deadline.remaining(), attempt_s)
+        answers.append("try" if worth else "skip")
         if worth:
             break
         skipped.append(state.chain[state.attempt])

@@ -533,16 +533,10 @@ class ReplayRetries(Retries):
     """Retries the same agent exactly where the recorded run did: the deadline it measured
     is an effect of that run's timing, not of the decision logic."""
 
-    def __init__(self, decisions: Sequence[bool], same_model: Sequence[bool] = (),
-                 busy: Sequence[bool] = ()) -> None:
+    def __init__(self, decisions: Sequence[bool], same_model: Sequence[bool] = ()) -> None:
         super().__init__()
         self._decisions = list(decisions)
         self._same_model = list(same_model)
-        self._busy = list(busy)
-
-    def queue_budget(self, remaining_s: float, alternative: bool) -> float:
-        # A model found busy in the recorded run: give up waiting at once, as it did then.
-        return 0.0 if self._busy and self._busy.pop(0) else remaining_s
 
     def worth_waiting(self, remaining_s: float, attempt_s: float) -> bool:
         return self._same_model.pop(0) if self._same_model else True

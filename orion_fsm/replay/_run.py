@@ -234,7 +234,7 @@ async def replay(
             caches=replay_caches(record, clock), clock=clock, embeddings=False,
             warm_up=False, trace_path=trace_file, tracer_provider=_tracer_provider(),
             machine=machine, memory_interval_s=3600.0, breakers=breakers,
-            retries=ReplayRetries(script.retries, script.same_model, script.busy))
+            retries=ReplayRetries(script.retries, script.same_model))
         failure: str | None = None
         try:
             async with engine:

@@ -73,8 +73,6 @@ class Script:
     retries: tuple[bool, ...] = ()
     # Each time a fallback weighed an agent on the model that just failed: was it tried.
     same_model: tuple[bool, ...] = ()
-    # For each inferencing phase in order: did the model stay busy past the queue budget.
-    busy: tuple[bool, ...] = ()
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Script:
@@ -127,11 +125,9 @@ class Script:
         same_model = tuple(answer == "try" for p in phases if p.get("state") == "fallback"
                            for answer in (p.get("attributes") or {}).get(
                                "orion.fallback.same_model") or ())
-        busy = tuple(exits[k] == "busy" if k < len(exits) else False
-                     for k, p in enumerate(phases) if p.get("state") == "inferencing")
         return cls(attempts, abort, warnings,
                    turns={a: tuple(ts) for a, ts in turns.items()}, retries=retries,
-                   same_model=same_model, busy=busy)
+                   same_model=same_model)
 
     def attempt(self, agent: AgentSpec, turn: int | None = None) -> RecordedAttempt:
         """The agent's `turn`-th recorded attempt (its last one past the recorded turns, or

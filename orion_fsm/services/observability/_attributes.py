@@ -61,7 +61,6 @@ RETRY_AFTER: Final = "orion.retry_after_s"  # every breaker refused: when one le
 # queue for that model again
 FALLBACK_SAME_MODEL: Final = "orion.fallback.same_model"
 FALLBACK_SKIPPED: Final = "orion.fallback.skipped"  # agents passed over for lack of time
-MODEL_BUSY_S: Final = "orion.model.busy_s"  # waited this long for a busy model, then left
 LOAD_ERROR: Final = "orion.load_error"
 INFERENCE_ERROR: Final = "orion.inference_error"
 GUARD_REPETITION: Final = "orion.guard.repetition"

@@ -28,9 +28,6 @@ class RetryPolicy:
     # The deadline must still leave this much after the backoff: a retry that cannot finish
     # only takes the time the fallback agent needs.
     min_remaining_s: float = 0.2
-    # The share of its remaining time a request waits for a busy model when another model
-    # of its chain could serve it (a bulkhead's maximum wait); the rest is for that model.
-    queue_share: float = 0.5
 
     def __post_init__(self) -> None:
         if isinstance(self.same_agent, bool) or not isinstance(self.same_agent, int) \
@@ -42,11 +39,8 @@ class RetryPolicy:
             if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
                 raise ConfigurationError(f"RetryPolicy.{name}", value,
                                          "a number of seconds >= 0")
-        for name in ("jitter", "queue_share"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) \
-                    or not 0 <= value <= 1:
-                raise ConfigurationError(f"RetryPolicy.{name}", value, "a fraction in [0, 1]")
+        if not isinstance(self.jitter, int | float) or not 0 <= self.jitter <= 1:
+            raise ConfigurationError("RetryPolicy.jitter", self.jitter, "a fraction in [0, 1]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,11 +76,6 @@ class Retries:
             return RetryDecision(None, f"{remaining_s:.3f} s left before the deadline, "
                                  f"{needed:.3f} s needed")
         return RetryDecision(delay, f"{failure}: transient")
-
-    def queue_budget(self, remaining_s: float, alternative: bool) -> float:
-        """How long to wait for a busy model: a share of the remaining time when another
-        model of the chain could serve (`alternative`), else all of it."""
-        return remaining_s * self.policy.queue_share if alternative else remaining_s
 
     def worth_waiting(self, remaining_s: float, attempt_s: float) -> bool:
         """Whether another agent served by the model that just failed is worth trying: its
