@@ -416,7 +416,8 @@ async def inferencing(services: Services,
     try:
         async with _model_turn(state, lease.generation_lock):
             if state.permit is not None:
-                state.permit.engage()  # from here a timeout is the model's, not the queue's
+                # From here a timeout is the model's, not the queue's (given enough time).
+                state.permit.engage(state.deadline.remaining())
             if state.streaming:
                 async with aclosing(_stream_tokens(state, lease.model, sampling, take)) as texts:
                     async for text in texts:

@@ -65,7 +65,7 @@ async def test_a_deadline_that_expires_while_queued_gives_the_breaker_no_verdict
 
 async def test_a_hung_model_call_is_the_models_failure(make_engine: MakeEngine) -> None:
     hang = faulty_loader(1.0, kinds=("hang",), only=("medium",))
-    async with make_engine(timeout_s=0.2, load_model=hang, retries=False) as engine:
+    async with make_engine(timeout_s=0.5, load_model=hang, retries=False) as engine:
         with pytest.raises(RequestFailed) as info:
             await engine.infer("hello", agent="code", cache=False)
         breaker = engine.breakers.breaker("code")

@@ -8,6 +8,7 @@ verdict drives the breaker's own statechart. Time comes from the Clock.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -74,13 +75,17 @@ class BreakerConfig:
     # half-open state); the rest fail over at once. All must succeed to close; one failure
     # reopens. More than one: a single lucky call does not close a flapping model.
     half_open_probes: int = 2
+    # A model call cut short by the request's deadline counts against the model only if it
+    # was given at least this long: a request that reached the model with a few milliseconds
+    # left says nothing about the model (it was the queue's time).
+    timeout_blame_s: float = 0.25
 
     def __post_init__(self) -> None:
         for name in ("failure_threshold", "half_open_probes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigurationError(f"BreakerConfig.{name}", value, "an integer >= 1")
-        for name in ("reset_after_s", "trial_timeout_s"):
+        for name in ("reset_after_s", "trial_timeout_s", "timeout_blame_s"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not value >= 0:
                 raise ConfigurationError(f"BreakerConfig.{name}", value,
@@ -90,7 +95,8 @@ class BreakerConfig:
         # Spelled out: dataclasses.asdict costs ~5 µs, and this runs for every trace record.
         return {"failure_threshold": self.failure_threshold, "reset_after_s": self.reset_after_s,
                 "trial_timeout_s": self.trial_timeout_s,
-                "half_open_probes": self.half_open_probes}
+                "half_open_probes": self.half_open_probes,
+                "timeout_blame_s": self.timeout_blame_s}
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,13 +148,14 @@ class BreakerPermit:
     the breaker changed state since the permit was issued is stale and ignored.
     """
 
-    __slots__ = ("_breaker", "_epoch", "_resolved", "engaged", "transition", "trial")
+    __slots__ = ("_breaker", "_epoch", "_resolved", "engaged", "given_s", "transition", "trial")
 
     def __init__(self, breaker: CircuitBreaker, epoch: int, trial: bool) -> None:
         self._breaker = breaker
         self._epoch = epoch
         self._resolved = False
         self.engaged = False  # the model call started
+        self.given_s = 0.0  # the time the call had before the request's deadline
         self.trial = trial  # one of the probes a half-open breaker lets through
         self.transition: BreakerTransition | None = None  # what the verdict changed
 
@@ -160,9 +167,15 @@ class BreakerPermit:
     def key(self) -> str:
         return self._breaker.key
 
-    def engage(self) -> None:
-        """The model call starts: from now on a timeout or a crash is the model's failure."""
+    def engage(self, given_s: float = math.inf) -> None:
+        """The model call starts with `given_s` left before the request's deadline: from now
+        on a crash is the model's failure, and so is a timeout if it had `timeout_blame_s`."""
         self.engaged = True
+        self.given_s = given_s
+
+    @property
+    def blames_timeout(self) -> bool:
+        return self.engaged and self.given_s >= self._breaker.config.timeout_blame_s
 
     def success(self) -> BreakerTransition | None:
         if self._resolved:
@@ -482,7 +495,7 @@ def _failure_reason(exc: BaseException, permit: BreakerPermit) -> str | None:
     if not permit.engaged:
         return None  # the model never ran: out of time while queued or loading, or cancelled
     if isinstance(exc, RequestTimeout):
-        return "timeout"
+        return "timeout" if permit.blames_timeout else None
     if isinstance(exc, Exception):
         return "internal"
     return None  # cancelled, GeneratorExit (the consumer left), KeyboardInterrupt

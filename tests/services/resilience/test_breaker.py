@@ -261,7 +261,8 @@ def test_board_snapshot_is_json_with_state_failures_and_retry_time() -> None:
     assert code["retry_at"] == pytest.approx(1_700_000_030.0)
     assert code["last_transition"]["target"] == "open"
     assert code["config"] == {"failure_threshold": 3, "reset_after_s": 30.0,
-                              "trial_timeout_s": 60.0, "half_open_probes": 2}
+                              "trial_timeout_s": 60.0, "half_open_probes": 2,
+                              "timeout_blame_s": 0.25}
     assert code["agents"] == ["code"]  # no model assigned: the agent is its own key
 
 
@@ -395,6 +396,11 @@ def test_an_attempt_maps_how_it_ended_to_a_verdict() -> None:
     # Out of time or crashed before the model ran (queued, loading): not the model's fault.
     with pytest.raises(RequestTimeout), board.attempt("code"):
         raise RequestTimeout(1.0, "loading_agent")
+    # Reached the model with 10 ms left: the deadline was spent queueing.
+    with pytest.raises(RequestTimeout), board.attempt("code") as permit:
+        assert permit is not None
+        permit.engage(0.01)
+        raise RequestTimeout(1.0, "inferencing")
     with pytest.raises(RuntimeError), board.attempt("code"):
         raise RuntimeError("a bug before the model call")
     assert board.breaker("code").consecutive_failures == 2
