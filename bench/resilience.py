@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import re
 import statistics
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from bench._common import check, percentile
 
 PRIMARY, BACKUP = "primary", "backup"
 STALL_S = 0.25
+SECONDARY = "secondary"  # shares the primary's model: one breaker guards both
 
 
 
@@ -51,7 +51,8 @@ def _registry(root: Path) -> Any:
     backup = make_tiny_llama_gguf(root / "backup" / "tiny-backup.gguf", n_layers=1,
                                   n_embd=32, seed=12)
     return Registry.from_dict({"version": 1, "default_agent": PRIMARY, "agents": [
-        spec(PRIMARY, primary, BACKUP), spec(BACKUP, backup, None)]})
+        spec(PRIMARY, primary, SECONDARY), spec(SECONDARY, primary, BACKUP),
+        spec(BACKUP, backup, None)]})
 
 
 @dataclass
@@ -102,90 +103,144 @@ def _inject(engine: Any, wiring: _Wiring, load_model: Any) -> None:
         engine.loader._load_model = load_model
 
 
-def load_under_faults(quick: bool = False) -> dict[str, Any]:
-    """2,000 requests, 64 in flight, 10 % of model calls faulted (raise, hang, malformed).
+_FAULT_MIXES: dict[str, tuple[str, ...]] = {
+    "mixed": ("raise", "hang", "malformed"),
+    "mixed_no_hang": ("raise", "malformed"),  # what the stall watchdog (issue 11) leaves
+    "hang": ("hang",), "raise": ("raise",), "malformed": ("malformed",),
+}
+_RATES = (0.0, 0.01, 0.10, 0.30)
+_REPLAY_SAMPLE = 60  # trace lines replayed per run (all of them in the headline run)
 
-    Every request must end in success, fallback-then-success, or error with a reason, with
-    its trace line; no task or thread may outlive the engine.
+
+def load_under_faults(quick: bool = False) -> dict[str, Any]:
+    """Goodput under injected faults: 2,000 requests, 64 in flight, 1 s timeout, a chain
+    primary -> secondary (same model) -> backup, at 0 / 1 / 10 / 30 % faulted model calls,
+    each fault kind alone and mixed (with and without hangs).
+
+    Goodput is served / total (success, or success after retry or fallback); p50/p99 are of
+    served requests. Every request must end with a reason and its trace line; no task or
+    thread may outlive the engine; trace lines replay (timeouts excepted: replay cannot
+    provoke a deadline). Until the stall watchdog exists, a hang holds its model until the
+    hung request's deadline: the `mixed_no_hang` rows show the rest of the policy alone.
     """
+    n = 400 if quick else 2000
+    runs: dict[str, dict[str, Any]] = {}
+    for mix, kinds in _FAULT_MIXES.items():
+        for rate in _RATES:
+            if rate == 0.0 and mix != "mixed":
+                continue  # no faults is the same run whatever the kinds
+            name = f"{mix}@{rate:.0%}"
+            print(f"[bench]   {name} ...", file=sys.stderr, flush=True)
+            runs[name] = _goodput_run(n, rate, kinds, replay_all=(name == "mixed@10%"
+                                                                  and not quick))
+    table = [{"run": name, "served": r["served_ratio"], "timeouts": r["timeout_ratio"],
+              "p50_ms": r["served_p50_ms"], "p99_ms": r["served_p99_ms"],
+              "opened": r["breaker_opened"], "recovered": r["breaker_recovered"],
+              "errors": r["error_reasons"]} for name, r in runs.items()]
+    checks = []
+    for name, r in runs.items():
+        checks += [
+            check(f"{name}: requests stuck, lost or without a reason",
+                  r["stuck_requests"] + r["unexplained"], "== 0",
+                  r["stuck_requests"] + r["unexplained"] == 0),
+            check(f"{name}: trace lines", r["trace_lines"], f"== {n}", r["trace_lines"] == n),
+            check(f"{name}: leaked tasks + threads", r["tasks_leaked"] + r["threads_leaked"],
+                  "== 0", r["tasks_leaked"] + r["threads_leaked"] == 0),
+            check(f"{name}: trace lines replayed that diverged", r["replay_divergences"],
+                  "== 0", r["replay_divergences"] == 0),
+        ]
+    zero, ten, thirty = runs["mixed@0%"], runs["mixed@10%"], runs["mixed@30%"]
+    checks += [
+        check("0 % faults: served", zero["served_ratio"], "== 1", zero["served_ratio"] == 1),
+        check("0 % faults: breakers opened", zero["breaker_opened"], "== 0",
+              zero["breaker_opened"] == 0),
+    ]
+    for label, r in (("10 % mixed", ten), ("10 % mixed, no hangs", runs["mixed_no_hang@10%"])):
+        checks += [
+            check(f"{label}: served", r["served_ratio"], ">= 0.95", r["served_ratio"] >= 0.95),
+            check(f"{label}: timeouts", r["timeout_ratio"], "<= 0.03",
+                  r["timeout_ratio"] <= 0.03),
+            check(f"{label}: p99 of served (ms)", r["served_p99_ms"], "<= 1500",
+                  r["served_p99_ms"] <= 1500),
+        ]
+    for label, r in (("30 % mixed", thirty), ("30 % mixed, no hangs",
+                                              runs["mixed_no_hang@30%"])):
+        checks += [
+            check(f"{label}: served", r["served_ratio"], ">= 0.80", r["served_ratio"] >= 0.80),
+            check(f"{label}: breakers opened and recovered (min)",
+                  min(r["breaker_opened"], r["breaker_recovered"]), ">= 1",
+                  r["breaker_opened"] >= 1 and r["breaker_recovered"] >= 1),
+        ]
+    return {"requests": n, "concurrency": 64, "timeout_s": 1.0,
+            "chain": [PRIMARY, SECONDARY, BACKUP], "goodput": table, "runs": runs,
+            "checks": checks}
+
+
+def _goodput_run(n: int, rate: float, kinds: tuple[str, ...], *,
+                 replay_all: bool = False) -> dict[str, Any]:
     from orion_fsm import Engine, RequestFailed
     from orion_fsm.services.observability._tracefile import read_traces
     from orion_fsm.services.resilience._admission import AdmissionController
     from orion_fsm.services.resilience._breaker import BreakerBoard, BreakerConfig
     from orion_fsm.services.resilience._guardrails import Guardrails
-    from orion_fsm.testing.faults import faulty_loader
+    from orion_fsm.testing.faults import FaultKind, faulty_loader
+    from orion_fsm.testing.replay import replay
 
-    n, concurrency, rate = (400 if quick else 2000), 64, 0.10
-    timeout_s = 1.0  # the default is 60 s; hung requests would make the run last hours
+    concurrency, timeout_s = 64, 1.0
     transitions: list[tuple[str, str, str, str]] = []
     board = BreakerBoard(BreakerConfig(failure_threshold=3, reset_after_s=0.5,
-                                       trial_timeout_s=timeout_s),
-                         agents=[PRIMARY, BACKUP],
+                                       trial_timeout_s=timeout_s, half_open_probes=2),
                          on_transition=lambda *t: transitions.append(t))
     admission = AdmissionController(max_in_flight=concurrency, max_queue=n)
-    injector = faulty_loader(rate, ("raise", "hang", "malformed"), seed=2024, hang_s=30.0)
+    fault_kinds: tuple[FaultKind, ...] = tuple(k for k in ("raise", "hang", "malformed")
+                                               if k in kinds)
+    injector = faulty_loader(rate, fault_kinds, seed=2024, hang_s=30.0)
     guard = Guardrails()
     outcomes: Counter[str] = Counter()
-    latencies: list[float] = []
+    served_ms: list[float] = []
     unexplained: list[str] = []
     counts: dict[str, int] = {}
+    retried = fast_exhausted = 0
 
     # A deadlocked run leaves a thread holding files in the directory: never fail on cleanup.
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
         root = Path(tmp)
         registry = _registry(root)
         trace_path = root / "trace.jsonl"
-        wiring = _wiring(injector, board, timeout_s, admission)
-        # Process-wide helpers (tqdm's monitor thread, started by the embedding model's
-        # download bars) appear in the first session; they are not the engine's to stop.
-        _warm_process(registry, root, wiring)
+        _warm_process(registry, root)
         threads_before = threading.active_count()
-
         progress: dict[str, float] = {"started": 0, "finished": 0, "last": time.monotonic()}
 
         async def request(i: int, engine: Any, vocab: int) -> None:
-            async with admission.slot() if not wiring.admission else _nothing():
+            async with admission.slot():
                 progress["started"] += 1
-                permit = board.allow(PRIMARY) if not wiring.breakers else None
-                agent = BACKUP if (not wiring.breakers and permit is None) else PRIMARY
                 start = time.perf_counter()
                 result: Any = None
-                with anyio.move_on_after(timeout_s if not wiring.timeout else float("inf")) \
-                        as scope:
-                    try:
-                        result = await engine.infer(f"request {i}: say something", agent=agent,
-                                                    max_tokens=8)
-                    except RequestFailed as exc:
-                        result = exc.result
-                latencies.append((time.perf_counter() - start) * 1e3)
+                try:
+                    result = await engine.infer(f"request {i}: say something", max_tokens=8)
+                except RequestFailed as exc:
+                    result = exc.result
+                elapsed = (time.perf_counter() - start) * 1e3
             progress["finished"] += 1
             progress["last"] = time.monotonic()
-            outcome = _classify(result, scope.cancelled_caught, guard, vocab)
-            if agent == BACKUP and outcome == "success":
-                outcome = "fallback(breaker_open)->success"
+            outcome = _classify(result, False, guard, vocab)
             outcomes[outcome] += 1
-            if outcome in ("no_result", "success(malformed_undetected)") \
-                    or outcome == "error:no reason":
+            if outcome in ("success", "fallback->success"):
+                served_ms.append(elapsed)
+            if outcome in ("no_result", "success(malformed_undetected)", "error:no reason"):
                 unexplained.append(outcome)
-            if permit is not None:
-                primary_failed = outcome.startswith(("fallback(", "error:")) or (
-                    outcome == "success(malformed_undetected)")
-                if primary_failed:
-                    permit.failure(outcome)
-                else:
-                    permit.success()
 
         async def main() -> None:
             tasks_before = len(asyncio.all_tasks())
             engine = Engine(registry=registry, trace_path=trace_path, cache_dir=root / "cache",
-                            threads=1, **wiring.engine_kwargs)
-            _inject(engine, wiring, injector)
+                            threads=1, caches=False, load_model=injector, breakers=board,
+                            timeout_s=timeout_s, max_in_flight=concurrency, max_queue=n,
+                            embeddings=False)
             async with engine:
-                warm = await engine.infer("warm up", agent=BACKUP, max_tokens=1)
-                lease = await engine.loader.acquire(registry.get(BACKUP))
-                vocab = lease.model.tokenizer.vocab_size
-                lease.release()
-                outcomes["warmup"] += int(warm.ok)
+                for agent in (PRIMARY, BACKUP):  # both models loaded before the clock runs
+                    lease = await engine.loader.acquire(registry.get(agent))
+                    vocab = lease.model.tokenizer.vocab_size
+                    lease.release()
                 progress["last"] = time.monotonic()
                 async with anyio.create_task_group() as tg:
                     for i in range(n):
@@ -197,54 +252,57 @@ def load_under_faults(quick: bool = False) -> dict[str, Any]:
         start = time.perf_counter()
         stalled = _run_watched(main, progress, stall_s=max(30.0, 10 * timeout_s))
         elapsed = time.perf_counter() - start
+        counts["stuck_requests"] = int(progress["started"] - progress["finished"]) \
+            if stalled else 0
         if stalled:
-            # A request that never ends holds its model: report it instead of waiting forever.
-            counts.update(stuck_requests=int(progress["started"] - progress["finished"]),
-                          tasks_leaked=-1)
+            counts["tasks_leaked"] = -1
         counts["threads_leaked"] = _settled_thread_leak(threads_before)
         records = list(read_traces(trace_path))
-        counts["trace_lines"] = len(records) - 1  # minus the warm-up
+        counts["trace_lines"] = len(records)
         reasons = Counter(r["result"]["error_reason"] for r in records
                           if r["result"]["state"] == "error")
-        # What each agent's failure was, in the requests no agent could serve.
-        causes = Counter(re.sub(r"\d+", "N", f"{agent}: {why}")[:90]
-                         for r in records if r["result"]["error_reason"] == "exhausted"
-                         for agent, why in _tried(r["result"]["error"]))
+        for r in records:
+            events = [t["event"] for t in r["transitions"]]
+            retried += "retry_same" in events
+            fast_exhausted += r["result"].get("retry_after_s") is not None
+        # Timeouts cannot be replayed (replay cannot provoke a deadline); of the rest, all in
+        # the headline run, else the unusual paths first and a sample.
+        replayable = [r for r in records if r["result"]["error_reason"] != "timeout"]
+        unusual = [r for r in replayable if len(r["transitions"]) != 6]
+        chosen = replayable if replay_all else (unusual + [
+            r for r in replayable if len(r["transitions"]) == 6])[:_REPLAY_SAMPLE]
 
-    outcomes.pop("warmup", None)
-    explained = sum(outcomes.values()) - len(unexplained)
+        async def replay_chosen() -> list[str]:
+            failed = []
+            for record in chosen:
+                report = await replay(record, registry=registry, cache_dir=root / "cache")
+                if not report.ok:
+                    failed.append(report.summary())
+            return failed
+
+        divergent = anyio.run(replay_chosen)
+
+    served = outcomes["success"] + outcomes["fallback->success"]
+    timeouts = reasons.get("timeout", 0)
     opened = [t for t in transitions if t[2] == "open"]
     recovered = [t for t in transitions if t[1] == "half_open" and t[2] == "closed"]
+    recovery_s = [s for b in board for s in b.recovery_s]
     return {
-        "requests": n, "concurrency": concurrency, "fault_rate": rate, "timeout_s": timeout_s,
-        "wiring": wiring.as_dict(),
+        "fault_rate": rate, "kinds": list(kinds), "requests": n,
         "elapsed_s": round(elapsed, 2), "requests_per_s": round(n / elapsed, 1),
-        "faults_injected": dict(injector.plan.injected),
-        "outcomes": dict(outcomes.most_common()),
-        "trace_error_reasons": dict(reasons),
-        "exhausted_causes": dict(causes.most_common(6)),
-        "p50_ms": round(statistics.median(latencies), 2),
-        "p99_ms": round(percentile(latencies, 0.99), 2),
-        "breaker_transitions": len(transitions), "breaker_opened": len(opened),
-        "breaker_recovered": len(recovered), **counts,
-        "checks": [
-            check("requests stuck (never ended)", counts.get("stuck_requests", 0), "== 0",
-                   not counts.get("stuck_requests", 0)),
-            check("timeouts (share of requests)", outcomes["error:timeout"] / n, "<= 0.05",
-                  outcomes["error:timeout"] / n <= 0.05),
-            check("quarantined slots still held at the end", counts.get(
-                "quarantined_at_end", -1), f"<= {injector.plan.injected['hang']}",
-                0 <= counts.get("quarantined_at_end", -1) <= injector.plan.injected["hang"]),
-            check("requests ending in success, fallback or error with a reason", explained,
-                   f"== {n}", explained == n),
-            check("trace lines", counts["trace_lines"], f">= {n}", counts["trace_lines"] >= n),
-            check("leaked asyncio tasks", counts["tasks_leaked"], "== 0",
-                   counts["tasks_leaked"] == 0),
-            check("leaked threads", counts["threads_leaked"], "== 0",
-                   counts["threads_leaked"] == 0),
-            check("primary breaker opened then recovered (times)",
-                   min(len(opened), len(recovered)), ">= 1", bool(opened and recovered)),
-        ],
+        "faults_injected": dict(injector.plan.injected), "model_calls": injector.plan.calls,
+        "served_ratio": round(served / n, 4), "timeout_ratio": round(timeouts / n, 4),
+        "served_p50_ms": round(percentile(served_ms, 0.5), 1),
+        "served_p99_ms": round(percentile(served_ms, 0.99), 1),
+        "outcomes": dict(outcomes.most_common()), "error_reasons": dict(reasons),
+        "retried_same_agent": retried, "exhausted_at_once_with_retry_after": fast_exhausted,
+        "breaker_opened": len(opened), "breaker_recovered": len(recovered),
+        "recovery_s_p50": round(statistics.median(recovery_s), 3) if recovery_s else None,
+        "breakers": {b.key: {"agents": board.agents_of(b.key), "opened": b.opened_count,
+                             "recovered": b.recovered_count} for b in board},
+        "unexplained": len(unexplained), "replayed": len(chosen),
+        "replay_divergences": len(divergent), "replay_first_divergences": divergent[:3],
+        **counts,
     }
 
 
@@ -281,14 +339,12 @@ def _classify(result: Any, timed_out: bool, guard: Any, vocab: int) -> str:
     return f"error:{result.error_reason or 'no reason'}"
 
 
-def _warm_process(registry: Any, root: Path, wiring: _Wiring) -> None:
+def _warm_process(registry: Any, root: Path) -> None:
     from orion_fsm import Engine
-
-    kwargs = {k: v for k, v in wiring.engine_kwargs.items() if k == "caches"}
 
     async def session() -> None:
         async with Engine(registry=registry, trace_path=False, cache_dir=root / "cache",
-                          threads=1, **kwargs) as engine:
+                          threads=1, caches=False, embeddings=False) as engine:
             await engine.infer("warm up", agent=BACKUP, max_tokens=1)
 
     anyio.run(session)
@@ -378,9 +434,9 @@ def breaker_recovery(quick: bool = False) -> dict[str, Any]:
         anyio.run(main)
 
     by_step = {t["step"]: t for t in timeline}
-    expected = [(PRIMARY, "closed", "open"), (PRIMARY, "open", "half_open"),
-                (PRIMARY, "half_open", "closed")]
-    got = [t[:3] for t in transitions]
+    # Two probes after the cool-down: the trial and the next call close it together.
+    expected = [("closed", "open"), ("open", "half_open"), ("half_open", "closed")]
+    got = [t[1:3] for t in transitions]
     return {
         "wiring": wiring.as_dict(), "timeline": timeline,
         "transitions": [list(t) for t in transitions],

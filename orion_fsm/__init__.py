@@ -61,6 +61,7 @@ from .services.observability._tracefile import find_traces, read_traces
 from .services.resilience._admission import AdmissionController
 from .services.resilience._breaker import BreakerBoard, BreakerConfig
 from .services.resilience._guardrails import GuardrailConfig, Guardrails
+from .services.resilience._retry import Retries, RetryPolicy
 from .services.routing._embedding_router import DEFAULT_METHOD as DEFAULT_ROUTING_METHOD
 from .services.routing._embedding_router import (
     EmbeddingRouter,
@@ -132,6 +133,8 @@ __all__ = [
     "RequestFailed",
     "ResponseStream",
     "Result",
+    "Retries",
+    "RetryPolicy",
     "RouteExplanation",
     "Router",
     "RoutingDecision",

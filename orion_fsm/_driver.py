@@ -150,7 +150,7 @@ class RequestRun:
         permit = state.permit  # not judged by a phase: judged as the stack was released
         if permit is not None and (change := permit.transition) is not None:
             state.notes[attr.BREAKER_TRANSITION] = (
-                f"{change.agent}: {change.source} -> {change.target}")
+                f"{change.key}: {change.source} -> {change.target}")
         if event is not None:
             machine.send(event)
         agent = state.agent.id if state.agent else None
@@ -176,7 +176,7 @@ class RequestRun:
             token_ids=tuple(state.token_ids),
             routing=state.decision.as_dict() if state.decision else {},
             cache=state.cache_level, parsed=state.parsed, tool_calls=state.tool_calls,
-            **_slot_fields(state),
+            retry_after_s=state.retry_after_s, **_slot_fields(state),
         )
         self._driving.traces.submit(_trace_record(self._driving, state, recorder, result,
                                                   abort))

@@ -50,8 +50,14 @@ from .services.observability._metrics import RequestMetrics
 from .services.observability._telemetry import INSTRUMENTATION_NAME, resolve_tracer
 from .services.observability._tracefile import TraceWriter, register_trace_metrics
 from .services.resilience._admission import AdmissionController, TimeoutPolicy
-from .services.resilience._breaker import BreakerBoard, BreakerConfig, register_breaker_metrics
+from .services.resilience._breaker import (
+    BreakerBoard,
+    BreakerConfig,
+    breaker_keys,
+    register_breaker_metrics,
+)
 from .services.resilience._guardrails import GuardrailConfig, Guardrails
+from .services.resilience._retry import Retries, RetryPolicy
 from .services.routing._embedding_router import EmbeddingRouter
 from .services.routing._embeddings import EmbeddingService
 from .services.routing._router import RuleRouter
@@ -63,9 +69,9 @@ OutputRequest = tuple[Mapping[str, Any] | None, Sequence[Mapping[str, Any]] | No
 _log = logging.getLogger("orion_fsm.engine")
 
 
-def _log_breaker(agent: str, source: str, target: str, reason: str) -> None:
+def _log_breaker(key: str, source: str, target: str, reason: str) -> None:
     level = logging.WARNING if target == "open" else logging.INFO
-    _log.log(level, "breaker", extra={"agent": agent, "source": source, "target": target,
+    _log.log(level, "breaker", extra={"breaker": key, "source": source, "target": target,
                                      "reason": reason})
 
 # Precomputed into L2 at start-up: short requests people type again and again.
@@ -162,7 +168,8 @@ def _outcome(result: Result) -> Result:
     if result.state != "success":
         raise RequestFailed(result.error or "request failed",
                             reason=result.error_reason or "error",
-                            request_id=result.request_id, result=result)
+                            request_id=result.request_id, result=result,
+                            retry_after_s=result.retry_after_s)
     return result
 
 
@@ -195,6 +202,7 @@ class Engine:
         max_queue: int = DEFAULT_MAX_QUEUE,
         breakers: BreakerBoard | BreakerConfig | None = None,
         admission: AdmissionController | None = None,
+        retries: Retries | RetryPolicy | Literal[False] | None = None,
         guardrails: Guardrails | GuardrailConfig | Literal[False] | None = None,
         frequent_patterns: Sequence[str] = FREQUENT_PATTERNS,
     ) -> None:
@@ -206,10 +214,13 @@ class Engine:
         self.loader: Loader = loader or ModelLoader(
             root, threads=threads, progress=progress, config=loader_config, clock=self.clock,
             load_model=load_model or LoadedModel.load)
-        # Resilience: per-agent breakers, a bounded queue, a deadline per request, guardrails.
+        # Resilience: a breaker per model instance (agents sharing a model share it), a
+        # bounded queue, a deadline per request, retries, guardrails.
         self.breakers = breakers if isinstance(breakers, BreakerBoard) else BreakerBoard(
-            breakers, agents=self.registry.agents, clock=self.clock,
-            on_transition=_log_breaker)
+            breakers, clock=self.clock, on_transition=_log_breaker)
+        self.breakers.assign(breaker_keys(self.registry.agents.values(), self.loader.key_for))
+        self.retries = retries if isinstance(retries, Retries) else Retries(
+            RetryPolicy(same_agent=0) if retries is False else retries)
         self.admission = admission or AdmissionController(max_in_flight=max_in_flight,
                                                           max_queue=max_queue)
         self._timeout = TimeoutPolicy(timeout_s)
@@ -288,7 +299,7 @@ class Engine:
                 registry=self.registry, router=self.router, loader=self.loader,
                 caches=self.caches, breakers=self.breakers, guardrails=self.guardrails,
                 clock=self.clock, l1_flights=SingleFlight(), background=task_group.start_soon,
-                cores=self.cores)
+                cores=self.cores, retries=self.retries)
             self._driving = Driving(
                 services=services, machines=MachinePool(self._chart), tracer=self._tracer,
                 admission=self.admission, timeouts=self._timeout, traces=self._traces,

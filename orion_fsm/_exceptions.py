@@ -176,8 +176,12 @@ class RequestFailed(OrionError):
     the deadline tell the engine; they reach a caller as this, with that reason."""
 
     def __init__(
-        self, message: str, *, reason: str, request_id: str | None = None, result: object = None
+        self, message: str, *, reason: str, request_id: str | None = None, result: object = None,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message, request_id=request_id)
         self.reason = reason
         self.result = result
+        # Set when every circuit breaker of the chain refused (reason exhausted): seconds
+        # until the first lets a probe through. HTTP: 503 with Retry-After.
+        self.retry_after_s = retry_after_s

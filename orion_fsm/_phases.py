@@ -25,6 +25,7 @@ import anyio
 from ._exceptions import (
     GenerationStalled,
     InferenceError,
+    InsufficientMemory,
     ModelLoadError,
     OutputRejected,
     RegistryError,
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
     from .services.resilience._admission import Deadline
     from .services.resilience._breaker import BreakerBoard, BreakerPermit
     from .services.resilience._guardrails import Guardrails
+    from .services.resilience._retry import Retries
     from .services.routing._router import RoutingDecision
 
 _ROLES = frozenset({"system", "user", "assistant", "tool"})
@@ -75,6 +77,7 @@ class Services:
     l1_flights: SingleFlight[None]
     # The Engine's task group: cache writes happen after the reply, never before it.
     background: Callable[..., object]
+    retries: Retries  # whether a transient failure tries the same agent again
     # Cores for each runtime call of a generation; None when the Engine was given `threads`.
     cores: CpuAllotter | None = None
 
@@ -118,6 +121,11 @@ class RequestState:
     stop: threading.Event = field(default_factory=threading.Event)
     stopped_for: str | None = None  # finish reason when a guard stopped the generation
     failures: list[tuple[str, str]] = field(default_factory=list)  # (agent, why)
+    failure_kind: str | None = None  # how the last attempt failed (breaker_open, load_failed...)
+    retried: int = 0  # retries of the current agent of the chain
+    attempt_started: float = 0.0  # services clock, when the current attempt began
+    refused: set[str] = field(default_factory=set)  # agents an open breaker turned away
+    retry_after_s: float | None = None  # every agent refused: when a breaker lets one in
     error: str | None = None
     error_reason: str | None = None
     error_field: str | None = None
@@ -385,12 +393,16 @@ def _judge(state: RequestState, failure: str | None) -> None:
     change = permit.success() if failure is None else permit.failure(failure)
     state.permit = None  # judged: the driver has nothing left to report about it
     if change is not None:
-        state.notes[attr.BREAKER_TRANSITION] = f"{change.agent}: {change.source} -> {change.target}"
+        state.notes[attr.BREAKER_TRANSITION] = f"{change.key}: {change.source} -> {change.target}"
 
 
-def _load_failed(state: RequestState, agent: AgentSpec, exc: ModelLoadError) -> str:
+def _load_failed(state: RequestState, agent: AgentSpec, exc: ModelLoadError, *,
+                 transient: bool) -> str:
     state.failures.append((agent.id, exc.message))
     state.notes[attr.LOAD_ERROR] = exc.message
+    # Only a load the runtime refused may go better a second time; a model that cannot be
+    # found or cannot fit will not.
+    state.failure_kind = "load_failed" if transient else "unavailable"
     _judge(state, "load_failed")
     return "load_failed"
 
@@ -400,15 +412,22 @@ async def loading_agent(services: Services, state: RequestState) -> str:
     state.notes.update({attr.AGENT: agent.id, attr.GEN_AI_REQUEST_MODEL: agent.id,
                         attr.ATTEMPT: state.attempt})
     scope = state.attempt_scope = await state.stack.enter_async_context(AsyncExitStack())
+    state.failure_kind, state.attempt_started = None, services.clock.monotonic()
+    key = state.notes[attr.BREAKER_KEY] = services.breakers.key_for(agent.id)
     state.permit = scope.enter_context(services.breakers.attempt(agent.id))
     if state.permit is None:
-        state.failures.append((agent.id, f"circuit breaker of {agent.id!r} is open"))
+        state.failures.append((agent.id, f"circuit breaker of {agent.id!r} is open "
+                               f"(model {key})"))
         state.notes[attr.BREAKER] = "open"
+        state.failure_kind = "breaker_open"
+        state.refused.add(agent.id)
         return "breaker_open"
+    if state.permit.trial:
+        state.notes[attr.BREAKER_PROBE] = True
     try:
         prepared = state.prepared = await services.loader.prepare(agent)
     except ModelLoadError as exc:
-        return _load_failed(state, agent, exc)
+        return _load_failed(state, agent, exc, transient=False)
     messages = list(state.request.messages)
     if agent.system_prompt and not any(m.role == "system" for m in messages):
         messages.insert(0, Message("system", agent.system_prompt))
@@ -436,7 +455,8 @@ async def loading_agent(services: Services, state: RequestState) -> str:
         lease = state.lease = await scope.enter_async_context(services.loader.lease(
             agent, prompt_ids=state.prompt_ids, priority=state.priority))
     except ModelLoadError as exc:
-        return _load_failed(state, agent, exc)
+        return _load_failed(state, agent, exc,
+                            transient=not isinstance(exc, InsufficientMemory))
     state.load_info = lease.load_info
     state.notes.update(lease.load_info.span_attributes())
     return "loaded"
@@ -465,6 +485,10 @@ async def inferencing(services: Services,
     try:
         with _cores(services) as cores:
             run.cores = cores
+            if state.permit is not None:
+                # From here a timeout is the model's, not the queue's (given enough time): the
+                # wait for a slot happened in loading_agent, under the deadline.
+                state.permit.engage(state.deadline.remaining())
             if state.streaming:
                 async with aclosing(_stream_tokens(run)) as texts:
                     async for text in texts:
@@ -480,6 +504,7 @@ async def inferencing(services: Services,
             lease.quarantine()
             failure = "stalled"
         state.notes[attr.INFERENCE_FAILURE] = failure
+        state.failure_kind = failure
         _judge(state, failure)
         yield Next("inference_failed")
         return
@@ -753,16 +778,63 @@ async def fallback(services: Services, state: RequestState) -> str:
             f"agent {failed!r} failed after streaming {state.emitted_chars} characters ({why}); "
             "not retried on another agent so outputs are not mixed"))
         return "abort"
+    retry = services.retries.decide(state.failure_kind, state.retried,
+                                    state.deadline.remaining(),
+                                    services.clock.monotonic() - state.attempt_started)
+    if retry.delay_s is not None:
+        state.retried += 1
+        state.notes.update({attr.FALLBACK_TO: failed, attr.RETRY_SAME: round(retry.delay_s, 4)})
+        _clear_output(state)
+        await anyio.sleep(retry.delay_s)
+        return "retry_same"
+    if state.failure_kind != "breaker_open":
+        state.notes[attr.RETRY_SKIPPED] = retry.why
     state.attempt += 1
+    state.retried = 0
+    if state.failure_kind != "breaker_open":
+        _pass_over_same_model(services, state, services.breakers.key_for(failed))
     if state.attempt < len(state.chain):
         state.notes[attr.FALLBACK_TO] = state.chain[state.attempt]
-        state.text_parts.clear()
-        state.token_ids.clear()
-        state.first_token_at = None
+        _clear_output(state)
         return "retry"
     tried = "; ".join(f"{a}: {w}" for a, w in state.failures)
+    if state.refused.issuperset(state.chain):
+        # Nothing can serve: say so now, and when the first breaker lets a probe through.
+        wait = state.retry_after_s = round(services.breakers.retry_after(state.chain), 3)
+        state.notes[attr.RETRY_AFTER] = wait
+        state.fail("exhausted", f"no agent could serve the request: every circuit breaker of "
+                   f"its chain is open; retry after {wait:g} s ({tried})")
+        return "exhausted"
     state.fail("exhausted", f"no agent could serve the request ({tried})")
     return "exhausted"
+
+
+def _pass_over_same_model(services: Services, state: RequestState, failed_key: str) -> None:
+    """Skip the next agents served by the model that just failed when the deadline leaves
+    less than that attempt took: they would queue for the same model and time out."""
+    attempt_s = services.clock.monotonic() - state.attempt_started
+    answers: list[str] = []  # "try" or "skip", per agent weighed (span attributes are str)
+    skipped: list[str] = []
+    while state.attempt < len(state.chain) - 1 and \
+            services.breakers.key_for(state.chain[state.attempt]) == failed_key:
+        worth = services.retries.worth_waiting(state.deadline.remaining(), attempt_s)
+        answers.append("try" if worth else "skip")
+        if worth:
+            break
+        skipped.append(state.chain[state.attempt])
+        state.attempt += 1
+    if answers:
+        state.notes[attr.FALLBACK_SAME_MODEL] = answers
+    if skipped:
+        state.notes[attr.FALLBACK_SKIPPED] = skipped
+        state.failures += [(agent, "skipped: same model as the failed attempt, no time to "
+                            "queue for it again") for agent in skipped]
+
+
+def _clear_output(state: RequestState) -> None:
+    state.text_parts.clear()
+    state.token_ids.clear()
+    state.first_token_at = None
 
 
 # Bound to the statechart's states by name (see _machine.request_chart).

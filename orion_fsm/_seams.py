@@ -108,6 +108,11 @@ class Loader(WatchedLoader, Protocol):
 
     async def prepare(self, agent: AgentSpec) -> Prepared: ...
 
+    def key_for(self, agent: AgentSpec) -> ModelKey:
+        """The model instance that serves `agent` (what its circuit breaker guards); raises
+        ModelLoadError when the model file cannot be found."""
+        ...
+
     def lease(self, agent: AgentSpec, *, prompt_ids: Sequence[int] = (),
               priority: int = 0) -> AbstractAsyncContextManager[Lease]: ...
 

@@ -144,6 +144,9 @@ class Result:
     reused_prefix_tokens: int | None = None
     prefilled_tokens: int | None = None
     session_id: str | None = None
+    # exhausted because every circuit breaker of the chain was open: seconds until the first
+    # lets a probe request through (HTTP: 503 + Retry-After); None otherwise
+    retry_after_s: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -179,4 +182,5 @@ class Result:
             "reused_prefix_tokens": self.reused_prefix_tokens,
             "prefilled_tokens": self.prefilled_tokens,
             "session_id": self.session_id,
+            "retry_after_s": self.retry_after_s,
         }

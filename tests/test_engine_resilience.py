@@ -43,25 +43,32 @@ async def test_an_open_breaker_sends_the_request_to_fallback_without_touching_th
 ) -> None:
     clock = ManualClock()
     flaky = FailingThenWorking(failures=3, path_part="medium")
-    # No predictive preloading: every load below is one a request asked for.
-    async with make_engine(clock=clock, load_model=flaky,
+    # No predictive preloading: every load below is one a request asked for. No retries:
+    # each request meets the code agent's model once.
+    async with make_engine(clock=clock, load_model=flaky, retries=False,
                            loader_config=LoaderConfig(predictive_preload=False)) as engine:
-        for _ in range(3):  # three load failures in a row open the code agent's breaker
+        code = engine.breakers.key_for("code")
+        assert code == "tiny-medium:default@256"
+        for _ in range(3):  # three load failures in a row open the code model's breaker
             failed = await engine.infer("hello", agent="code", cache=False)
             assert failed.fallback and failed.agent == "conversation"
-        assert engine.breakers.snapshot()["code"]["state"] == "open"
+        assert engine.breakers.snapshot()[code]["state"] == "open"
         blocked = await engine.infer("hello", agent="code", cache=False)
         assert flaky.calls == 3  # the model was not touched
         assert blocked.fallback and blocked.agent == "conversation"
-        clock.advance(30)  # the reset timeout: one trial request is let through
+        clock.advance(30)  # the reset timeout: two probe requests are let through
+        probe = await engine.infer("hello", agent="code", cache=False)
+        assert engine.breakers.snapshot()[code]["state"] == "half_open"
         recovered = await engine.infer("hello", agent="code", cache=False)
-        assert engine.breakers.snapshot()["code"]["state"] == "closed"
-    assert recovered.agent == "code" and not recovered.fallback
+        assert engine.breakers.snapshot()[code]["state"] == "closed"
+        assert engine.breakers.snapshot()[code]["recovered_count"] == 1
+    assert not probe.fallback and recovered.agent == "code" and not recovered.fallback
     records = read_trace_lines(tmp_path / "traces" / "test.jsonl")
     open_record = records[3]
     assert ("loading_agent", "fallback", "breaker_open") in [
         (t["source"], t["target"], t["event"]) for t in open_record["transitions"]]
-    assert open_record["breakers"]["code"]["state"] == "open"
+    assert open_record["breakers"][code]["state"] == "open"
+    assert open_record["breakers"][code]["agents"] == ["code"]
 
 
 async def test_past_the_queue_limit_a_request_fails_at_once_as_overloaded(

@@ -1,7 +1,9 @@
-"""`orion-fsm breakers`: each agent's circuit breaker, as the latest trace record saw it.
+"""`orion-fsm breakers`: each circuit breaker, as the latest trace record saw it.
 
-A CLI process has no live engine, so the states come from the newest trace line that carries
-a `breakers` field (`BreakerBoard.snapshot()`); without one, the configured defaults are shown.
+A breaker guards one model instance (file, variant, context) and is shared by the agents it
+serves. A CLI process has no live engine, so the states come from the newest trace line that
+carries a `breakers` field (`BreakerBoard.snapshot()`, keyed by model instance with its
+`agents`); agents no recorded breaker names are shown with the configured defaults.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ _MAX_LINES_SCANNED = 10_000
 
 
 def add_parser(sub: Any) -> None:
-    breakers = sub.add_parser("breakers", help="circuit breaker state of each agent "
-                              "(from the latest trace record)")
+    breakers = sub.add_parser("breakers", help="circuit breaker of each model instance and "
+                              "the agents it serves (from the latest trace record)")
     breakers.add_argument("--trace-file", default=os.environ.get(TRACE_FILE_ENV),
                           help="JSONL trace file (default: $ORION_FSM_TRACE_FILE, else "
                           "$XDG_STATE_HOME/orion-fsm/traces/orion-fsm.jsonl)")
@@ -74,7 +76,8 @@ def latest_breakers(path: Path) -> dict[str, Any] | None:
 def _defaults(agents: list[str]) -> dict[str, dict[str, Any]]:
     config = BreakerConfig().as_dict()
     return {a: {"state": "closed", "consecutive_failures": 0, "opened_count": 0,
-                "last_failure": None, "retry_at": None, "config": config} for a in agents}
+                "recovered_count": 0, "last_failure": None, "retry_at": None,
+                "config": config, "agents": [a]} for a in agents}
 
 
 async def _live(args: argparse.Namespace) -> dict[str, Any]:
@@ -85,34 +88,38 @@ async def _live(args: argparse.Namespace) -> dict[str, Any]:
 
 def _breakers(args: argparse.Namespace) -> int:
     if args.server is not None:  # the server's breakers, live
-        states = anyio.run(_live, args)
+        live = anyio.run(_live, args)
         if args.json:
-            print(json.dumps({"source": {"server": args.server}, "breakers": states},
+            print(json.dumps({"source": {"server": args.server}, "breakers": live},
                              indent=2, ensure_ascii=False))
         else:
             print(f"live from {args.server}")
-            _table(states)
+            _table(live)
         return 0
     registry = Registry.load(args.registry)
     path = Path(args.trace_file) if args.trace_file else default_trace_path()
     record = latest_breakers(path)
     agents = list(registry.agents)
-    states = _defaults(agents)
+    states: dict[str, dict[str, Any]] = {}
     if record is not None:
         recorded: dict[str, Any] = record["breakers"]
-        states.update({a: s for a, s in recorded.items() if isinstance(s, dict)})
+        # Before trace version 3 breakers were keyed by agent: each served that one agent.
+        states = {key: {**s, "agents": s.get("agents") or [key]}
+                  for key, s in recorded.items() if isinstance(s, dict)}
         source = {"trace_file": str(path), "request_id": record.get("request_id"),
                   "recorded_at": record.get("started_at")}
     else:
         source = {"trace_file": str(path), "request_id": None, "recorded_at": None}
+    served = {a for s in states.values() for a in s["agents"]}
+    states.update(_defaults([a for a in agents if a not in served]))
     if args.json:
         print(json.dumps({"source": source, "breakers": states}, indent=2, ensure_ascii=False))
         return 0
     if record is None:
         config = BreakerConfig()
         print(f"no breaker state recorded in {path}; configured defaults: open after "
-              f"{config.failure_threshold} consecutive failures, one trial request after "
-              f"{config.reset_after_s:g} s")
+              f"{config.failure_threshold} consecutive failures, "
+              f"{config.half_open_probes} probe request(s) after {config.reset_after_s:g} s")
     else:
         when = record.get("started_at")
         shown = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) if when else "?"
@@ -122,14 +129,15 @@ def _breakers(args: argparse.Namespace) -> int:
 
 
 def _table(states: dict[str, Any]) -> None:
-    print(f"  {'agent':<16} {'state':<10} {'failures':>8} {'opened':>7}  {'retry at':<10} "
-          "last failure")
+    print(f"  {'breaker (model)':<28} {'state':<10} {'failures':>8} {'opened':>7} "
+          f"{'recovered':>9}  {'retry at':<10} {'last failure':<18} agents")
     now = time.time()
-    for agent, s in states.items():
+    for key, s in states.items():
         retry_at = s.get("retry_at")
         retry = "-"
         if isinstance(retry_at, int | float):
             retry = "due" if retry_at <= now else time.strftime("%H:%M:%S",
                                                                 time.localtime(retry_at))
-        print(f"  {agent:<16} {s.get('state', '?'):<10} {s.get('consecutive_failures', 0):>8} "
-              f"{s.get('opened_count', 0):>7}  {retry:<10} {s.get('last_failure') or '-'}")
+        print(f"  {key:<28} {s.get('state', '?'):<10} {s.get('consecutive_failures', 0):>8} "
+              f"{s.get('opened_count', 0):>7} {s.get('recovered_count', 0):>9}  {retry:<10} "
+              f"{s.get('last_failure') or '-':<18} {', '.join(s.get('agents') or [key])}")

@@ -276,10 +276,12 @@ class Session:
         return True
 
     async def _breakers(self, _: str) -> bool:
-        for agent, state in self.engine.breakers.snapshot().items():
-            self.say(f"  {agent:<16} {state.get('state', '?'):<10} failures "
+        # One breaker per model instance, shared by the agents it serves.
+        for key, state in self.engine.breakers.snapshot().items():
+            agents = ", ".join(state.get("agents") or [key])
+            self.say(f"  {key:<24} {state.get('state', '?'):<10} failures "
                      f"{state.get('consecutive_failures', 0)}  last failure "
-                     f"{state.get('last_failure') or '-'}")
+                     f"{state.get('last_failure') or '-'}  agents {agents}")
         return True
 
     async def _trace(self, _: str) -> bool:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,6 +45,7 @@ from orion_fsm.services.models._registry import AgentSpec, Registry
 from orion_fsm.services.models._tiers import DEFAULT_VARIANT
 from orion_fsm.services.resilience._admission import AdmissionController, Overloaded
 from orion_fsm.services.resilience._breaker import BreakerBoard, BreakerPermit
+from orion_fsm.services.resilience._retry import Retries, RetryDecision
 from orion_fsm.services.routing._embedding_router import decide
 from orion_fsm.services.routing._router import RoutingDecision, RuleRouter
 
@@ -381,10 +382,15 @@ class ReplayLoader:
         self._source = (record.get("model") or {}).get("source")
         self._aborter = aborter
         self._prepared: dict[str, _ReplayPrepared] = {}
+        self._turns: dict[str, int] = {}  # leases taken per agent: which recorded attempt is next
         self.clock = clock
         self._stats = LoaderStats()
         self.monitor: PressureGauge | None = None  # the memory monitor binds itself here
         self.budget_bytes = 0
+
+    def key_for(self, agent: AgentSpec) -> ModelKey:
+        # Only names the replayed breakers; replay refuses what the recording refused.
+        return ModelKey(Path(agent.model.describe()), agent.context_length, agent.model_type)
 
     def decodes(self, agent: str) -> bool:
         """Whether the agent's recorded output is decoded by its real tokenizer."""
@@ -392,7 +398,7 @@ class ReplayLoader:
         return attempt is not None and (attempt.sha256 or "") in self._tokenizers
 
     async def prepare(self, agent: AgentSpec, *, variant: str | None = None) -> _ReplayPrepared:
-        attempt = self._script.attempt(agent)
+        attempt = self._script.attempt(agent, self._turns.get(agent.id, 0))
         if self._aborter is not None and self._aborter.reached("prepare", agent.id):
             await self._aborter.deliver()
         if attempt.prepare_error is not None:
@@ -427,7 +433,10 @@ class ReplayLoader:
     @asynccontextmanager
     async def lease(self, agent: AgentSpec, *, prompt_ids: Sequence[int] = (),
                     priority: int = 0) -> AsyncIterator[_ReplayLease]:
-        attempt = self._script.attempt(agent)
+        turn = self._turns.get(agent.id, 0)
+        attempt = self._script.attempt(agent, turn)
+        # Whatever happens below, the agent's next attempt (a retry) replays the next turn.
+        self._turns[agent.id] = turn + 1
         if attempt.prepare_error is not None:
             raise ModelLoadError(attempt.prepare_error)
         prepared = self._prepared_for(agent, attempt)
@@ -475,6 +484,7 @@ class LiveLoader:
     def __init__(self, inner: ModelLoader, script: Script) -> None:
         self.inner = inner
         self._script = script
+        self._turns: dict[str, int] = {}
         self.clock = inner.clock
         self.warnings: list[str] = []
 
@@ -490,8 +500,11 @@ class LiveLoader:
     def budget_bytes(self) -> int:
         return self.inner.budget_bytes
 
+    def key_for(self, agent: AgentSpec) -> ModelKey:
+        return self.inner.key_for(agent)
+
     async def prepare(self, agent: AgentSpec, *, variant: str | None = None) -> PreparedModel:
-        attempt = self._script.attempt(agent)
+        attempt = self._script.attempt(agent, self._turns.get(agent.id, 0))
         if attempt.prepare_error is not None:
             raise ModelLoadError(attempt.prepare_error)
         prepared = await self.inner.prepare(agent, variant=variant)
@@ -509,7 +522,9 @@ class LiveLoader:
     @asynccontextmanager
     async def lease(self, agent: AgentSpec, *, prompt_ids: Sequence[int] = (),
                     priority: int = 0) -> AsyncIterator[ModelLease | _FailingLease]:
-        attempt = self._script.attempt(agent)
+        turn = self._turns.get(agent.id, 0)
+        attempt = self._script.attempt(agent, turn)
+        self._turns[agent.id] = turn + 1
         if attempt.prepare_error is not None or attempt.acquire_error is not None:
             raise ModelLoadError(attempt.prepare_error or attempt.acquire_error or "")
         async with self.inner.lease(agent, prompt_ids=prompt_ids,
@@ -561,19 +576,28 @@ class _FailingLease:
 
 
 class ReplayBreakers(BreakerBoard):
-    """A breaker board that refuses exactly the agents whose breaker the recorded run found
-    open (`loading_agent --breaker_open--> fallback`) and lets the others through. Its
-    `snapshot()` is the recorded one."""
+    """A breaker board that refuses exactly the attempts the recorded run saw refused
+    (`loading_agent --breaker_open--> fallback`), agent by agent and in order, and lets the
+    others through. Its `snapshot()` and `retry_after()` are the recorded ones."""
 
-    def __init__(self, refused: frozenset[str], snapshot: Mapping[str, Any] | None, *,
-                 clock: Clock | None = None) -> None:
+    def __init__(self, refusals: Mapping[str, Sequence[bool]],
+                 snapshot: Mapping[str, Any] | None, *, clock: Clock | None = None,
+                 retry_after_s: float | None = None) -> None:
         super().__init__(clock=clock)
-        self.refused = refused
+        self._refusals = {agent: list(turns) for agent, turns in refusals.items()}
         self._recorded = {str(a): dict(s) for a, s in (snapshot or {}).items()
                           if isinstance(s, Mapping)}
+        self._retry_after_s = retry_after_s
 
     def allow(self, agent: str) -> BreakerPermit | None:
-        return None if agent in self.refused else super().allow(agent)
+        turns = self._refusals.get(agent)
+        refused = turns.pop(0) if turns else False
+        return None if refused else super().allow(agent)
+
+    def retry_after(self, agents: Iterable[str]) -> float:
+        if self._retry_after_s is not None:
+            return self._retry_after_s
+        return super().retry_after(agents)
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         return {**super().snapshot(), **self._recorded}
@@ -595,6 +619,25 @@ class ReplayAdmission(AdmissionController):
                 raise Overloaded(abort.queued, abort.max_queue, request_id=request_id)
             await self._aborter.deliver()
         await super().acquire(priority, request_id=request_id)
+
+
+class ReplayRetries(Retries):
+    """Retries the same agent exactly where the recorded run did: the deadline it measured
+    is an effect of that run's timing, not of the decision logic."""
+
+    def __init__(self, decisions: Sequence[bool], same_model: Sequence[bool] = ()) -> None:
+        super().__init__()
+        self._decisions = list(decisions)
+        self._same_model = list(same_model)
+
+    def worth_waiting(self, remaining_s: float, attempt_s: float) -> bool:
+        return self._same_model.pop(0) if self._same_model else True
+
+    def decide(self, failure: str | None, retried: int, remaining_s: float,
+               attempt_s: float = 0.0) -> RetryDecision:
+        if self._decisions and self._decisions.pop(0):
+            return RetryDecision(0.0, "retried in the recorded run")
+        return RetryDecision(None, "not retried in the recorded run")
 
 
 def replay_caches(record: Mapping[str, Any], clock: ManualClock) -> CacheSet | Literal[False]:

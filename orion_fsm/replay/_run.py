@@ -33,6 +33,7 @@ from ._adapters import (
     ReplayAdmission,
     ReplayBreakers,
     ReplayLoader,
+    ReplayRetries,
     ReplayRouter,
     replay_caches,
     replay_clock,
@@ -231,9 +232,10 @@ async def replay(
         replay_loader = loader = ReplayLoader(script, record=record, tokenizers=tokenizers,
                                               clock=clock, aborter=aborter,
                                               encode_prompts=not redacted)
-    # The breaker board is an effect too: refuse where the recorded run was refused.
-    breakers = ReplayBreakers(frozenset(a.agent for a in script.attempts.values()
-                                        if a.breaker_open), record.get("breakers"), clock=clock)
+    # The breaker board and the deadline are effects too: refuse where the recorded run was
+    # refused, retry where it retried.
+    breakers = ReplayBreakers(script.refusals(), record.get("breakers"), clock=clock,
+                              retry_after_s=(record.get("result") or {}).get("retry_after_s"))
     with tempfile.TemporaryDirectory(prefix="orion-replay-") as folder:
         trace_file = Path(folder) / "replay.jsonl"
         engine = Engine(
@@ -241,7 +243,8 @@ async def replay(
             caches=replay_caches(record, clock), clock=clock, embeddings=False,
             warm_up=False, trace_path=trace_file, tracer_provider=_tracer_provider(),
             machine=machine, memory_interval_s=3600.0, breakers=breakers,
-            admission=ReplayAdmission(aborter))
+            admission=ReplayAdmission(aborter),
+            retries=ReplayRetries(script.retries, script.same_model))
         failure: str | None = None
         try:
             async with engine:

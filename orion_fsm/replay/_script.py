@@ -1,12 +1,13 @@
-"""What to replay, read from a trace record: each agent's recorded attempt (load outcome and
-output), and where the recorded request was aborted; `Aborter` delivers that abort there again.
+"""What to replay, read from a trace record: each agent's recorded attempts in order (load
+outcome, breaker refusal and output; a retried agent has several), the retry decisions, and
+where the recorded request was aborted; `Aborter` delivers that abort there again.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, NoReturn
 
 import anyio
@@ -71,11 +72,20 @@ class Abort:
 
 @dataclass(frozen=True)
 class Script:
-    """What the stand-ins serve: each agent's recorded attempt, and where to abort."""
+    """What the stand-ins serve: each agent's recorded attempts, and where to abort.
+
+    `attempts` holds each agent's last attempt, `turns` all of them in order (an agent retried
+    after a transient failure was attempted more than once); `retries` says, for each
+    fallback phase in order, whether the recorded run tried the same agent again.
+    """
 
     attempts: Mapping[str, RecordedAttempt]
     abort: Abort | None
     warnings: tuple[str, ...]
+    turns: Mapping[str, tuple[RecordedAttempt, ...]] = field(default_factory=dict)
+    retries: tuple[bool, ...] = ()
+    # Each time a fallback weighed an agent on the model that just failed: was it tried.
+    same_model: tuple[bool, ...] = ()
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Script:
@@ -86,6 +96,7 @@ class Script:
         exits = [t.get("event") for t in transitions[1:]]  # phases[k] left by transitions[k+1]
         loading = [k for k, p in enumerate(phases) if p.get("state") == "loading_agent"]
         attempts: dict[str, RecordedAttempt] = {}
+        turns: dict[str, list[RecordedAttempt]] = {}
         for k in loading:
             attrs: dict[str, Any] = phases[k].get("attributes") or {}
             agent = str(attrs.get("orion.agent"))
@@ -102,13 +113,14 @@ class Script:
                                  finish_reason=result.get("finish_reason"))
             attempts[agent] = RecordedAttempt(
                 agent=agent, sha256=sha or (model.get("sha256") if final and error is None
-                                            else None),
+                                            else None) or _known_sha(turns.get(agent)),
                 input_tokens=_input_tokens(attrs), final=final,
                 # A failed load noted after the model's digest failed in acquire, not prepare.
                 prepare_error=error if error is not None and sha is None else None,
                 acquire_error=error if error is not None and sha is not None else None,
                 breaker_open=exit_event == "breaker_open", load_info=_load_info(attrs),
                 output=output)
+            turns.setdefault(agent, []).append(attempts[agent])
         routed = (result.get("routing") or {}).get("agent")
         if isinstance(routed, str) and routed not in attempts:
             # Served from L1, or refused before loading: only routing's L1 lookup prepared it.
@@ -117,17 +129,40 @@ class Script:
         abort, warnings = _abort_point(record, phases, transitions, attempts)
         if abort is not None and abort.point == "generate":
             final_agent = next(a for a in attempts.values() if a.final)
-            attempts[final_agent.agent] = replace(
+            attempts[final_agent.agent] = aborted = replace(
                 final_agent, output=replace(final_agent.output, abort=True))
-        return cls(attempts, abort, warnings)
+            turns[final_agent.agent][-1] = aborted
+        retries = tuple(t.get("event") == "retry_same" for t in transitions
+                        if t.get("source") == "fallback"
+                        and t.get("event") in ("retry_same", "retry", "exhausted"))
+        same_model = tuple(answer == "try" for p in phases if p.get("state") == "fallback"
+                           for answer in (p.get("attributes") or {}).get(
+                               "orion.fallback.same_model") or ())
+        return cls(attempts, abort, warnings,
+                   turns={a: tuple(ts) for a, ts in turns.items()}, retries=retries,
+                   same_model=same_model)
 
-    def attempt(self, agent: AgentSpec) -> RecordedAttempt:
+    def attempt(self, agent: AgentSpec, turn: int | None = None) -> RecordedAttempt:
+        """The agent's `turn`-th recorded attempt (its last one past the recorded turns, or
+        when `turn` is None)."""
+        recorded = self.turns.get(agent.id)
+        if turn is not None and recorded:
+            return recorded[min(turn, len(recorded) - 1)]
         try:
             return self.attempts[agent.id]
         except KeyError:
             # The path already left the recorded one (compare names where): say so here too.
             raise ModelLoadError(f"replay has no recorded outcome for agent {agent.id!r}: the "
                                  "recorded run never loaded it") from None
+
+    def refusals(self) -> dict[str, tuple[bool, ...]]:
+        """Per agent, for each of its recorded attempts in order: did its breaker refuse it."""
+        return {agent: tuple(a.breaker_open for a in ts) for agent, ts in self.turns.items()}
+
+
+def _known_sha(earlier: Sequence[RecordedAttempt] | None) -> str | None:
+    # A retried attempt of the same agent loads the same model as its earlier turns.
+    return next((a.sha256 for a in reversed(earlier or ()) if a.sha256), None)
 
 
 def _input_tokens(attrs: Mapping[str, Any]) -> int | None:

@@ -261,7 +261,12 @@ async def test_a_changed_statechart_or_limit_diverges_where_it_changes_the_path_
     failed_inference = ("at inferencing: transition 4: recorded inferencing "
                         "--inference_failed--> fallback, replayed inferencing "
                         "--inference_failed--> error")
-    assert Counter(firsts) == {None: len(workload) - 3, failed_inference: 3}
+    # Exactly the records whose first attempt failed in inferencing take the changed path.
+    changed = sum(1 for r in workload if len(r["transitions"]) > 4 and (
+        r["transitions"][4]["source"], r["transitions"][4]["event"],
+        r["transitions"][4]["target"]) == ("inferencing", "inference_failed", "fallback"))
+    assert changed >= 2  # the workload holds inference failures on more than one path
+    assert Counter(firsts) == {None: len(workload) - changed, failed_inference: changed}
     # A changed limit: the prompt refused as too long for its agent's context now fits.
     too_long = next(r for r in workload if r["request"]["agent"] == "short")
     next(a for a in workload_doc["agents"] if a["id"] == "short")["context_length"] = 4096

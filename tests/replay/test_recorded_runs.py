@@ -61,15 +61,19 @@ async def test_inference_failures_replay_as_recorded(make_engine: MakeEngine,
         return ModelLoader(tmp_path / "cache", threads=1,
                            load_model=faulty_loader(rate, ("raise",), seed=seed))
 
-    # seed 4: the first generation fails, its fallback serves; rate 1: every agent fails.
+    # seed 4: the first generation fails, its retry on the same agent serves; rate 1: every
+    # agent fails, each after one retry.
     for loader in (failing(4, 0.5), failing(0, 1.0)):
         async with make_engine(loader=loader) as engine:
             try:
-                await engine.infer("def f(): pass  # python", max_tokens=4)
+                await engine.infer("def f(): pass  # python", max_tokens=4, cache=False)
             except RequestFailed as exc:
                 assert exc.reason == "exhausted"
     records = recorded()
     assert [r["result"]["state"] for r in records] == ["success", "error"]
+    events = [[t["event"] for t in r["transitions"]] for r in records]
+    assert events[0].count("retry_same") == 1 and "retry" not in events[0]
+    assert events[1].count("retry_same") == 2 and events[1].count("retry") == 1
     for record in records:
         await assert_replays(record, registry=engine.registry)
 

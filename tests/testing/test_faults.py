@@ -236,11 +236,13 @@ async def test_engine_falls_back_when_one_agents_model_raises(
         result = await engine.infer("hello", max_tokens=4)
         injector.plan.kinds = ("raise", "load_error")  # nothing left to load: no effect
     assert result.ok and result.fallback and result.agent == "second"
-    assert injector.plan.injected == {"raise": 1}
+    assert injector.plan.injected == {"raise": 2}  # retried once on the same agent first
     (record,) = read_trace_lines(tmp_path / "traces" / "test.jsonl")
-    assert [t["target"] for t in record["transitions"]] == [
-        "validating", "routing", "loading_agent", "inferencing", "fallback", "loading_agent",
-        "inferencing", "success"]
+    assert [(t["event"], t["target"]) for t in record["transitions"]][2:] == [
+        ("routed", "loading_agent"), ("loaded", "inferencing"), ("inference_failed", "fallback"),
+        ("retry_same", "loading_agent"), ("loaded", "inferencing"),
+        ("inference_failed", "fallback"), ("retry", "loading_agent"), ("loaded", "inferencing"),
+        ("completed", "success")]
 
 
 @pytest.mark.anyio

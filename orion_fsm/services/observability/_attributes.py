@@ -53,6 +53,15 @@ CACHE_L3: Final = "cache.l3"
 # Breakers, guards and failures.
 BREAKER: Final = "orion.breaker"
 BREAKER_TRANSITION: Final = "orion.breaker.transition"
+BREAKER_KEY: Final = "orion.breaker.key"  # the model instance the agent's breaker guards
+BREAKER_PROBE: Final = "orion.breaker.probe"  # the attempt is a half-open probe
+RETRY_SAME: Final = "orion.retry.same"  # backoff (s) before retrying the same agent
+RETRY_SKIPPED: Final = "orion.retry.skipped"  # why a transient failure was not retried
+RETRY_AFTER: Final = "orion.retry_after_s"  # every breaker refused: when one lets a probe in
+# For each next agent on the model that just failed, "try" or "skip": was there time to
+# queue for that model again
+FALLBACK_SAME_MODEL: Final = "orion.fallback.same_model"
+FALLBACK_SKIPPED: Final = "orion.fallback.skipped"  # agents passed over for lack of time
 LOAD_ERROR: Final = "orion.load_error"
 INFERENCE_ERROR: Final = "orion.inference_error"
 GUARD_REPETITION: Final = "orion.guard.repetition"

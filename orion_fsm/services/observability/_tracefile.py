@@ -30,7 +30,10 @@ _log = logging.getLogger("orion_fsm.trace")
 TRACE_FORMAT = "orion-fsm.trace"
 # 2 adds what decided the path from outside the machine: `streaming`, `registry_source`,
 # `clock`, `breakers`, `cache.enabled` and the router's per-agent `result.routing.scores`.
-TRACE_VERSION = 2
+# 3 keys `breakers` by the model instance each breaker guards, with the `agents` it serves
+# (older records are keyed by agent: each reads as a breaker serving that one agent), adds
+# `result.retry_after_s` and the `fallback --retry_same--> loading_agent` transition.
+TRACE_VERSION = 3
 _BATCH = 256
 _MAX_ROTATED = 1000  # how far a reader looks for rotated files
 # A record deeper than this is not ours: its fallback form stops there (a "..." marker).
@@ -296,7 +299,14 @@ def upgrade_record(record: dict[str, Any]) -> dict[str, Any]:
     if isinstance(result, dict) and isinstance(result.get("routing"), dict):
         routing = result["routing"]
         if routing and "scores" not in routing:
-            upgraded["result"] = {**result, "routing": {**routing, "scores": {}}}
+            result = upgraded["result"] = {**result, "routing": {**routing, "scores": {}}}
+    if isinstance(result, dict) and "retry_after_s" not in result:
+        upgraded["result"] = {**result, "retry_after_s": None}
+    breakers = upgraded.get("breakers")
+    if isinstance(breakers, dict):
+        # Before version 3 each agent had its own breaker: the key was the agent.
+        upgraded["breakers"] = {key: {**b, "agents": b.get("agents", [key])}
+                                if isinstance(b, dict) else b for key, b in breakers.items()}
     return upgraded
 
 

@@ -1,12 +1,14 @@
-"""Circuit breakers, one per agent: CLOSED -> OPEN -> HALF_OPEN, as drawn in machines/breaker.scxml.
+"""Circuit breakers, one per model instance: CLOSED -> OPEN -> HALF_OPEN (machines/breaker.scxml).
 
-A `BreakerBoard` is what the engine holds; `CircuitBreaker.allow()` hands out a permit (or
-refuses), and the permit's verdict drives the breaker's own statechart. Time comes from the Clock.
+A `BreakerBoard` maps each agent to the breaker of the model instance that serves it (agents
+sharing a model share its breaker); `allow()` hands out a permit or refuses, and the permit's
+verdict drives the breaker's own statechart. Time comes from the Clock.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,12 +16,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from orion_fsm._clock import Clock, SystemClock
-from orion_fsm._exceptions import ConfigurationError, OrionError, RequestTimeout
+from orion_fsm._exceptions import ConfigurationError, ModelLoadError, OrionError, RequestTimeout
 from orion_fsm._resources import data_file
+from orion_fsm.services.models._loader import ModelKey
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import CallbackOptions, Meter, Observation
     from statemachine import StateChart
+
+    from orion_fsm.services.models._registry import AgentSpec
 
 __all__ = [
     "STATE_VALUES",
@@ -30,18 +35,19 @@ __all__ = [
     "BreakerTransition",
     "CircuitBreaker",
     "breaker_chart",
+    "breaker_keys",
     "register_breaker_metrics",
 ]
 
 BreakerState = Literal["closed", "open", "half_open"]
 # Gauge values, ordered by severity so that max() over agents is the worst one.
 STATE_VALUES: Final[Mapping[str, int]] = {"closed": 0, "half_open": 1, "open": 2}
-TransitionCallback = Callable[[str, str, str, str], None]  # (agent, source, target, reason)
+TransitionCallback = Callable[[str, str, str, str], None]  # (key, source, target, reason)
 
 
 @functools.cache
 def breaker_chart(path: Path | None = None) -> type[StateChart[Any]]:
-    """The breaker statechart class. Built once; each agent's breaker is a cheap instance."""
+    """The breaker statechart class. Built once; each breaker is a cheap instance."""
     # Imported on first use: python-statemachine costs ~45 ms of `import orion_fsm`.
     from statemachine.io import load
 
@@ -58,20 +64,28 @@ def breaker_chart(path: Path | None = None) -> type[StateChart[Any]]:
 
 @dataclass(frozen=True, slots=True)
 class BreakerConfig:
-    """When an agent's breaker opens and when it tries again. Defaults: the seed documents."""
+    """When a breaker opens and when it tries again. Defaults: the seed documents."""
 
     failure_threshold: int = 3  # consecutive failures that open the breaker
-    reset_after_s: float = 30.0  # time open before one trial request is let through
+    reset_after_s: float = 30.0  # time open before probe requests are let through
     # A trial never resolved within this (a lost permit) no longer blocks the next trial;
     # no request lives longer than the per-request timeout, so that is the default.
     trial_timeout_s: float = 60.0
+    # Half-open lets this many probe requests through (resilience4j's permitted calls in
+    # half-open state); the rest fail over at once. All must succeed to close; one failure
+    # reopens. More than one: a single lucky call does not close a flapping model.
+    half_open_probes: int = 2
+    # A model call cut short by the request's deadline counts against the model only if it
+    # was given at least this long: a request that reached the model with a few milliseconds
+    # left says nothing about the model (it was the queue's time).
+    timeout_blame_s: float = 0.25
 
     def __post_init__(self) -> None:
-        if isinstance(self.failure_threshold, bool) or not isinstance(self.failure_threshold, int) \
-                or self.failure_threshold < 1:
-            raise ConfigurationError("BreakerConfig.failure_threshold",
-                                     self.failure_threshold, "an integer >= 1")
-        for name in ("reset_after_s", "trial_timeout_s"):
+        for name in ("failure_threshold", "half_open_probes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigurationError(f"BreakerConfig.{name}", value, "an integer >= 1")
+        for name in ("reset_after_s", "trial_timeout_s", "timeout_blame_s"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not value >= 0:
                 raise ConfigurationError(f"BreakerConfig.{name}", value,
@@ -80,33 +94,40 @@ class BreakerConfig:
     def as_dict(self) -> dict[str, Any]:
         # Spelled out: dataclasses.asdict costs ~5 µs, and this runs for every trace record.
         return {"failure_threshold": self.failure_threshold, "reset_after_s": self.reset_after_s,
-                "trial_timeout_s": self.trial_timeout_s}
+                "trial_timeout_s": self.trial_timeout_s,
+                "half_open_probes": self.half_open_probes,
+                "timeout_blame_s": self.timeout_blame_s}
 
 
 @dataclass(frozen=True, slots=True)
 class BreakerTransition:
-    agent: str
+    key: str  # the breaker's key: the model instance it guards
     source: str
     target: str
     reason: str
     at: float  # unix time, from the clock
 
     def as_dict(self) -> dict[str, Any]:
-        return {"agent": self.agent, "source": self.source, "target": self.target,
+        return {"key": self.key, "source": self.source, "target": self.target,
                 "reason": self.reason, "at": self.at}
 
 
 class _BreakerModel:
     """The statechart's model: what its guards read. The chart writes `state` here."""
 
-    __slots__ = ("clock", "config", "failures", "opened_at", "state")
+    __slots__ = ("clock", "config", "failures", "opened_at", "probes_succeeded", "state")
 
     def __init__(self, config: BreakerConfig, clock: Clock) -> None:
         self.config = config
         self.clock = clock
         self.failures = 0
         self.opened_at = 0.0  # monotonic
+        self.probes_succeeded = 0  # in the current half-open period
         self.state = "closed"
+
+    @property
+    def probes_passed(self) -> bool:
+        return self.probes_succeeded >= self.config.half_open_probes
 
     @property
     def threshold_reached(self) -> bool:
@@ -118,25 +139,43 @@ class _BreakerModel:
 
 
 class BreakerPermit:
-    """Leave to call one agent's model. Give exactly one verdict; later calls are no-ops.
+    """Leave to call one model instance. Give exactly one verdict; later calls are no-ops.
 
-    `success()` / `failure(reason)` for what the model did; `release()` when the request ended
-    without a verdict on the model (cancelled by the caller, rejected as invalid). A verdict
-    given after the breaker changed state since the permit was issued is stale and ignored.
+    `engage()` when the model call itself starts: only then can the way the attempt ended
+    (a timeout, a crash) be the model's fault. `success()` / `failure(reason)` for what the
+    model did; `release()` when the request ended without a verdict on the model (cancelled by
+    the caller, rejected as invalid, out of time before the model ran). A verdict given after
+    the breaker changed state since the permit was issued is stale and ignored.
     """
 
-    __slots__ = ("_breaker", "_epoch", "_resolved", "transition", "trial")
+    __slots__ = ("_breaker", "_epoch", "_resolved", "engaged", "given_s", "transition", "trial")
 
     def __init__(self, breaker: CircuitBreaker, epoch: int, trial: bool) -> None:
         self._breaker = breaker
         self._epoch = epoch
         self._resolved = False
-        self.trial = trial  # the one request a half-open breaker lets through
+        self.engaged = False  # the model call started
+        self.given_s = 0.0  # the time the call had before the request's deadline
+        self.trial = trial  # one of the probes a half-open breaker lets through
         self.transition: BreakerTransition | None = None  # what the verdict changed
 
     @property
     def resolved(self) -> bool:
         return self._resolved
+
+    @property
+    def key(self) -> str:
+        return self._breaker.key
+
+    def engage(self, given_s: float = math.inf) -> None:
+        """The model call starts with `given_s` left before the request's deadline: from now
+        on a crash is the model's failure, and so is a timeout if it had `timeout_blame_s`."""
+        self.engaged = True
+        self.given_s = given_s
+
+    @property
+    def blames_timeout(self) -> bool:
+        return self.engaged and self.given_s >= self._breaker.config.timeout_blame_s
 
     def success(self) -> BreakerTransition | None:
         if self._resolved:
@@ -161,19 +200,20 @@ class BreakerPermit:
             return
         self._resolved = True
         if self.trial and self._epoch == self._breaker._epoch:
-            self._breaker._trial_started = None
+            self._breaker._return_probe()
 
 
 class CircuitBreaker:
-    """One agent's breaker. Used from the engine's event loop only (not thread-safe)."""
+    """The breaker of one model instance (`key`). Used from the engine's event loop only."""
 
-    __slots__ = ("_clock", "_epoch", "_machine", "_model", "_on_transition", "_trial_started",
-                 "agent", "config", "last_failure", "last_transition", "opened_count")
+    __slots__ = ("_clock", "_epoch", "_machine", "_model", "_on_transition", "_probes_out",
+                 "config", "key", "last_failure", "last_transition", "opened_count",
+                 "recovered_count", "recovery_s")
 
-    def __init__(self, agent: str, config: BreakerConfig | None = None, *,
+    def __init__(self, key: str, config: BreakerConfig | None = None, *,
                  clock: Clock | None = None, on_transition: TransitionCallback | None = None,
                  chart: type[StateChart[Any]] | None = None) -> None:
-        self.agent = agent
+        self.key = key
         self.config = config or BreakerConfig()
         self._clock: Clock = clock or SystemClock()
         self._model = _BreakerModel(self.config, self._clock)
@@ -181,8 +221,10 @@ class CircuitBreaker:
         self._on_transition = on_transition
         # Bumped on every state change: verdicts of permits issued before it are stale.
         self._epoch = 0
-        self._trial_started: float | None = None  # monotonic; a trial permit is out
+        self._probes_out: list[float] = []  # monotonic start of each unresolved probe permit
         self.opened_count = 0
+        self.recovered_count = 0  # half_open -> closed
+        self.recovery_s: list[float] = []  # time from opening to closing again, per recovery
         self.last_failure: str | None = None
         self.last_transition: BreakerTransition | None = None
 
@@ -204,22 +246,46 @@ class CircuitBreaker:
             # Cheap while cooling down: only the guard-passing case pays for a machine event.
             if not self._model.cool_down_elapsed:
                 return None
-            self._send("retry_due", f"open for {self.config.reset_after_s:g} s: one trial request")
+            self._send("retry_due", f"open for {self.config.reset_after_s:g} s: "
+                       f"{self.config.half_open_probes} probe request(s)")
             if self._model.state != "half_open":
                 return None
         now = self._clock.monotonic()
-        started = self._trial_started
-        if started is not None and now - started < self.config.trial_timeout_s:
-            return None
-        self._trial_started = now
+        # A probe never resolved within trial_timeout_s (a lost permit) gives its place back.
+        out = self._probes_out = [t for t in self._probes_out
+                                  if now - t < self.config.trial_timeout_s]
+        if len(out) + self._model.probes_succeeded >= self.config.half_open_probes:
+            return None  # every probe is out or done: fail over at once, do not wait
+        out.append(now)
         return BreakerPermit(self, self._epoch, trial=True)
 
+    def retry_after(self) -> float:
+        """Seconds until this breaker lets a request through again (0: it would now)."""
+        state, now = self._model.state, self._clock.monotonic()
+        if state == "closed":
+            return 0.0
+        if state == "open":
+            return max(0.0, self._model.opened_at + self.config.reset_after_s - now)
+        if len(self._probes_out) + self._model.probes_succeeded < self.config.half_open_probes:
+            return 0.0
+        # Every probe is out: the earliest a place frees is when its permit would lapse; most
+        # resolve far sooner, so this is an upper bound.
+        return max(0.0, min(self._probes_out, default=now)
+                   + self.config.trial_timeout_s - now)
+
+    def _return_probe(self) -> None:
+        if self._probes_out:
+            self._probes_out.pop(0)
+
     def record_success(self) -> BreakerTransition | None:
-        """The model served a request. Closes a half-open breaker."""
+        """The model served a request. Closes a half-open breaker once its probes passed."""
         self._model.failures = 0
         if self._model.state == "closed":
             return None
-        return self._send("success", "trial request succeeded")
+        self._return_probe()
+        self._model.probes_succeeded += 1
+        return self._send("success", f"{self._model.probes_succeeded} probe request(s) "
+                          "succeeded")
 
     def record_failure(self, reason: str) -> BreakerTransition | None:
         """The model failed a request (`reason`: load_failed, inference_failed, timeout, ...)."""
@@ -248,7 +314,9 @@ class CircuitBreaker:
             "opened_count": self.opened_count,
             "last_failure": self.last_failure,
             "retry_at": retry_at,
-            "trial_in_flight": model.state == "half_open" and self._trial_started is not None,
+            "probes_in_flight": len(self._probes_out) if model.state == "half_open" else 0,
+            "probes_succeeded": model.probes_succeeded if model.state == "half_open" else 0,
+            "recovered_count": self.recovered_count,
             "last_transition": None if last is None else last.as_dict(),
             "config": self.config.as_dict(),
         }
@@ -260,61 +328,111 @@ class CircuitBreaker:
         if target == source:
             return None
         self._epoch += 1
-        self._trial_started = None
+        self._probes_out = []
+        self._model.probes_succeeded = 0
         if target == "open":
             self._model.opened_at = self._clock.monotonic()
             self.opened_count += 1
-        transition = BreakerTransition(self.agent, source, target, reason, self._clock.time())
+        elif source == "half_open" and target == "closed":
+            self.recovered_count += 1
+            self.recovery_s.append(self._clock.monotonic() - self._model.opened_at)
+        transition = BreakerTransition(self.key, source, target, reason, self._clock.time())
         self.last_transition = transition
         if self._on_transition is not None:
-            self._on_transition(self.agent, source, target, reason)
+            self._on_transition(self.key, source, target, reason)
         return transition
 
 
 class BreakerBoard:
-    """Every agent's breaker, made on first use with the agent's config (or the default)."""
+    """The breakers of the engine, one per model instance, shared by the agents it serves.
+
+    A breaker guards what fails together: the loaded model (file, variant, context) that
+    generates for an agent. `assign({agent: key})` says which instance serves each agent
+    (the Engine does it from the loader); an agent never assigned is its own key. Breakers
+    are made on first use with the config of their key (or of one of its agents, or the
+    default). Every method taking `agent` resolves it to its key.
+    """
 
     def __init__(self, default: BreakerConfig | None = None, *,
                  per_agent: Mapping[str, BreakerConfig] | None = None,
                  agents: Iterable[str] = (), clock: Clock | None = None,
-                 on_transition: TransitionCallback | None = None) -> None:
+                 on_transition: TransitionCallback | None = None,
+                 keys: Mapping[str, str] | None = None) -> None:
         self.default = default or BreakerConfig()
-        self._per_agent = dict(per_agent or {})
+        self._per_agent = dict(per_agent or {})  # by breaker key or agent id
         self._clock: Clock = clock or SystemClock()
         self._on_transition = on_transition
         self._breakers: dict[str, CircuitBreaker] = {}
+        self._keys: dict[str, str] = {}  # agent -> breaker key
+        self._agents: dict[str, list[str]] = {}  # breaker key -> agents, in assignment order
         self._chart = breaker_chart()
-        for agent in agents:
+        self._pending = list(agents)
+        self.assign(keys or {})
+
+    def assign(self, keys: Mapping[str, str]) -> None:
+        """Map agents to the key of the model instance serving them; agents that share a key
+        share one breaker. Agents named at construction without a key are their own key."""
+        for agent, key in keys.items():
+            previous = self._keys.get(agent)
+            if previous is not None and previous != key:
+                self._agents[previous].remove(agent)
+            self._keys[agent] = key
+            if agent not in self._agents.setdefault(key, []):
+                self._agents[key].append(agent)
+            made = self._breakers.get(agent)
+            if key != agent and made is not None and made.last_transition is None \
+                    and not made.consecutive_failures:
+                del self._breakers[agent]  # made under the agent's name before it had a key
+        for agent in [*self._pending, *keys]:
             self.breaker(agent)
 
-    def config_for(self, agent: str) -> BreakerConfig:
-        return self._per_agent.get(agent, self.default)
+    def key_for(self, agent: str) -> str:
+        """The key of the breaker guarding `agent`'s model (the agent itself if unassigned)."""
+        return self._keys.get(agent, agent)
+
+    def agents_of(self, key: str) -> list[str]:
+        """The agents a breaker guards (assigned ones; an unassigned key guards itself)."""
+        return list(self._agents.get(key) or [key])
+
+    def config_for(self, key: str) -> BreakerConfig:
+        config = self._per_agent.get(key)
+        if config is None:
+            config = next((self._per_agent[a] for a in self._agents.get(key, ())
+                           if a in self._per_agent), self.default)
+        return config
 
     def breaker(self, agent: str) -> CircuitBreaker:
-        breaker = self._breakers.get(agent)
+        """The breaker guarding `agent` (or the breaker of key `agent`)."""
+        key = self._keys.get(agent, agent)
+        breaker = self._breakers.get(key)
         if breaker is None:
-            breaker = self._breakers[agent] = CircuitBreaker(
-                agent, self.config_for(agent), clock=self._clock,
+            breaker = self._breakers[key] = CircuitBreaker(
+                key, self.config_for(key), clock=self._clock,
                 on_transition=self._notify, chart=self._chart)
         return breaker
 
     def allow(self, agent: str) -> BreakerPermit | None:
         return self.breaker(agent).allow()
 
+    def retry_after(self, agents: Iterable[str]) -> float:
+        """Seconds until the first of `agents`' breakers lets a request through (0: now)."""
+        return min((self.breaker(a).retry_after() for a in agents), default=0.0)
+
     @contextmanager
     def attempt(self, agent: str) -> Iterator[BreakerPermit | None]:
         """One attempt on `agent`'s model: its permit, or None when the breaker is open.
 
-        The holder gives the verdict (`success()` / `failure(reason)`). Leaving the block
-        without one is judged here, the one place that maps how an attempt ended: a timeout
-        or a crash counts against the agent; a caller who gave up, or a request refused
-        before the model ran, says nothing about its health.
+        The holder gives the verdict (`success()` / `failure(reason)`) and engages the permit
+        when the model call starts. Leaving the block without a verdict is judged here, the
+        one place that maps how an attempt ended: a timeout or a crash while the model call
+        ran counts against its breaker; a caller who gave up, or a deadline that expired
+        before the model ran (queued, waiting for a load or a slot), says nothing about it.
         """
         permit = self.allow(agent)
         try:
             yield permit
         except BaseException as exc:
-            if permit is not None and (reason := _failure_reason(exc)) is not None:
+            if permit is not None and (reason := _failure_reason(exc, permit)) is not None:
                 permit.failure(reason)
             raise
         finally:
@@ -322,21 +440,21 @@ class BreakerBoard:
                 permit.release()  # a no-op once a verdict was given
 
     def subscribe(self, callback: TransitionCallback) -> None:
-        """Also call `callback(agent, source, target, reason)` on every breaker transition."""
+        """Also call `callback(key, source, target, reason)` on every breaker transition."""
         previous = self._on_transition
         if previous is None:
             self._on_transition = callback
             return
 
-        def both(agent: str, source: str, target: str, reason: str) -> None:
-            previous(agent, source, target, reason)
-            callback(agent, source, target, reason)
+        def both(key: str, source: str, target: str, reason: str) -> None:
+            previous(key, source, target, reason)
+            callback(key, source, target, reason)
 
         self._on_transition = both
 
-    def _notify(self, agent: str, source: str, target: str, reason: str) -> None:
+    def _notify(self, key: str, source: str, target: str, reason: str) -> None:
         if self._on_transition is not None:
-            self._on_transition(agent, source, target, reason)
+            self._on_transition(key, source, target, reason)
 
     def __iter__(self) -> Iterator[CircuitBreaker]:
         return iter(list(self._breakers.values()))
@@ -345,20 +463,46 @@ class BreakerBoard:
         return len(self._breakers)
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
-        """`{agent: breaker.snapshot()}`: what each trace record stores under "breakers"."""
-        return {agent: b.snapshot() for agent, b in self._breakers.items()}
+        """`{key: {..., "agents": [...]}}`: what each trace record stores under "breakers"."""
+        return {key: {**b.snapshot(), "agents": self.agents_of(key)}
+                for key, b in self._breakers.items()}
 
 
-def _failure_reason(exc: BaseException) -> str | None:
+def breaker_keys(agents: Iterable[AgentSpec],
+                 key_for: Callable[[AgentSpec], ModelKey]) -> dict[str, str]:
+    """`{agent id: breaker key}`: agents served by one model instance get one key.
+
+    The key is the instance's label (`file-stem:variant@context`), or its full path where two
+    files share a stem; an agent whose model cannot be found is keyed by its declared source.
+    """
+    found: dict[str, ModelKey | str] = {}
+    for agent in agents:
+        try:
+            found[agent.id] = key_for(agent)
+        except ModelLoadError:
+            found[agent.id] = f"{agent.model.describe()}@{agent.context_length}"
+    labels: dict[str, set[ModelKey]] = {}
+    for key in found.values():
+        if isinstance(key, ModelKey):
+            labels.setdefault(key.label, set()).add(key)
+    return {agent: key if isinstance(key, str) else
+            key.label if len(labels[key.label]) == 1 else
+            f"{key.source}:{key.variant}@{key.context_length}"
+            for agent, key in found.items()}
+
+
+def _failure_reason(exc: BaseException, permit: BreakerPermit) -> str | None:
+    if not permit.engaged:
+        return None  # the model never ran: out of time while queued or loading, or cancelled
     if isinstance(exc, RequestTimeout):
-        return "timeout"
+        return "timeout" if permit.blames_timeout else None
     if isinstance(exc, Exception):
         return "internal"
     return None  # cancelled, GeneratorExit (the consumer left), KeyboardInterrupt
 
 
 def register_breaker_metrics(meter: Meter, board: BreakerBoard) -> None:
-    """Observable gauges of every breaker on `board`, labelled with `orion.agent`.
+    """Observable gauges of every breaker on `board`, labelled with `orion.breaker.key`.
 
     `orion.breaker.state` (closed 0, half_open 1, open 2), `orion.breaker.consecutive_failures`,
     and `orion.breaker.opened` (times opened since the engine started).
@@ -369,20 +513,20 @@ def register_breaker_metrics(meter: Meter, board: BreakerBoard) -> None:
     from opentelemetry.metrics import Observation
 
     def states(_: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(STATE_VALUES[b.state], {"orion.agent": b.agent}) for b in board]
+        return [Observation(STATE_VALUES[b.state], {"orion.breaker.key": b.key}) for b in board]
 
     def failures(_: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(b.consecutive_failures, {"orion.agent": b.agent}) for b in board]
+        return [Observation(b.consecutive_failures, {"orion.breaker.key": b.key}) for b in board]
 
     def opened(_: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(b.opened_count, {"orion.agent": b.agent}) for b in board]
+        return [Observation(b.opened_count, {"orion.breaker.key": b.key}) for b in board]
 
     meter.create_observable_gauge(
         "orion.breaker.state", callbacks=[states],
-        description="circuit breaker state per agent: 0 closed, 1 half_open, 2 open")
+        description="circuit breaker state per model instance: 0 closed, 1 half_open, 2 open")
     meter.create_observable_gauge(
         "orion.breaker.consecutive_failures", callbacks=[failures], unit="{failure}",
-        description="consecutive failures counted by the agent's circuit breaker")
+        description="consecutive failures counted by the circuit breaker")
     meter.create_observable_counter(
         "orion.breaker.opened", callbacks=[opened], unit="{transition}",
-        description="times the agent's circuit breaker opened")
+        description="times the circuit breaker opened")

@@ -117,7 +117,16 @@ def test_upgrading_keeps_what_a_record_has() -> None:
           "cache": {"enabled": True, "level": None, "l1_key": None},
           "result": {"routing": {"agent": "a", "scores": {"a": 0.5}}}}
     assert upgrade_record(v2) == {**v2, "registry_source": None, "clock": None,
-                                  "breakers": None, "abort": None}
+                                  "breakers": None, "abort": None,
+                                  "result": {**v2["result"], "retry_after_s": None}}
+
+
+def test_version_2_breakers_keyed_by_agent_read_as_one_breaker_per_agent() -> None:
+    v2 = {"format": TRACE_FORMAT, "version": 2,
+          "breakers": {"code": {"state": "open", "consecutive_failures": 3}}}
+    upgraded = upgrade_record(v2)
+    assert upgraded["breakers"] == {"code": {"state": "open", "consecutive_failures": 3,
+                                             "agents": ["code"]}}
 
 
 def test_readers_refuse_a_line_without_a_version(tmp_path: Path) -> None:

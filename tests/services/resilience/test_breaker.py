@@ -44,7 +44,8 @@ def test_statechart_is_the_documented_closed_open_half_open_cycle() -> None:
     assert transitions == {
         ("closed", "failure", "open"),
         ("open", "retry_due", "half_open"), ("open", "reset", "closed"),
-        ("half_open", "success reset", "closed"), ("half_open", "failure", "open"),
+        ("half_open", "success", "closed"), ("half_open", "reset", "closed"),
+        ("half_open", "failure", "open"),
     }
 
 
@@ -78,34 +79,56 @@ def test_a_success_resets_the_consecutive_failure_count() -> None:
     assert breaker.consecutive_failures == 2
 
 
-def test_open_breaker_lets_one_trial_through_after_reset_after_s() -> None:
+def test_open_breaker_lets_half_open_probes_through_after_reset_after_s() -> None:
     clock = ManualClock()
-    breaker, seen = make(clock)
+    breaker, seen = make(clock, half_open_probes=2)
     fail(breaker, 3)
     clock.advance(29.9)
     assert breaker.allow() is None
+    assert breaker.retry_after() == pytest.approx(0.1)
     clock.advance(0.1)
-    trial = breaker.allow()
-    assert trial is not None and trial.trial
+    probes = [breaker.allow(), breaker.allow()]
+    assert all(p is not None and p.trial for p in probes)
     assert breaker.state == "half_open"
-    assert breaker.allow() is None  # one trial at a time
+    assert breaker.allow() is None  # both probes are out: the rest fail over at once
     assert seen[-1][1:3] == ("open", "half_open")
 
 
-def test_successful_trial_closes_the_breaker() -> None:
+def test_the_breaker_closes_once_every_probe_succeeded_and_counts_the_recovery() -> None:
     clock = ManualClock()
-    breaker, seen = make(clock)
+    breaker, seen = make(clock, half_open_probes=2)
     fail(breaker, 3)
     clock.advance(30)
-    trial = breaker.allow()
-    assert trial is not None
-    transition = trial.success()
+    first = breaker.allow()
+    assert first is not None
+    assert first.success() is None  # one probe is not enough
+    assert breaker.state == "half_open"
+    assert breaker.snapshot()["probes_succeeded"] == 1
+    second = breaker.allow()
+    assert second is not None and breaker.allow() is None  # one success + one out = 2
+    clock.advance(0.5)
+    transition = second.success()
     assert transition is not None and (transition.source, transition.target) == (
         "half_open", "closed")
     assert breaker.state == "closed"
     assert breaker.consecutive_failures == 0
+    assert breaker.recovered_count == 1 and breaker.recovery_s == [pytest.approx(30.5)]
     assert [t[1:3] for t in seen] == [("closed", "open"), ("open", "half_open"),
                                       ("half_open", "closed")]
+
+
+def test_one_failed_probe_reopens_even_after_a_successful_one() -> None:
+    clock = ManualClock()
+    breaker, _ = make(clock, half_open_probes=3)
+    fail(breaker, 3)
+    clock.advance(30)
+    probes = [breaker.allow() for _ in range(3)]
+    assert all(p is not None for p in probes) and breaker.allow() is None
+    assert probes[0] is not None and probes[1] is not None
+    probes[0].success()
+    probes[1].failure("malformed_output")
+    assert breaker.state == "open" and breaker.recovered_count == 0
+    assert breaker.retry_after() == pytest.approx(30.0)
 
 
 def test_failed_trial_reopens_and_restarts_the_cool_down() -> None:
@@ -138,7 +161,7 @@ def test_released_trial_without_verdict_lets_the_next_request_try() -> None:
 
 def test_lost_trial_permit_stops_blocking_after_trial_timeout() -> None:
     clock = ManualClock()
-    breaker, _ = make(clock, trial_timeout_s=60)
+    breaker, _ = make(clock, trial_timeout_s=60, half_open_probes=1)
     fail(breaker, 3)
     clock.advance(30)
     assert breaker.allow() is not None  # never resolved
@@ -203,7 +226,7 @@ def test_board_makes_one_breaker_per_agent_with_its_own_config() -> None:
     board = BreakerBoard(BreakerConfig(failure_threshold=5),
                          per_agent={"code": BreakerConfig(failure_threshold=1)},
                          agents=["conversation"], clock=ManualClock())
-    assert [b.agent for b in board] == ["conversation"]
+    assert [b.key for b in board] == ["conversation"]
     assert board.breaker("code") is board.breaker("code")
     assert board.breaker("code").config.failure_threshold == 1
     assert board.breaker("logic").config.failure_threshold == 5
@@ -238,7 +261,9 @@ def test_board_snapshot_is_json_with_state_failures_and_retry_time() -> None:
     assert code["retry_at"] == pytest.approx(1_700_000_030.0)
     assert code["last_transition"]["target"] == "open"
     assert code["config"] == {"failure_threshold": 3, "reset_after_s": 30.0,
-                              "trial_timeout_s": 60.0}
+                              "trial_timeout_s": 60.0, "half_open_probes": 2,
+                              "timeout_blame_s": 0.25}
+    assert code["agents"] == ["code"]  # no model assigned: the agent is its own key
 
 
 def test_metrics_report_state_and_consecutive_failures_per_agent() -> None:
@@ -251,7 +276,7 @@ def test_metrics_report_state_and_consecutive_failures_per_agent() -> None:
 
     data = reader.get_metrics_data()
     assert data is not None
-    points = {(m.name, dict(p.attributes or {})["orion.agent"]): getattr(p, "value", None)
+    points = {(m.name, dict(p.attributes or {})["orion.breaker.key"]): getattr(p, "value", None)
               for rm in data.resource_metrics for sm in rm.scope_metrics
               for m in sm.metrics for p in m.data.data_points}
     assert points[("orion.breaker.state", "code")] == 2
@@ -312,9 +337,26 @@ def test_cli_shows_the_latest_recorded_breaker_states(
     out = capsys.readouterr().out
     assert "request new" in out
     row = next(line for line in out.splitlines() if line.strip().startswith("code "))
-    assert row.split()[:4] == ["code", "open", "3", "1"]
-    assert row.endswith("inference_failed")
+    assert row.split()[:5] == ["code", "open", "3", "1", "0"]
+    assert row.split()[-2:] == ["inference_failed", "code"]
     assert "conversation" in out and "long" in out
+
+
+def test_cli_shows_which_agents_share_a_model_breaker(
+        registry_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    board = BreakerBoard(clock=ManualClock(),
+                         keys={"conversation": "tiny-small:default@256",
+                               "short": "tiny-small:default@64", "code": "tiny-medium:default@256"})
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text(json.dumps({"request_id": "r", "started_at": 1.0,
+                                 "breakers": board.snapshot()}) + "\n")
+    assert run_cli(["--registry", str(registry_file), "breakers", "--trace-file", str(trace),
+                    "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)["breakers"]
+    assert shown["tiny-small:default@256"]["agents"] == ["conversation"]
+    assert shown["tiny-medium:default@256"]["agents"] == ["code"]
+    # Agents the record does not name (its breakers were made before they were used).
+    assert shown["long"]["agents"] == ["long"] and shown["long"]["state"] == "closed"
 
 
 def test_cli_reports_no_trace_file_as_defaults(
@@ -322,7 +364,8 @@ def test_cli_reports_no_trace_file_as_defaults(
     missing = tmp_path / "nothing.jsonl"
     assert run_cli(["--registry", str(registry_file), "breakers", "--trace-file",
                     str(missing)]) == 0
-    assert "configured defaults: open after 3 consecutive failures" in capsys.readouterr().out
+    assert "configured defaults: open after 3 consecutive failures, 2 probe request(s)" in (
+        capsys.readouterr().out)
 
 
 def test_an_attempt_left_without_a_verdict_counts_for_nothing() -> None:
@@ -340,12 +383,27 @@ def test_an_attempt_maps_how_it_ended_to_a_verdict() -> None:
 
     clock = ManualClock()
     board = BreakerBoard(BreakerConfig(failure_threshold=3), clock=clock)
-    with pytest.raises(RequestTimeout), board.attempt("code"):
+    with pytest.raises(RequestTimeout), board.attempt("code") as permit:
+        assert permit is not None
+        permit.engage()  # the model call was running
         raise RequestTimeout(1.0, "inferencing")
-    with pytest.raises(RuntimeError), board.attempt("code"):
+    with pytest.raises(RuntimeError), board.attempt("code") as permit:
+        assert permit is not None
+        permit.engage()
         raise RuntimeError("a bug in a phase")
     assert board.breaker("code").consecutive_failures == 2
     assert board.breaker("code").last_failure == "internal"
+    # Out of time or crashed before the model ran (queued, loading): not the model's fault.
+    with pytest.raises(RequestTimeout), board.attempt("code"):
+        raise RequestTimeout(1.0, "loading_agent")
+    # Reached the model with 10 ms left: the deadline was spent queueing.
+    with pytest.raises(RequestTimeout), board.attempt("code") as permit:
+        assert permit is not None
+        permit.engage(0.01)
+        raise RequestTimeout(1.0, "inferencing")
+    with pytest.raises(RuntimeError), board.attempt("code"):
+        raise RuntimeError("a bug before the model call")
+    assert board.breaker("code").consecutive_failures == 2
 
     async def cancelled() -> None:
         with anyio.CancelScope() as scope, board.attempt("code"):
@@ -364,3 +422,26 @@ def test_an_attempt_on_an_open_breaker_gets_no_permit() -> None:
     assert change is not None and permit.transition == change
     with board.attempt("code") as refused:
         assert refused is None
+
+
+def test_agents_assigned_one_model_share_its_breaker() -> None:
+    board = BreakerBoard(BreakerConfig(failure_threshold=2), clock=ManualClock(),
+                         agents=["conversation", "code", "logic"])
+    board.assign({"conversation": "smol:q8@2048", "code": "smol:q8@2048",
+                  "logic": "other:q4@2048"})
+    assert board.breaker("conversation") is board.breaker("code")
+    assert board.key_for("code") == "smol:q8@2048"
+    assert sorted(board.snapshot()) == ["other:q4@2048", "smol:q8@2048"]
+    assert board.snapshot()["smol:q8@2048"]["agents"] == ["conversation", "code"]
+    fail(board.breaker("conversation"), 1)
+    fail(board.breaker("code"), 1)  # two agents, one model: two failures of one thing
+    assert board.allow("conversation") is None and board.allow("code") is None
+    assert board.allow("logic") is not None
+    assert board.retry_after(["conversation", "code"]) == pytest.approx(30.0)
+    assert board.retry_after(["code", "logic"]) == 0.0
+
+
+@pytest.mark.parametrize("config", [{"half_open_probes": 0}, {"half_open_probes": True}])
+def test_half_open_probes_must_be_a_positive_integer(config: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError, match="half_open_probes"):
+        BreakerConfig(**config)
