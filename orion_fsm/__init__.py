@@ -10,6 +10,7 @@ from ._clock import Clock, ManualClock, SystemClock
 from ._config import (
     TRACE_FILE_ENV,
     caches_dir,
+    contexts_dir,
     default_cache_dir,
     default_trace_path,
     repl_history_path,
@@ -18,6 +19,7 @@ from ._config import (
 from ._engine import Engine, ResponseStream
 from ._exceptions import (
     ConfigurationError,
+    ContextError,
     InferenceError,
     InsufficientMemory,
     ModelError,
@@ -28,11 +30,27 @@ from ._exceptions import (
     ValidationError,
 )
 from ._machine import request_chart
-from ._seams import Loader, Router
-from ._types import GenerationParams, Message, PhaseTiming, Request, Result, TokenUsage
+from ._seams import ContextSource, Loader, Router
+from ._types import (
+    Citation,
+    GenerationParams,
+    Message,
+    PhaseTiming,
+    Request,
+    Result,
+    TokenUsage,
+)
 from .backends import ConvertedModel, LoadedModel, ModelCache
 from .services.caches._cacheset import LEVELS as CACHE_LEVELS
 from .services.caches._cacheset import CacheConfig, CacheSet, CacheStats
+from .services.context._chunker import ChunkingConfig
+from .services.context._eval import (
+    ContextEval,
+    ContextQuestion,
+    evaluate_context,
+    load_questions,
+)
+from .services.context._store import AddResult, ContextHit, ContextStats, ContextStore
 from .services.models._loader import LoaderConfig, ModelLoader
 from .services.models._memory import MemoryMonitor
 from .services.models._pressure import PressureLevel, PressureThresholds
@@ -61,14 +79,24 @@ __all__ = [
     "CACHE_LEVELS",
     "DEFAULT_ROUTING_METHOD",
     "TRACE_FILE_ENV",
+    "AddResult",
     "AgentSpec",
     "BreakerBoard",
     "BreakerConfig",
     "CacheConfig",
     "CacheSet",
     "CacheStats",
+    "ChunkingConfig",
+    "Citation",
     "Clock",
     "ConfigurationError",
+    "ContextError",
+    "ContextEval",
+    "ContextHit",
+    "ContextQuestion",
+    "ContextSource",
+    "ContextStats",
+    "ContextStore",
     "ConvertedModel",
     "EmbeddingError",
     "EmbeddingRouter",
@@ -112,13 +140,16 @@ __all__ = [
     "__version__",
     "caches_dir",
     "configure_logging",
+    "contexts_dir",
     "default_cache_dir",
     "default_trace_path",
     "estimate_model_memory",
+    "evaluate_context",
     "evaluate_router",
     "find_traces",
     "fit_thresholds",
     "load_labelled",
+    "load_questions",
     "read_traces",
     "repl_history_path",
     "request_chart",

@@ -13,6 +13,7 @@ from typing import Final
 
 __all__ = [
     "CACHE_DIR_ENV",
+    "DEFAULT_CONTEXT_TOP_K",
     "DEFAULT_MAX_IN_FLIGHT",
     "DEFAULT_MAX_QUEUE",
     "DEFAULT_MEMORY_INTERVAL_S",
@@ -20,6 +21,7 @@ __all__ = [
     "DEFAULT_TRACE_PATH",
     "TRACE_FILE_ENV",
     "caches_dir",
+    "contexts_dir",
     "default_cache_dir",
     "default_trace_path",
     "repl_history_path",
@@ -54,6 +56,11 @@ def caches_dir(cache_dir: Path) -> Path:
     return cache_dir / "caches"
 
 
+def contexts_dir(cache_dir: Path) -> Path:
+    """The context stores, one folder per store name under it."""
+    return cache_dir / "contexts"
+
+
 def repl_history_path(cache_dir: Path) -> Path:
     """The `orion-fsm repl` prompt history, kept across sessions."""
     return cache_dir / "repl-history"
@@ -70,3 +77,4 @@ DEFAULT_TIMEOUT_S: Final = 60.0  # per request, queueing excluded
 DEFAULT_MAX_IN_FLIGHT: Final = 64  # requests running at once
 DEFAULT_MAX_QUEUE: Final = 1024  # requests waiting for a slot; past it: Overloaded
 DEFAULT_MEMORY_INTERVAL_S: Final = 30.0  # between two samples of the memory monitor
+DEFAULT_CONTEXT_TOP_K: Final = 8  # chunks retrieved per request; as many as fit go in

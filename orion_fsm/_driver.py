@@ -169,7 +169,7 @@ class RequestRun:
             finish_reason=state.finish_reason, error=state.error,
             error_reason=state.error_reason, token_ids=tuple(state.token_ids),
             routing=state.decision.as_dict() if state.decision else {},
-            cache=state.cache_level,
+            cache=state.cache_level, citations=state.citations,
         )
         self._driving.traces.submit(_trace_record(self._driving, state, recorder, result))
 
@@ -205,6 +205,13 @@ def _trace_record(d: Driving, state: RequestState, recorder: PhaseRecorder,
         "cache": {"enabled": d.services.caches is not None, "level": state.cache_level,
                   "l1_key": state.l1_key},
         "breakers": dict(breakers),  # the states that decided, not the ones after
+        # What retrieval found (replay serves these instead of the store) and what was used.
+        "context": None if request.context is None else {
+            "store": request.context,
+            "retrieved": [h.as_dict() for h in state.retrieved],
+            "used": [c.chunk_id for c in state.citations],
+            "error": state.error if state.error_field == "context" else None,
+        },
         "transitions": [t.as_dict() for t in recorder.transitions],
         "phases": [p.as_dict() for p in recorder.phases],
         "spans": recorder.spans,

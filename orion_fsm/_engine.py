@@ -27,17 +27,21 @@ from ._config import (
     DEFAULT_TIMEOUT_S,
     DEFAULT_TRACE_PATH,
     caches_dir,
+    contexts_dir,
     resolve_cache_dir,
 )
 from ._driver import Driving, RequestRun
 from ._exceptions import OrionError, RequestFailed
 from ._machine import MachinePool, request_chart
 from ._phases import Services
-from ._seams import Loader, Router
+from ._seams import ContextSource, Loader, Router
 from ._singleflight import SingleFlight
 from ._types import GenerationParams, Message, Request, Result
 from .backends import LoadedModel
 from .services.caches._cacheset import CacheSet, register_cache_metrics
+from .services.context._chunker import Encoder
+from .services.context._store import ContextStore
+from .services.context._stores import ContextStores
 from .services.models._loader import LoaderConfig, ModelLoader, ProgressCallback
 from .services.models._memory import MemoryMonitor, register_memory_metrics
 from .services.models._pressure import PressureThresholds
@@ -169,6 +173,8 @@ class Engine:
         breakers: BreakerBoard | BreakerConfig | None = None,
         guardrails: Guardrails | GuardrailConfig | Literal[False] | None = None,
         frequent_patterns: Sequence[str] = FREQUENT_PATTERNS,
+        contexts: Mapping[str, str | Path] | ContextSource | Literal[False] | None = None,
+        context_capacity_tokens: int | None = None,
     ) -> None:
         self.registry = registry if isinstance(registry, Registry) else Registry.load(registry)
         self.clock: Clock = clock or SystemClock()
@@ -200,6 +206,18 @@ class Engine:
                 self.registry, self.embeddings, fallback_router=rules,
                 decision_cache=self.caches.l3 if self.caches else None)
         self.router: Router = router
+        # Context stores by name (opened on first use under the cache dir, or at the paths
+        # given); another ContextSource (replay) serves recorded chunks instead.
+        self._stores: ContextStores | None = None
+        self._contexts: ContextSource | None = None
+        if isinstance(contexts, Mapping) or contexts is None:
+            self._stores = ContextStores(
+                contexts_dir(root), tokenizer=self._store_tokenizer,
+                embeddings=self.embeddings, paths=contexts,
+                capacity_tokens=context_capacity_tokens)
+            self._contexts = self._stores
+        elif contexts is not False:
+            self._contexts = contexts
         # Cache, memory and breaker figures as observable instruments on the application's
         # MeterProvider (the global one unless given): no reader, no cost.
         meter = (meter_provider or metrics.get_meter_provider()).get_meter(INSTRUMENTATION_NAME)
@@ -245,6 +263,9 @@ class Engine:
             if self.embeddings is not None and not self.embeddings.running:
                 await task_group.start(self.embeddings.run)
                 stack.push_async_callback(self.embeddings.aclose)
+            if self._stores is not None:
+                await task_group.start(self._stores.run)
+                stack.push_async_callback(self._stores.aclose)
             if self.embeddings is not None and self._warm_up:
                 # In the background: the first request never waits for the warm-up.
                 self.embeddings.precompute([*self.router.warm_texts(),
@@ -252,7 +273,8 @@ class Engine:
             services = Services(
                 registry=self.registry, router=self.router, loader=self.loader,
                 caches=self.caches, breakers=self.breakers, guardrails=self.guardrails,
-                clock=self.clock, l1_flights=SingleFlight(), background=task_group.start_soon)
+                clock=self.clock, l1_flights=SingleFlight(), background=task_group.start_soon,
+                contexts=self._contexts)
             self._driving = Driving(
                 services=services, machines=MachinePool(self._chart), tracer=self._tracer,
                 admission=self.admission, timeouts=self._timeout, traces=self._traces,
@@ -274,6 +296,20 @@ class Engine:
             return {}
         return {level: stats.memory_bytes for level, stats in self.caches.stats().items()}
 
+    async def _store_tokenizer(self) -> tuple[Encoder, str]:
+        """Stores count tokens with the default agent's tokenizer (its model's sha256)."""
+        prepared = await self.loader.prepare(self.registry.get(self.registry.default_agent))
+        return prepared.tokenizer, prepared.sha256
+
+    async def context(self, name: str, *, create: bool = True) -> ContextStore:
+        """The context store `name` (created empty unless `create=False`), open while the
+        Engine runs; its vectors are computed in the Engine's background."""
+        self._running()
+        if self._stores is None:
+            raise OrionError("this Engine was created without context stores (contexts=False "
+                             "or a recorded source): create it with contexts enabled")
+        return await self._stores.get(name, create=create)
+
     def cache_stats(self) -> dict[str, dict[str, Any]]:
         """Hits, misses, evictions, hit rate and bytes of each cache level."""
         if self.caches is None:
@@ -289,7 +325,7 @@ class Engine:
 
     def _request(self, prompt: object, agent: str | None, system: str | None,
                  params: GenerationParams | None, overrides: dict[str, Any],
-                 cache: bool | None = None) -> Request:
+                 cache: bool | None = None, context: str | None = None) -> Request:
         if params is None:
             stop = overrides.pop("stop", None)
             if isinstance(stop, str):
@@ -301,7 +337,8 @@ class Engine:
         # An id, not a secret: os.urandom (secrets) costs ~40 µs a call on these machines.
         request_id = f"{random.getrandbits(64):016x}"
         return Request(id=request_id, messages=_messages(prompt, system), agent=agent,
-                       params=params, created_at=self.clock.time(), cache=cache)
+                       params=params, created_at=self.clock.time(), cache=cache,
+                       context=context)
 
     async def infer(
         self, prompt: Prompt, *, agent: str | None = None, system: str | None = None,
@@ -309,17 +346,19 @@ class Engine:
         temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
         repetition_penalty: float | None = None, seed: int | None = None,
         stop: str | Sequence[str] | None = None, cache: bool | None = None,
-        priority: int = 0,
+        priority: int = 0, context: str | None = None,
     ) -> Result:
         """Run one request to its final state. Raises `RequestFailed` (with `.result`) on error.
 
         `cache`: None caches deterministic requests only (temperature 0 or a seed), True opts
         a sampled request in, False bypasses the result cache. `priority`: lower is served
         first when requests queue (past `max_queue`, the request fails at once: overloaded).
+        `context`: the name of a context store; its best chunks go into the prompt (within
+        the agent's context) and `result.citations` names them.
         """
         request = self._request(prompt, agent, system, params, dict(
             max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            repetition_penalty=repetition_penalty, seed=seed, stop=stop), cache)
+            repetition_penalty=repetition_penalty, seed=seed, stop=stop), cache, context)
         run = RequestRun(self._running(), request, streaming=False, priority=priority)
         async with aclosing(run.texts()) as texts:
             async for _ in texts:
@@ -333,12 +372,12 @@ class Engine:
         temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
         repetition_penalty: float | None = None, seed: int | None = None,
         stop: str | Sequence[str] | None = None, cache: bool | None = None,
-        priority: int = 0,
+        priority: int = 0, context: str | None = None,
     ) -> ResponseStream:
         """Text chunks as they are generated. A request that ends in error raises RequestFailed."""
         request = self._request(prompt, agent, system, params, dict(
             max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            repetition_penalty=repetition_penalty, seed=seed, stop=stop), cache)
+            repetition_penalty=repetition_penalty, seed=seed, stop=stop), cache, context)
         run = RequestRun(self._running(), request, streaming=True, priority=priority)
         return ResponseStream(run)
 

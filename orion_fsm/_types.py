@@ -50,9 +50,10 @@ class Request:
     params: GenerationParams
     created_at: float  # unix time, from the engine's clock
     cache: bool | None = None  # None: results cached only when deterministic; False: bypass
+    context: str | None = None  # a context store to retrieve from (the `retrieving` phase)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "id": self.id,
             "messages": [{"role": m.role, "content": m.content} for m in self.messages],
             "agent": self.agent,
@@ -60,6 +61,26 @@ class Request:
             "created_at": self.created_at,
             "cache": self.cache,
         }
+        if self.context is not None:  # absent otherwise: older traces keep their shape
+            out["context"] = self.context
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Citation:
+    """A chunk of a context store that was put into the prompt."""
+
+    store: str
+    document: str
+    document_id: int
+    chunk_id: int
+    position: int  # the chunk's place in its document
+    score: float  # its retrieval score (reciprocal rank fusion)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"store": self.store, "document": self.document,
+                "document_id": self.document_id, "chunk_id": self.chunk_id,
+                "position": self.position, "score": round(self.score, 6)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +120,7 @@ class Result:
     token_ids: tuple[int, ...] = field(default=(), repr=False)
     routing: Mapping[str, Any] = field(default_factory=dict)
     cache: str | None = None  # "L1" when served from the result cache
+    citations: tuple[Citation, ...] = ()  # context chunks the prompt carried, best first
 
     @property
     def ok(self) -> bool:
@@ -127,4 +149,5 @@ class Result:
             "error_reason": self.error_reason,
             "routing": dict(self.routing),
             "cache": self.cache,
+            "citations": [c.as_dict() for c in self.citations],
         }

@@ -30,6 +30,7 @@ from orion_fsm.services.observability._tracefile import read_traces, upgrade_rec
 
 from ._adapters import (
     LiveLoader,
+    RecordedContexts,
     ReplayBreakers,
     ReplayLoader,
     ReplayRouter,
@@ -158,7 +159,7 @@ async def _send(engine: Engine, record: Mapping[str, Any], params: GenerationPar
                 if isinstance(m, dict) else Message("", m)
                 for m in request.get("messages") or []]
     options: dict[str, Any] = {"agent": request.get("agent"), "params": params,
-                               "cache": request.get("cache")}
+                               "cache": request.get("cache"), "context": request.get("context")}
     with anyio.CancelScope() as scope:
         canceller.scope = scope
         try:
@@ -231,7 +232,8 @@ async def replay(
             resolved, router=router, loader=loader,
             caches=replay_caches(record, clock), clock=clock, embeddings=False,
             warm_up=False, trace_path=trace_file, tracer_provider=_tracer_provider(),
-            machine=machine, memory_interval_s=3600.0, breakers=breakers)
+            machine=machine, memory_interval_s=3600.0, breakers=breakers,
+            contexts=RecordedContexts(record))
         failure: str | None = None
         try:
             async with engine:

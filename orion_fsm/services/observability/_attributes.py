@@ -68,3 +68,10 @@ MODEL_LOAD_MS: Final = "orion.model.load_ms"
 MODEL_ESTIMATE_MB: Final = "orion.model.estimate_mb"
 MODEL_UNLOADED: Final = "orion.model.unloaded"
 MODEL_PRELOADED: Final = "orion.model.preloaded"
+
+# Retrieval from a context store (the `retrieving` phase and the prompt it feeds).
+CONTEXT_STORE: Final = "orion.context.store"
+CONTEXT_RETRIEVED: Final = "orion.context.retrieved"  # chunk ids found, best first
+CONTEXT_CHUNKS: Final = "orion.context.chunks"  # chunk ids put into the prompt
+CONTEXT_DOCUMENTS: Final = "orion.context.documents"
+CONTEXT_TOKENS: Final = "orion.context.tokens"
