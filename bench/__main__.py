@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import caches, embeddings, loader, resilience, routing, spine
+from bench import caches, context, embeddings, loader, resilience, routing, spine
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -39,7 +39,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     args = parser.parse_args()
     every = {**spine.BENCHMARKS, **caches.BENCHMARKS, **loader.BENCHMARKS,
-             **embeddings.BENCHMARKS, **routing.BENCHMARKS, **resilience.BENCHMARKS}
+             **embeddings.BENCHMARKS, **routing.BENCHMARKS, **resilience.BENCHMARKS,
+             **context.BENCHMARKS}
     benchmarks = {name: fn for name, fn in every.items() if not args.only or args.only in name}
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),

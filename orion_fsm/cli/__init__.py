@@ -11,9 +11,22 @@ from collections.abc import Sequence
 
 from orion_fsm import OrionError, configure_logging
 
-from . import _breakers, _cache, _diagram, _mem, _models, _repl, _replay, _route, _run, _trace
+from . import (
+    _breakers,
+    _cache,
+    _context,
+    _diagram,
+    _mem,
+    _models,
+    _repl,
+    _replay,
+    _route,
+    _run,
+    _trace,
+)
 
-_COMMANDS = (_run, _models, _route, _cache, _mem, _breakers, _diagram, _trace, _replay, _repl)
+_COMMANDS = (_run, _models, _route, _cache, _context, _mem, _breakers, _diagram, _trace, _replay,
+             _repl)
 
 
 def _parser() -> argparse.ArgumentParser:
