@@ -11,7 +11,7 @@ from typing import Any
 
 import anyio
 
-from orion_fsm import ContextStore, Engine, evaluate_context, load_questions
+from orion_fsm import ContextStore, Engine, OrionError, evaluate_context, load_questions
 
 _DEFAULT_STORE = "default"
 _MODES = ("fused", "lexical", "semantic")
@@ -59,10 +59,15 @@ async def _context(args: argparse.Namespace) -> int:
     semantic = not args.lexical_only and getattr(args, "mode", "fused") != "lexical"
     engine = Engine(registry=args.registry, cache_dir=args.cache_dir, trace_path=False,
                     warm_up=False, embeddings=None if semantic else False)
+    failure: OrionError | None = None
     async with engine:
-        store = await engine.context(args.store, create=args.context_command == "add")
-        handler = _HANDLERS[args.context_command]
-        return await handler(store, args)
+        try:
+            store = await engine.context(args.store, create=args.context_command == "add")
+            return await _HANDLERS[args.context_command](store, args)
+        except OrionError as exc:
+            failure = exc  # raised outside the engine's block: one line, not a group
+    assert failure is not None
+    raise failure
 
 
 async def _add(store: ContextStore, args: argparse.Namespace) -> int:
