@@ -40,6 +40,12 @@ from ._types import GenerationParams, Message, Request, Result
 from .backends import LoadedModel
 from .services.caches._cacheset import CacheSet, register_cache_metrics
 from .services.context._chunker import Encoder
+from .services.context._memory import (
+    compact_turns,
+    policy_named,
+    session_store_name,
+    summarised_turns,
+)
 from .services.context._store import ContextStore
 from .services.context._stores import ContextStores
 from .services.models._loader import LoaderConfig, ModelLoader, ProgressCallback
@@ -309,6 +315,29 @@ class Engine:
             raise OrionError("this Engine was created without context stores (contexts=False "
                              "or a recorded source): create it with contexts enabled")
         return await self._stores.get(name, create=create)
+
+    async def remember(self, session: str, messages: Sequence[Message], *,
+                       policy: str = "adaptive", agent: str | None = None
+                       ) -> tuple[Message, ...]:
+        """Session memory: the turns of `messages` that no longer fit `agent`'s window (by
+        `policy`: adaptive | aggressive | conservative) are summarised by the model and kept in
+        the store `session-<session>`; returns the turns to send now. Send them with
+        `context=f"session-{session}"` so the request retrieves what was summarised."""
+        spec = self.registry.get(agent or self.registry.default_agent)
+        chosen = policy_named(policy)
+        store = await self.context(session_store_name(session))
+        prepared = await self.loader.prepare(spec)
+
+        async def summarise(prompt: str, max_tokens: int) -> str:
+            result = await self.infer(prompt, agent=spec.id, max_tokens=max_tokens,
+                                      temperature=0, cache=False)
+            return result.text.strip()
+
+        kept, _ = await compact_turns(
+            messages, store=store, tokenizer=prepared.tokenizer,
+            context_length=spec.context_length, policy=chosen, summarise=summarise,
+            first_turn=await summarised_turns(store))
+        return kept
 
     def cache_stats(self) -> dict[str, dict[str, Any]]:
         """Hits, misses, evictions, hit rate and bytes of each cache level."""
