@@ -44,6 +44,7 @@ Type a prompt and press Enter; Ctrl-C stops the generation, Ctrl-D or /quit leav
   /breakers      each agent's circuit breaker
   /trace         the last request's phases, as a waterfall
   /replay        replay the last request from its trace line
+  /context NAME  answer from context store NAME (cited); /context off; /context: what is on
   /help /quit"""
 
 
@@ -70,6 +71,7 @@ class Session:
         self.agent: str | None = args.agent
         self.max_tokens: int | None = args.max_tokens
         self.temperature: float | None = args.temperature
+        self.context: str | None = None  # a context store prompts retrieve from
         self.cache_dir: str | None = args.cache_dir
         self.out = out
         self.results: list[Result] = []
@@ -80,6 +82,7 @@ class Session:
             "/agents": self._agents, "/agent": self._agent, "/stats": self._stats,
             "/cache": self._cache, "/mem": self._mem, "/breakers": self._breakers,
             "/trace": self._trace, "/replay": self._replay, "/help": self._help,
+            "/context": self._context,
             "/quit": self._quit, "/exit": self._quit,
         }
 
@@ -114,7 +117,7 @@ class Session:
         """Stream the answer; Ctrl-C (SIGINT) cancels it and the request ends `cancelled`."""
         self.asked = True
         stream = self.engine.stream(prompt, agent=self.agent, max_tokens=self.max_tokens,
-                                    temperature=self.temperature)
+                                    temperature=self.temperature, context=self.context)
         self.last_id = stream.request_id
         result: Result | None = None
         interrupted = False
@@ -165,6 +168,20 @@ class Session:
             self.say(f"{mark} {spec.id:<16} {spec.role}{default}{fallback}")
         if self.agent is None:
             self.say("  prompts are routed; /agent NAME sends them to one agent")
+        return True
+
+    async def _context(self, name: str) -> bool:
+        if not name:
+            self.say(f"prompts retrieve from {self.context!r}" if self.context
+                     else "no context store: /context NAME answers from one")
+        elif name == "off":
+            self.context = None
+            self.say("prompts no longer retrieve from a context store")
+        else:
+            stats = await (await self.engine.context(name, create=False)).stats()
+            self.context = name
+            self.say(f"prompts now retrieve from {name} ({stats.documents} documents, "
+                     f"{stats.tokens} tokens)")
         return True
 
     async def _agent(self, name: str) -> bool:
@@ -282,6 +299,8 @@ def _footer(result: Result) -> str:
         head += f" · {result.cache}"
     ttft = "-" if result.ttft_ms is None else f"{result.ttft_ms:.0f} ms"
     head += f" · {result.tokens.output} tokens · ttft {ttft} · {result.total_ms:.0f} ms"
+    for i, c in enumerate(result.citations, 1):
+        head += f"\n[{i}] {c.store}: {c.document} #{c.position} (chunk {c.chunk_id})"
     if result.error:
         head += f"\n[error ({result.error_reason}): {result.error}]"
     return head

@@ -15,6 +15,7 @@ from typing import Any
 import pexpect
 import pytest
 
+from orion_fsm.cli import main
 from orion_fsm.testing import make_tiny_llama_gguf
 from tests.conftest import agent, read_trace_lines
 
@@ -142,3 +143,21 @@ def test_history_survives_the_session(slow_registry: Path, tmp_path: Path) -> No
     assert second.quit("\x04") == 0  # Ctrl-D leaves too
     sent = [r["request"]["messages"][0]["content"] for r in second.records(2)]
     assert sent == ["hello there", "hello there"]
+
+
+def test_context_command_answers_from_a_store_with_citations(slow_registry: Path,
+                                                             tmp_path: Path) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "fuel.md").write_text("# Fuel\n\nThe lamp burns paraffin for eleven hours.\n",
+                                  encoding="utf-8")
+    assert main(["--registry", str(slow_registry), "--cache-dir", str(tmp_path / "cache"),
+                 "context", "add", str(docs), "--store", "lh", "--lexical-only"]) == 0
+    repl = Repl(slow_registry, tmp_path, max_tokens=4)
+    assert "no context store" in repl.run("/context")
+    assert "no context store named 'nope'" in repl.run("/context nope")
+    assert "prompts now retrieve from lh (1 documents" in repl.run("/context lh")
+    answer = repl.run("how long does the paraffin burn")
+    assert "[1] lh: docs/fuel.md #0" in answer
+    assert "no longer retrieve" in repl.run("/context off")
+    assert repl.quit() == 0
