@@ -207,10 +207,12 @@ class ContextStats:
 
 @dataclass(slots=True)
 class _Vectors:
-    """The store's vectors in memory for a brute-force cosine search (float16, ~768 B each)."""
+    """The store's vectors in memory for a brute-force cosine search. float16 on disk, float32
+    here: numpy has no fast float16 product (7,400 x 384 on the loaded 2-core machine: 107 ms
+    in float16, ~11 ms in float32 with the top-k partition)."""
 
     ids: Any = None  # np.ndarray[int64]
-    matrix: Any = None  # np.ndarray[float16], one unit row per id
+    matrix: Any = None  # np.ndarray[float32], one unit row per id
     removed: set[int] = field(default_factory=set)
 
 
@@ -602,10 +604,12 @@ class ContextStore:
         vectors = self._vectors
         ids, matrix = vectors.ids, vectors.matrix
         n = min(len(ids), len(matrix))  # a batch being appended meanwhile waits for the next
-        scores = matrix[:n] @ q.astype(np.float16)
-        order = np.argsort(-scores.astype(np.float32))
+        scores = matrix[:n] @ q.astype(np.float32)
+        want = min(n, limit + len(vectors.removed))
+        top = np.argpartition(-scores, want - 1)[:want] if want < n else np.arange(n)
+        order = top[np.argsort(-scores[top])]
         out: list[tuple[int, float]] = []
-        for i in order[: limit + len(vectors.removed)]:
+        for i in order:
             chunk_id = int(ids[i])
             if chunk_id not in vectors.removed:
                 out.append((chunk_id, float(scores[i])))
@@ -626,8 +630,9 @@ class ContextStore:
             if rows:
                 self._vectors.ids = np.fromiter((r[0] for r in rows), dtype=np.int64,
                                                 count=len(rows))
-                self._vectors.matrix = np.frombuffer(b"".join(r[1] for r in rows),
-                                                     dtype=np.float16).reshape(len(rows), -1)
+                self._vectors.matrix = np.frombuffer(
+                    b"".join(r[1] for r in rows), dtype=np.float16).reshape(
+                    len(rows), -1).astype(np.float32)
             self._vectors_loaded = True
 
     def _hits(self, best: Sequence[int], fused: dict[int, float], lex_rank: dict[int, int],
@@ -762,7 +767,7 @@ class ContextStore:
             if not self._vectors_loaded:
                 return
             new_ids = np.asarray(ids, dtype=np.int64)
-            rows = np.stack(packed)
+            rows = np.stack(packed).astype(np.float32)
             v = self._vectors
             v.ids = new_ids if v.ids is None else np.concatenate([v.ids, new_ids])
             v.matrix = rows if v.matrix is None else np.concatenate([v.matrix, rows])
