@@ -61,7 +61,10 @@ ProgressCallback = Callable[[int, int, str], None]  # (done, total, what)
 _DB_FILE: Final = "store.sqlite3"
 _SCHEMA_VERSION: Final = "1"
 _RRF_K: Final = 60  # reciprocal rank fusion's constant (Cormack et al., 2009)
-_EMBED_BATCH: Final = 32  # one micro-batch of the embedding service: one wait per call
+# Background vectors go 8 at a time: a query's own embedding waits behind one such batch
+# at most (the service's queue is first come, first served; the bench saw queries wait
+# seconds behind batches of 32 on the loaded machine).
+_EMBED_BATCH: Final = 8
 # MiniLM reads 256 word pieces at most and its cost grows with length: the heading and the
 # start of a chunk (≈128 word pieces) say what it is about at half the cost of the whole.
 _EMBED_CHARS: Final = 640
