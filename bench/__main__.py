@@ -16,6 +16,7 @@ from typing import Any
 
 from bench import (
     caches,
+    context,
     embeddings,
     hostile,
     http,
@@ -53,7 +54,8 @@ def main() -> int:
     every = {**spine.BENCHMARKS, **caches.BENCHMARKS, **loader.BENCHMARKS,
              **embeddings.BENCHMARKS, **routing.BENCHMARKS, **resilience.BENCHMARKS,
              **http.BENCHMARKS, **structured.BENCHMARKS, **replay.BENCHMARKS,
-             **hostile.BENCHMARKS, **slots.BENCHMARKS}
+             **hostile.BENCHMARKS, **slots.BENCHMARKS,
+             **context.BENCHMARKS}
     benchmarks = {name: fn for name, fn in every.items() if not args.only or args.only in name}
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),

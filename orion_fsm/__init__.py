@@ -16,6 +16,7 @@ from ._config import (
     SERVER_ENV,
     TRACE_FILE_ENV,
     caches_dir,
+    contexts_dir,
     default_cache_dir,
     default_trace_path,
     repl_history_path,
@@ -24,6 +25,7 @@ from ._config import (
 from ._engine import Engine, EngineStats, ResponseStream
 from ._exceptions import (
     ConfigurationError,
+    ContextError,
     GenerationStalled,
     InferenceError,
     InsufficientMemory,
@@ -35,9 +37,10 @@ from ._exceptions import (
     ValidationError,
 )
 from ._machine import request_chart
-from ._seams import Loader, Router
+from ._seams import ContextSource, Loader, Router
 from ._session import Session, SessionStream
 from ._types import (
+    Citation,
     GenerationParams,
     Message,
     PhaseTiming,
@@ -49,6 +52,14 @@ from ._types import (
 from .backends import ConvertedModel, LoadedModel, ModelCache
 from .services.caches._cacheset import LEVELS as CACHE_LEVELS
 from .services.caches._cacheset import CacheConfig, CacheSet, CacheStats
+from .services.context._chunker import ChunkingConfig
+from .services.context._eval import (
+    ContextEval,
+    ContextQuestion,
+    evaluate_context,
+    load_questions,
+)
+from .services.context._store import AddResult, ContextHit, ContextStats, ContextStore
 from .services.models._cpu import CpuAllotter, CpuSnapshot
 from .services.models._loader import LoaderConfig, ModelLoader, SlotStats
 from .services.models._memory import MemoryMonitor
@@ -87,6 +98,7 @@ __all__ = [
     "DEFAULT_SHUTDOWN_GRACE_S",
     "SERVER_ENV",
     "TRACE_FILE_ENV",
+    "AddResult",
     "AdmissionController",
     "AgentSpec",
     "BreakerBoard",
@@ -94,8 +106,17 @@ __all__ = [
     "CacheConfig",
     "CacheSet",
     "CacheStats",
+    "ChunkingConfig",
+    "Citation",
     "Clock",
     "ConfigurationError",
+    "ContextError",
+    "ContextEval",
+    "ContextHit",
+    "ContextQuestion",
+    "ContextSource",
+    "ContextStats",
+    "ContextStore",
     "ConvertedModel",
     "CpuAllotter",
     "CpuSnapshot",
@@ -149,13 +170,16 @@ __all__ = [
     "__version__",
     "caches_dir",
     "configure_logging",
+    "contexts_dir",
     "default_cache_dir",
     "default_trace_path",
     "estimate_model_memory",
+    "evaluate_context",
     "evaluate_router",
     "find_traces",
     "fit_thresholds",
     "load_labelled",
+    "load_questions",
     "read_traces",
     "repl_history_path",
     "request_chart",

@@ -14,6 +14,7 @@ from typing import Final
 __all__ = [
     "API_KEY_ENV",
     "CACHE_DIR_ENV",
+    "DEFAULT_CONTEXT_TOP_K",
     "DEFAULT_HTTP_HOST",
     "DEFAULT_HTTP_PORT",
     "DEFAULT_MAX_BODY_BYTES",
@@ -29,6 +30,7 @@ __all__ = [
     "SERVER_ENV",
     "TRACE_FILE_ENV",
     "caches_dir",
+    "contexts_dir",
     "default_cache_dir",
     "default_state_dir",
     "default_trace_path",
@@ -66,6 +68,11 @@ def resolve_cache_dir(given: str | os.PathLike[str] | None) -> Path:
 def caches_dir(cache_dir: Path) -> Path:
     """The L1/L2/L3 result caches, one folder per level under it."""
     return cache_dir / "caches"
+
+
+def contexts_dir(cache_dir: Path) -> Path:
+    """The context stores, one folder per store name under it."""
+    return cache_dir / "contexts"
 
 
 def repl_history_path(cache_dir: Path) -> Path:
@@ -109,3 +116,5 @@ SERVER_ENV: Final = "ORION_FSM_SERVER"  # the CLI's --server
 # default is 20 x its measured time per token). Its prompt gets this much per 64-token chunk.
 DEFAULT_STALL_FLOOR_S: Final = 5.0
 STALL_TOKENS_FACTOR: Final = 20
+
+DEFAULT_CONTEXT_TOP_K: Final = 8  # chunks retrieved per request; as many as fit go in

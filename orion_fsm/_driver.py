@@ -176,7 +176,7 @@ class RequestRun:
             token_ids=tuple(state.token_ids),
             routing=state.decision.as_dict() if state.decision else {},
             cache=state.cache_level, parsed=state.parsed, tool_calls=state.tool_calls,
-            retry_after_s=state.retry_after_s, **_slot_fields(state),
+            retry_after_s=state.retry_after_s, citations=state.citations, **_slot_fields(state),
         )
         self._driving.traces.submit(_trace_record(self._driving, state, recorder, result,
                                                   abort))
@@ -251,6 +251,13 @@ def _trace_record(d: Driving, state: RequestState, recorder: PhaseRecorder,
         "cache": {"enabled": d.services.caches is not None, "level": state.cache_level,
                   "l1_key": state.l1_key},
         "breakers": dict(breakers),  # the states that decided, not the ones after
+        # What retrieval found (replay serves these instead of the store) and what was used.
+        "context": None if request.context is None else {
+            "store": request.context,
+            "retrieved": [h.as_dict() for h in state.retrieved],
+            "used": [c.chunk_id for c in state.citations],
+            "error": state.error if state.error_field == "context" else None,
+        },
         "transitions": [t.as_dict() for t in recorder.transitions],
         "phases": [p.as_dict() for p in recorder.phases],
         "spans": recorder.spans,

@@ -28,6 +28,7 @@ from ._config import (
     DEFAULT_TIMEOUT_S,
     PRIORITY_RANGE,
     caches_dir,
+    contexts_dir,
     default_trace_path,
     resolve_cache_dir,
 )
@@ -35,12 +36,21 @@ from ._driver import Driving, RequestRun
 from ._exceptions import EmbeddingError, OrionError, RequestFailed
 from ._machine import MachinePool, request_chart
 from ._phases import Services
-from ._seams import Loader, Router
+from ._seams import ContextSource, Loader, Router
 from ._session import Session
 from ._singleflight import SingleFlight
 from ._types import GenerationParams, Message, Request, Result
 from .backends import LoadedModel
 from .services.caches._cacheset import CacheSet, register_cache_metrics
+from .services.context._chunker import Encoder
+from .services.context._memory import (
+    compact_turns,
+    policy_named,
+    session_store_name,
+    summarised_turns,
+)
+from .services.context._store import ContextStore
+from .services.context._stores import ContextStores
 from .services.models._cpu import CpuAllotter, CpuSnapshot
 from .services.models._loader import LoaderConfig, ModelLoader, ProgressCallback, SlotStats
 from .services.models._memory import MemoryMonitor, register_memory_metrics
@@ -205,6 +215,8 @@ class Engine:
         retries: Retries | RetryPolicy | Literal[False] | None = None,
         guardrails: Guardrails | GuardrailConfig | Literal[False] | None = None,
         frequent_patterns: Sequence[str] = FREQUENT_PATTERNS,
+        contexts: Mapping[str, str | Path] | ContextSource | Literal[False] | None = None,
+        context_capacity_tokens: int | None = None,
     ) -> None:
         self.registry = registry if isinstance(registry, Registry) else Registry.load(registry)
         self.clock: Clock = clock or SystemClock()
@@ -244,6 +256,18 @@ class Engine:
                 self.registry, self.embeddings, fallback_router=rules,
                 decision_cache=self.caches.l3 if self.caches else None)
         self.router: Router = router
+        # Context stores by name (opened on first use under the cache dir, or at the paths
+        # given); another ContextSource (replay) serves recorded chunks instead.
+        self._stores: ContextStores | None = None
+        self._contexts: ContextSource | None = None
+        if isinstance(contexts, Mapping) or contexts is None:
+            self._stores = ContextStores(
+                contexts_dir(root), tokenizer=self._store_tokenizer,
+                embeddings=self.embeddings, paths=contexts,
+                capacity_tokens=context_capacity_tokens)
+            self._contexts = self._stores
+        elif contexts is not False:
+            self._contexts = contexts
         # Cache, memory and breaker figures as observable instruments on the application's
         # MeterProvider (the global one unless given): no reader, no cost.
         meter = (meter_provider or metrics.get_meter_provider()).get_meter(INSTRUMENTATION_NAME)
@@ -291,6 +315,9 @@ class Engine:
             if self.embeddings is not None and not self.embeddings.running:
                 await task_group.start(self.embeddings.run)
                 stack.push_async_callback(self.embeddings.aclose)
+            if self._stores is not None:
+                await task_group.start(self._stores.run)
+                stack.push_async_callback(self._stores.aclose)
             if self.embeddings is not None and self._warm_up:
                 # In the background: the first request never waits for the warm-up.
                 self.embeddings.precompute([*self.router.warm_texts(),
@@ -299,7 +326,7 @@ class Engine:
                 registry=self.registry, router=self.router, loader=self.loader,
                 caches=self.caches, breakers=self.breakers, guardrails=self.guardrails,
                 clock=self.clock, l1_flights=SingleFlight(), background=task_group.start_soon,
-                cores=self.cores, retries=self.retries)
+                cores=self.cores, retries=self.retries, contexts=self._contexts)
             self._driving = Driving(
                 services=services, machines=MachinePool(self._chart), tracer=self._tracer,
                 admission=self.admission, timeouts=self._timeout, traces=self._traces,
@@ -320,6 +347,43 @@ class Engine:
         if self.caches is None:
             return {}
         return {level: stats.memory_bytes for level, stats in self.caches.stats().items()}
+
+    async def _store_tokenizer(self) -> tuple[Encoder, str]:
+        """Stores count tokens with the default agent's tokenizer (its model's sha256)."""
+        prepared = await self.loader.prepare(self.registry.get(self.registry.default_agent))
+        return prepared.tokenizer, prepared.sha256
+
+    async def context(self, name: str, *, create: bool = True) -> ContextStore:
+        """The context store `name` (created empty unless `create=False`), open while the
+        Engine runs; its vectors are computed in the Engine's background."""
+        self._running()
+        if self._stores is None:
+            raise OrionError("this Engine was created without context stores (contexts=False "
+                             "or a recorded source): create it with contexts enabled")
+        return await self._stores.get(name, create=create)
+
+    async def remember(self, session: str, messages: Sequence[Message], *,
+                       policy: str = "adaptive", agent: str | None = None
+                       ) -> tuple[Message, ...]:
+        """Session memory: the turns of `messages` that no longer fit `agent`'s window (by
+        `policy`: adaptive | aggressive | conservative) are summarised by the model and kept in
+        the store `session-<session>`; returns the turns to send now. Send them with
+        `context=f"session-{session}"` so the request retrieves what was summarised."""
+        spec = self.registry.get(agent or self.registry.default_agent)
+        chosen = policy_named(policy)
+        store = await self.context(session_store_name(session))
+        prepared = await self.loader.prepare(spec)
+
+        async def summarise(prompt: str, max_tokens: int) -> str:
+            result = await self.infer(prompt, agent=spec.id, max_tokens=max_tokens,
+                                      temperature=0, cache=False)
+            return result.text.strip()
+
+        kept, _ = await compact_turns(
+            messages, store=store, tokenizer=prepared.tokenizer,
+            context_length=spec.context_length, policy=chosen, summarise=summarise,
+            first_turn=await summarised_turns(store))
+        return kept
 
     def cache_stats(self) -> dict[str, dict[str, Any]]:
         """Hits, misses, evictions, hit rate and bytes of each cache level."""
@@ -351,7 +415,8 @@ class Engine:
                  params: GenerationParams | None, overrides: dict[str, Any],
                  cache: bool | None, priority: object,
                  output: OutputRequest = (None, None, None),
-                 session_id: str | None = None) -> tuple[Request, int]:
+                 session_id: str | None = None,
+                 context: str | None = None) -> tuple[Request, int]:
         """The Request and its admission priority. Never raises for what the caller passed:
         arguments of the wrong type reach the validating phase, which refuses them naming the
         field, so every request ends in a final state with its trace line."""
@@ -361,6 +426,10 @@ class Engine:
             refused = refused or ("session_id", "session_id must be text, got "
                                   f"{type(session_id).__name__}; or use engine.session()")
             session_id = None
+        if context is not None and not isinstance(context, str):
+            refused = refused or ("context", "context must be the name of a context store, "
+                                  f"got {type(context).__name__}")
+            context = None
         tools = output[1]
         if tools is not None and not isinstance(tools, list | tuple):
             refused = refused or ("tools", "tools must be a list of tool definitions, got "
@@ -388,7 +457,7 @@ class Engine:
                           params=params, created_at=self.clock.time(), cache=cache,
                           response_format=output[0], tools=tuple(tools or ()),
                           tool_choice=output[2], refused=refused,
-                          session_id=session_id)
+                          session_id=session_id, context=context)
         return request, priority if refused is None and isinstance(priority, int) else 0
 
     async def infer(
@@ -400,6 +469,7 @@ class Engine:
         priority: int = 0, response_format: Mapping[str, Any] | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
         tool_choice: str | Mapping[str, Any] | None = None, session_id: str | None = None,
+        context: str | None = None,
     ) -> Result:
         """Run one request to its final state. Raises `RequestFailed` (with `.result`) on error.
 
@@ -409,11 +479,13 @@ class Engine:
         `response_format` (OpenAI's shapes, plus {"type": "regex", "pattern": ...} and
         {"type": "grammar", "lark": ...}) constrains every token; `result.parsed` holds the
         decoded JSON. `tools`/`tool_choice` as in OpenAI's chat API: `result.tool_calls`.
+        `context`: the name of a context store; its best chunks go into the prompt (within
+        the agent's context) and `result.citations` names them.
         """
         request, priority = self._request(prompt, agent, system, params, dict(
             max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, seed=seed, stop=stop), cache, priority,
-            (response_format, tools, tool_choice), session_id)
+            (response_format, tools, tool_choice), session_id, context)
         run = RequestRun(self._running(), request, streaming=False, priority=priority)
         async with aclosing(run.texts()) as texts:
             async for _ in texts:
@@ -430,12 +502,13 @@ class Engine:
         priority: int = 0, response_format: Mapping[str, Any] | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
         tool_choice: str | Mapping[str, Any] | None = None, session_id: str | None = None,
+        context: str | None = None,
     ) -> ResponseStream:
         """Text chunks as they are generated. A request that ends in error raises RequestFailed."""
         request, priority = self._request(prompt, agent, system, params, dict(
             max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, seed=seed, stop=stop), cache, priority,
-            (response_format, tools, tool_choice), session_id)
+            (response_format, tools, tool_choice), session_id, context)
         run = RequestRun(self._running(), request, streaming=True, priority=priority)
         return ResponseStream(run)
 

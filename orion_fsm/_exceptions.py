@@ -14,6 +14,7 @@
     ├── EmbeddingError          the embedding model failed, timed out or is not running
     │   └── EmbeddingUnavailable     it cannot be loaded at all
     ├── CacheError              a cache was asked for what it does not have
+    ├── ContextError            a context store refused an input or does not have a document
     ├── Overloaded              the admission queue is full           } the engine's own
     ├── RequestTimeout          a request ran past its deadline       } signals: a caller
     └── RequestFailed           a request ended in the `error` state    gets RequestFailed
@@ -27,6 +28,7 @@ from __future__ import annotations
 __all__ = [
     "CacheError",
     "ConfigurationError",
+    "ContextError",
     "EmbeddingError",
     "EmbeddingUnavailable",
     "GenerationStalled",
@@ -145,6 +147,10 @@ class EmbeddingUnavailable(EmbeddingError):
 
 class CacheError(OrionError):
     """A cache was asked for something it does not have (an unknown level, a bad record)."""
+
+
+class ContextError(OrionError):
+    """A context store refused a document, or was asked about one it does not hold."""
 
 
 class Overloaded(OrionError):

@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
+from ._config import DEFAULT_CONTEXT_TOP_K
 from ._exceptions import (
+    ContextError,
     GenerationStalled,
     InferenceError,
     InsufficientMemory,
@@ -33,7 +35,7 @@ from ._exceptions import (
 )
 from ._session import fit_history
 from ._structured import OutputFormat, check_output, output_format, prompt_messages
-from ._types import GenerationParams, Message, Request, ToolCall
+from ._types import Citation, GenerationParams, Message, Request, ToolCall
 from .backends import CoreGate, GenerationEvent, Grammar, MaskStats, SamplingParams
 from .services.caches._cacheset import cache_key
 from .services.caches._entries import CachedResult
@@ -44,9 +46,10 @@ from .services.resilience._guardrails import RepetitionGuard
 
 if TYPE_CHECKING:
     from ._clock import Clock
-    from ._seams import Lease, Loader, Prepared, Router
+    from ._seams import ContextSource, Lease, Loader, Prepared, Router
     from ._singleflight import SingleFlight
     from .services.caches._cacheset import CacheSet, TieredCache
+    from .services.context._store import ContextHit
     from .services.models._cpu import CpuAllotter
     from .services.models._loader import LoadInfo
     from .services.models._registry import AgentSpec, Registry
@@ -80,6 +83,8 @@ class Services:
     retries: Retries  # whether a transient failure tries the same agent again
     # Cores for each runtime call of a generation; None when the Engine was given `threads`.
     cores: CpuAllotter | None = None
+    # Context stores by name, for requests that name one (None: retrieval is off).
+    contexts: ContextSource | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -99,6 +104,9 @@ class RequestState:
     chain: tuple[str, ...] = ()
     l1_key: str | None = None
     cache_level: str | None = None
+    # retrieving: the chunks found (best first), then those the prompt carried
+    retrieved: tuple[ContextHit, ...] = ()
+    citations: tuple[Citation, ...] = ()
     # the current attempt (an agent of the chain); its resources live on `attempt_scope`
     attempt: int = 0
     attempt_scope: AsyncExitStack | None = None
@@ -267,6 +275,9 @@ async def routing(services: Services, state: RequestState) -> str:
         attr.ROUTING_NOTE: decision.note,
         attr.FALLBACK_CHAIN: list(state.chain),
     })
+    if request.context is not None:
+        # The answer depends on what the store holds now: never an L1 answer.
+        return "routed_with_context"
     agent = services.registry.get(decision.agent)
     if services.caches is None or not _cacheable(request, agent):
         return "routed"
@@ -334,6 +345,62 @@ async def _l1_lookup(services: Services, state: RequestState,
             return None
     state.prepared = prepared  # the trace names the model that made the cached answer
     return found
+
+
+# --- retrieving -----------------------------------------------------------------------------
+
+
+async def retrieving(services: Services, state: RequestState) -> str:
+    """The best chunks of the named store for the last user message; loading_agent puts in
+    as many as the agent's context holds."""
+    request = state.request
+    assert request.context is not None
+    state.notes[attr.CONTEXT_STORE] = request.context
+    if services.contexts is None:
+        state.fail("invalid", f"this engine serves no context stores, so context="
+                   f"{request.context!r} cannot be used: create the Engine with contexts "
+                   "enabled", field="context")
+        return "invalid"
+    query = next(m.content for m in reversed(request.messages) if m.role == "user")
+    try:
+        hits = await services.contexts.retrieve(request.context, query, DEFAULT_CONTEXT_TOP_K)
+    except ContextError as exc:
+        state.fail("invalid", exc.message, field="context")
+        return "invalid"
+    state.retrieved = tuple(hits)
+    state.notes[attr.CONTEXT_RETRIEVED] = [str(h.chunk_id) for h in hits]
+    return "retrieved"
+
+
+_CONTEXT_INSTRUCTION = ("Answer the question using the numbered passages below when they are "
+                        "relevant, and cite them by number, like [1].")
+
+
+def _with_context(messages: list[Message], passages: Sequence[ContextHit]) -> list[Message]:
+    """The messages with the passages added to the system message (first one if any)."""
+    if not passages:
+        return messages
+    block = "\n\n".join(
+        f"[{i}] {h.document}" + (f" ({h.heading})" if h.heading else "") + f"\n{h.text}"
+        for i, h in enumerate(passages, 1))
+    extra = f"{_CONTEXT_INSTRUCTION}\n\n{block}"
+    if messages and messages[0].role == "system":
+        return [Message("system", f"{messages[0].content}\n\n{extra}"), *messages[1:]]
+    return [Message("system", extra), *messages]
+
+
+def _fit_context(agent: AgentSpec, prepared: Prepared, messages: list[Message],
+                 hits: Sequence[ContextHit], reserve: int) -> list[ContextHit]:
+    """The retrieved chunks, best first, that fit the agent's context with `reserve` tokens
+    left for the answer: each candidate prompt is rendered and counted, token-exact."""
+    limit = agent.context_length - reserve
+    chosen: list[ContextHit] = []
+    for hit in hits:
+        rendered = agent.chat_template.render(
+            [(m.role, m.content) for m in _with_context(messages, [*chosen, hit])])
+        if len(prepared.tokenizer.encode(rendered)) <= limit:
+            chosen.append(hit)
+    return chosen
 
 
 # --- loading_agent --------------------------------------------------------------------------
@@ -436,6 +503,16 @@ async def loading_agent(services: Services, state: RequestState) -> str:
         messages, trimmed = fit_history(messages, agent, prepared.tokenizer)
         if trimmed:
             state.notes[attr.SESSION_TRIMMED] = trimmed
+    if state.retrieved:
+        reserve = state.request.params.max_tokens or agent.generation.max_tokens
+        used = _fit_context(agent, prepared, messages, state.retrieved, reserve)
+        messages = _with_context(messages, used)
+        store = state.request.context or ""
+        state.citations = tuple(Citation(store, h.document, h.document_id, h.chunk_id,
+                                         h.position, h.score) for h in used)
+        state.notes.update({attr.CONTEXT_CHUNKS: [str(h.chunk_id) for h in used],
+                            attr.CONTEXT_DOCUMENTS: list(dict.fromkeys(h.document for h in used)),
+                            attr.CONTEXT_TOKENS: sum(h.tokens for h in used)})
     prompt = agent.chat_template.render(prompt_messages(
         messages, agent.system_prompt, state.output_format))
     ids = _prompt_ids(services, prompt, prepared, state.notes)
@@ -841,6 +918,7 @@ def _clear_output(state: RequestState) -> None:
 PHASES: Mapping[str, PhaseFn] = {
     "validating": validating,
     "routing": routing,
+    "retrieving": retrieving,
     "loading_agent": loading_agent,
     "checking_output": checking_output,
     "fallback": fallback,

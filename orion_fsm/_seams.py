@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from anyio.abc import TaskStatus
 
     from .backends import CoreGate, GenerationEvent, GenerationOutcome, SamplingParams, Threads
+    from .services.context._store import ContextHit
     from .services.models._loader import LoaderStats, LoadInfo, ModelKey, SlotStats
     from .services.models._registry import AgentSpec
     from .services.routing._router import RoutingDecision
@@ -126,6 +127,12 @@ class Loader(WatchedLoader, Protocol):
     def stop(self) -> None: ...
 
     async def aclose(self) -> None: ...
+
+
+class ContextSource(Protocol):
+    """Chunks of a named context store for a query: the live stores, or a trace's record."""
+
+    async def retrieve(self, store: str, query: str, top_k: int) -> Sequence[ContextHit]: ...
 
 
 class Router(Protocol):

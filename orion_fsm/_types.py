@@ -59,6 +59,7 @@ class Request:
     # type, `params=` with overrides, a bad priority); the validating phase refuses it.
     refused: tuple[str, str] | None = None
     session_id: str | None = None  # a turn of this Session (history trimmed to fit)
+    context: str | None = None  # a context store to retrieve from (the `retrieving` phase)
 
     def as_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -79,6 +80,8 @@ class Request:
             doc["tool_choice"] = self.tool_choice
         if self.refused is not None:
             doc["refused"] = {"field": self.refused[0], "message": self.refused[1]}
+        if self.context is not None:  # absent otherwise: older traces keep their shape
+            doc["context"] = self.context
         return doc
 
 
@@ -95,6 +98,23 @@ class ToolCall:
         return {"id": self.id, "type": "function",
                 "function": {"name": self.name,
                              "arguments": json.dumps(self.arguments, ensure_ascii=False)}}
+
+
+@dataclass(frozen=True, slots=True)
+class Citation:
+    """A chunk of a context store that was put into the prompt."""
+
+    store: str
+    document: str
+    document_id: int
+    chunk_id: int
+    position: int  # the chunk's place in its document
+    score: float  # its retrieval score (reciprocal rank fusion)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"store": self.store, "document": self.document,
+                "document_id": self.document_id, "chunk_id": self.chunk_id,
+                "position": self.position, "score": round(self.score, 6)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +167,7 @@ class Result:
     # exhausted because every circuit breaker of the chain was open: seconds until the first
     # lets a probe request through (HTTP: 503 + Retry-After); None otherwise
     retry_after_s: float | None = None
+    citations: tuple[Citation, ...] = ()  # context chunks the prompt carried, best first
 
     @property
     def ok(self) -> bool:
@@ -183,4 +204,5 @@ class Result:
             "prefilled_tokens": self.prefilled_tokens,
             "session_id": self.session_id,
             "retry_after_s": self.retry_after_s,
+            "citations": [c.as_dict() for c in self.citations],
         }

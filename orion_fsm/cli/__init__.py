@@ -14,6 +14,7 @@ from orion_fsm import OrionError, configure_logging
 from . import (
     _breakers,
     _cache,
+    _context,
     _diagram,
     _mem,
     _models,
@@ -25,8 +26,8 @@ from . import (
     _trace,
 )
 
-_COMMANDS = (_run, _serve, _models, _route, _cache, _mem, _breakers, _diagram, _trace, _replay,
-             _repl)
+_COMMANDS = (_run, _serve, _models, _route, _cache, _context, _mem, _breakers, _diagram, _trace,
+             _replay, _repl)
 
 
 def _parser() -> argparse.ArgumentParser:

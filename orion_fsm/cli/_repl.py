@@ -55,6 +55,7 @@ Type a prompt and press Enter; Ctrl-C stops the generation, Ctrl-D or /quit leav
   /breakers      each agent's circuit breaker
   /trace         the last request's phases, as a waterfall
   /replay        replay the last request from its trace line
+  /context NAME  answer from context store NAME (cited); /context off; /context: what is on
   /help /quit"""
 
 
@@ -84,6 +85,7 @@ class Session:
         self.max_tokens: int | None = args.max_tokens
         self.temperature: float | None = args.temperature
         self.response_format: dict[str, Any] | None = None
+        self.context: str | None = None  # a context store prompts retrieve from
         self.cache_dir: str | None = args.cache_dir
         self.out = out
         self.results: list[Result] = []
@@ -96,6 +98,7 @@ class Session:
             "/stats": self._stats, "/new": self._new,
             "/cache": self._cache, "/mem": self._mem, "/breakers": self._breakers,
             "/trace": self._trace, "/replay": self._replay, "/help": self._help,
+            "/context": self._context,
             "/quit": self._quit, "/exit": self._quit,
         }
 
@@ -132,7 +135,8 @@ class Session:
         self.conversation.agent = self.agent or self.conversation.agent
         stream = self.conversation.stream(prompt, max_tokens=self.max_tokens,
                                           temperature=self.temperature,
-                                          response_format=self.response_format)
+                                          response_format=self.response_format,
+                                          context=self.context)
         self.last_id = stream.request_id
         result: Result | None = None
         interrupted = False
@@ -199,6 +203,20 @@ class Session:
         else:
             self.response_format = schema_format(arg)  # unreadable -> the error, kept as was
             self.say(f"answers follow the JSON schema in {arg}")
+        return True
+
+    async def _context(self, name: str) -> bool:
+        if not name:
+            self.say(f"prompts retrieve from {self.context!r}" if self.context
+                     else "no context store: /context NAME answers from one")
+        elif name == "off":
+            self.context = None
+            self.say("prompts no longer retrieve from a context store")
+        else:
+            stats = await (await self.engine.context(name, create=False)).stats()
+            self.context = name
+            self.say(f"prompts now retrieve from {name} ({stats.documents} documents, "
+                     f"{stats.tokens} tokens)")
         return True
 
     async def _agent(self, name: str) -> bool:
@@ -337,6 +355,8 @@ def _footer(result: Result) -> str:
     head += f" · {result.tokens.output} tokens · ttft {ttft} · {result.total_ms:.0f} ms"
     if result.slot is not None:
         head += f" · slot {result.slot}, {result.reused_prefix_tokens or 0} tokens reused"
+    for i, c in enumerate(result.citations, 1):
+        head += f"\n[{i}] {c.store}: {c.document} #{c.position} (chunk {c.chunk_id})"
     if result.error:
         head += f"\n[error ({result.error_reason}): {result.error}]"
     return head

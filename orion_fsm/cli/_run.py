@@ -28,6 +28,9 @@ def add_parser(sub: Any) -> None:
     run.add_argument("--seed", type=int)
     run.add_argument("--stop", action="append", help="stop sequence (repeatable)")
     run.add_argument("--json", action="store_true", help="print one JSON object, no streaming")
+    run.add_argument("--context", metavar="NAME",
+                     help="answer from this context store (`orion-fsm context add`): its best "
+                     "chunks go into the prompt and are cited")
     run.add_argument("--router", choices=("embedding", "rules"), default="embedding",
                      help="how to pick the agent when --agent is not given (default: embedding)")
     run.add_argument("--trace-file", default=os.environ.get(TRACE_FILE_ENV),
@@ -52,6 +55,8 @@ def timeline(result: Result) -> str:
         bar = " " * start + "█" * min(width, _BAR_WIDTH - start)
         lines.append(f"  {p.state:<14} {p.ms:>10.1f} ms  |{bar:<{_BAR_WIDTH}}|")
     lines.append(f"  {'total':<14} {result.total_ms:>10.1f} ms")
+    for i, c in enumerate(result.citations, 1):
+        lines.append(f"  [{i}] {c.store}: {c.document} #{c.position} (chunk {c.chunk_id})")
     if result.error:
         lines.append(f"  error ({result.error_reason}): {result.error}")
     return "\n".join(lines)
@@ -113,7 +118,7 @@ async def _run(args: argparse.Namespace) -> int:
     params: dict[str, Any] = {"agent": args.agent, "max_tokens": args.max_tokens,
                               "temperature": args.temperature, "seed": args.seed,
                               "stop": args.stop or None, "system": args.system,
-                              **format_request(args)}
+                              **format_request(args), "context": args.context}
     async with engine:
         try:
             if args.json:

@@ -17,7 +17,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from orion_fsm._clock import Clock, ManualClock
-from orion_fsm._exceptions import GenerationStalled, InferenceError, ModelLoadError
+from orion_fsm._exceptions import ContextError, GenerationStalled, InferenceError, ModelLoadError
 from orion_fsm.backends import (
     CoreGate,
     GenerationEvent,
@@ -30,6 +30,7 @@ from orion_fsm.backends import (
 )
 from orion_fsm.backends._convert import TOKENIZER_FILENAME, ConvertedModel
 from orion_fsm.services.caches._cacheset import CacheSet
+from orion_fsm.services.context._store import ContextHit
 from orion_fsm.services.models._loader import (
     LoaderStats,
     LoadInfo,
@@ -664,3 +665,21 @@ def replay_clock(record: Mapping[str, Any]) -> ManualClock:
     monotonic = clock.get("monotonic")
     return ManualClock(start=float(monotonic) if monotonic is not None else 1_000.0,
                        unix_start=float(clock.get("time", started)))
+
+
+class RecordedContexts:
+    """The chunks a recorded request retrieved, served from its trace line: a replay needs
+    neither the store nor the embedding model, and sees what the recording saw."""
+
+    def __init__(self, record: Mapping[str, Any]) -> None:
+        context = record.get("context") or {}
+        self.store: str | None = context.get("store")
+        self.error: str | None = context.get("error")
+        self.hits = tuple(ContextHit.from_dict(d) for d in context.get("retrieved") or ())
+
+    async def retrieve(self, store: str, query: str, top_k: int) -> Sequence[ContextHit]:
+        if self.error is not None:
+            raise ContextError(self.error)
+        if store != self.store:
+            raise ContextError(f"the recording retrieved from {self.store!r}, not {store!r}")
+        return self.hits[:top_k]

@@ -30,6 +30,7 @@ from orion_fsm.services.observability._tracefile import read_traces, upgrade_rec
 
 from ._adapters import (
     LiveLoader,
+    RecordedContexts,
     ReplayAdmission,
     ReplayBreakers,
     ReplayLoader,
@@ -167,7 +168,8 @@ async def _send(engine: Engine, record: Mapping[str, Any], params: GenerationPar
                                "response_format": request.get("response_format"),
                                "tools": request.get("tools"),
                                "tool_choice": request.get("tool_choice"),
-                               "session_id": request.get("session_id")}
+                               "session_id": request.get("session_id"),
+                               "context": request.get("context")}
     with anyio.CancelScope() as scope:
         aborter.scope = scope
         try:
@@ -244,7 +246,8 @@ async def replay(
             warm_up=False, trace_path=trace_file, tracer_provider=_tracer_provider(),
             machine=machine, memory_interval_s=3600.0, breakers=breakers,
             admission=ReplayAdmission(aborter),
-            retries=ReplayRetries(script.retries, script.same_model))
+            retries=ReplayRetries(script.retries, script.same_model),
+            contexts=RecordedContexts(record))
         failure: str | None = None
         try:
             async with engine:

@@ -15,6 +15,7 @@ from typing import Any
 import pexpect
 import pytest
 
+from orion_fsm.cli import main
 from orion_fsm.testing import make_tiny_llama_gguf
 from tests.conftest import agent, read_trace_lines
 
@@ -155,3 +156,21 @@ def test_history_is_private_and_keeps_no_secret(slow_registry: Path, tmp_path: P
     assert history.stat().st_mode & 0o777 == 0o600
     text = history.read_text(encoding="utf-8")
     assert "Hunter2024!" not in text and "[REDACTED:spoken_secret]" in text
+
+
+def test_context_command_answers_from_a_store_with_citations(slow_registry: Path,
+                                                             tmp_path: Path) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "fuel.md").write_text("# Fuel\n\nThe lamp burns paraffin for eleven hours.\n",
+                                  encoding="utf-8")
+    assert main(["--registry", str(slow_registry), "--cache-dir", str(tmp_path / "cache"),
+                 "context", "add", str(docs), "--store", "lh", "--lexical-only"]) == 0
+    repl = Repl(slow_registry, tmp_path, max_tokens=4)
+    assert "no context store" in repl.run("/context")
+    assert "no context store named 'nope'" in repl.run("/context nope")
+    assert "prompts now retrieve from lh (1 documents" in repl.run("/context lh")
+    answer = repl.run("how long does the paraffin burn")
+    assert "[1] lh: docs/fuel.md #0" in answer
+    assert "no longer retrieve" in repl.run("/context off")
+    assert repl.quit() == 0

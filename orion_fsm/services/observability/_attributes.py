@@ -98,3 +98,10 @@ INFERENCE_FAILURE: Final = "orion.inference.failure"
 SESSION_ID: Final = "orion.session.id"
 SESSION_TRIMMED: Final = "orion.session.trimmed_messages"
 PREFILLED_TOKENS: Final = "orion.prefilled_tokens"
+
+# Retrieval from a context store (the `retrieving` phase and the prompt it feeds).
+CONTEXT_STORE: Final = "orion.context.store"
+CONTEXT_RETRIEVED: Final = "orion.context.retrieved"  # chunk ids found, best first
+CONTEXT_CHUNKS: Final = "orion.context.chunks"  # chunk ids put into the prompt
+CONTEXT_DOCUMENTS: Final = "orion.context.documents"
+CONTEXT_TOKENS: Final = "orion.context.tokens"

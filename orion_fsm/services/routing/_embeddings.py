@@ -263,10 +263,11 @@ def _fresh(error: EmbeddingError) -> EmbeddingError:
 
 
 class _Job:
-    __slots__ = ("done", "enqueued_at", "error", "key", "text", "vector")
+    __slots__ = ("done", "enqueued_at", "error", "keep", "key", "text", "vector")
 
-    def __init__(self, key: str, text: str, enqueued_at: float) -> None:
+    def __init__(self, key: str, text: str, enqueued_at: float, keep: bool = True) -> None:
         self.key = key
+        self.keep = keep  # written to the store once encoded
         self.text = text
         self.enqueued_at = enqueued_at
         self.done = anyio.Event()
@@ -421,8 +422,13 @@ class EmbeddingService:
         """The unit float32 vector of `text`."""
         return (await self.embed_many([text]))[0]
 
-    async def embed_many(self, texts: Sequence[str]) -> list[np.ndarray]:
-        """The vectors of `texts`, in order; misses are encoded together with other callers'."""
+    async def embed_many(self, texts: Sequence[str], *, remember: bool = True
+                         ) -> list[np.ndarray]:
+        """The vectors of `texts`, in order; misses are encoded together with other callers'.
+
+        `remember=False` (bulk documents a caller keeps itself): the store is neither read
+        nor written, so a corpus does not flood the cache of short texts.
+        """
         if self._load_error is not None:
             raise _fresh(self._load_error)
         keys = [self.key(t) for t in texts]  # raises EmbeddingUnavailable if no model folder
@@ -436,6 +442,9 @@ class EmbeddingService:
         self._stats["memory_hits"] += len(texts) - len(missing)
         jobs: list[tuple[int, _Job]] = []
         for i in missing:
+            if not remember:
+                jobs.append((i, self._submit(keys[i], texts[i], keep=False)))
+                continue
             try:
                 vector = self._unpack(await self.store.get(keys[i]))
             except Exception:
@@ -502,7 +511,7 @@ class EmbeddingService:
             return None
         return unpack_vector(value, self._shared.dim if self._shared else None)
 
-    def _submit(self, key: str, text: str) -> _Job:
+    def _submit(self, key: str, text: str, *, keep: bool = True) -> _Job:
         if not self._running or self._closing:
             raise EmbeddingError(
                 "the embedding service is not running: start its batcher with "
@@ -510,12 +519,14 @@ class EmbeddingService:
             )
         job = self._pending.get(key)
         if job is None:
-            job = self._pending[key] = _Job(key, text, anyio.current_time())
+            job = self._pending[key] = _Job(key, text, anyio.current_time(), keep)
             self._queue.append(job)
             assert self._wakeup is not None and self._full is not None
             self._wakeup.set()
             if len(self._queue) >= self.max_batch:
                 self._full.set()
+        else:
+            job.keep = job.keep or keep
         return job
 
     async def _serve(self, writes: TaskGroup) -> None:
@@ -592,7 +603,7 @@ class EmbeddingService:
             job.finish(vector)
         # Store writes must not hold up the next batch: they run beside it.
         writes.start_soon(self._write, [(job.key, vector) for job, vector in
-                                        zip(batch, vectors, strict=True)])
+                                        zip(batch, vectors, strict=True) if job.keep])
 
     async def _warm_up(self) -> None:
         self._warm_model = False

@@ -1,0 +1,851 @@
+"""A persistent context store: documents far longer than a model's window, cut into chunks,
+found again by BM25 (SQLite FTS5) and MiniLM embeddings fused by reciprocal rank.
+
+One SQLite file per store (WAL; one transaction per document, so a killed process leaves a
+document in or out); chunk text is zlib-compressed, vectors float16. Blocking work runs in
+worker threads; vectors are computed in the background by `run()` and join when ready.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, Self
+
+import anyio
+from anyio.abc import TaskStatus
+
+from orion_fsm._exceptions import (
+    ConfigurationError,
+    ContextError,
+    EmbeddingError,
+    EmbeddingUnavailable,
+)
+
+from ._chunker import (
+    Chunk,
+    ChunkingConfig,
+    DuplicateFilter,
+    Encoder,
+    chunk_text,
+    detect_format,
+    exact_key,
+    simhash,
+)
+
+if TYPE_CHECKING:
+    # Imported where used: sqlite3 and numpy would slow `import orion_fsm` down.
+    import sqlite3
+
+    import numpy as np
+
+__all__ = [
+    "AddResult",
+    "ContextHit",
+    "ContextStats",
+    "ContextStore",
+    "SearchMode",
+    "default_capacity_tokens",
+]
+
+SearchMode = Literal["fused", "lexical", "semantic"]
+ProgressCallback = Callable[[int, int, str], None]  # (done, total, what)
+
+_DB_FILE: Final = "store.sqlite3"
+_SCHEMA_VERSION: Final = "1"
+_RRF_K: Final = 60  # reciprocal rank fusion's constant (Cormack et al., 2009)
+# Background vectors go 8 at a time: a query's own embedding waits behind one such batch
+# at most (the service's queue is first come, first served; the bench saw queries wait
+# seconds behind batches of 32 on the loaded machine).
+_EMBED_BATCH: Final = 8
+# MiniLM reads 256 word pieces at most and its cost grows with length: the heading and the
+# start of a chunk (≈128 word pieces) say what it is about at half the cost of the whole.
+_EMBED_CHARS: Final = 640
+_EMBED_RETRY_S: Final = 5.0
+_WORD = re.compile(r"\w+", re.UNICODE)
+# Words that match nearly every chunk: they only slow BM25 down and add noise to "why".
+_STOPWORDS: Final = frozenset((
+    "a", "an", "and", "are", "as", "at", "be", "been", "but", "by", "can", "could", "do",
+    "does", "did", "for", "from", "had", "has", "have", "how", "i", "if", "in", "into", "is",
+    "it", "its", "me", "my", "of", "on", "or", "our", "should", "so", "than", "that", "the",
+    "their", "them", "then", "there", "these", "they", "this", "to", "was", "we", "were",
+    "what", "when", "where", "which", "while", "who", "why", "will", "with", "would", "you",
+    "your", "about", "also", "any",
+))
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS documents(
+    id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, source TEXT, sha256 TEXT NOT NULL,
+    tokens INTEGER NOT NULL, chunks INTEGER NOT NULL, duplicates INTEGER NOT NULL,
+    raw_bytes INTEGER NOT NULL, added_at REAL NOT NULL, used_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS chunks(
+    id INTEGER PRIMARY KEY, doc INTEGER NOT NULL, position INTEGER NOT NULL,
+    tokens INTEGER NOT NULL, exact BLOB NOT NULL, simhash INTEGER NOT NULL,
+    heading TEXT NOT NULL, body BLOB NOT NULL, vector BLOB);
+CREATE INDEX IF NOT EXISTS chunks_by_doc ON chunks(doc, position);
+CREATE INDEX IF NOT EXISTS chunks_unembedded ON chunks(id) WHERE vector IS NULL;
+CREATE VIRTUAL TABLE IF NOT EXISTS fts USING fts5(
+    heading, body, content='', tokenize='porter unicode61');
+"""
+
+
+class TextEmbedder(Protocol):
+    """Unit vectors for texts: the shared EmbeddingService satisfies it."""
+
+    async def embed(self, text: str) -> np.ndarray: ...
+
+    async def embed_many(self, texts: Sequence[str], *, remember: bool = True
+                         ) -> list[np.ndarray]: ...
+
+
+def default_capacity_tokens(ram_bytes: int | None = None) -> int:
+    """Tokens a store holds by default, by the machine's RAM (the seed's table): under 8 GiB
+    512K, under 16 GiB 1M, else 2M."""
+    if ram_bytes is None:
+        import psutil
+
+        ram_bytes = int(psutil.virtual_memory().total)
+    gib = ram_bytes / 2**30
+    return 524_288 if gib < 8 else 1_048_576 if gib < 16 else 2_097_152
+
+
+@dataclass(frozen=True, slots=True)
+class AddResult:
+    """What adding one document did."""
+
+    document_id: int
+    name: str
+    tokens_added: int
+    chunks: int
+    duplicates: int  # chunks dropped as exact or near duplicates of chunks already held
+    unchanged: bool = False  # the same name with the same content was already there
+    evicted: tuple[str, ...] = ()  # least recently used documents removed to make room
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"document_id": self.document_id, "name": self.name,
+                "tokens_added": self.tokens_added, "chunks": self.chunks,
+                "duplicates": self.duplicates, "unchanged": self.unchanged,
+                "evicted": list(self.evicted)}
+
+
+@dataclass(frozen=True, slots=True)
+class ContextHit:
+    """A chunk found by a search, with why it was found."""
+
+    chunk_id: int
+    document_id: int
+    document: str
+    position: int  # the chunk's place in its document
+    heading: str
+    text: str
+    tokens: int
+    score: float  # the fused (or single-ranker) score: higher is better
+    lexical_rank: int | None = None  # 1-based rank in BM25, None if BM25 did not find it
+    semantic_rank: int | None = None
+    similarity: float | None = None  # cosine with the query
+    matched_terms: tuple[str, ...] = ()
+
+    @property
+    def why(self) -> str:
+        parts = []
+        if self.lexical_rank is not None:
+            terms = ", ".join(self.matched_terms) or "stemmed terms"
+            parts.append(f"BM25 #{self.lexical_rank} ({terms})")
+        if self.semantic_rank is not None:
+            parts.append(f"embedding #{self.semantic_rank} (cosine {self.similarity:.2f})")
+        return "; ".join(parts) or "no ranker"
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ContextHit:
+        """Back from `as_dict()` (a trace record's retrieved chunks)."""
+        return cls(int(d["chunk_id"]), int(d["document_id"]), str(d["document"]),
+                   int(d["position"]), str(d.get("heading") or ""), str(d.get("text") or ""),
+                   int(d.get("tokens") or 0), float(d.get("score") or 0.0),
+                   d.get("lexical_rank"), d.get("semantic_rank"), d.get("similarity"),
+                   tuple(d.get("matched_terms") or ()))
+
+    def as_dict(self, *, text: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "chunk_id": self.chunk_id, "document_id": self.document_id,
+            "document": self.document, "position": self.position, "heading": self.heading,
+            "tokens": self.tokens, "score": round(self.score, 6),
+            "lexical_rank": self.lexical_rank, "semantic_rank": self.semantic_rank,
+            "similarity": None if self.similarity is None else round(self.similarity, 4),
+            "matched_terms": list(self.matched_terms), "why": self.why}
+        if text:
+            out["text"] = self.text
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class ContextStats:
+    """How much a store holds and how ready its indexes are."""
+
+    name: str
+    path: Path
+    documents: int
+    chunks: int
+    tokens: int
+    capacity_tokens: int
+    embedded: int  # chunks with a vector
+    raw_bytes: int  # of the documents' text as added
+    disk_bytes: int  # the store's files (database and write-ahead log)
+    embeddings: str  # "ready", "pending", "off" or the reason they failed
+    tokenizer: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "path": str(self.path), "documents": self.documents,
+                "chunks": self.chunks, "tokens": self.tokens,
+                "capacity_tokens": self.capacity_tokens, "embedded": self.embedded,
+                "raw_bytes": self.raw_bytes, "disk_bytes": self.disk_bytes,
+                "embeddings": self.embeddings, "tokenizer": self.tokenizer}
+
+
+@dataclass(slots=True)
+class _Vectors:
+    """The store's vectors in memory for a brute-force cosine search. float16 on disk, float32
+    here: numpy has no fast float16 product (7,400 x 384 on the loaded 2-core machine: 107 ms
+    in float16, ~11 ms in float32 with the top-k partition)."""
+
+    ids: Any = None  # np.ndarray[int64]
+    matrix: Any = None  # np.ndarray[float32], one unit row per id
+    removed: set[int] = field(default_factory=set)
+
+
+def _terms(query: str) -> list[str]:
+    words = [w for w in _WORD.findall(query.lower()) if w not in _STOPWORDS]
+    return list(dict.fromkeys(words)) or list(dict.fromkeys(_WORD.findall(query.lower())))
+
+
+def _list_files(paths: Sequence[str | Path], suffixes: tuple[str, ...]
+                ) -> list[tuple[Path, str, int]]:
+    """(file, document name, size) of each file given and each file under the folders."""
+    files: list[tuple[Path, str, int]] = []
+    for given in paths:
+        path = Path(given).expanduser()
+        if path.is_dir():
+            files.extend((f, str(f.relative_to(path.parent)), f.stat().st_size)
+                         for f in sorted(path.rglob("*"))
+                         if f.is_file() and f.name.lower().endswith(suffixes))
+        elif path.is_file():
+            files.append((path, path.name, path.stat().st_size))
+        else:
+            raise ContextError(f"no file or folder at {path}: check the path")
+    return files
+
+
+def _embedding_text(heading: str, text: str) -> str:
+    return f"{heading}\n{text[:_EMBED_CHARS]}"
+
+
+def _fts_query(terms: Sequence[str]) -> str:
+    # Every term quoted: FTS5 operators and punctuation in user text are plain words here.
+    return " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
+
+
+class ContextStore:
+    """A named store of documents for retrieval. Open with `await ContextStore.open(...)`
+    (or through `Engine.context(name)`), close with `await store.aclose()`.
+
+    `tokenizer` counts tokens (the serving agent's own); `embeddings` (optional) gives the
+    vectors: run `store.run` in a task group to compute them in the background.
+    """
+
+    def __init__(self, folder: Path, *, name: str, tokenizer: Encoder, tokenizer_id: str,
+                 embeddings: TextEmbedder | None = None,
+                 capacity_tokens: int | None = None,
+                 chunking: ChunkingConfig | None = None) -> None:
+        if capacity_tokens is not None and capacity_tokens < 1:
+            raise ConfigurationError("ContextStore.capacity_tokens", capacity_tokens,
+                                     "a positive number of tokens")
+        self.name = name
+        self.folder = folder = folder.expanduser()
+        self.path = folder / _DB_FILE
+        self.tokenizer = tokenizer
+        self.tokenizer_id = tokenizer_id
+        self.embeddings = embeddings
+        self.capacity_tokens = capacity_tokens or default_capacity_tokens()
+        self.chunking = chunking or ChunkingConfig()
+        self._write_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        # Loading the vectors and appending new ones exclude each other: none is missed.
+        self._vec_lock = threading.Lock()
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._dups = DuplicateFilter()
+        self._vectors = _Vectors()
+        self._vectors_loaded = False
+        self._limiter = anyio.CapacityLimiter(1)  # one writer thread; SQLite serialises anyway
+        self._read_limiter = anyio.CapacityLimiter(2)
+        self._wakeup = anyio.Event()
+        self._idle = anyio.Event()  # set when no chunk waits for a vector
+        self._embed_error: str | None = None
+        self._running = False
+        self._closing = False
+        self._run_scope: anyio.CancelScope | None = None
+        self._stopped = anyio.Event()
+        self._stopped.set()  # not running
+        self._used: dict[int, float] = {}  # documents found since the last LRU write
+
+    # --- lifetime ---------------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, folder: str | Path, *, name: str | None = None, tokenizer: Encoder,
+                   tokenizer_id: str, embeddings: TextEmbedder | None = None,
+                   capacity_tokens: int | None = None,
+                   chunking: ChunkingConfig | None = None) -> ContextStore:
+        store = cls(Path(folder), name=name or Path(folder).name, tokenizer=tokenizer,
+                    tokenizer_id=tokenizer_id, embeddings=embeddings,
+                    capacity_tokens=capacity_tokens, chunking=chunking)
+        await anyio.to_thread.run_sync(store._open_sync, limiter=store._limiter)
+        return store
+
+    def _connect(self) -> sqlite3.Connection:
+        import sqlite3
+
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
+                             timeout=30.0)
+        db.execute("PRAGMA journal_mode=WAL")
+        # WAL + NORMAL: a killed process loses nothing committed; a power cut may lose the
+        # last transactions but never leaves a half-written one.
+        db.execute("PRAGMA synchronous=NORMAL")
+        return db
+
+    def _open_sync(self) -> None:
+        import sqlite3
+
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            writer = self._connect()
+        except (OSError, sqlite3.Error) as exc:
+            raise ContextError(f"cannot open context store {self.name!r} at {self.path}: "
+                               f"{exc}; check the folder exists and is writable") from exc
+        try:
+            writer.executescript(_SCHEMA)
+            meta = dict(writer.execute("SELECT key, value FROM meta").fetchall())
+            if meta.get("schema", _SCHEMA_VERSION) != _SCHEMA_VERSION:
+                raise ContextError(
+                    f"context store {self.name!r} at {self.path} has schema "
+                    f"{meta['schema']}, this version reads {_SCHEMA_VERSION}: remove the "
+                    "folder and add the documents again")
+            writer.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (_SCHEMA_VERSION,))
+            writer.execute("INSERT OR IGNORE INTO meta VALUES ('tokenizer', ?)",
+                           (self.tokenizer_id,))
+            self._stored_tokenizer = str(meta.get("tokenizer", self.tokenizer_id))
+            for chunk_id, key, sim in writer.execute("SELECT id, exact, simhash FROM chunks"):
+                self._dups.add(chunk_id, key, sim)
+        except sqlite3.DatabaseError as exc:
+            writer.close()
+            raise ContextError(f"context store {self.name!r} at {self.path} is not readable "
+                               f"({exc}): remove the folder and add the documents again"
+                               ) from exc
+        self._writer = writer
+        self._reader = self._connect()
+
+    async def aclose(self) -> None:
+        """Stop the background embedding (a batch being written finishes), then close."""
+        self._closing = True
+        self._wakeup.set()
+        if self._run_scope is not None:
+            self._run_scope.cancel()
+        with anyio.CancelScope(shield=True):
+            await self._stopped.wait()
+            await anyio.to_thread.run_sync(self._close_sync, limiter=self._limiter)
+
+    def _close_sync(self) -> None:
+        with self._write_lock:
+            if self._used and self._writer is not None:
+                self._flush_used(self._writer)
+            for db in (self._reader, self._writer):
+                if db is not None:
+                    db.close()
+            self._reader = self._writer = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    def _db(self) -> sqlite3.Connection:
+        if self._writer is None:
+            raise ContextError(f"context store {self.name!r} is closed: open it again")
+        return self._writer
+
+    def _rdb(self) -> sqlite3.Connection:
+        if self._reader is None:
+            raise ContextError(f"context store {self.name!r} is closed: open it again")
+        return self._reader
+
+    # --- adding -----------------------------------------------------------------------------
+
+    async def add(self, text: str, *, name: str, source: str | None = None) -> AddResult:
+        """Add (or replace) document `name`: chunked, de-duplicated and indexed in one
+        transaction; searchable by BM25 when this returns, by embeddings once computed."""
+        if not isinstance(text, str):
+            raise ContextError(f"document {name!r} must be text, got {type(text).__name__}")
+        if not name or not name.strip():
+            raise ContextError("a document needs a non-empty name: pass name=…")
+        result = await anyio.to_thread.run_sync(self._add_sync, text, name, source,
+                                                limiter=self._limiter)
+        if result.chunks:
+            self._wakeup.set()
+        return result
+
+    async def add_paths(self, paths: Iterable[str | Path], *,
+                        progress: ProgressCallback | None = None,
+                        suffixes: tuple[str, ...] = (".rst", ".txt", ".md", ".markdown")
+                        ) -> list[AddResult]:
+        """Add files, and the files under folders (those ending with `suffixes`); each file
+        is a document named by its path relative to the folder given. `progress(done_bytes,
+        total_bytes, name)` after each file."""
+        files = await anyio.to_thread.run_sync(_list_files, list(paths), suffixes)
+        total = sum(size for _, _, size in files)
+        done = 0
+        results = []
+        for file, name, size in files:
+            try:
+                text = await anyio.Path(file).read_text(encoding="utf-8", errors="replace")
+            except OSError as exc:
+                raise ContextError(f"cannot read {file}: {exc}") from exc
+            results.append(await self.add(text, name=name, source=str(file)))
+            done += size
+            if progress is not None:
+                progress(done, total, name)
+        return results
+
+    def _add_sync(self, text: str, name: str, source: str | None) -> AddResult:
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        with self._write_lock:
+            db = self._db()
+            row = db.execute("SELECT id, sha256, chunks FROM documents WHERE name = ?",
+                             (name,)).fetchone()
+            if row is not None and row[1] == digest:
+                return AddResult(row[0], name, 0, row[2], 0, unchanged=True)
+        # Chunking and counting tokens (the slow part) happen outside the lock.
+        chunks = chunk_text(text, self.tokenizer, fmt=detect_format(text, name),
+                            config=self.chunking)
+        prints = [(exact_key(c.text), simhash(c.text)) for c in chunks]
+        with self._write_lock:
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE")
+            added: list[tuple[int, bytes, int]] = []
+            try:
+                old = db.execute("SELECT id FROM documents WHERE name = ?", (name,)).fetchone()
+                if old is not None:
+                    self._delete_doc(db, old[0])
+                kept, duplicates = self._dedup(chunks, prints)
+                tokens = sum(c.tokens for c, _ in kept)
+                if tokens > self.capacity_tokens:
+                    raise ContextError(
+                        f"document {name!r} is {tokens} tokens, more than the store's "
+                        f"capacity of {self.capacity_tokens}: raise capacity_tokens or split it")
+                evicted = self._make_room(db, tokens)
+                now = time.time()
+                cursor = db.execute(
+                    "INSERT INTO documents(name, source, sha256, tokens, chunks, duplicates, "
+                    "raw_bytes, added_at, used_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (name, source, digest, tokens, len(kept), duplicates,
+                     len(text.encode()), now, now))
+                doc_id = cursor.lastrowid
+                assert doc_id is not None
+                for chunk, (key, sim) in kept:
+                    cur = db.execute(
+                        "INSERT INTO chunks(doc, position, tokens, exact, simhash, heading, body)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (doc_id, chunk.position, chunk.tokens, key, sim, chunk.heading,
+                         zlib.compress(chunk.text.encode(), 6)))
+                    chunk_id = cur.lastrowid
+                    assert chunk_id is not None
+                    db.execute("INSERT INTO fts(rowid, heading, body) VALUES (?, ?, ?)",
+                               (chunk_id, chunk.heading, chunk.text))
+                    added.append((chunk_id, key, sim))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                self._reload_dups(db)
+                raise
+        for chunk_id, key, sim in added:
+            self._dups.add(chunk_id, key, sim)
+        return AddResult(doc_id, name, tokens, len(kept), duplicates, evicted=evicted)
+
+    def _dedup(self, chunks: Sequence[Chunk], prints: Sequence[tuple[bytes, int]]
+               ) -> tuple[list[tuple[Chunk, tuple[bytes, int]]], int]:
+        kept: list[tuple[Chunk, tuple[bytes, int]]] = []
+        local = DuplicateFilter(self._dups.max_distance)
+        for i, (chunk, (key, sim)) in enumerate(zip(chunks, prints, strict=True)):
+            if (self._dups.duplicate_of(key, sim) is None
+                    and local.duplicate_of(key, sim) is None):
+                kept.append((chunk, (key, sim)))
+                local.add(-1 - i, key, sim)  # this document's own repeats count too
+        return kept, len(chunks) - len(kept)
+
+    def _reload_dups(self, db: sqlite3.Connection) -> None:
+        self._dups = DuplicateFilter(self._dups.max_distance)
+        for chunk_id, key, sim in db.execute("SELECT id, exact, simhash FROM chunks"):
+            self._dups.add(chunk_id, key, sim)
+
+    def _make_room(self, db: sqlite3.Connection, tokens: int) -> tuple[str, ...]:
+        """Evict least recently used documents until `tokens` more fit (same transaction)."""
+        self._flush_used(db)
+        held = db.execute("SELECT coalesce(sum(tokens), 0) FROM documents").fetchone()[0]
+        evicted: list[str] = []
+        if held + tokens <= self.capacity_tokens:
+            return ()
+        for doc_id, doc_name, doc_tokens in db.execute(
+                "SELECT id, name, tokens FROM documents ORDER BY used_at, id").fetchall():
+            if held + tokens <= self.capacity_tokens:
+                break
+            self._delete_doc(db, doc_id)
+            held -= doc_tokens
+            evicted.append(doc_name)
+        return tuple(evicted)
+
+    def _delete_doc(self, db: sqlite3.Connection, doc_id: int) -> None:
+        """Inside a transaction: the document, its chunks and their index entries."""
+        rows = db.execute("SELECT id, heading, body FROM chunks WHERE doc = ?",
+                          (doc_id,)).fetchall()
+        for chunk_id, heading, body in rows:
+            # A contentless FTS5 table forgets a row only when given the text it indexed.
+            db.execute("INSERT INTO fts(fts, rowid, heading, body) VALUES ('delete', ?, ?, ?)",
+                       (chunk_id, heading, zlib.decompress(body).decode()))
+            self._dups.discard(chunk_id)
+            self._vectors.removed.add(chunk_id)
+        db.execute("DELETE FROM chunks WHERE doc = ?", (doc_id,))
+        db.execute("DELETE FROM documents WHERE id = ?", (doc_id,))
+
+    # --- removing ---------------------------------------------------------------------------
+
+    async def remove(self, document: str | int) -> bool:
+        """Remove a document by name or id; False if the store does not hold it."""
+        return await anyio.to_thread.run_sync(self._remove_sync, document,
+                                              limiter=self._limiter)
+
+    def _remove_sync(self, document: str | int) -> bool:
+        with self._write_lock:
+            db = self._db()
+            column = "id" if isinstance(document, int) else "name"
+            row = db.execute(f"SELECT id FROM documents WHERE {column} = ?",
+                             (document,)).fetchone()
+            if row is None:
+                return False
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                self._delete_doc(db, row[0])
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                self._reload_dups(db)
+                raise
+            return True
+
+    # --- searching --------------------------------------------------------------------------
+
+    async def search(self, query: str, top_k: int = 5, *,
+                     mode: SearchMode = "fused") -> list[ContextHit]:
+        """The `top_k` best chunks for `query`: BM25 and embedding ranks fused (RRF); BM25
+        alone while vectors are not computed yet (or `mode="lexical"`)."""
+        if top_k < 1:
+            raise ContextError(f"top_k must be at least 1, got {top_k}")
+        pool = max(50, top_k * 10)
+        lexical: list[tuple[int, float]] = []
+        semantic: list[tuple[int, float]] = []
+        if mode != "semantic":
+            lexical = await anyio.to_thread.run_sync(self._bm25, _terms(query), pool,
+                                                     limiter=self._read_limiter)
+        if mode != "lexical" and self.embeddings is not None and self._embed_error is None:
+            semantic = await self._nearest(query, pool)
+        fused: dict[int, float] = {}
+        for ranking in (lexical, semantic):
+            for rank, (chunk_id, _) in enumerate(ranking, 1):
+                fused[chunk_id] = fused.get(chunk_id, 0.0) + 1.0 / (_RRF_K + rank)
+        best = sorted(fused, key=lambda c: -fused[c])[:top_k]
+        if not best:
+            return []
+        lex_rank = {c: r for r, (c, _) in enumerate(lexical, 1)}
+        sem = {c: (r, s) for r, (c, s) in enumerate(semantic, 1)}
+        return await anyio.to_thread.run_sync(self._hits, best, fused, lex_rank, sem,
+                                              _terms(query), limiter=self._read_limiter)
+
+    def _bm25(self, terms: Sequence[str], limit: int) -> list[tuple[int, float]]:
+        if not terms:
+            return []
+        with self._read_lock:
+            # bm25() is lower-is-better; a heading match weighs twice a body match.
+            return [(row[0], -row[1]) for row in self._rdb().execute(
+                "SELECT rowid, bm25(fts, 2.0, 1.0) AS score FROM fts WHERE fts MATCH ? "
+                "ORDER BY score LIMIT ?", (_fts_query(terms), limit))]
+
+    async def _nearest(self, query: str, limit: int) -> list[tuple[int, float]]:
+        if not self._vectors_loaded:
+            await anyio.to_thread.run_sync(self._load_vectors, limiter=self._read_limiter)
+        vectors = self._vectors
+        if vectors.ids is None or not len(vectors.ids):
+            return []
+        assert self.embeddings is not None
+        try:
+            q = await self.embeddings.embed(query)
+        except EmbeddingUnavailable as exc:
+            self._embed_error = exc.message
+            return []
+        except EmbeddingError:
+            return []  # busy: this search is lexical only
+        return await anyio.to_thread.run_sync(self._cosine_top, q, limit,
+                                              limiter=self._read_limiter)
+
+    def _cosine_top(self, q: np.ndarray, limit: int) -> list[tuple[int, float]]:
+        import numpy as np
+
+        vectors = self._vectors
+        ids, matrix = vectors.ids, vectors.matrix
+        n = min(len(ids), len(matrix))  # a batch being appended meanwhile waits for the next
+        scores = matrix[:n] @ q.astype(np.float32)
+        want = min(n, limit + len(vectors.removed))
+        top = np.argpartition(-scores, want - 1)[:want] if want < n else np.arange(n)
+        order = top[np.argsort(-scores[top])]
+        out: list[tuple[int, float]] = []
+        for i in order:
+            chunk_id = int(ids[i])
+            if chunk_id not in vectors.removed:
+                out.append((chunk_id, float(scores[i])))
+                if len(out) == limit:
+                    break
+        return out
+
+    def _load_vectors(self) -> None:
+        import numpy as np
+
+        with self._vec_lock:
+            if self._vectors_loaded:
+                return
+            with self._read_lock:
+                rows = self._rdb().execute(
+                    "SELECT id, vector FROM chunks WHERE vector IS NOT NULL ORDER BY id"
+                ).fetchall()
+            if rows:
+                self._vectors.ids = np.fromiter((r[0] for r in rows), dtype=np.int64,
+                                                count=len(rows))
+                self._vectors.matrix = np.frombuffer(
+                    b"".join(r[1] for r in rows), dtype=np.float16).reshape(
+                    len(rows), -1).astype(np.float32)
+            self._vectors_loaded = True
+
+    def _hits(self, best: Sequence[int], fused: dict[int, float], lex_rank: dict[int, int],
+              sem: dict[int, tuple[int, float]], terms: Sequence[str]) -> list[ContextHit]:
+        marks = ",".join("?" * len(best))
+        with self._read_lock:
+            rows = {r[0]: r for r in self._rdb().execute(
+                "SELECT c.id, c.doc, d.name, c.position, c.heading, c.body, c.tokens "
+                f"FROM chunks c JOIN documents d ON d.id = c.doc WHERE c.id IN ({marks})",
+                tuple(best))}
+        hits = []
+        now = time.time()
+        for chunk_id in best:
+            row = rows.get(chunk_id)
+            if row is None:
+                continue  # removed between ranking and reading
+            text = zlib.decompress(row[5]).decode()
+            words = set(_WORD.findall((row[4] + " " + text).lower()))
+            rank, similarity = sem.get(chunk_id, (None, None))
+            hits.append(ContextHit(chunk_id, row[1], row[2], row[3], row[4], text, row[6],
+                            fused[chunk_id], lex_rank.get(chunk_id), rank, similarity,
+                            tuple(t for t in terms if t in words)))
+            self._used[row[1]] = now
+        return hits
+
+    def _flush_used(self, db: sqlite3.Connection) -> None:
+        """Write when documents were last found (the LRU order) in one statement batch."""
+        used, self._used = self._used, {}
+        if used:
+            db.executemany("UPDATE documents SET used_at = max(used_at, ?) WHERE id = ?",
+                           [(t, d) for d, t in used.items()])
+
+    async def chunks(self, ids: Sequence[int]) -> list[ContextHit]:
+        """Chunks by id, in the order given (those the store no longer holds are left out)."""
+        if not ids:
+            return []
+        return await anyio.to_thread.run_sync(
+            self._hits, list(ids), dict.fromkeys(ids, 0.0), {}, {}, (),
+            limiter=self._read_limiter)
+
+    # --- embeddings in the background -------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Compute missing vectors, batch by batch, until `aclose()`; start in a task group."""
+        if self._running or self._closing:
+            raise ContextError(f"context store {self.name!r} is already computing vectors "
+                               "or is closed")
+        self._running = True
+        self._stopped = anyio.Event()
+        task_status.started()
+        try:
+            with anyio.CancelScope() as self._run_scope:
+                await self._embed_missing()
+        finally:
+            self._running = False
+            self._run_scope = None
+            self._idle.set()
+            self._stopped.set()
+
+    async def _embed_missing(self) -> None:
+        while not self._closing:
+            if self.embeddings is None or self._embed_error is not None:
+                self._idle.set()
+                await self._wait()
+                continue
+            batch = await anyio.to_thread.run_sync(self._unembedded, _EMBED_BATCH,
+                                                   limiter=self._read_limiter)
+            if not batch:
+                self._idle.set()
+                await self._wait()
+                continue
+            self._idle = anyio.Event() if self._idle.is_set() else self._idle
+            try:
+                vectors = await self.embeddings.embed_many(
+                    [_embedding_text(heading, text) for _, heading, text in batch],
+                    remember=False)
+            except EmbeddingUnavailable as exc:
+                self._embed_error = exc.message  # lexical search goes on alone
+                continue
+            except EmbeddingError:
+                await anyio.sleep(_EMBED_RETRY_S)  # a busy or restarting model: later
+                continue
+            await anyio.to_thread.run_sync(self._store_vectors, [c for c, _, _ in batch],
+                                           vectors, limiter=self._limiter)
+
+    async def _wait(self) -> None:
+        await self._wakeup.wait()
+        self._wakeup = anyio.Event()
+
+    async def wait_embedded(self) -> None:
+        """Return once every chunk has its vector (or embeddings are off or failed)."""
+        if self.embeddings is None:
+            return
+        if not self._running:
+            raise ContextError(f"context store {self.name!r} computes no vectors: start "
+                               "`store.run` in a task group (the Engine does it)")
+        while True:
+            await self._idle.wait()
+            pending = await anyio.to_thread.run_sync(self._pending_count,
+                                                     limiter=self._read_limiter)
+            if not pending or self._embed_error is not None or self._closing:
+                return
+            self._idle = anyio.Event()
+            self._wakeup.set()
+
+    def _pending_count(self) -> int:
+        with self._read_lock:
+            return int(self._rdb().execute(
+                "SELECT count(*) FROM chunks WHERE vector IS NULL").fetchone()[0])
+
+    def _unembedded(self, limit: int) -> list[tuple[int, str, str]]:
+        with self._read_lock:
+            rows = self._rdb().execute(
+                "SELECT id, heading, body FROM chunks WHERE vector IS NULL ORDER BY id LIMIT ?",
+                (limit,)).fetchall()
+        return [(r[0], r[1], zlib.decompress(r[2]).decode()) for r in rows]
+
+    def _store_vectors(self, ids: Sequence[int], vectors: Sequence[np.ndarray]) -> None:
+        import numpy as np
+
+        packed = [np.asarray(v, dtype=np.float16) for v in vectors]
+        with self._vec_lock, self._write_lock:
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("UPDATE chunks SET vector = ? WHERE id = ?",
+                               [(p.tobytes(), i) for i, p in zip(ids, packed, strict=True)])
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            if not self._vectors_loaded:
+                return
+            new_ids = np.asarray(ids, dtype=np.int64)
+            rows = np.stack(packed).astype(np.float32)
+            v = self._vectors
+            v.ids = new_ids if v.ids is None else np.concatenate([v.ids, new_ids])
+            v.matrix = rows if v.matrix is None else np.concatenate([v.matrix, rows])
+
+    # --- reading about the store ------------------------------------------------------------
+
+    async def stats(self) -> ContextStats:
+        return await anyio.to_thread.run_sync(self._stats_sync, limiter=self._read_limiter)
+
+    def _stats_sync(self) -> ContextStats:
+        with self._read_lock:
+            db = self._rdb()
+            documents, tokens, raw = db.execute(
+                "SELECT count(*), coalesce(sum(tokens), 0), coalesce(sum(raw_bytes), 0) "
+                "FROM documents").fetchone()
+            chunks, embedded = db.execute(
+                "SELECT count(*), count(vector) FROM chunks").fetchone()
+        disk = sum(p.stat().st_size for p in self.folder.glob(_DB_FILE + "*") if p.is_file())
+        state = ("off" if self.embeddings is None else self._embed_error
+                 or ("ready" if embedded == chunks else "pending"))
+        return ContextStats(self.name, self.folder, documents, chunks, tokens,
+                            self.capacity_tokens, embedded, raw, disk, state,
+                            self._stored_tokenizer)
+
+    async def documents(self) -> list[dict[str, Any]]:
+        """Each document: id, name, source, tokens, chunks, duplicates, added_at, used_at."""
+        def read() -> list[dict[str, Any]]:
+            with self._read_lock:
+                cur = self._rdb().execute(
+                    "SELECT id, name, source, tokens, chunks, duplicates, added_at, used_at "
+                    "FROM documents ORDER BY id")
+                names = [d[0] for d in cur.description]
+                return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+        return await anyio.to_thread.run_sync(read, limiter=self._read_limiter)
+
+    async def summary(self, max_tokens: int = 512) -> str:
+        """A compressed overview of what the store holds, within `max_tokens`: each
+        document with its sections, most recently used first, cut to fit (token-exact)."""
+        if max_tokens < 1:
+            raise ContextError(f"max_tokens must be at least 1, got {max_tokens}")
+        return await anyio.to_thread.run_sync(self._summary_sync, max_tokens,
+                                              limiter=self._read_limiter)
+
+    def _summary_sync(self, max_tokens: int) -> str:
+        with self._read_lock:
+            docs = self._rdb().execute(
+                "SELECT id, name, tokens, chunks FROM documents ORDER BY used_at DESC, id"
+            ).fetchall()
+            sections = {}
+            for doc_id, *_ in docs:
+                rows = self._rdb().execute(
+                    "SELECT DISTINCT heading FROM chunks WHERE doc = ? ORDER BY position",
+                    (doc_id,)).fetchall()
+                sections[doc_id] = [r[0].split(" > ")[-1] for r in rows if r[0]]
+        total = sum(d[2] for d in docs)
+        lines = [f"{self.name}: {len(docs)} documents, {total} tokens"]
+        for doc_id, name, tokens, chunks in docs:
+            heads = "; ".join(dict.fromkeys(sections[doc_id]))
+            lines.append(f"- {name} ({tokens} tokens, {chunks} chunks)"
+                         + (f": {heads}" if heads else ""))
+        text = "\n".join(lines)
+        ids = self.tokenizer.encode(text)
+        if len(ids) <= max_tokens:
+            return text
+        # Cut at a line, then at a word, until the tokenizer agrees it fits.
+        kept: list[str] = []
+        for line in lines:
+            candidate = "\n".join([*kept, line])
+            if len(self.tokenizer.encode(candidate)) > max_tokens:
+                words = line.split(" ")
+                while words and len(self.tokenizer.encode(
+                        "\n".join([*kept, " ".join(words) + " …"]))) > max_tokens:
+                    words.pop()
+                if words:
+                    kept.append(" ".join(words) + " …")
+                break
+            kept.append(line)
+        return "\n".join(kept)
