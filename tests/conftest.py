@@ -122,7 +122,8 @@ def make_engine(
 
 
 def read_trace_lines(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    # Split on "\n" only: str.splitlines() also breaks at U+2028, \x1c... that JSON keeps raw.
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
 
 
 # The async libraries keep idle worker threads for later `to_thread` calls (anyio ~10 s, trio

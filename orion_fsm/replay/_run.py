@@ -132,7 +132,10 @@ def _tracer_provider() -> TracerProvider:
     return TracerProvider()
 
 
-def _params(raw: Mapping[str, Any]) -> GenerationParams:
+def _params(raw: object) -> GenerationParams:
+    if not isinstance(raw, Mapping):
+        raise OrionError(f"the trace record's request.params is a {type(raw).__name__}, not an "
+                         "object: the record was not written by orion-fsm (or was edited)")
     known = {name: raw[name] for name in GenerationParams.__slots__ if name in raw}
     if isinstance(known.get("stop"), list):
         known["stop"] = tuple(known["stop"])
