@@ -103,8 +103,12 @@ class DiskTier:
             expires_at, value = decode_record(stored)
         except BadRecord as exc:
             self.rejected += 1
-            logger.warning("cache disk record rejected, evicted", extra={
-                "cache_dir": str(self.directory), "cache_key": key, "error": str(exc)})
+            # Once per tier at WARN: a cache written by an older version rejects every record
+            # it holds, and one line says so; the rest go to DEBUG (all are counted).
+            level = logging.WARNING if self.rejected == 1 else logging.DEBUG
+            logger.log(level, "cache disk record rejected, evicted", extra={
+                "cache_dir": str(self.directory), "cache_key": key, "error": str(exc),
+                "rejected_so_far": self.rejected})
             self._cache.delete(key)
             self.refresh()
             return None, False
