@@ -31,14 +31,14 @@ _CLI = "import sys; from orion_fsm.cli import main; sys.exit(main())"
 
 
 @contextmanager
-def _serving(tmp: Path, *args: str, rules: bool = False,
-             exit_codes: list[int] | None = None) -> Iterator[tuple[str, Path]]:
+def _serving(tmp: Path, *args: str, rules: bool = False, exit_codes: list[int] | None = None,
+             serve_args: tuple[str, ...] = ()) -> Iterator[tuple[str, Path]]:
     """`orion-fsm serve` in a subprocess, as a user runs it; stopped with SIGTERM. `rules`:
     route by rules, as the in-process engines it is compared with (no embedding model)."""
     trace, log = tmp / "serve.jsonl", tmp / "serve.log"
     argv = [sys.executable, "-c", _CLI, "--cache-dir", str(tmp / "cache"), *args, "serve",
             "--port", "0", "--trace-file", str(trace), "--threads", "1",
-            *(["--router", "rules"] if rules else [])]
+            *(["--router", "rules"] if rules else []), *serve_args]
     with log.open("wb") as err:
         process = subprocess.Popen(argv, stderr=err, stdout=subprocess.DEVNULL)
     try:
@@ -169,15 +169,33 @@ def http_overhead(quick: bool = False) -> dict[str, Any]:
 def http_concurrent_streams(quick: bool = False) -> dict[str, Any]:
     """200 concurrent streaming clients on loopback (mixed prompts, 32 tokens, tiny model):
     each completes or gets 503 with Retry-After; none hangs (bounded); after SIGTERM the
-    server exits 0 with one trace line per request."""
+    server exits 0 with one trace line per request. Twice: the default limits, then a queue
+    too short for the burst (--max-in-flight 16 --max-queue 16), so 503s happen."""
     clients = 50 if quick else 200
+    default = _streams(clients)
+    tight = _streams(clients, "--max-in-flight", "16", "--max-queue", "16")
+    checks = []
+    for name, run in (("default limits", default), ("queue 16", tight)):
+        checks += [
+            check(f"{clients} streams, {name}: completed or 503 + Retry-After (share)",
+                  (run["completed"] + run["refused_503"]) / clients, "= 1", run["clean"]),
+            check(f"{clients} streams, {name}: trace lines after SIGTERM / requests",
+                  run["trace_lines_after_shutdown"] / clients, "= 1",
+                  run["trace_lines_after_shutdown"] == clients),
+            check(f"{clients} streams, {name}: server exit code after SIGTERM",
+                  run["server_exit_code"], "= 0", run["server_exit_code"] == 0),
+        ]
+    return {"default_limits": default, "queue_16": tight, "checks": checks}
+
+
+def _streams(clients: int, *serve_args: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         registry_path = _tiny_registry(tmp, max_tokens=32)
         outcomes: list[dict[str, Any]] = []
         exit_codes: list[int] = []
         with _serving(tmp, "--registry", str(registry_path), "--log-level", "ERROR",
-                      rules=True, exit_codes=exit_codes) as (url, trace):
+                      rules=True, exit_codes=exit_codes, serve_args=serve_args) as (url, trace):
 
             async def one(http: httpx.AsyncClient, i: int) -> None:
                 body = _chat(f"request {i}: {'why ' * (i % 7)}tell me about number {i}",
@@ -210,23 +228,17 @@ def http_concurrent_streams(quick: bool = False) -> dict[str, Any]:
     refused = [o for o in outcomes if o["status"] == 503]
     ttfts = [o["ttft_ms"] for o in served if o["ttft_ms"] is not None]
     tokens = sum(o["tokens"] for o in served)
-    clean = (len(served) + len(refused) == clients
-             and all(o["retry_after"] for o in refused))
     return {
         "clients": clients, "completed": len(served), "refused_503": len(refused),
         "other": clients - len(served) - len(refused),
+        "clean": (len(served) + len(refused) == clients
+                  and all(o["retry_after"] for o in refused)),
         "ttft_ms": {"p50": round(percentile(ttfts, 0.5), 1),
                     "p99": round(percentile(ttfts, 0.99), 1)},
         "aggregate_tokens_per_s": round(tokens / wall_s, 1), "wall_s": round(wall_s, 2),
-        "trace_lines_after_shutdown": exit_lines, "server_exit_code": exit_codes,
-        "checks": [
-            check("200 streams: completed or 503 + Retry-After (share)",
-                  (len(served) + len(refused)) / clients, "= 1", clean),
-            check("trace lines after SIGTERM / requests", exit_lines / clients, "= 1",
-                  exit_lines == clients),
-            check("server exit code after SIGTERM (0: drained, nothing left running)",
-                  exit_codes[0] if exit_codes else -1, "= 0", exit_codes == [0]),
-        ]}
+        "trace_lines_after_shutdown": exit_lines,
+        "server_exit_code": exit_codes[0] if exit_codes else -1,
+    }
 
 
 def http_warm_routing(quick: bool = False) -> dict[str, Any]:
