@@ -70,7 +70,8 @@ async def aborts() -> None:
     # Every generation hangs after 6 real tokens, as a stuck runtime would.
     async with Engine(trace_path=fresh("aborts"), caches=False, embeddings=False,
                       load_model=faulty_loader(1.0, ("hang",), after_tokens=6),
-                      timeout_s=30.0, admission=admission) as engine:
+                      # Below the stall floor (5 s): the deadline, not the watchdog, ends it.
+                      timeout_s=3.0, admission=admission) as engine:
         async with engine.stream("Tell me about state machines.", agent="conversation",
                                  temperature=0, max_tokens=32) as texts:
             async for _ in texts:
