@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from orion_fsm import OrionError
 
@@ -91,3 +92,42 @@ def format_request(args: argparse.Namespace) -> dict[str, Any]:
         options["tool_choice"] = choice if choice in ("auto", "none", "required") else {
             "type": "function", "function": {"name": choice}}
     return options
+
+
+class CommandLoop:
+    """What the local and the remote REPL share: the prompt, output, and dispatch of a line to
+    a prompt (`ask`) or a `/command`; each subclass fills `_commands` and defines `ask`."""
+
+    agent: str | None
+    out: TextIO
+    _commands: dict[str, Callable[[str], Awaitable[bool]]]
+
+    @property
+    def prompt(self) -> str:
+        return f"{self.agent or 'orion'}> "
+
+    def say(self, text: str = "") -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    async def ask(self, prompt: str) -> None:
+        raise NotImplementedError
+
+    async def handle(self, line: str) -> bool:
+        """Run one line (a prompt or a command); False when the session should end."""
+        line = line.strip()
+        if not line:
+            return True
+        if not line.startswith("/"):
+            await self.ask(line)
+            return True
+        name, _, rest = line.partition(" ")
+        command = self._commands.get(name)
+        if command is None:
+            self.say(f"unknown command {name}; /help lists them")
+            return True
+        try:
+            return await command(rest.strip())
+        except OrionError as exc:
+            self.say(f"error: {exc}")
+            return True

@@ -32,7 +32,7 @@ from orion_fsm import (
 )
 from orion_fsm.replay import replay
 
-from ._common import Progress, schema_format
+from ._common import CommandLoop, Progress, schema_format
 from ._remote import add_server_options, connect
 from ._repl_remote import RemoteSession
 from ._replay import report_lines
@@ -76,7 +76,7 @@ def add_parser(sub: Any) -> None:
     repl.set_defaults(handler=lambda args: anyio.run(_repl, args, backend="asyncio"))
 
 
-class Session:
+class Session(CommandLoop):
     """One REPL session: a client of the public Engine API and nothing more."""
 
     def __init__(self, engine: Engine, args: argparse.Namespace, out: TextIO) -> None:
@@ -101,33 +101,6 @@ class Session:
             "/context": self._context,
             "/quit": self._quit, "/exit": self._quit,
         }
-
-    @property
-    def prompt(self) -> str:
-        return f"{self.agent or 'orion'}> "
-
-    def say(self, text: str = "") -> None:
-        self.out.write(text + "\n")
-        self.out.flush()
-
-    async def handle(self, line: str) -> bool:
-        """Run one line (a prompt or a command); False when the session should end."""
-        line = line.strip()
-        if not line:
-            return True
-        if not line.startswith("/"):
-            await self.ask(line)
-            return True
-        name, _, rest = line.partition(" ")
-        command = self._commands.get(name)
-        if command is None:
-            self.say(f"unknown command {name}; /help lists them")
-            return True
-        try:
-            return await command(rest.strip())
-        except OrionError as exc:
-            self.say(f"error: {exc}")
-            return True
 
     async def ask(self, prompt: str) -> None:
         """Stream the answer; Ctrl-C (SIGINT) cancels it and the request ends `cancelled`."""

@@ -16,12 +16,13 @@ import anyio
 from orion_fsm import OrionError, RequestFailed, Result
 from orion_fsm.replay import replay
 
+from ._common import CommandLoop
 from ._remote import Remote
 from ._replay import report_lines
 from ._trace import bar_width, waterfall
 
 
-class RemoteSession:
+class RemoteSession(CommandLoop):
     """One REPL session whose engine is the server's."""
 
     def __init__(self, server: Remote, args: argparse.Namespace, out: TextIO,
@@ -43,33 +44,6 @@ class RemoteSession:
             "/trace": self._trace, "/replay": self._replay, "/help": self._help,
             "/quit": self._quit, "/exit": self._quit,
         }
-
-    @property
-    def prompt(self) -> str:
-        return f"{self.agent or 'orion'}> "
-
-    def say(self, text: str = "") -> None:
-        self.out.write(text + "\n")
-        self.out.flush()
-
-    async def handle(self, line: str) -> bool:
-        """Run one line (a prompt or a command); False when the session should end."""
-        line = line.strip()
-        if not line:
-            return True
-        if not line.startswith("/"):
-            await self.ask(line)
-            return True
-        name, _, rest = line.partition(" ")
-        command = self._commands.get(name)
-        if command is None:
-            self.say(f"unknown command {name}; /help lists them")
-            return True
-        try:
-            return await command(rest.strip())
-        except OrionError as exc:
-            self.say(f"error: {exc}")
-            return True
 
     async def ask(self, prompt: str) -> None:
         body: dict[str, Any] = {"model": self.agent or "auto",
