@@ -1,0 +1,41 @@
+"""`register_variant`: add a model file to an agent of a registry file as a named variant.
+
+The registry (a models.json the user owns, never the packaged one) gains or replaces one
+`quantization` entry; the new document is validated before it replaces the file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from orion_fsm._exceptions import ModelFileError, RegistryError
+from orion_fsm.backends._gguf_io import replace_atomically
+from orion_fsm.services.models._registry import Registry
+
+__all__ = ["register_variant"]
+
+
+def register_variant(registry_file: Path, agent_id: str, name: str, model: Path,
+                     bits: int) -> Registry:
+    """Make `model` the agent's variant `name` (e.g. q8_0, merged) in `registry_file`; the
+    loader serves it when asked for that variant (Engine/--quantization). Returns the new
+    registry."""
+    registry_file = Path(registry_file)
+    current = Registry.load(registry_file)  # one-line RegistryError if it is not usable
+    if agent_id not in current.agents:
+        raise ModelFileError(f"{registry_file} has no agent {agent_id!r}; known: "
+                             f"{', '.join(current.agents)}")
+    doc = json.loads(registry_file.read_text(encoding="utf-8"))
+    entry = {"name": name, "bits": bits, "source": {"path": str(Path(model).resolve())}}
+    for agent in doc["agents"]:
+        if agent["id"] == agent_id:
+            variants = [v for v in agent.get("quantization", []) if v.get("name") != name]
+            agent["quantization"] = [*variants, entry]
+    try:
+        updated = Registry.from_dict(doc, source=registry_file.resolve())
+    except RegistryError as exc:
+        raise ModelFileError(f"cannot register variant {name!r}: {exc}") from None
+    text = json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+    replace_atomically(registry_file, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return updated
