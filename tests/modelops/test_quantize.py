@@ -30,7 +30,9 @@ def test_every_type_is_written_and_loads_and_generates(tiny_pair: dict[str, Path
         assert dst.version == 2  # what ctransformers loads, as the source
         assert dst.metadata["general.file_type"] != src.metadata["general.file_type"]
         for name, info in dst.tensors.items():
-            assert info.type == (qtype if len(info.shape) == 2 else "f32"), name
+            expected = ("q8_0" if name in ("token_embd.weight", "output.weight")
+                        else qtype if len(info.shape) == 2 else "f32")
+            assert info.type == expected, name
             if len(info.shape) == 2:
                 before, after = src.read(name), dst.read(name)
                 error = np.abs(after - before).mean() / np.abs(before).mean()
@@ -52,6 +54,7 @@ def test_smaller_types_make_smaller_files(tiny_pair: dict[str, Path], tmp_path: 
     sizes = {q: quantize_model(tiny_pair["a"], tmp_path / f"{q}.gguf", q).size_bytes
              for q in QUANT_TYPES}
     assert sizes["q8_0"] > sizes["q5_1"] > sizes["q5_0"] > sizes["q4_1"] > sizes["q4_0"]
+    # (the embeddings and output stay q8_0 in every type: the differences are the blocks')
     assert sizes["q8_0"] < tiny_pair["a"].stat().st_size
 
 
