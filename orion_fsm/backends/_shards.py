@@ -14,14 +14,15 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Final
 
-from orion_fsm._exceptions import ModelFileError
+from orion_fsm._exceptions import ModelFileError, ModelLoadError
 from orion_fsm._files import make_private_dirs
 
-from ._convert import TOKENIZER_FILENAME, file_sha256
+from ._convert import MODEL_FILENAME, TOKENIZER_FILENAME, file_sha256
 from ._gguf_io import GGUFFile, PlannedTensor, open_gguf, replace_atomically, write_gguf
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "MAX_SHARDS",
     "ShardEntry",
     "ShardManifest",
+    "assembled_dir",
     "copy_verified",
     "is_manifest",
     "load_order",
@@ -69,6 +71,11 @@ class ShardManifest:
 
     def shard_path(self, entry: ShardEntry) -> Path:
         return self.path.parent / entry.file
+
+
+def assembled_dir(cache_dir: Path, model_sha256: str) -> Path:
+    """Where the loader keeps the model assembled from the parts of the one with this digest."""
+    return cache_dir / "assembled" / model_sha256[:16]
 
 
 def load_order(names: list[str]) -> list[str]:
@@ -256,3 +263,49 @@ def copy_verified(manifest: ShardManifest, entry: ShardEntry, out: BinaryIO,
     if copied != entry.size or digest.hexdigest() != entry.sha256:
         raise ModelFileError(f"shard {part} is corrupt (size {copied}, expected {entry.size}, "
                              "or its sha256 differs); copy it again or shard the model again")
+
+
+PartHook = Callable[[int, int, ShardEntry], AbstractContextManager[object]]  # index, count
+
+
+def assemble(manifest_path: Path, cache_dir: Path, *, part: PartHook | None = None,
+             progress: Callable[[str, int, int], None] | None = None) -> tuple[Path, bool]:
+    """The model a manifest's parts make, as one GGUF file in the cache (by the model's
+    sha256), and whether it was there already. Each part is checked (size, sha256) as it is
+    appended, inside `part(index, count, entry)`; the file appears only once complete.
+    A bad manifest or part is one `ModelLoadError` line."""
+    try:
+        manifest = read_manifest(manifest_path)
+        target = assembled_dir(cache_dir, manifest.sha256)
+        model = target / MODEL_FILENAME
+        if model.is_file() and model.stat().st_size == manifest.size:
+            return model, True
+        try:
+            make_private_dirs(target)
+        except OSError as exc:
+            raise ModelFileError(f"cannot create {target}: {exc}") from exc
+        done = 0
+
+        def advanced(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress("shards", done, manifest.size)
+
+        def write(tmp: Path) -> None:
+            with tmp.open("wb") as out:
+                for index, entry in enumerate(manifest.shards):
+                    with (part(index, len(manifest.shards), entry) if part is not None
+                          else nullcontext()):
+                        copy_verified(manifest, entry, out, advanced)
+                out.flush()
+                os.fsync(out.fileno())
+
+        if manifest.tokenizer is not None:
+            tokenizer = manifest.path.parent / manifest.tokenizer
+            replace_atomically(target / TOKENIZER_FILENAME,
+                               lambda tmp: shutil.copyfile(tokenizer, tmp))
+        replace_atomically(model, write)  # last: its presence means the whole is there
+        return model, False
+    except ModelFileError as exc:
+        raise ModelLoadError(exc.message) from exc

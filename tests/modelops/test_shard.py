@@ -143,3 +143,19 @@ async def test_an_engine_serves_a_sharded_model_like_the_whole(
     assert sorted(s.attributes["orion.shard.index"] for s in parts) == [0, 1, 2]
     loading = [s for s in finished if s.attributes and s.attributes.get("orion.model.shards")]
     assert loading and loading[0].attributes["orion.model.shards"] == 3
+
+
+def test_a_manifest_reads_as_the_model_it_makes(tiny_pair: dict[str, Path],
+                                                tmp_path: Path) -> None:
+    from orion_fsm import ModelCache
+    from orion_fsm.backends import ensure_converted, read_gguf_header
+
+    result, manifest = shard_model(tiny_pair["a"], 3, tmp_path / "sharded")
+    header, whole = read_gguf_header(result.path), read_gguf_header(tiny_pair["a"])
+    assert header.metadata == whole.metadata and header.tensor_names == whole.tensor_names
+    assert header.data_end == manifest.size
+    cache = ModelCache(tmp_path / "cache")
+    assert cache.runtime_file(result.path) is None  # not assembled yet
+    converted = ensure_converted(result.path, tmp_path / "cache")  # `models convert` path
+    assert converted.model_path.read_bytes() == assembled(result.path)
+    assert cache.runtime_file(result.path) == converted.model_path
