@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Final
 
 from orion_fsm._exceptions import ModelFileError, RegistryError
+from orion_fsm.backends import read_gguf_header
 from orion_fsm.backends._gguf_io import replace_atomically
 from orion_fsm.services.models._registry import Registry
+from orion_fsm.services.models._tiers import DEFAULT_VARIANT
 
 __all__ = ["register_variant"]
+
+# general.file_type (llama.cpp's LlamaFileType) -> bits per weight of the matrices.
+_FILE_TYPE_BITS: Final = {0: 32, 1: 16, 2: 4, 3: 4, 7: 8, 8: 5, 9: 5, 10: 2, 11: 3, 12: 3,
+                          13: 3, 14: 4, 15: 4, 16: 5, 17: 5, 18: 6, 32: 16}
 
 
 def register_variant(registry_file: Path, agent_id: str, name: str, model: Path,
@@ -30,7 +37,12 @@ def register_variant(registry_file: Path, agent_id: str, name: str, model: Path,
     entry = {"name": name, "bits": bits, "source": {"path": str(Path(model).resolve())}}
     for agent in doc["agents"]:
         if agent["id"] == agent_id:
-            variants = [v for v in agent.get("quantization", []) if v.get("name") != name]
+            variants = agent.get("quantization") or [
+                # The agent's own model becomes a variant too, or the new one would be the
+                # only choice; the RAM tier (or --quantization) then picks among them by bits.
+                {"name": DEFAULT_VARIANT, "bits": _bits(current.agents[agent_id].model.locate()),
+                 "source": agent["model"]}]
+            variants = [v for v in variants if v.get("name") != name]
             agent["quantization"] = [*variants, entry]
     try:
         updated = Registry.from_dict(doc, source=registry_file.resolve())
@@ -39,3 +51,8 @@ def register_variant(registry_file: Path, agent_id: str, name: str, model: Path,
     text = json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
     replace_atomically(registry_file, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return updated
+
+
+def _bits(model: Path) -> int:
+    file_type = read_gguf_header(model).metadata.get("general.file_type")
+    return _FILE_TYPE_BITS.get(file_type, 16) if isinstance(file_type, int) else 16

@@ -41,7 +41,9 @@ def test_quantize_an_agent_and_register_the_result(models: dict[str, Path], tmp_
     made = tmp_path / "cache" / "models" / "a.q8_0.gguf"
     assert made.is_file() and str(made) in out and "quantize q8_0 of a.gguf" in out
     variants = Registry.load(registry).get("chat").quantization
-    assert [(v.name, v.bits, v.source.path) for v in variants] == [("q8_0", 8, made)]
+    # The agent's own model stays one of its variants, as "default".
+    assert [(v.name, v.bits, v.source.path) for v in variants] == [
+        ("default", 32, models["a"]), ("q8_0", 8, made)]
 
 
 def test_merge_from_options_and_from_a_recipe(models: dict[str, Path], tmp_path: Path,
