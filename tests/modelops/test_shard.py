@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from orion_fsm import Engine, ModelFileError
+from orion_fsm import Engine, ModelFileError, ModelLoadError
 from orion_fsm.backends._gguf_io import open_gguf
 from orion_fsm.modelops import read_manifest, shard_model
 from orion_fsm.services.models._sharded import ShardedLoad, ShardLoadState
@@ -118,7 +118,7 @@ def test_a_damaged_shard_fails_the_load_in_one_line(tiny_pair: dict[str, Path], 
     else:
         result.path.write_text('{"format": "orion-fsm-shards"')
     load = ShardedLoad(result.path, tmp_path / "cache")
-    with pytest.raises(Exception) as caught:
+    with pytest.raises(ModelLoadError) as caught:  # what the request falls back on
         load.run()
     assert "\n" not in str(caught.value)
     assert {"missing": "is missing", "corrupt": "is corrupt",
@@ -143,6 +143,17 @@ async def test_an_engine_serves_a_sharded_model_like_the_whole(
     assert sorted(s.attributes["orion.shard.index"] for s in parts) == [0, 1, 2]
     loading = [s for s in finished if s.attributes and s.attributes.get("orion.model.shards")]
     assert loading and loading[0].attributes["orion.model.shards"] == 3
+
+
+async def test_a_damaged_sharded_model_falls_back_to_the_next_agent(
+        tiny_pair: dict[str, Path], tmp_path: Path, make_engine: Callable[..., Engine]) -> None:
+    result, manifest = shard_model(tiny_pair["a"], 2, tmp_path / "sharded")
+    manifest.shard_path(manifest.shards[1]).unlink()
+    doc = {"version": 1, "default_agent": "sharded", "agents": [
+        agent("whole", tiny_pair["a"]), agent("sharded", result.path, fallback="whole")]}
+    async with make_engine(doc) as engine:
+        served = await engine.infer("the cat is", agent="sharded", cache=False)
+    assert served.agent == "whole" and served.fallback
 
 
 def test_a_manifest_reads_as_the_model_it_makes(tiny_pair: dict[str, Path],

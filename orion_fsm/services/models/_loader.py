@@ -31,7 +31,7 @@ from orion_fsm.backends._shards import is_manifest
 from orion_fsm.services.models._cpu import usable_cores
 from orion_fsm.services.models._pressure import PressureGauge, PressureLevel
 from orion_fsm.services.models._registry import AgentSpec, ModelSource
-from orion_fsm.services.models._sharded import ShardedLoad, ShardLoadState
+from orion_fsm.services.models._sharded import ShardedLoad
 from orion_fsm.services.models._tiers import (
     DEFAULT_VARIANT,
     MB,
@@ -380,7 +380,6 @@ class ModelLoader:
     ) -> None:
         self.cache_dir = cache_dir
         self.tracer = tracer  # spans of the loader's own work (one per part of a sharded model)
-        self.shard_loads: dict[ModelKey, ShardedLoad] = {}  # the last assembly of each
         # Explicit threads win; None lets each runtime call take cores from a CpuAllotter.
         self.threads = threads
         self.config = config = config or LoaderConfig()
@@ -475,8 +474,7 @@ class ModelLoader:
                     # reads), in the loader's own states (see _sharded.py).
                     load = ShardedLoad(source, self.cache_dir, self.tracer, self._progress)
                     source = load.run()
-                    shards = sum(s.state is ShardLoadState.LOADING_SHARD for s in load.steps)
-                    self.shard_loads[key] = load
+                    shards = load.parts
                 files = ensure_converted(source, self.cache_dir, progress=self._progress)
                 estimate = estimate_model_memory(files.model_path, key.context_length,
                                                  overhead_bytes=overhead)

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from orion_fsm.backends._shards import ShardEntry, assemble
+from orion_fsm._exceptions import ModelFileError, ModelLoadError
+from orion_fsm.backends._shards import ShardEntry, assemble, read_manifest
 from orion_fsm.services.observability import _attributes as attr
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ class ShardedLoad:
     state: ShardLoadState = ShardLoadState.INITIALIZING
     steps: list[ShardStep] = field(default_factory=list)
     reused: bool = False  # assembled by an earlier load: no part was read
+    parts: int = 0  # parts the model is made of (known once the manifest is read)
     _started: float = field(default_factory=time.perf_counter)
 
     def _enter(self, state: ShardLoadState, shard: int | None = None) -> None:
@@ -77,6 +79,10 @@ class ShardedLoad:
         """The assembled model file (GGUF), assembling it from the parts unless cached."""
         self.steps = [ShardStep(self.state, None, 0.0)]
         try:
+            try:
+                self.parts = len(read_manifest(self.manifest_path).shards)
+            except ModelFileError as exc:  # a load failure, as any other bad model file
+                raise ModelLoadError(exc.message) from exc
             model, self.reused = assemble(self.manifest_path, self.cache_dir, part=self._part,
                                           progress=self.progress)
             self._enter(ShardLoadState.READY)
