@@ -22,8 +22,6 @@ from orion_fsm.modelops import (
 
 from ._common import Progress
 
-_BITS = {"q8_0": 8, "q5_1": 5, "q5_0": 5, "q4_1": 4, "q4_0": 4, "f16": 16, "f32": 32}
-
 
 def add_parsers(msub: Any) -> None:
     """The three subcommands, under `orion-fsm models`."""
@@ -68,12 +66,10 @@ def run(args: argparse.Namespace) -> int:
             source = _locate(args, args.source)
             output = _output(args, f"{source.stem}.{args.type.lower()}.gguf")
             result = quantize_model(source, output, args.type, progress=progress)
-            bits = _BITS.get(args.type.lower(), 8)
         elif args.models_command == "merge":
             recipe = _recipe(args)
             output = _output(args, f"merged-{recipe.method}.gguf")
             result = merge_models(recipe, output, progress=progress)
-            bits = _BITS.get(recipe.dtype or "q8_0", 8)
         else:
             source = _locate(args, args.source)
             result, manifest = shard_model(source, args.shards, Path(args.output))
@@ -88,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
             raise ModelFileError("--register needs --registry FILE: the packaged registry is "
                                  "not changed; copy it and pass the copy")
         agent, name = args.register
-        register_variant(Path(args.registry), agent, name, result.path, bits)
+        register_variant(Path(args.registry), agent, name, result.path)
         print(f"registered {result.path} as variant {name!r} of agent {agent!r} in "
               f"{args.registry}")
     return 0

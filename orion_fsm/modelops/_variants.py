@@ -24,17 +24,18 @@ _FILE_TYPE_BITS: Final = {0: 32, 1: 16, 2: 4, 3: 4, 7: 8, 8: 5, 9: 5, 10: 2, 11:
 
 
 def register_variant(registry_file: Path, agent_id: str, name: str, model: Path,
-                     bits: int) -> Registry:
+                     bits: int | None = None) -> Registry:
     """Make `model` the agent's variant `name` (e.g. q8_0, merged) in `registry_file`; the
-    loader serves it when asked for that variant (Engine/--quantization). Returns the new
-    registry."""
+    loader serves it when asked for that variant (Engine/--quantization). `bits` defaults to
+    what the model's file type says. Returns the new registry."""
     registry_file = Path(registry_file)
     current = Registry.load(registry_file)  # one-line RegistryError if it is not usable
     if agent_id not in current.agents:
         raise ModelFileError(f"{registry_file} has no agent {agent_id!r}; known: "
                              f"{', '.join(current.agents)}")
     doc = json.loads(registry_file.read_text(encoding="utf-8"))
-    entry = {"name": name, "bits": bits, "source": {"path": str(Path(model).resolve())}}
+    entry = {"name": name, "bits": bits if bits is not None else _bits(Path(model)),
+             "source": {"path": str(Path(model).resolve())}}
     for agent in doc["agents"]:
         if agent["id"] == agent_id:
             variants = agent.get("quantization") or [
