@@ -16,10 +16,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING, Any, Final
 
 from orion_fsm._exceptions import ModelFileError, ModelLoadError
 from orion_fsm._files import make_private_dirs
@@ -39,7 +36,14 @@ __all__ = [
     "write_gguf",
 ]
 
-Float32Array = npt.NDArray[np.float32]
+if TYPE_CHECKING:
+    # numpy is imported where tensors are read or written: `import orion_fsm` stays without it
+    # (the loader imports the shard format, which imports this module).
+    import numpy as np
+    import numpy.typing as npt
+
+    Float32Array = npt.NDArray[np.float32]
+
 ProgressCallback = Callable[[str, int, int], None]
 
 # The block types ctransformers' 2023 ggml loads and `gguf.quants` writes in numpy (each
@@ -160,6 +164,7 @@ class GGUFFile:
 
     def read(self, name: str) -> Float32Array:
         """The tensor dequantized to float32, in numpy's shape order."""
+        import numpy as np
         from gguf.quants import dequantize
 
         tensor = self._tensors[name]
@@ -222,6 +227,7 @@ def write_gguf(
     any, is copied beside `path`. Files are private (0600).
     """
     import gguf
+    import numpy as np
 
     path = Path(path)
     try:
@@ -285,6 +291,7 @@ def write_gguf(
 
 def _stored(t: PlannedTensor, data: npt.NDArray[Any]) -> npt.NDArray[Any]:
     """The bytes (or float values) of `t` as its type stores them."""
+    import numpy as np
     from gguf.quants import quantize
 
     if data.dtype == np.uint8 and t.type not in FLOAT_TYPES:

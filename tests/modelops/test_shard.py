@@ -143,6 +143,7 @@ async def test_an_engine_serves_a_sharded_model_like_the_whole(
     assert sorted(s.attributes["orion.shard.index"] for s in parts) == [0, 1, 2]
     loading = [s for s in finished if s.attributes and s.attributes.get("orion.model.shards")]
     assert loading and loading[0].attributes["orion.model.shards"] == 3
+    assert loading[0].attributes["orion.model"] == "sharded:default@256"  # the folder's name
 
 
 async def test_a_damaged_sharded_model_falls_back_to_the_next_agent(

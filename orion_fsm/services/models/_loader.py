@@ -27,7 +27,7 @@ from orion_fsm._config import DEFAULT_STALL_FLOOR_S, STALL_TOKENS_FACTOR
 from orion_fsm._exceptions import ConfigurationError, InsufficientMemory, ModelLoadError
 from orion_fsm._singleflight import SingleFlight
 from orion_fsm.backends import ConvertedModel, LoadedModel, Tokenizer, ensure_converted
-from orion_fsm.backends._shards import is_manifest
+from orion_fsm.backends._shards import MANIFEST_FILENAME, is_manifest
 from orion_fsm.services.models._cpu import usable_cores
 from orion_fsm.services.models._pressure import PressureGauge, PressureLevel
 from orion_fsm.services.models._registry import AgentSpec, ModelSource
@@ -81,7 +81,10 @@ class ModelKey:
 
     @property
     def label(self) -> str:
-        return f"{self.source.stem}:{self.variant}@{self.context_length}"
+        # A sharded model is named by its folder: every manifest is manifest.json.
+        name = self.source.parent.name if self.source.name == MANIFEST_FILENAME \
+            else self.source.stem
+        return f"{name}:{self.variant}@{self.context_length}"
 
 
 @dataclass(frozen=True, slots=True)
