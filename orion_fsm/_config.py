@@ -34,6 +34,7 @@ __all__ = [
     "default_cache_dir",
     "default_state_dir",
     "default_trace_path",
+    "models_dir",
     "repl_history_path",
     "resolve_cache_dir",
 ]
@@ -68,6 +69,11 @@ def resolve_cache_dir(given: str | os.PathLike[str] | None) -> Path:
 def caches_dir(cache_dir: Path) -> Path:
     """The L1/L2/L3 result caches, one folder per level under it."""
     return cache_dir / "caches"
+
+
+def models_dir(cache_dir: Path) -> Path:
+    """Models made by `orion-fsm models quantize|merge|shard` when no --output is given."""
+    return cache_dir / "models"
 
 
 def contexts_dir(cache_dir: Path) -> Path:

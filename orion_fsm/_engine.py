@@ -223,9 +223,10 @@ class Engine:
         # Cores for generations and embedding batches; explicit `threads` turns it off.
         self.cores: CpuAllotter | None = None if threads is not None else CpuAllotter()
         root = resolve_cache_dir(cache_dir)
+        self._tracer = resolve_tracer(tracer_provider)
         self.loader: Loader = loader or ModelLoader(
             root, threads=threads, progress=progress, config=loader_config, clock=self.clock,
-            load_model=load_model or LoadedModel.load)
+            load_model=load_model or LoadedModel.load, tracer=self._tracer)
         # Resilience: a breaker per model instance (agents sharing a model share it), a
         # bounded queue, a deadline per request, retries, guardrails.
         self.breakers = breakers if isinstance(breakers, BreakerBoard) else BreakerBoard(
@@ -279,7 +280,6 @@ class Engine:
         self._warm_up = warm_up
         self._frequent_patterns = tuple(frequent_patterns)
         self._chart = request_chart(Path(machine) if machine else None)
-        self._tracer = resolve_tracer(tracer_provider)
         if trace_path is False:
             self.trace_path: Path | None = None
         elif trace_path is None:

@@ -8,6 +8,7 @@
     ├── ModelError
     │   ├── ModelLoadError      the model file is missing, unreadable or refused
     │   │   └── InsufficientMemory   refused before loading: it would not fit
+    │   ├── ModelFileError      quantize/merge/shard refused an input or could not write
     │   └── InferenceError      generation failed after the model was loaded
     │       ├── OutputRejected  the finished output does not fit the requested format
     │       └── GenerationStalled    no token came within the agent's stall_s
@@ -36,6 +37,7 @@ __all__ = [
     "InferenceError",
     "InsufficientMemory",
     "ModelError",
+    "ModelFileError",
     "ModelLoadError",
     "OrionError",
     "OutputRejected",
@@ -102,6 +104,11 @@ class ModelError(OrionError):
 
 class ModelLoadError(ModelError):
     """The model file is missing, unreadable, or the runtime refused it."""
+
+
+class ModelFileError(ModelError):
+    """A model file operation (quantize, merge, shard) refused its input or could not write
+    its output: a missing or corrupt file, mismatched architectures, an unknown type."""
 
 
 class InsufficientMemory(ModelLoadError):

@@ -27,7 +27,7 @@ HTTP = Path(orion_fsm.__file__).parent / "http"
 # What a client layer (the CLI, the HTTP server) may import from orion_fsm, besides its own
 # modules.
 PUBLIC_PACKAGES = frozenset({"orion_fsm", "orion_fsm.replay", "orion_fsm.testing",
-                             "orion_fsm.http"})
+                             "orion_fsm.http", "orion_fsm.modelops"})
 INTERNAL_PACKAGES = frozenset({"orion_fsm.services", "orion_fsm.backends"})
 
 

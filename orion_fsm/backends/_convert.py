@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from orion_fsm._exceptions import ModelLoadError
+from orion_fsm._exceptions import ModelLoadError, OrionError
 from orion_fsm._files import make_private_dirs
 
 from ._tokenizer import UNICODE_TO_BYTE, Tokenizer
@@ -95,7 +95,12 @@ def read_gguf_header(path: Path) -> GGUFHeader:
 
     ctransformers maps a truncated file without complaint and then crashes the process with
     SIGSEGV on the first generation, so this check has to happen before it sees the file.
+    A shard manifest (see _shards.py) is read as the model its parts make.
     """
+    from ._shards import is_manifest
+
+    if is_manifest(path):
+        return _sharded_header(path)
     try:
         with path.open("rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -118,6 +123,33 @@ def read_gguf_header(path: Path) -> GGUFHeader:
             f"{path} is truncated: its tensors need {header.data_end} bytes but the file has "
             f"{size}; download it again"
         )
+    return header
+
+
+def _sharded_header(path: Path) -> GGUFHeader:
+    """The header of a sharded model: it lies whole in the first part (cuts fall between
+    tensor data), and the manifest gives the size of the whole."""
+    from orion_fsm._exceptions import ModelFileError
+
+    from ._shards import read_manifest
+
+    try:
+        manifest = read_manifest(path)
+    except ModelFileError as exc:
+        raise ModelLoadError(exc.message) from exc
+    first = manifest.shard_path(manifest.shards[0])
+    try:
+        with first.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            header = _parse_header(path, buf, manifest.size)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read shard {first}: {exc.strerror or exc}; copy it "
+                             "back or shard the model again") from exc
+    except (_Malformed, struct.error, ValueError, KeyError, IndexError) as exc:
+        raise ModelLoadError(f"{first} does not start a GGUF model ({exc}); shard the model "
+                             "again") from exc
+    if header.data_end > manifest.size:
+        raise ModelLoadError(f"shard manifest {path}: its parts make {manifest.size} bytes "
+                             f"but the tensors need {header.data_end}; shard the model again")
     return header
 
 
@@ -264,6 +296,11 @@ def ensure_converted(
         make_private_dirs(cache_dir)
     except OSError as exc:
         raise ModelLoadError(f"cannot create model cache {cache_dir}: {exc}") from exc
+    from ._shards import assemble, is_manifest
+
+    if is_manifest(source):
+        # A sharded model (see _shards.py): its parts assembled into one file first.
+        source, _ = assemble(source, cache_dir, progress=progress)
 
     sha = _cached_sha256(source, cache_dir, progress)
     converted = _converted(cache_dir, sha)
@@ -305,7 +342,17 @@ class ModelCache:
         self._hashes: dict[tuple[Path, int, int], str] = {}
 
     def runtime_file(self, source: Path) -> Path | None:
-        """The GGUF file the runtime would load for `source`, or None until it is converted."""
+        """The GGUF file the runtime would load for `source`, or None until it is converted
+        (a sharded model: assembled, then converted)."""
+        from ._shards import assembled_dir, is_manifest, read_manifest
+
+        if is_manifest(source):
+            try:
+                digest = read_manifest(source).sha256
+            except OrionError as exc:
+                raise ModelLoadError(exc.message) from exc
+            assembled = assembled_dir(self.cache_dir, digest) / MODEL_FILENAME
+            return self.runtime_file(assembled) if assembled.is_file() else None
         if ((source.parent / TOKENIZER_FILENAME).is_file()
                 and read_gguf_header(source).version == _CTRANSFORMERS_GGUF_VERSION):
             return source  # loadable as it is (see ensure_converted), no digest needed

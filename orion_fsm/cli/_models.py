@@ -1,4 +1,5 @@
-"""`orion-fsm models list|show|validate|convert`: the model registry."""
+"""`orion-fsm models list|show|validate|convert|quantize|merge|shard`: the model registry, and
+model files made from its models (`_modelops`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 from orion_fsm import AgentSpec, ModelCache, Registry, resolve_cache_dir
 
+from . import _modelops
 from ._common import Progress
 
 
@@ -23,6 +25,7 @@ def add_parser(sub: Any) -> None:
     msub.add_parser("validate", help="validate the registry and exit")
     convert = msub.add_parser("convert", help="convert model files for the runtime now")
     convert.add_argument("--agent", help="only this agent's model")
+    _modelops.add_parsers(msub)
     models.set_defaults(handler=_models)
 
 
@@ -33,6 +36,8 @@ def _agent_row(spec: AgentSpec) -> dict[str, Any]:
 
 
 def _models(args: argparse.Namespace) -> int:
+    if args.models_command in ("quantize", "merge", "shard"):
+        return _modelops.run(args)
     registry = Registry.load(args.registry)
     if args.models_command == "validate":
         print(f"ok: {len(registry.agents)} agents, default {registry.default_agent!r}, "

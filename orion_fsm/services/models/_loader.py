@@ -27,9 +27,11 @@ from orion_fsm._config import DEFAULT_STALL_FLOOR_S, STALL_TOKENS_FACTOR
 from orion_fsm._exceptions import ConfigurationError, InsufficientMemory, ModelLoadError
 from orion_fsm._singleflight import SingleFlight
 from orion_fsm.backends import ConvertedModel, LoadedModel, Tokenizer, ensure_converted
+from orion_fsm.backends._shards import MANIFEST_FILENAME, is_manifest
 from orion_fsm.services.models._cpu import usable_cores
 from orion_fsm.services.models._pressure import PressureGauge, PressureLevel
 from orion_fsm.services.models._registry import AgentSpec, ModelSource
+from orion_fsm.services.models._sharded import ShardedLoad
 from orion_fsm.services.models._tiers import (
     DEFAULT_VARIANT,
     MB,
@@ -44,6 +46,7 @@ from orion_fsm.services.observability import _attributes as attr
 
 if TYPE_CHECKING:
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+    from opentelemetry.trace import Tracer
 
 __all__ = [
     "LoadInfo",
@@ -78,7 +81,10 @@ class ModelKey:
 
     @property
     def label(self) -> str:
-        return f"{self.source.stem}:{self.variant}@{self.context_length}"
+        # A sharded model is named by its folder: every manifest is manifest.json.
+        name = self.source.parent.name if self.source.name == MANIFEST_FILENAME \
+            else self.source.stem
+        return f"{name}:{self.variant}@{self.context_length}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +95,7 @@ class PreparedModel:
     files: ConvertedModel
     tokenizer: Tokenizer
     estimate: MemoryEstimate
+    shards: int = 0  # parts a sharded model was assembled from (0: a single file)
 
     @property
     def sha256(self) -> str:
@@ -111,6 +118,7 @@ class LoadInfo:
     slot_wait_ms: float = 0.0  # time waiting for a free slot (queued behind other requests)
     reused_tokens: int = 0  # prompt tokens the slot's context already held (not evaluated)
     parallel: int = 1  # slots the model may have
+    shards: int = 0  # parts the model was assembled from (0: a single file)
 
     def span_attributes(self) -> dict[str, Any]:
         return {
@@ -125,6 +133,7 @@ class LoadInfo:
             attr.SLOT_WAIT_MS: round(self.slot_wait_ms, 3),
             attr.SLOT_REUSED_TOKENS: self.reused_tokens,
             attr.SLOT_PARALLEL: self.parallel,
+            attr.MODEL_SHARDS: self.shards,
         }
 
 
@@ -370,8 +379,10 @@ class ModelLoader:
         clock: Clock | None = None,
         load_model: LoadModel = LoadedModel.load,
         monitor: PressureGauge | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.cache_dir = cache_dir
+        self.tracer = tracer  # spans of the loader's own work (one per part of a sharded model)
         # Explicit threads win; None lets each runtime call take cores from a CpuAllotter.
         self.threads = threads
         self.config = config = config or LoaderConfig()
@@ -460,11 +471,18 @@ class ModelLoader:
 
         async def convert() -> PreparedModel:
             def work() -> PreparedModel:
-                files = ensure_converted(key.source, self.cache_dir, progress=self._progress)
+                source, shards = key.source, 0
+                if is_manifest(source):
+                    # A sharded model: its parts assembled into one file (what the runtime
+                    # reads), in the loader's own states (see _sharded.py).
+                    load = ShardedLoad(source, self.cache_dir, self.tracer, self._progress)
+                    source = load.run()
+                    shards = load.parts
+                files = ensure_converted(source, self.cache_dir, progress=self._progress)
                 estimate = estimate_model_memory(files.model_path, key.context_length,
                                                  overhead_bytes=overhead)
                 return PreparedModel(key, files, Tokenizer.from_file(files.tokenizer_path),
-                                     estimate)
+                                     estimate, shards)
 
             result = await anyio.to_thread.run_sync(work)
             self._prepared[key] = result
@@ -524,7 +542,7 @@ class ModelLoader:
             preloaded=resident.preloaded or (flight is not None and flight.preloaded),
             slot=instance.index, slot_wait_ms=waited,
             reused_tokens=_reused(instance.model.cached_ids, prompt_ids),
-            parallel=resident.parallel,
+            parallel=resident.parallel, shards=prepared.shards,
         )
         if resident.preloaded:
             resident.preloaded = False

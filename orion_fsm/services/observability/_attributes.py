@@ -87,6 +87,13 @@ MODEL_LOAD_MS: Final = "orion.model.load_ms"
 MODEL_ESTIMATE_MB: Final = "orion.model.estimate_mb"
 MODEL_UNLOADED: Final = "orion.model.unloaded"
 MODEL_PRELOADED: Final = "orion.model.preloaded"
+MODEL_SHARDS: Final = "orion.model.shards"  # parts of a sharded model (0: one file)
+# One part of a sharded model assembled by the loader (span "orion.model.shard").
+SHARD_INDEX: Final = "orion.shard.index"
+SHARD_COUNT: Final = "orion.shard.count"
+SHARD_BYTES: Final = "orion.shard.bytes"
+SHARD_TENSORS: Final = "orion.shard.tensors"
+SHARD_LOAD_MS: Final = "orion.shard.load_ms"
 # The slot (model instance) that served it: which, how long the request waited for it, how
 # many prompt tokens its context already held, and how many slots the model may have.
 SLOT: Final = "orion.slot"
