@@ -13,19 +13,24 @@ from ._config import (
     DEFAULT_HTTP_PORT,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_SHUTDOWN_GRACE_S,
+    FEEDBACK_FILE_ENV,
     SERVER_ENV,
     TRACE_FILE_ENV,
     caches_dir,
     contexts_dir,
     default_cache_dir,
+    default_feedback_path,
     default_trace_path,
     repl_history_path,
     resolve_cache_dir,
+    tuned_models_dir,
+    user_registry_path,
 )
 from ._engine import Engine, EngineStats, ResponseStream
 from ._exceptions import (
     ConfigurationError,
     ContextError,
+    FeedbackError,
     GenerationStalled,
     InferenceError,
     InsufficientMemory,
@@ -34,6 +39,7 @@ from ._exceptions import (
     OrionError,
     RegistryError,
     RequestFailed,
+    TuningError,
     ValidationError,
 )
 from ._machine import request_chart
@@ -60,6 +66,15 @@ from .services.context._eval import (
     load_questions,
 )
 from .services.context._store import AddResult, ContextHit, ContextStats, ContextStore
+from .services.feedback._store import (
+    SCORE_RANGE as FEEDBACK_SCORE_RANGE,
+)
+from .services.feedback._store import (
+    FeedbackRecord,
+    FeedbackStats,
+    FeedbackStore,
+    TrainingExample,
+)
 from .services.models._cpu import CpuAllotter, CpuSnapshot
 from .services.models._loader import LoaderConfig, ModelLoader, SlotStats
 from .services.models._memory import MemoryMonitor
@@ -96,6 +111,8 @@ __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_ROUTING_METHOD",
     "DEFAULT_SHUTDOWN_GRACE_S",
+    "FEEDBACK_FILE_ENV",
+    "FEEDBACK_SCORE_RANGE",
     "SERVER_ENV",
     "TRACE_FILE_ENV",
     "AddResult",
@@ -126,6 +143,10 @@ __all__ = [
     "Engine",
     "EngineStats",
     "EvalReport",
+    "FeedbackError",
+    "FeedbackRecord",
+    "FeedbackStats",
+    "FeedbackStore",
     "GenerationParams",
     "GenerationStalled",
     "GuardrailConfig",
@@ -166,12 +187,15 @@ __all__ = [
     "SystemClock",
     "TokenUsage",
     "ToolCall",
+    "TrainingExample",
+    "TuningError",
     "ValidationError",
     "__version__",
     "caches_dir",
     "configure_logging",
     "contexts_dir",
     "default_cache_dir",
+    "default_feedback_path",
     "default_trace_path",
     "estimate_model_memory",
     "evaluate_context",
@@ -185,4 +209,6 @@ __all__ = [
     "request_chart",
     "resolve_cache_dir",
     "sanitize_text",
+    "tuned_models_dir",
+    "user_registry_path",
 ]

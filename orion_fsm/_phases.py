@@ -117,6 +117,7 @@ class RequestState:
     load_info: LoadInfo | None = None  # the last lease's: which slot, how long it waited
     prefilled: int | None = None  # prompt tokens the last generation evaluated
     prompt_ids: tuple[int, ...] = ()
+    prompt_turns: tuple[tuple[str, str], ...] = ()  # what prompt_ids render (for feedback)
     sampling: SamplingParams | None = None
     # generation
     text_parts: list[str] = field(default_factory=list)
@@ -513,8 +514,9 @@ async def loading_agent(services: Services, state: RequestState) -> str:
         state.notes.update({attr.CONTEXT_CHUNKS: [str(h.chunk_id) for h in used],
                             attr.CONTEXT_DOCUMENTS: list(dict.fromkeys(h.document for h in used)),
                             attr.CONTEXT_TOKENS: sum(h.tokens for h in used)})
-    prompt = agent.chat_template.render(prompt_messages(
-        messages, agent.system_prompt, state.output_format))
+    turns = prompt_messages(messages, agent.system_prompt, state.output_format)
+    state.prompt_turns = tuple(turns)
+    prompt = agent.chat_template.render(turns)
     ids = _prompt_ids(services, prompt, prepared, state.notes)
     state.notes[attr.GEN_AI_USAGE_INPUT_TOKENS] = len(ids)
     room = agent.context_length - len(ids)
