@@ -100,6 +100,8 @@ from .services.routing._embedding_router import (
 from .services.routing._embedding_router import evaluate as evaluate_router
 from .services.routing._embeddings import EmbeddingError, EmbeddingService
 from .services.routing._router import RoutingDecision, RuleRouter
+from .tuning._data import answer_matches, load_examples
+from .tuning._lora import TuneConfig, TuneReport, tune_agent
 
 __version__ = "0.1.0"
 
@@ -188,9 +190,12 @@ __all__ = [
     "TokenUsage",
     "ToolCall",
     "TrainingExample",
+    "TuneConfig",
+    "TuneReport",
     "TuningError",
     "ValidationError",
     "__version__",
+    "answer_matches",
     "caches_dir",
     "configure_logging",
     "contexts_dir",
@@ -202,6 +207,7 @@ __all__ = [
     "evaluate_router",
     "find_traces",
     "fit_thresholds",
+    "load_examples",
     "load_labelled",
     "load_questions",
     "read_traces",
@@ -209,6 +215,7 @@ __all__ = [
     "request_chart",
     "resolve_cache_dir",
     "sanitize_text",
+    "tune_agent",
     "tuned_models_dir",
     "user_registry_path",
 ]

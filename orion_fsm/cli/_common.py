@@ -26,8 +26,10 @@ class Progress:
 
         bar = self._bars.get(stage)
         if bar is None:
-            bar = self._bars[stage] = tqdm(total=total or None, desc=stage, unit="B",
-                                           unit_scale=True, leave=False, file=sys.stderr)
+            steps = stage.startswith(("epoch", "check"))  # training steps, answers: counts
+            bar = self._bars[stage] = tqdm(total=total or None, desc=stage,
+                                           unit="it" if steps else "B", unit_scale=not steps,
+                                           leave=False, file=sys.stderr)
         bar.update(done - bar.n)
         if total and done >= total:
             bar.close()
