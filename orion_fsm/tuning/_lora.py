@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from orion_fsm._exceptions import ConfigurationError, ModelLoadError, TuningError
+from orion_fsm._exceptions import ConfigurationError, TuningError
 from orion_fsm.backends._convert import ensure_converted, write_gguf_copy
 from orion_fsm.backends._tokenizer import Tokenizer
 from orion_fsm.services.feedback._store import TrainingExample
@@ -343,4 +343,4 @@ def _save_report(path: Path, report: TuneReport) -> None:
     try:
         path.write_text(json.dumps(report.as_dict(), indent=2) + "\n", encoding="utf-8")
     except OSError as exc:
-        raise ModelLoadError(f"cannot write {path}: {exc}") from None
+        raise TuningError(f"cannot write the report {path}: {exc}") from None
