@@ -13,20 +13,25 @@ from ._config import (
     DEFAULT_HTTP_PORT,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_SHUTDOWN_GRACE_S,
+    FEEDBACK_FILE_ENV,
     SERVER_ENV,
     TRACE_FILE_ENV,
     caches_dir,
     contexts_dir,
     default_cache_dir,
+    default_feedback_path,
     default_trace_path,
     models_dir,
     repl_history_path,
     resolve_cache_dir,
+    tuned_models_dir,
+    user_registry_path,
 )
 from ._engine import Engine, EngineStats, ResponseStream
 from ._exceptions import (
     ConfigurationError,
     ContextError,
+    FeedbackError,
     GenerationStalled,
     InferenceError,
     InsufficientMemory,
@@ -36,6 +41,7 @@ from ._exceptions import (
     OrionError,
     RegistryError,
     RequestFailed,
+    TuningError,
     ValidationError,
 )
 from ._machine import request_chart
@@ -62,6 +68,15 @@ from .services.context._eval import (
     load_questions,
 )
 from .services.context._store import AddResult, ContextHit, ContextStats, ContextStore
+from .services.feedback._store import (
+    SCORE_RANGE as FEEDBACK_SCORE_RANGE,
+)
+from .services.feedback._store import (
+    FeedbackRecord,
+    FeedbackStats,
+    FeedbackStore,
+    TrainingExample,
+)
 from .services.models._cpu import CpuAllotter, CpuSnapshot
 from .services.models._loader import LoaderConfig, ModelLoader, SlotStats
 from .services.models._memory import MemoryMonitor
@@ -87,6 +102,8 @@ from .services.routing._embedding_router import (
 from .services.routing._embedding_router import evaluate as evaluate_router
 from .services.routing._embeddings import EmbeddingError, EmbeddingService
 from .services.routing._router import RoutingDecision, RuleRouter
+from .tuning._data import answer_matches, load_examples
+from .tuning._lora import TuneConfig, TuneReport, tune_agent
 
 __version__ = "0.1.0"
 
@@ -98,6 +115,8 @@ __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_ROUTING_METHOD",
     "DEFAULT_SHUTDOWN_GRACE_S",
+    "FEEDBACK_FILE_ENV",
+    "FEEDBACK_SCORE_RANGE",
     "SERVER_ENV",
     "TRACE_FILE_ENV",
     "AddResult",
@@ -128,6 +147,10 @@ __all__ = [
     "Engine",
     "EngineStats",
     "EvalReport",
+    "FeedbackError",
+    "FeedbackRecord",
+    "FeedbackStats",
+    "FeedbackStore",
     "GenerationParams",
     "GenerationStalled",
     "GuardrailConfig",
@@ -169,18 +192,25 @@ __all__ = [
     "SystemClock",
     "TokenUsage",
     "ToolCall",
+    "TrainingExample",
+    "TuneConfig",
+    "TuneReport",
+    "TuningError",
     "ValidationError",
     "__version__",
+    "answer_matches",
     "caches_dir",
     "configure_logging",
     "contexts_dir",
     "default_cache_dir",
+    "default_feedback_path",
     "default_trace_path",
     "estimate_model_memory",
     "evaluate_context",
     "evaluate_router",
     "find_traces",
     "fit_thresholds",
+    "load_examples",
     "load_labelled",
     "load_questions",
     "models_dir",
@@ -189,4 +219,7 @@ __all__ = [
     "request_chart",
     "resolve_cache_dir",
     "sanitize_text",
+    "tune_agent",
+    "tuned_models_dir",
+    "user_registry_path",
 ]

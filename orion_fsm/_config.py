@@ -15,6 +15,7 @@ __all__ = [
     "API_KEY_ENV",
     "CACHE_DIR_ENV",
     "DEFAULT_CONTEXT_TOP_K",
+    "DEFAULT_FEEDBACK_RECENT",
     "DEFAULT_HTTP_HOST",
     "DEFAULT_HTTP_PORT",
     "DEFAULT_MAX_BODY_BYTES",
@@ -26,17 +27,21 @@ __all__ = [
     "DEFAULT_TRACE_KEEP",
     "DEFAULT_TRACE_MAX_BYTES",
     "DEFAULT_TRACE_PATH",
+    "FEEDBACK_FILE_ENV",
     "PRIORITY_RANGE",
     "SERVER_ENV",
     "TRACE_FILE_ENV",
     "caches_dir",
     "contexts_dir",
     "default_cache_dir",
+    "default_feedback_path",
     "default_state_dir",
     "default_trace_path",
     "models_dir",
     "repl_history_path",
     "resolve_cache_dir",
+    "tuned_models_dir",
+    "user_registry_path",
 ]
 
 # --- files ----------------------------------------------------------------------------------
@@ -98,6 +103,29 @@ def default_trace_path() -> Path:
     `DEFAULT_TRACE_PATH` under `default_state_dir()`."""
     env = os.environ.get(TRACE_FILE_ENV)
     return Path(env) if env else default_state_dir() / DEFAULT_TRACE_PATH
+
+
+FEEDBACK_FILE_ENV: Final = "ORION_FSM_FEEDBACK_FILE"
+# Answers a rating can name (engine.feedback, /good, POST /v1/feedback): the most recent ones.
+DEFAULT_FEEDBACK_RECENT: Final = 1024
+
+
+def default_feedback_path() -> Path:
+    """The feedback store: $ORION_FSM_FEEDBACK_FILE, else feedback.sqlite3 under
+    `default_state_dir()`."""
+    env = os.environ.get(FEEDBACK_FILE_ENV)
+    return Path(env) if env else default_state_dir() / "feedback.sqlite3"
+
+
+def tuned_models_dir(cache_dir: Path) -> Path:
+    """Models `orion-fsm models tune` wrote, one folder per tuned model under it."""
+    return cache_dir / "tuned"
+
+
+def user_registry_path(cache_dir: Path) -> Path:
+    """The registry tuned variants are added to unless another is named: next to the cache,
+    never the packaged models.json."""
+    return cache_dir / "models.user.json"
 
 
 # --- limits ---------------------------------------------------------------------------------

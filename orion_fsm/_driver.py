@@ -16,7 +16,9 @@ import anyio
 from ._exceptions import OrionError
 from ._machine import MachinePool, StateListener
 from ._phases import PHASES, STREAMING_PHASES, Next, RequestState, Services
+from ._structured import prompt_messages
 from ._types import PhaseTiming, Request, Result, TokenUsage
+from .services.feedback._store import Served
 from .services.observability import _attributes as attr
 from .services.observability._logging import LogListener, request_context
 from .services.observability._telemetry import PhaseRecorder
@@ -26,6 +28,7 @@ from .services.resilience._admission import Overloaded, RequestTimeout
 if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
 
+    from .services.feedback._store import RecentRequests
     from .services.observability._metrics import RequestMetrics
     from .services.observability._tracefile import TraceWriter
     from .services.resilience._admission import AdmissionController, TimeoutPolicy
@@ -45,6 +48,7 @@ class Driving:
     traces: TraceWriter
     registry_source: Path | None
     metrics: RequestMetrics | None = None  # recorded once per request, in _finish
+    served: RecentRequests | None = None  # answers a rating can name (engine.feedback)
 
 
 class RequestRun:
@@ -182,6 +186,16 @@ class RequestRun:
                                                   abort))
         if self._driving.metrics is not None:
             self._driving.metrics.record(result)
+        if self._driving.served is not None and result.state == "success" and result.agent:
+            self._driving.served.note(Served(
+                result.request_id, result.trace_id, result.agent,
+                # A cache hit rendered no prompt: what this agent would have seen.
+                state.prompt_turns or _turns(state), result.text, state.request.created_at))
+
+
+def _turns(state: RequestState) -> tuple[tuple[str, str], ...]:
+    system = state.agent.system_prompt if state.agent else None
+    return tuple(prompt_messages(state.request.messages, system, state.output_format))
 
 
 def _abort(d: Driving, state: RequestState, where: str) -> dict[str, Any]:

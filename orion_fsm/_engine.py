@@ -22,6 +22,7 @@ from opentelemetry.trace import TracerProvider
 
 from ._clock import Clock, SystemClock
 from ._config import (
+    DEFAULT_FEEDBACK_RECENT,
     DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_MAX_QUEUE,
     DEFAULT_MEMORY_INTERVAL_S,
@@ -29,11 +30,12 @@ from ._config import (
     PRIORITY_RANGE,
     caches_dir,
     contexts_dir,
+    default_feedback_path,
     default_trace_path,
     resolve_cache_dir,
 )
 from ._driver import Driving, RequestRun
-from ._exceptions import EmbeddingError, OrionError, RequestFailed
+from ._exceptions import EmbeddingError, FeedbackError, OrionError, RequestFailed
 from ._machine import MachinePool, request_chart
 from ._phases import Services
 from ._seams import ContextSource, Loader, Router
@@ -51,6 +53,12 @@ from .services.context._memory import (
 )
 from .services.context._store import ContextStore
 from .services.context._stores import ContextStores
+from .services.feedback._store import (
+    FeedbackRecord,
+    FeedbackStore,
+    RecentRequests,
+    checked_score,
+)
 from .services.models._cpu import CpuAllotter, CpuSnapshot
 from .services.models._loader import LoaderConfig, ModelLoader, ProgressCallback, SlotStats
 from .services.models._memory import MemoryMonitor, register_memory_metrics
@@ -217,6 +225,7 @@ class Engine:
         frequent_patterns: Sequence[str] = FREQUENT_PATTERNS,
         contexts: Mapping[str, str | Path] | ContextSource | Literal[False] | None = None,
         context_capacity_tokens: int | None = None,
+        feedback: str | Path | Literal[False] | None = None,
     ) -> None:
         self.registry = registry if isinstance(registry, Registry) else Registry.load(registry)
         self.clock: Clock = clock or SystemClock()
@@ -288,6 +297,11 @@ class Engine:
             self.trace_path = Path(trace_path)
         self._traces = TraceWriter(self.trace_path)
         register_trace_metrics(meter, self._traces)
+        # Ratings of recent answers (engine.feedback); False: none are kept or accepted.
+        self.feedback_store: FeedbackStore | None = None if feedback is False else \
+            FeedbackStore(default_feedback_path() if feedback is None else Path(feedback))
+        self._served = None if feedback is False else RecentRequests(DEFAULT_FEEDBACK_RECENT)
+        self._feedback_writes = anyio.CapacityLimiter(1)
         self._driving: Driving | None = None  # set while the Engine runs
         self._exit_stack = AsyncExitStack()
         self._closed = False
@@ -330,7 +344,8 @@ class Engine:
             self._driving = Driving(
                 services=services, machines=MachinePool(self._chart), tracer=self._tracer,
                 admission=self.admission, timeouts=self._timeout, traces=self._traces,
-                registry_source=self.registry.source, metrics=self._metrics)
+                registry_source=self.registry.source, metrics=self._metrics,
+                served=self._served)
             self._exit_stack = stack.pop_all()
         return self
 
@@ -516,6 +531,33 @@ class Engine:
                 session_id: str | None = None) -> Session:
         """A conversation: each `infer`/`stream` turn is sent with the history (see Session)."""
         return Session(self, agent=agent, system=system, session_id=session_id)
+
+    async def feedback(self, request_id: str, score: int | bool,
+                       correction: str | None = None) -> FeedbackRecord:
+        """Rate an answer this Engine served (`result.request_id`): `score` from 0 to 5 (or
+        0/1, True/False), and optionally the answer it should have given. Stored with the
+        request's trace id, the prompt as its agent saw it and the answer, redacted as the
+        traces are; `orion-fsm feedback export` turns ratings into training data. Raises
+        FeedbackError for an unknown (or no longer recent) request or a bad score."""
+        self._running()
+        if self.feedback_store is None or self._served is None:
+            raise FeedbackError("feedback is off in this Engine (feedback=False): create it "
+                                "with feedback enabled", request_id=str(request_id))
+        value = checked_score(score, str(request_id))
+        if correction is not None and (not isinstance(correction, str)
+                                       or not correction.strip()):
+            raise FeedbackError("a correction must be the text the answer should have been, "
+                                f"got {correction!r}", field="correction",
+                                request_id=str(request_id))
+        served = self._served.get(request_id) if isinstance(request_id, str) else None
+        if served is None:
+            raise FeedbackError(
+                f"no answered request {request_id!r} among the last {self._served.capacity} "
+                "this Engine served: rate an answer by its result.request_id, while this "
+                "Engine runs", field="request_id")
+        return await anyio.to_thread.run_sync(
+            self.feedback_store.add, served, value, correction, self.clock.time(),
+            limiter=self._feedback_writes)
 
     def stats(self) -> EngineStats:
         """Requests running and queued, each resident model's slots, and the core pool."""

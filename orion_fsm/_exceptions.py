@@ -16,6 +16,8 @@
     │   └── EmbeddingUnavailable     it cannot be loaded at all
     ├── CacheError              a cache was asked for what it does not have
     ├── ContextError            a context store refused an input or does not have a document
+    ├── FeedbackError           a rating names no recent request, or is out of range
+    ├── TuningError             fine-tuning refused its data, agent or output
     ├── Overloaded              the admission queue is full           } the engine's own
     ├── RequestTimeout          a request ran past its deadline       } signals: a caller
     └── RequestFailed           a request ended in the `error` state    gets RequestFailed
@@ -32,6 +34,7 @@ __all__ = [
     "ContextError",
     "EmbeddingError",
     "EmbeddingUnavailable",
+    "FeedbackError",
     "GenerationStalled",
     "GrammarError",
     "InferenceError",
@@ -45,6 +48,7 @@ __all__ = [
     "RegistryError",
     "RequestFailed",
     "RequestTimeout",
+    "TuningError",
     "ValidationError",
 ]
 
@@ -158,6 +162,22 @@ class CacheError(OrionError):
 
 class ContextError(OrionError):
     """A context store refused a document, or was asked about one it does not hold."""
+
+
+class FeedbackError(OrionError):
+    """A rating was refused (unknown or too old request, score out of range, empty
+    correction: `field` names it) or the feedback store cannot be read or written (`field`
+    None)."""
+
+    def __init__(self, message: str, *, field: str | None = None,
+                 request_id: str | None = None) -> None:
+        super().__init__(message, request_id=request_id)
+        self.field = field
+
+
+class TuningError(OrionError):
+    """`models tune` refused its input (unknown agent, empty or malformed data, too few
+    examples, a model it cannot read) or could not write its output."""
 
 
 class Overloaded(OrionError):

@@ -26,6 +26,7 @@ def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Tests never write into the user's state folder (default trace files go there)."""
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     monkeypatch.delenv("ORION_FSM_TRACE_FILE", raising=False)
+    monkeypatch.delenv("ORION_FSM_FEEDBACK_FILE", raising=False)
     return tmp_path / "state"
 
 

@@ -80,6 +80,7 @@ class RequestState:
     load_info: LoadInfo | None = None  # the last lease's: which slot, how long it waited
     prefilled: int | None = None  # prompt tokens the last generation evaluated
     prompt_ids: tuple[int, ...] = ()
+    prompt_turns: tuple[tuple[str, str], ...] = ()  # what prompt_ids render (for feedback)
     sampling: SamplingParams | None = None
     # generation
     text_parts: list[str] = field(default_factory=list)

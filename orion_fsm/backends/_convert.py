@@ -35,6 +35,7 @@ __all__ = [
     "file_sha256",
     "read_gguf_header",
     "resolve_package_file",
+    "write_gguf_copy",
 ]
 
 ProgressCallback = Callable[[str, int, int], None]
@@ -467,52 +468,98 @@ def _convert(source: Path, out: ConvertedModel, progress: ProgressCallback | Non
     if progress is not None:
         progress("tokenizer", 1, 1)
 
+    kvs: list[tuple[str, Any, Any, Any]] = []
+    for field in fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        if field.name == "tokenizer.ggml.tokens":
+            kvs.append(_kv(field, gguf, byte_tokens))
+        elif field.name == "tokenizer.ggml.merges":
+            kvs.append(_kv(field, gguf, byte_merges))
+        else:
+            kvs.append(_kv(field, gguf))
+    if "tokenizer.ggml.scores" not in fields:
+        # Required by ctransformers' llama.cpp vocab loader; BPE ignores the values.
+        kvs.append(("tokenizer.ggml.scores", [0.0] * len(tokens), gguf.GGUFValueType.ARRAY,
+                    gguf.GGUFValueType.FLOAT32))
+    tensors = [(t.name, t.data, t.tensor_type) for t in reader.tensors]
+    by_name = {t.name: t for t in reader.tensors}
+    if "output.weight" not in by_name and "token_embd.weight" in by_name:
+        # Tied embeddings: this llama.cpp requires an explicit output matrix.
+        embd = by_name["token_embd.weight"]
+        tensors.append(("output.weight", embd.data, embd.tensor_type))
+    _write_v2(reader, kvs, tensors, out.model_path, progress)
+
+
+TensorData = tuple[str, Any, Any]  # (name, numpy data as GGUFReader gives it, GGML type)
+
+
+def write_gguf_copy(source: Path, target: Path, replace: Mapping[str, Any], *,
+                    progress: ProgressCallback | None = None) -> None:
+    """Write `source` (a file ctransformers loads, as `ensure_converted` makes) to `target`
+    with the tensors named in `replace` swapped for the float arrays given ((out, in) numpy
+    shape, as the file's own): metadata and every other tensor are copied as they are, and
+    `target` appears complete or not at all. Used to write a fine-tuned model back."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(source)
+    by_name = {t.name: t for t in reader.tensors}
+    unknown = sorted(set(replace) - set(by_name))
+    if unknown:
+        raise ModelLoadError(f"{source} has no tensor {unknown[0]!r} to replace")
+    kvs = [_kv(field, gguf) for field in reader.fields.values()
+           if not field.name.startswith("GGUF.") and field.name != "general.architecture"]
+    tensors: list[TensorData] = []
+    for t in reader.tensors:
+        if t.name not in replace:
+            tensors.append((t.name, t.data, t.tensor_type))
+            continue
+        # F32 stays F32; a quantized tensor becomes F16, as requantizing would round away
+        # most of a fine-tune's small changes.
+        f32 = t.tensor_type == gguf.GGMLQuantizationType.F32
+        data = np.ascontiguousarray(replace[t.name], dtype=np.float32 if f32 else np.float16)
+        shape = tuple(int(d) for d in reversed(t.shape))
+        if data.shape != shape:
+            raise ModelLoadError(f"tensor {t.name!r} of {source} has shape {shape}, the "
+                                 f"replacement {data.shape}")
+        tensors.append((t.name, data, gguf.GGMLQuantizationType.F32 if f32
+                        else gguf.GGMLQuantizationType.F16))
+    _write_v2(reader, kvs, tensors, target, progress)
+
+
+def _kv(field: Any, gguf: Any, value: Any = None) -> tuple[str, Any, Any, Any]:
+    vtype = field.types[0]
+    sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+    return (field.name, _field_value(field, gguf) if value is None else value, vtype, sub_type)
+
+
+def _write_v2(reader: Any, kvs: list[tuple[str, Any, Any, Any]], tensors: list[TensorData],
+              target: Path, progress: ProgressCallback | None) -> None:
+    """A little-endian GGUF v2 file at `target`: written beside it, renamed when complete."""
+    import gguf
+
+    fields = reader.fields
     arch = _string(fields.get("general.architecture")) or "llama"
-    fd, tmp = tempfile.mkstemp(dir=out.model_path.parent, prefix=".model.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".model.", suffix=".tmp")
     os.close(fd)
     try:
         writer = gguf.GGUFWriter(tmp, arch=arch, endianess=gguf.GGUFEndian.LITTLE)
         alignment = fields.get("general.alignment")
         if alignment is not None:
             writer.data_alignment = int(alignment.contents())
-        for field in fields.values():
-            if field.name.startswith("GGUF.") or field.name == "general.architecture":
-                continue
-            vtype = field.types[0]
-            sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-            if field.name == "tokenizer.ggml.tokens":
-                value: Any = byte_tokens
-            elif field.name == "tokenizer.ggml.merges":
-                value = byte_merges
-            else:
-                value = _field_value(field, gguf)
-            writer.add_key_value(field.name, value, vtype, sub_type=sub_type)
-        if "tokenizer.ggml.scores" not in fields:
-            # Required by ctransformers' llama.cpp vocab loader; BPE ignores the values.
-            writer.add_key_value(
-                "tokenizer.ggml.scores",
-                [0.0] * len(tokens),
-                gguf.GGUFValueType.ARRAY,
-                sub_type=gguf.GGUFValueType.FLOAT32,
-            )
-
-        tensors = list(reader.tensors)
-        by_name = {t.name: t for t in tensors}
-        extra: list[tuple[str, Any]] = []
-        if "output.weight" not in by_name and "token_embd.weight" in by_name:
-            # Tied embeddings: this llama.cpp requires an explicit output matrix.
-            extra.append(("output.weight", by_name["token_embd.weight"]))
-        plan = [(t.name, t) for t in tensors] + extra
-        for name, t in plan:
-            writer.add_tensor_info(name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+        for name, value, vtype, sub_type in kvs:
+            writer.add_key_value(name, value, vtype, sub_type=sub_type)
+        for name, data, ttype in tensors:
+            writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, ttype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        total = sum(t.n_bytes for _, t in plan)
+        total = sum(int(data.nbytes) for _, data, _ in tensors)
         done = 0
-        for _, t in plan:
-            writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
-            done += int(t.n_bytes)
+        for _, data, _ in tensors:
+            writer.write_tensor_data(data, tensor_endianess=reader.endianess)
+            done += int(data.nbytes)
             if progress is not None:
                 progress("convert", done, total)
         writer.close()
@@ -520,7 +567,7 @@ def _convert(source: Path, out: ConvertedModel, progress: ProgressCallback | Non
             # gguf always writes v3; v3 only differs from v2 for big-endian files.
             f.seek(len(_GGUF_MAGIC))
             f.write(struct.pack("<I", _CTRANSFORMERS_GGUF_VERSION))
-        os.replace(tmp, out.model_path)
+        os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -26,8 +26,10 @@ class Progress:
 
         bar = self._bars.get(stage)
         if bar is None:
-            bar = self._bars[stage] = tqdm(total=total or None, desc=stage, unit="B",
-                                           unit_scale=True, leave=False, file=sys.stderr)
+            steps = stage.startswith(("epoch", "check"))  # training steps, answers: counts
+            bar = self._bars[stage] = tqdm(total=total or None, desc=stage,
+                                           unit="it" if steps else "B", unit_scale=not steps,
+                                           leave=False, file=sys.stderr)
         bar.update(done - bar.n)
         if total and done >= total:
             bar.close()
@@ -112,6 +114,34 @@ class CommandLoop:
 
     async def ask(self, prompt: str) -> None:
         raise NotImplementedError
+
+    # --- feedback on the last answer: /good /bad /fix TEXT ----------------------------------
+
+    last_answered: str | None = None  # request id of the last answer (success) shown
+
+    async def rate(self, request_id: str, score: int, correction: str | None) -> None:
+        """Store a rating of `request_id` (the engine's, or the server's)."""
+        raise NotImplementedError
+
+    async def _rated(self, score: int, correction: str | None, what: str) -> bool:
+        if self.last_answered is None:
+            self.say("no answer to rate yet")
+            return True
+        await self.rate(self.last_answered, score, correction)
+        self.say(f"{what} (request {self.last_answered})")
+        return True
+
+    async def good(self, _: str) -> bool:
+        return await self._rated(5, None, "rated good")
+
+    async def bad(self, _: str) -> bool:
+        return await self._rated(0, None, "rated bad")
+
+    async def fix(self, text: str) -> bool:
+        if not text:
+            self.say("/fix TEXT: the answer it should have given")
+            return True
+        return await self._rated(0, text, "correction kept")
 
     async def handle(self, line: str) -> bool:
         """Run one line (a prompt or a command); False when the session should end."""

@@ -1,5 +1,6 @@
-"""`orion-fsm models list|show|validate|convert|quantize|merge|shard`: the model registry, and
-model files made from its models (`_modelops`)."""
+"""`orion-fsm models list|show|validate|convert|quantize|merge|shard|tune`: the model registry,
+model files made from its models (`_modelops`), and fine-tuning an agent on feedback into a
+variant agent."""
 
 from __future__ import annotations
 
@@ -9,7 +10,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from orion_fsm import AgentSpec, ModelCache, Registry, resolve_cache_dir
+from orion_fsm import (
+    AgentSpec,
+    ModelCache,
+    Registry,
+    TuneConfig,
+    resolve_cache_dir,
+    tune_agent,
+    user_registry_path,
+)
 
 from . import _modelops
 from ._common import Progress
@@ -26,7 +35,69 @@ def add_parser(sub: Any) -> None:
     convert = msub.add_parser("convert", help="convert model files for the runtime now")
     convert.add_argument("--agent", help="only this agent's model")
     _modelops.add_parsers(msub)
+    _add_tune(msub)
     models.set_defaults(handler=_models)
+
+
+def _add_tune(msub: Any) -> None:
+    d = TuneConfig()
+    tune = msub.add_parser("tune", help="LoRA fine-tune an agent on training JSONL (`orion-fsm "
+                           "feedback export`) and register the result as a variant agent")
+    tune.add_argument("agent", help="the agent whose model is tuned")
+    tune.add_argument("--data", required=True, help='JSONL, one {"input", "target", '
+                      '"system"} per line')
+    tune.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
+    tune.add_argument("--lr", type=float, default=d.lr, help=f"default {d.lr:g} (the seed's; "
+                      "LoRA on a few hundred examples learns faster with 1e-4 to 1e-3)")
+    tune.add_argument("--batch", type=int, default=d.batch, help=f"default {d.batch}")
+    tune.add_argument("--rank", type=int, default=d.rank, help=f"LoRA rank (default {d.rank})")
+    tune.add_argument("--layers", type=int, default=d.layers, help="LoRA on the last N blocks "
+                      f"(default {d.layers}; 0: all)")
+    tune.add_argument("--held-out", type=float, default=d.held_out,
+                      help=f"share kept aside for the loss and the answer check ({d.held_out})")
+    tune.add_argument("--patience", type=int, default=d.patience, help="epochs without a "
+                      f"better held-out loss before stopping (default {d.patience})")
+    tune.add_argument("--min-examples", type=int, default=d.min_examples,
+                      help=f"refuse fewer examples than this (default {d.min_examples})")
+    tune.add_argument("--max-tokens", type=int, default=d.max_tokens,
+                      help=f"leave out longer examples (default {d.max_tokens})")
+    tune.add_argument("--threads", type=int, default=d.threads,
+                      help=f"torch threads (default {d.threads})")
+    tune.add_argument("--seed", type=int, default=d.seed)
+    tune.add_argument("--output", help="registry file the variant is added to (default: "
+                      "models.user.json in the cache dir, a copy of --registry the first time)")
+    tune.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _tune(args: argparse.Namespace) -> int:
+    registry = Registry.load(args.registry)
+    cache_dir = resolve_cache_dir(args.cache_dir)
+    target = Path(args.output) if args.output else user_registry_path(cache_dir)
+    config = TuneConfig(
+        epochs=args.epochs, lr=args.lr, batch=args.batch, rank=args.rank,
+        layers=args.layers or None, held_out=args.held_out, patience=args.patience,
+        min_examples=args.min_examples, max_tokens=args.max_tokens, threads=args.threads,
+        seed=args.seed)
+    progress = Progress(enabled=sys.stderr.isatty())
+    try:
+        report = tune_agent(registry, args.agent, Path(args.data), cache_dir=cache_dir,
+                            registry_out=target, config=config, progress=progress)
+    finally:
+        progress.close()
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return 0
+    losses = report.held_out_loss
+    print(f"{report.variant}: held-out accuracy {report.accuracy_before:.0%} -> "
+          f"{report.accuracy_after:.0%}, loss {losses[0]:.3f} -> {min(losses):.3f} (epoch "
+          f"{report.best_epoch} of {report.epochs_run}"
+          f"{', stopped early' if report.stopped_early else ''}), "
+          f"{report.train_examples} train / {report.held_out_examples} held-out examples, "
+          f"{report.seconds['total']:.0f} s")
+    print(f"model: {report.model_path}")
+    print(f"registry: {report.registry_path}; try it with: orion-fsm --registry "
+          f"{report.registry_path} run --agent {report.variant} PROMPT")
+    return 0
 
 
 def _agent_row(spec: AgentSpec) -> dict[str, Any]:
@@ -38,6 +109,8 @@ def _agent_row(spec: AgentSpec) -> dict[str, Any]:
 def _models(args: argparse.Namespace) -> int:
     if args.models_command in ("quantize", "merge", "shard"):
         return _modelops.run(args)
+    if args.models_command == "tune":
+        return _tune(args)
     registry = Registry.load(args.registry)
     if args.models_command == "validate":
         print(f"ok: {len(registry.agents)} agents, default {registry.default_agent!r}, "

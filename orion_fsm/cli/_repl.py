@@ -56,6 +56,8 @@ Type a prompt and press Enter; Ctrl-C stops the generation, Ctrl-D or /quit leav
   /trace         the last request's phases, as a waterfall
   /replay        replay the last request from its trace line
   /context NAME  answer from context store NAME (cited); /context off; /context: what is on
+  /good /bad     rate the last answer (kept for `orion-fsm feedback export`)
+  /fix TEXT      the answer the last one should have been (a training example)
   /help /quit"""
 
 
@@ -99,6 +101,7 @@ class Session(CommandLoop):
             "/cache": self._cache, "/mem": self._mem, "/breakers": self._breakers,
             "/trace": self._trace, "/replay": self._replay, "/help": self._help,
             "/context": self._context,
+            "/good": self.good, "/bad": self.bad, "/fix": self.fix,
             "/quit": self._quit, "/exit": self._quit,
         }
 
@@ -136,11 +139,16 @@ class Session(CommandLoop):
         if result is not None:
             self.results.append(result)
             self.last_id = result.request_id
+            if result.state == "success":
+                self.last_answered = result.request_id
         if interrupted and result is None:
             self.cancelled += 1
             self.say("\n[cancelled]")
         elif result is not None:
             self.say("\n" + _footer(result))
+
+    async def rate(self, request_id: str, score: int, correction: str | None) -> None:
+        await self.engine.feedback(request_id, score, correction)
 
     # --- commands -------------------------------------------------------------------------
 

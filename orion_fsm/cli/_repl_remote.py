@@ -42,6 +42,7 @@ class RemoteSession(CommandLoop):
             "/agents": self._agents, "/agent": self._agent, "/stats": self._stats,
             "/cache": self._cache, "/mem": self._mem, "/breakers": self._breakers,
             "/trace": self._trace, "/replay": self._replay, "/help": self._help,
+            "/good": self.good, "/bad": self.bad, "/fix": self.fix,
             "/quit": self._quit, "/exit": self._quit,
         }
 
@@ -78,10 +79,16 @@ class RemoteSession(CommandLoop):
         if result is not None:
             self.results.append(result)
             self.last_id = result.request_id
+            if result.state == "success":
+                self.last_answered = result.request_id
             self.say("\n" + self._footer(result))
         elif interrupted:
             self.cancelled += 1
             self.say("\n[cancelled]")
+
+    async def rate(self, request_id: str, score: int, correction: str | None) -> None:
+        await self.server.post("/v1/feedback", {"request_id": request_id, "score": score,
+                                                "correction": correction})
 
     # --- commands -------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from orion_fsm import (
     EmbeddingError,
     EmbeddingRouter,
     Engine,
+    FeedbackError,
     OrionError,
     find_traces,
 )
@@ -222,6 +223,25 @@ def create_app(engine: Engine | EngineFactory, *, api_key: str | None = None,
     async def metrics(_: Request) -> Any:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    async def feedback(request: Request) -> Any:
+        doc = await _body(request, max_body_bytes)
+        request_id = doc.get("request_id")
+        score: Any = doc.get("score")  # checked by the engine, which names what is wrong
+        if not isinstance(request_id, str) or not request_id:
+            raise ApiError(400, "request_id must be the id of an answer (orion.request_id "
+                           "of a completion)", param="request_id")
+        try:
+            record = await served.feedback(request_id, score, doc.get("correction"))
+        except FeedbackError as exc:
+            status, code = ((404, "request_not_found") if exc.field == "request_id" else
+                            (400, None) if exc.field else (503, "feedback_unavailable"))
+            raise ApiError(status, exc.message, param=exc.field, code=code,
+                           type="invalid_request_error" if status < 500 else "server_error"
+                           ) from None
+        return _json({"object": "feedback", "request_id": record.request_id,
+                      "trace_id": record.trace_id, "agent": record.agent,
+                      "score": record.score, "correction": record.correction is not None})
+
     # --- what `orion-fsm … --server URL` reads -----------------------------------------------
 
     async def route(request: Request) -> Any:
@@ -272,6 +292,7 @@ def create_app(engine: Engine | EngineFactory, *, api_key: str | None = None,
         Route("/v1/chat/completions", _Endpoint(chat), methods=["POST"]),
         Route("/v1/completions", _Endpoint(completions), methods=["POST"]),
         Route("/v1/embeddings", _Endpoint(embeddings), methods=["POST"]),
+        Route("/v1/feedback", _Endpoint(feedback), methods=["POST"]),
         Route("/v1/models", _Endpoint(list_models), methods=["GET"]),
         Route("/v1/models/{model:path}", _Endpoint(get_model), methods=["GET"]),
         Route("/health", _Endpoint(health), methods=["GET"]),

@@ -174,3 +174,24 @@ def test_context_command_answers_from_a_store_with_citations(slow_registry: Path
     assert "[1] lh: docs/fuel.md #0" in answer
     assert "no longer retrieve" in repl.run("/context off")
     assert repl.quit() == 0
+
+
+def test_good_bad_and_fix_rate_the_last_answer(slow_registry: Path, tmp_path: Path) -> None:
+    from orion_fsm import FeedbackStore, default_feedback_path
+
+    repl = Repl(slow_registry, tmp_path, max_tokens=4)
+    assert "no answer to rate yet" in repl.run("/good")
+    assert "── success · conversation" in repl.run("hello there")
+    (first,) = repl.records(1)
+    assert f"rated good (request {first['request_id']})" in repl.run("/good")
+    assert "── success" in repl.run("hello again")
+    second = repl.records(2)[1]
+    assert "rated bad" in repl.run("/bad")
+    assert "/fix TEXT" in repl.run("/fix")
+    assert "correction kept" in repl.run("/fix Hello! How can I help?")
+    assert repl.quit() == 0
+    records = {r.request_id: r for r in FeedbackStore(default_feedback_path()).records()}
+    assert records[first["request_id"]].score == 5
+    assert records[first["request_id"]].trace_id == first["trace_id"]
+    assert records[second["request_id"]].correction == "Hello! How can I help?"
+    assert records[second["request_id"]].history[0] == ("user", "hello there")

@@ -40,3 +40,22 @@ async def test_a_remote_session_streams_answers_and_reads_the_server(
     assert "requests: 2 (2 success)" in shown and "server loader: 2 loads" in shown
     assert "inferencing" in shown  # /trace's waterfall of the last request
     assert "PASS" in shown  # /replay of it, from the server's trace line
+
+
+async def test_a_remote_session_rates_the_last_answer_on_the_server(
+        live: Live, registry_doc: dict[str, Any], write_registry: Callable[..., Path]) -> None:
+    from orion_fsm import FeedbackStore, default_feedback_path
+
+    args = argparse.Namespace(server=live.url, api_key=None, agent="conversation",
+                              max_tokens=3, temperature=None, cache_dir=None,
+                              registry=str(write_registry(registry_doc)))
+    out = io.StringIO()
+    async with connect(args) as server:
+        session = RemoteSession(server, args, out, help_text=_HELP, footer=_footer)
+        for line in ["/good", "hello", "/fix Hello there!"]:
+            assert await session.handle(line)
+    shown = out.getvalue()
+    assert "no answer to rate yet" in shown and "correction kept" in shown
+    (record,) = FeedbackStore(default_feedback_path()).records()
+    assert record.request_id == session.results[0].request_id
+    assert record.correction == "Hello there!" and record.input == "hello"

@@ -1,0 +1,1 @@
+"""Feedback on served answers: the recent requests a rating can name, and the local store."""
