@@ -218,3 +218,16 @@ def test_a_failed_write_leaves_no_model_and_no_registry(
                                      seed=7))
     assert sorted(p.name for p in (tuned.cache / "tuned").iterdir()) == before
     assert not registry_out.exists()
+
+
+def test_the_cli_summary_names_the_variant_and_how_to_use_it(
+        tuned: Tuned, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "mine.json"
+    assert main(_tune_args(tuned, "--data", str(tuned.data), "--epochs", "1",
+                           "--output", str(out))) == 0
+    first, model, registry = capsys.readouterr().out.splitlines()
+    variant = first.split(":")[0]
+    assert variant.startswith("conversation-tuned-") and "held-out accuracy 0% -> " in first
+    assert model.startswith(f"model: {tuned.cache / 'tuned'}")
+    assert registry.endswith(f"--registry {out} run --agent {variant} PROMPT")
+    assert variant in Registry.load(out).agents
