@@ -42,6 +42,7 @@ from ._session import Session, SessionStream
 from ._types import (
     Citation,
     GenerationParams,
+    MemberResult,
     Message,
     PhaseTiming,
     Request,
@@ -64,7 +65,7 @@ from .services.models._cpu import CpuAllotter, CpuSnapshot
 from .services.models._loader import LoaderConfig, ModelLoader, SlotStats
 from .services.models._memory import MemoryMonitor
 from .services.models._pressure import PressureLevel, PressureThresholds
-from .services.models._registry import AgentSpec, Registry
+from .services.models._registry import AgentSpec, Registry, VirtualMember, VirtualSpec
 from .services.models._tiers import MemoryEstimate, estimate_model_memory
 from .services.observability._logging import configure_logging
 from .services.observability._sanitize import sanitize_text
@@ -137,6 +138,7 @@ __all__ = [
     "Loader",
     "LoaderConfig",
     "ManualClock",
+    "MemberResult",
     "MemoryEstimate",
     "MemoryMonitor",
     "Message",
@@ -167,6 +169,8 @@ __all__ = [
     "TokenUsage",
     "ToolCall",
     "ValidationError",
+    "VirtualMember",
+    "VirtualSpec",
     "__version__",
     "caches_dir",
     "configure_logging",
