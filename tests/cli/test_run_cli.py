@@ -86,10 +86,15 @@ def test_models_list_and_show_describe_the_default_registry(
 ) -> None:
     assert main(["models", "list", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
-    assert [a["id"] for a in listed] == ["conversation", "code", "logic"]
+    assert [a["id"] for a in listed] == ["conversation", "code", "logic", "code+logic"]
+    assert [a.get("virtual", False) for a in listed] == [False, False, False, True]
     assert main(["models", "show", "code"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["fallback_chain"] == ["code", "conversation"]
+    assert main(["models", "show", "code+logic"]) == 0
+    virtual = json.loads(capsys.readouterr().out)
+    assert [m["agent"] for m in virtual["members"]] == ["code", "logic"]
+    assert virtual["fallback_chain"] == ["code+logic", "code", "conversation"]
 
 
 def test_console_script_is_installed() -> None:
