@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
@@ -73,7 +73,7 @@ def start_virtual(services: Services, state: RequestState) -> str:
     return "routed_virtual"
 
 
-def member_weights(spec: VirtualSpec, scores: Any) -> dict[str, float]:
+def member_weights(spec: VirtualSpec, scores: Mapping[str, float]) -> dict[str, float]:
     """Each member's weight in the fusion: fixed, or the router's scores for this request
     (a softmax over the members, times the fixed weights) when it scored them."""
     fixed = {m.role: m.weight for m in spec.members}

@@ -46,8 +46,8 @@ def _virtual_row(spec: VirtualSpec) -> dict[str, Any]:
 def _models(args: argparse.Namespace) -> int:
     registry = Registry.load(args.registry)
     if args.models_command == "validate":
-        virtual = f", {len(registry.virtual)} virtual" if registry.virtual else ""
-        print(f"ok: {len(registry.agents)} agents{virtual}, default "
+        extra = f", {len(registry.virtual)} virtual" if registry.virtual else ""
+        print(f"ok: {len(registry.agents)} agents{extra}, default "
               f"{registry.default_agent!r}, digest {registry.digest[:16]}")
         return 0
     if args.models_command == "list":
