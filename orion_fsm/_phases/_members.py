@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
@@ -97,6 +97,9 @@ class MemberRun:
     outcome: str = "running"  # done | failed | stopped (the other member stopped it early)
     start_ms: float = 0.0
     end_ms: float | None = None
+    # What ended it from outside its phases (the deadline, a bug): raised again by
+    # serving_virtual once both regions are over, never through the task group.
+    raised: Exception | None = None
 
     @property
     def role(self) -> str:
@@ -145,6 +148,8 @@ async def serving_virtual(services: Services,
                     state.emitted_chars += len(run.text())
                     state.first_token_at = (now() - state.started) * 1e3
                     yield run.text()
+    if (raised := next((r.raised for r in runs if r.raised is not None), None)) is not None:
+        raise raised
     served = [r.member.agent for r in runs if r.outcome == "done"]
     state.notes.update({attr.VIRTUAL_SERVED: served,
                         attr.VIRTUAL_OUTCOMES: [f"{r.role}: {r.outcome}" for r in runs]})
@@ -179,29 +184,15 @@ async def _serve_member(services: Services, parent: RequestState, run: MemberRun
         child.notes.clear()
 
     async with events:
-        with run.scope:
-            async with child.stack:
-                while True:
-                    event = await loading_agent(services, child)
-                    if event == "loaded":
-                        region(f"{role}_loaded")
-                        async with aclosing(inferencing(services, child)) as items:
-                            async for item in items:
-                                if isinstance(item, Next):
-                                    event = item.event
-                        if event == "completed":
-                            run.outcome = "done"
-                            break
-                    if event == "invalid":  # the prompt does not fit this agent
-                        child.failures.append((child.agent_id or run.member.agent,
-                                               child.error or "invalid"))
-                        run.outcome = "failed"
-                        break
-                    if await fallback(services, child) in ("retry", "retry_same"):
-                        region(f"{role}_retry")
-                        continue
-                    run.outcome = "failed"
-                    break
+        try:
+            await _attempts(services, run, region)
+        except Exception as exc:
+            # Not through the task group: its cancel scope spans the phase's yields. The
+            # request ends with it: the other member need not go on.
+            run.raised, run.outcome = exc, "failed"
+            for other in parent.members:
+                other.scope.cancel()
+            return
         run.end_ms = (clock.monotonic() - parent.started) * 1e3
         if run.scope.cancelled_caught:
             run.outcome = "stopped"  # its region already took `early_stop`
@@ -213,6 +204,38 @@ async def _serve_member(services: Services, parent: RequestState, run: MemberRun
         else:
             child.notes[attr.ERROR] = child.error or "failed"
             region(f"{role}_failed")
+
+
+async def _attempts(services: Services, run: MemberRun, region: Callable[[str], None]) -> None:
+    """The member's agent, then the next of its chain, until one serves or none is left."""
+    child, role = run.state, run.role
+    with run.scope:
+        async with child.stack:
+            while True:
+                # No scope of the driver's here: a member waits for its slot under the deadline.
+                with child.deadline.scope() as deadline:
+                    event = await loading_agent(services, child)
+                if deadline.cancelled_caught:
+                    raise child.deadline.error("serving_virtual", request_id=child.request.id)
+                if event == "loaded":
+                    region(f"{role}_loaded")
+                    async with aclosing(inferencing(services, child)) as items:
+                        async for item in items:
+                            if isinstance(item, Next):
+                                event = item.event
+                    if event == "completed":
+                        run.outcome = "done"
+                        return
+                if event == "invalid":  # the prompt does not fit this agent
+                    child.failures.append((child.agent_id or run.member.agent,
+                                           child.error or "invalid"))
+                    run.outcome = "failed"
+                    return
+                if await fallback(services, child) in ("retry", "retry_same"):
+                    region(f"{role}_retry")
+                    continue
+                run.outcome = "failed"
+                return
 
 
 def _maybe_stop_others(parent: RequestState, run: MemberRun,
