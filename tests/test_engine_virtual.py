@@ -57,10 +57,6 @@ async def test_both_members_generate_in_their_own_regions(
     assert [p.state for p in solution.phases] == ["solution_loading", "solution_generating"]
     assert [p.state for p in result.phases] == ["validating", "routing", "serving_virtual",
                                                 "fusing"]
-    # Both regions were generating at once: each entered generating before the other left it.
-    s_gen, e_gen = solution.phases[1], explanation.phases[1]
-    assert s_gen.start_ms < e_gen.start_ms + e_gen.ms
-    assert e_gen.start_ms < s_gen.start_ms + s_gen.ms
     (record,) = _trace(tmp_path)
     moves = {(t["source"], t["target"]) for t in record["transitions"]}
     assert {("solution_loading", "solution_generating"), ("solution_generating", "solution_done"),
