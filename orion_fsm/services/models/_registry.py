@@ -208,8 +208,9 @@ class VirtualSpec:
     weights: str = "fixed"  # fixed | router
     min_weight: float = 0.0
     early_stop: str = "first_confident"  # first_confident | none
-    threshold: float = 0.9
-    early_stop_max_tokens: int = 64
+    # Calibrated for SmolLM2-135M on eval/virtual.jsonl (python -m bench --only virtual).
+    threshold: float = 0.3875
+    early_stop_max_tokens: int = 96
     fallback: str | None = None
     routing: RoutingHints = RoutingHints()
 
