@@ -29,6 +29,7 @@ from bench import (
     spine,
     structured,
     tune,
+    virtual,
 )
 
 RESULTS = Path(__file__).parent / "results"
@@ -57,7 +58,8 @@ def main() -> int:
              **embeddings.BENCHMARKS, **routing.BENCHMARKS, **resilience.BENCHMARKS,
              **http.BENCHMARKS, **structured.BENCHMARKS, **replay.BENCHMARKS,
              **hostile.BENCHMARKS, **slots.BENCHMARKS,
-             **context.BENCHMARKS, **modelops.BENCHMARKS, **tune.BENCHMARKS}
+             **context.BENCHMARKS, **modelops.BENCHMARKS, **tune.BENCHMARKS,
+             **virtual.BENCHMARKS}
     benchmarks = {name: fn for name, fn in every.items() if not args.only or args.only in name}
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -50,6 +50,7 @@ from ._session import Session, SessionStream
 from ._types import (
     Citation,
     GenerationParams,
+    MemberResult,
     Message,
     PhaseTiming,
     Request,
@@ -81,7 +82,7 @@ from .services.models._cpu import CpuAllotter, CpuSnapshot
 from .services.models._loader import LoaderConfig, ModelLoader, SlotStats
 from .services.models._memory import MemoryMonitor
 from .services.models._pressure import PressureLevel, PressureThresholds
-from .services.models._registry import AgentSpec, Registry
+from .services.models._registry import AgentSpec, Registry, VirtualMember, VirtualSpec
 from .services.models._tiers import MemoryEstimate, estimate_model_memory
 from .services.observability._logging import configure_logging
 from .services.observability._sanitize import sanitize_text
@@ -162,6 +163,7 @@ __all__ = [
     "Loader",
     "LoaderConfig",
     "ManualClock",
+    "MemberResult",
     "MemoryEstimate",
     "MemoryMonitor",
     "Message",
@@ -197,6 +199,8 @@ __all__ = [
     "TuneReport",
     "TuningError",
     "ValidationError",
+    "VirtualMember",
+    "VirtualSpec",
     "__version__",
     "answer_matches",
     "caches_dir",

@@ -15,9 +15,9 @@ import anyio
 
 from ._exceptions import OrionError
 from ._machine import MachinePool, StateListener
-from ._phases import PHASES, STREAMING_PHASES, Next, RequestState, Services
+from ._phases import PHASES, STREAMING_PHASES, Next, Region, RequestState, Services
 from ._structured import prompt_messages
-from ._types import PhaseTiming, Request, Result, TokenUsage
+from ._types import MemberResult, PhaseTiming, Request, Result, TokenUsage
 from .services.feedback._store import Served
 from .services.observability import _attributes as attr
 from .services.observability._logging import LogListener, request_context
@@ -136,6 +136,10 @@ class RequestRun:
                         if isinstance(item, Next):
                             event = item.event
                             break
+                        if isinstance(item, Region):  # a parallel state's region moves on
+                            recorder.region_notes(item.region).update(item.notes)
+                            machine.send(item.event)
+                            continue
                         yield item
             else:
                 with request_context(*ids), deadline.scope() as scope:
@@ -157,12 +161,13 @@ class RequestRun:
                 f"{change.key}: {change.source} -> {change.target}")
         if event is not None:
             machine.send(event)
-        agent = state.agent.id if state.agent else None
+        agent = state.agent_id
+        tokens_in, tokens_out = state.usage()
         recorder.finish({
             attr.AGENT: agent,
             attr.FALLBACK: state.attempt > 0,
-            attr.GEN_AI_USAGE_INPUT_TOKENS: len(state.prompt_ids),
-            attr.GEN_AI_USAGE_OUTPUT_TOKENS: len(state.token_ids),
+            attr.GEN_AI_USAGE_INPUT_TOKENS: tokens_in,
+            attr.GEN_AI_USAGE_OUTPUT_TOKENS: tokens_out,
             attr.ERROR_REASON: state.error_reason,
         })
         requested = state.decision.agent if state.decision else None
@@ -173,7 +178,7 @@ class RequestRun:
             fallback=bool(requested and agent != requested),
             agents_tried=tuple(state.chain[: state.attempt + 1]) if state.chain else (),
             phases=tuple(PhaseTiming(p.state, p.start_ms, p.ms) for p in recorder.phases),
-            tokens=TokenUsage(len(state.prompt_ids), len(state.token_ids)),
+            tokens=TokenUsage(tokens_in, tokens_out), members=_members(state, recorder),
             ttft_ms=state.first_token_at, total_ms=recorder.elapsed_ms(),
             finish_reason=state.finish_reason, error=state.error,
             error_reason=state.error_reason, error_field=state.error_field,
@@ -221,6 +226,25 @@ def _abort(d: Driving, state: RequestState, where: str) -> dict[str, Any]:
         "queue": None if awaiting != "admission" else {
             "queued": snapshot["queued"], "max_queue": snapshot["max_queue"]},
     }
+
+
+def _members(state: RequestState, recorder: PhaseRecorder) -> tuple[MemberResult, ...]:
+    """What each member of a virtual agent did, with its region's timeline."""
+    used = set((state.fusion or {}).get("used", ()))
+    return tuple(MemberResult(
+        role=r.role, agent=r.state.agent_id or r.member.agent, state=r.outcome,
+        text="".join(r.state.text_parts),
+        tokens=TokenUsage(len(r.state.prompt_ids), len(r.state.token_ids)),
+        ttft_ms=r.state.first_token_at, start_ms=r.start_ms,
+        total_ms=None if r.end_ms is None else r.end_ms - r.start_ms,
+        confidence=r.confidence(), entropy=r.entropy(), weight=r.weight,
+        used=r.role in used, finish_reason=r.state.finish_reason,
+        error=None if r.outcome != "failed" else (r.state.error or "; ".join(
+            f"{a}: {w}" for a, w in r.state.failures)),
+        agents_tried=tuple(r.state.chain[: r.state.attempt + 1]),
+        phases=tuple(PhaseTiming(p.state, p.start_ms, p.ms)
+                     for p in recorder.region_phases(r.role)),
+    ) for r in state.members)
 
 
 def _slot_fields(state: RequestState) -> dict[str, Any]:
@@ -277,4 +301,19 @@ def _trace_record(d: Driving, state: RequestState, recorder: PhaseRecorder,
         "spans": recorder.spans,
         "result": {**result.as_dict(), "token_ids": list(result.token_ids)},
         "abort": None if abort is None else dict(abort),
+        # A virtual agent's request: each member (its prompt, tokens, outcome), the early stop
+        # decision and what fusing used (absent otherwise: older records keep their shape).
+        **({} if not state.members else {"virtual": {
+            "agent": state.virtual.id if state.virtual else None,
+            # Replay serves each member's tokens with their log-probabilities again, so that
+            # its early stop decides from the recorded confidences.
+            "members": [{**m.as_dict(), "prompt_token_ids": list(r.state.prompt_ids),
+                         "token_ids": list(r.state.token_ids),
+                         "logprobs": list(r.state.logprobs),
+                         "model_sha256": None if r.state.prepared is None
+                         else r.state.prepared.sha256}
+                        for m, r in zip(result.members, state.members, strict=True)],
+            "early_stop": state.early_stop,
+            "fusion": state.fusion,
+        }}),
     }

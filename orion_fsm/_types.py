@@ -133,6 +133,44 @@ class TokenUsage:
 
 
 @dataclass(frozen=True, slots=True)
+class MemberResult:
+    """One member of a virtual agent's request: its region, what it said, how it ended."""
+
+    role: str  # its region of the parallel state: solution | explanation
+    agent: str  # the agent that served it (after its own fallback) or was last tried
+    state: str  # done | failed | stopped (the other member's early stop ended it)
+    text: str
+    tokens: TokenUsage
+    ttft_ms: float | None  # since the request started
+    start_ms: float  # since the request started
+    total_ms: float | None
+    confidence: float | None  # geometric mean of its tokens' probabilities (its own model)
+    entropy: float | None  # mean entropy of its tokens' distributions, in nats
+    weight: float  # its weight in the fusion
+    used: bool  # its text is part of the fused answer
+    finish_reason: str | None
+    error: str | None = None
+    agents_tried: tuple[str, ...] = ()
+    phases: tuple[PhaseTiming, ...] = ()  # its region's states
+
+    def as_dict(self) -> dict[str, Any]:
+        def ms(value: float | None) -> float | None:
+            return None if value is None else round(value, 3)
+
+        return {"role": self.role, "agent": self.agent, "state": self.state, "text": self.text,
+                "tokens": {"input": self.tokens.input, "output": self.tokens.output},
+                "ttft_ms": ms(self.ttft_ms), "start_ms": ms(self.start_ms),
+                "total_ms": ms(self.total_ms),
+                "confidence": None if self.confidence is None else round(self.confidence, 4),
+                "entropy": None if self.entropy is None else round(self.entropy, 4),
+                "weight": round(self.weight, 4), "used": self.used,
+                "finish_reason": self.finish_reason, "error": self.error,
+                "agents_tried": list(self.agents_tried),
+                "phases": [{"state": p.state, "start_ms": round(p.start_ms, 3),
+                            "ms": round(p.ms, 3)} for p in self.phases]}
+
+
+@dataclass(frozen=True, slots=True)
 class Result:
     """The outcome of one request: its final state, its text and how it got there."""
 
@@ -168,6 +206,8 @@ class Result:
     # lets a probe request through (HTTP: 503 + Retry-After); None otherwise
     retry_after_s: float | None = None
     citations: tuple[Citation, ...] = ()  # context chunks the prompt carried, best first
+    # A virtual agent's members (solution first), each with its weight in the fused text.
+    members: tuple[MemberResult, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -205,4 +245,5 @@ class Result:
             "session_id": self.session_id,
             "retry_after_s": self.retry_after_s,
             "citations": [c.as_dict() for c in self.citations],
+            **({"members": [m.as_dict() for m in self.members]} if self.members else {}),
         }

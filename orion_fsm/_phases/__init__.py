@@ -12,15 +12,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ._fallback import fallback
+from ._fusing import fusing
 from ._generation import inferencing
 from ._loading import loading_agent
+from ._members import serving_virtual
 from ._output import checking_output
 from ._retrieving import retrieving
 from ._routing import routing
-from ._state import Next, PhaseFn, RequestState, Services, StreamingPhaseFn
+from ._state import Next, PhaseFn, Region, RequestState, Services, StreamingPhaseFn
 from ._validating import validating
 
-__all__ = ["PHASES", "STREAMING_PHASES", "Next", "RequestState", "Services"]
+__all__ = ["PHASES", "STREAMING_PHASES", "Next", "Region", "RequestState", "Services"]
 
 # Bound to the statechart's states by name (see _machine.request_chart).
 PHASES: Mapping[str, PhaseFn] = {
@@ -31,4 +33,9 @@ PHASES: Mapping[str, PhaseFn] = {
     "checking_output": checking_output,
     "fallback": fallback,
 }
-STREAMING_PHASES: Mapping[str, StreamingPhaseFn] = {"inferencing": inferencing}
+STREAMING_PHASES: Mapping[str, StreamingPhaseFn] = {
+    "inferencing": inferencing,
+    # A parallel state: its regions' events come from the phase as its members progress.
+    "serving_virtual": serving_virtual,
+    "fusing": fusing,
+}

@@ -81,4 +81,6 @@ def _pass_over_same_model(services: Services, state: RequestState, failed_key: s
 def _clear_output(state: RequestState) -> None:
     state.text_parts.clear()
     state.token_ids.clear()
+    state.logprobs.clear()
+    state.entropies.clear()
     state.first_token_at = None

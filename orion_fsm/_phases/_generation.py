@@ -120,6 +120,8 @@ class _Recorder:
         if state.first_token_at is None:
             state.first_token_at = (self._services.clock.monotonic() - state.started) * 1e3
         state.token_ids.extend(event.token_ids)
+        state.logprobs.extend(event.logprobs)
+        state.entropies.extend(event.entropies)
         if event.text:
             state.text_parts.append(event.text)
             state.emitted_chars += len(event.text)

@@ -15,6 +15,8 @@ from .._types import Message, Request
 from ..services.caches._cacheset import cache_key
 from ..services.caches._entries import CachedResult
 from ..services.observability import _attributes as attr
+from ..services.routing._router import RoutingDecision
+from ._members import claim_virtual, start_virtual
 from ._output import check_format
 from ._prompting import grammar_of, sampling_params
 from ._state import RequestState, Services
@@ -27,7 +29,11 @@ async def routing(services: Services, state: RequestState) -> str:
     request = state.request
     text = next(m.content for m in reversed(request.messages) if m.role == "user")
     try:
-        decision = await services.router.route(text, requested=request.agent)
+        if request.agent is not None and request.agent in services.registry.virtual:
+            decision = RoutingDecision(agent=request.agent, source="explicit", score=1.0)
+        else:
+            decision = claim_virtual(services.registry, text, await services.router.route(
+                text, requested=request.agent))
     except RegistryError as exc:
         state.fail("invalid", exc.message, field="agent")
         return "invalid"
@@ -43,6 +49,8 @@ async def routing(services: Services, state: RequestState) -> str:
         attr.ROUTING_NOTE: decision.note,
         attr.FALLBACK_CHAIN: list(state.chain),
     })
+    if decision.agent in services.registry.virtual:
+        return start_virtual(services, state)
     if request.context is not None:
         # The answer depends on what the store holds now: never an L1 answer.
         return "routed_with_context"

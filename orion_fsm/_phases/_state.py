@@ -21,12 +21,13 @@ if TYPE_CHECKING:
     from ..services.context._store import ContextHit
     from ..services.models._cpu import CpuAllotter
     from ..services.models._loader import LoadInfo
-    from ..services.models._registry import AgentSpec, Registry
+    from ..services.models._registry import AgentSpec, Registry, VirtualSpec
     from ..services.resilience._admission import Deadline
     from ..services.resilience._breaker import BreakerBoard, BreakerPermit
     from ..services.resilience._guardrails import Guardrails
     from ..services.resilience._retry import Retries
     from ..services.routing._router import RoutingDecision
+    from ._members import MemberRun
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Services:
@@ -87,6 +88,9 @@ class RequestState:
     token_ids: list[int] = field(default_factory=list)
     emitted_chars: int = 0
     first_token_at: float | None = None  # ms since the start
+    # per generated token: its log-probability and its distribution's entropy (nats)
+    logprobs: list[float] = field(default_factory=list)
+    entropies: list[float] = field(default_factory=list)
     finish_reason: str | None = None
     # Set to stop the generation (caller gone, deadline, runaway repetition); read by the
     # worker thread between tokens.
@@ -106,6 +110,26 @@ class RequestState:
     mask: MaskStats | None = None
     parsed: Any = None
     tool_calls: tuple[ToolCall, ...] = ()
+    # a virtual agent (serving_virtual, fusing): each member's run, the early-stop decision,
+    # and what fusing made of the answers
+    virtual: VirtualSpec | None = None
+    members: list[MemberRun] = field(default_factory=list)
+    early_stop: dict[str, Any] | None = None
+    fusion: dict[str, Any] | None = None
+
+    @property
+    def agent_id(self) -> str | None:
+        """The agent serving (or last tried): a virtual agent until its fallback takes over."""
+        if self.agent is not None:
+            return self.agent.id
+        return None if self.virtual is None else self.virtual.id
+
+    def usage(self) -> tuple[int, int]:
+        """(input, output) tokens: a virtual agent's are its members' sums."""
+        if self.members and self.agent is None:
+            return (sum(len(m.state.prompt_ids) for m in self.members),
+                    sum(len(m.state.token_ids) for m in self.members))
+        return len(self.prompt_ids), len(self.token_ids)
 
     def fail(self, reason: str, message: str, *, field: str | None = None) -> None:
         self.error, self.error_reason, self.error_field = message, reason, field
@@ -120,5 +144,16 @@ class Next:
     event: str
 
 
+@dataclass(frozen=True, slots=True)
+class Region:
+    """An event of one region of a parallel state, sent while its phase goes on; `notes`
+    are the span attributes of the region's state it leaves."""
+
+    region: str
+    event: str
+    notes: Mapping[str, Any] = field(default_factory=dict)
+
+
 PhaseFn = Callable[[Services, RequestState], Awaitable[str]]
-StreamingPhaseFn = Callable[[Services, RequestState], AsyncGenerator["str | Next", None]]
+StreamingPhaseFn = Callable[[Services, RequestState],
+                            AsyncGenerator["str | Region | Next", None]]

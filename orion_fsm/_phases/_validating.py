@@ -84,8 +84,8 @@ async def validating(services: Services, state: RequestState) -> str:
     request, registry = state.request, services.registry
     problem = (request.refused or _check_messages(request.messages)
                or _check_params(request.params) or _check_options(request))
-    if problem is None and request.agent is not None and request.agent not in registry.agents:
-        known = ", ".join(registry.agents)
+    if problem is None and request.agent is not None and not registry.known(request.agent):
+        known = registry.known_ids()
         problem = "agent", f"unknown agent {request.agent!r}; known agents: {known}"
     if problem is None:
         try:
@@ -102,7 +102,7 @@ async def validating(services: Services, state: RequestState) -> str:
     state.notes[attr.MESSAGES] = len(request.messages)
     if services.guardrails is not None:
         agents = registry.agents
-        context = (agents[request.agent].context_length if request.agent is not None
+        context = (registry.context_length(request.agent) if request.agent is not None
                    else max(a.context_length for a in agents.values()))
         verdict = services.guardrails.check_input(request.messages, request.params,
                                                   context_length=context)

@@ -7,6 +7,7 @@ run `generate` in a worker thread and receive text deltas through a synchronous 
 from __future__ import annotations
 
 import functools
+import math
 import platform
 import random
 import threading
@@ -14,13 +15,17 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from orion_fsm._exceptions import InferenceError, ModelLoadError
 
 from ._constrained import Grammar, MaskedSampler, MaskStats, logits_view
 from ._convert import read_gguf_header
 from ._tokenizer import IncrementalDecoder, Tokenizer
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
 __all__ = [
     "CoreGate",
@@ -54,10 +59,14 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class GenerationEvent:
-    """One emitted chunk of text and the token ids consumed since the previous chunk."""
+    """One emitted chunk of text and the token ids consumed since the previous chunk; with
+    each id its log-probability and the entropy (nats) of the distribution it was drawn
+    from, under the model's own logits (empty when the runtime gave none)."""
 
     token_ids: tuple[int, ...]
     text: str
+    logprobs: tuple[float, ...] = ()
+    entropies: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -367,6 +376,7 @@ class _Generation:
         self._decoder = IncrementalDecoder(model.tokenizer)
         self._generated: list[int] = []
         self._unsent_ids: list[int] = []
+        self._unsent_scores: list[tuple[float, float]] = []  # (logprob, entropy) per id
         self._held = ""  # decoded text that might be the start of a stop string
         self._emitted: list[str] = []
         self._masked: MaskedSampler | None = None
@@ -416,6 +426,8 @@ class _Generation:
             if self._should_stop():
                 return (yield from self._finish("cancelled"))
             try:
+                # The model's own distribution (temperature 1), before any sampling rule.
+                scores = _Scores.of(logits_view(llm))
                 token = self._masked.choose(logits_view(llm)) if self._masked else int(
                     llm.sample(
                         # Greedy is top-k 1; temperature 0 itself would divide logits by zero.
@@ -436,6 +448,7 @@ class _Generation:
             if token in self._model.eos_token_ids:
                 return (yield from self._finish("stop"))
             self._generated.append(token)
+            self._unsent_scores.append(scores.of_token(token))
             if self._push(token):
                 return (yield from self._finish("stop", flush=False))
             yield from self._drain()
@@ -478,8 +491,12 @@ class _Generation:
             return
         self._held = self._held[len(text) :]
         self._emitted.append(text)
-        self._ready.append(GenerationEvent(tuple(self._unsent_ids), text))
+        scores = self._unsent_scores
+        self._ready.append(GenerationEvent(tuple(self._unsent_ids), text,
+                                           tuple(lp for lp, _ in scores),
+                                           tuple(h for _, h in scores)))
         self._unsent_ids.clear()
+        self._unsent_scores = []
 
     def _drain(self) -> Iterator[GenerationEvent]:
         while self._ready:
@@ -496,3 +513,36 @@ class _Generation:
         mask = self._masked.stats() if self._masked is not None else None
         return GenerationOutcome(tuple(self._generated), "".join(self._emitted), reason, mask,
                                  self._prefilled)
+
+
+
+class _Scores:
+    """The next token's distribution under the model's logits (temperature 1): its
+    log-normaliser and entropy, computed once per step before sampling reads the buffer."""
+
+    __slots__ = ("_entropy", "_lse", "_shifted")
+
+    def __init__(self, shifted: npt.NDArray[np.float32] | None, lse: float,
+                 entropy: float) -> None:
+        self._shifted, self._lse, self._entropy = shifted, lse, entropy
+
+    @classmethod
+    def of(cls, logits: npt.NDArray[np.float32]) -> _Scores:
+        import numpy as np
+
+        if logits.size == 0:
+            return cls(None, 0.0, 0.0)
+        # A copy (the runtime reuses its buffer), floored: a masked (-inf) logit would make
+        # the entropy's 0 x -inf a NaN.
+        shifted = np.maximum(logits - logits.max(), np.float32(-1e4))
+        weights = np.exp(shifted)
+        total = float(weights.sum())
+        lse = math.log(total)
+        return cls(shifted, lse, lse - float(np.dot(weights, shifted)) / total)
+
+    def of_token(self, token: int) -> tuple[float, float]:
+        """(log-probability of `token`, entropy of the distribution), in nats."""
+        shifted = self._shifted
+        if shifted is None or not 0 <= token < shifted.size:
+            return (0.0, 0.0)
+        return (float(shifted[token]) - self._lse, self._entropy)

@@ -15,6 +15,7 @@ from orion_fsm import (
     ModelCache,
     Registry,
     TuneConfig,
+    VirtualSpec,
     resolve_cache_dir,
     tune_agent,
     user_registry_path,
@@ -106,6 +107,17 @@ def _agent_row(spec: AgentSpec) -> dict[str, Any]:
             "ram_estimate_mb": spec.ram_estimate_mb}
 
 
+def _virtual_row(spec: VirtualSpec) -> dict[str, Any]:
+    return {"id": spec.id, "virtual": True, "description": spec.description,
+            "members": [{"agent": m.agent, "role": m.role, "weight": round(m.weight, 4)}
+                        for m in spec.members],
+            "fusion": {"strategy": spec.strategy, "weights": spec.weights,
+                       "min_weight": spec.min_weight},
+            "early_stop": {"policy": spec.early_stop, "threshold": spec.threshold,
+                           "max_tokens": spec.early_stop_max_tokens},
+            "fallback": spec.fallback, "routing": {"patterns": list(spec.routing.patterns)}}
+
+
 def _models(args: argparse.Namespace) -> int:
     if args.models_command in ("quantize", "merge", "shard"):
         return _modelops.run(args)
@@ -113,18 +125,31 @@ def _models(args: argparse.Namespace) -> int:
         return _tune(args)
     registry = Registry.load(args.registry)
     if args.models_command == "validate":
-        print(f"ok: {len(registry.agents)} agents, default {registry.default_agent!r}, "
-              f"digest {registry.digest[:16]}")
+        extra = f", {len(registry.virtual)} virtual" if registry.virtual else ""
+        print(f"ok: {len(registry.agents)} agents{extra}, default "
+              f"{registry.default_agent!r}, digest {registry.digest[:16]}")
         return 0
     if args.models_command == "list":
         rows = [_agent_row(s) for s in registry.agents.values()]
+        virtual = [_virtual_row(v) for v in registry.virtual.values()]
         if args.json:
-            print(json.dumps(rows, indent=2))
+            print(json.dumps(rows + virtual, indent=2))
         else:
             for r in rows:
                 default = "*" if r["id"] == registry.default_agent else " "
                 print(f"{default} {r['id']:<14} {r['role']:<14} ctx {r['context_length']:<6} "
                       f"fallback {r['fallback'] or '-':<14} {r['model']}")
+            for v in virtual:
+                members = " + ".join(f"{m['agent']} ({m['role']} {m['weight']:.2f})"
+                                     for m in v["members"])
+                print(f"  {v['id']:<14} {'virtual':<14} {members}; early stop "
+                      f"{v['early_stop']['policy']} at {v['early_stop']['threshold']}; "
+                      f"fallback {v['fallback'] or '-'}")
+        return 0
+    if args.models_command == "show" and args.agent in registry.virtual:
+        shown = {**_virtual_row(registry.virtual[args.agent]),
+                 "fallback_chain": list(registry.fallback_chain(args.agent))}
+        print(json.dumps(shown, indent=2, ensure_ascii=False))
         return 0
     if args.models_command == "show":
         spec = registry.get(args.agent)

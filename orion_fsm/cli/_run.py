@@ -14,6 +14,7 @@ from orion_fsm import TRACE_FILE_ENV, Engine, RequestFailed, Result
 
 from ._common import Progress, add_format_options, format_request
 from ._remote import add_server_options, connect
+from ._trace import lanes
 
 _BAR_WIDTH = 40
 
@@ -53,8 +54,10 @@ def timeline(result: Result) -> str:
         start = int(p.start_ms / total * _BAR_WIDTH)
         width = max(1, int(p.ms / total * _BAR_WIDTH))
         bar = " " * start + "█" * min(width, _BAR_WIDTH - start)
-        lines.append(f"  {p.state:<14} {p.ms:>10.1f} ms  |{bar:<{_BAR_WIDTH}}|")
-    lines.append(f"  {'total':<14} {result.total_ms:>10.1f} ms")
+        lines.append(f"  {p.state:<16} {p.ms:>10.1f} ms  |{bar:<{_BAR_WIDTH}}|")
+        if p.state == "serving_virtual":  # the members' regions, side by side in time
+            lines += lanes([m.as_dict() for m in result.members], total, _BAR_WIDTH, lead=35)
+    lines.append(f"  {'total':<16} {result.total_ms:>10.1f} ms")
     for i, c in enumerate(result.citations, 1):
         lines.append(f"  [{i}] {c.store}: {c.document} #{c.position} (chunk {c.chunk_id})")
     if result.error:

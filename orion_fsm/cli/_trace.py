@@ -15,7 +15,7 @@ from typing import Any, Final
 
 from orion_fsm import find_traces
 
-_LABEL: Final = 14  # phase names: loading_agent is the longest
+_LABEL: Final = 16  # phase names: serving_virtual is the longest
 _MS: Final = 11
 _MIN_BAR: Final = 10
 _FULL, _THIN = "█", "▏"
@@ -87,6 +87,8 @@ def waterfall(record: Mapping[str, Any], width: int = 60) -> str:
              f"{via} · {total:.1f} ms · {tokens.get('input', 0)} in / "
              f"{tokens.get('output', 0)} out"]
     scale = width / total if total > 0 else 0.0
+    # A parallel state's regions move on their own: their transitions are drawn as lanes.
+    transitions = [t for t in transitions if t.get("region") is None]
     for k, phase in enumerate(phases):
         start, ms = float(phase.get("start_ms", 0)), float(phase.get("ms", 0))
         left = min(width - 1, int(start * scale))
@@ -95,9 +97,51 @@ def waterfall(record: Mapping[str, Any], width: int = 60) -> str:
         event = transitions[k + 1].get("event") if k + 1 < len(transitions) else ""
         lines.append(f"  {phase.get('state')!s:<{_LABEL}}{ms:>{_MS}.1f} ms "
                      f"|{' ' * left}{bar:<{width - left}}| {event}")
+        if phase.get("state") == "serving_virtual":
+            members = (record.get("virtual") or {}).get("members") or []
+            lines += lanes(members, total, width)
     if result.get("error"):
         lines.append(f"  error ({result.get('error_reason')}): {result['error']}")
     return "\n".join(lines)
+
+
+_LANE_MARKS: Final = {"loading": "░", "generating": "█"}
+_ENDS: Final = {"done": "✓", "failed": "✗", "stopped": "■"}
+
+
+def lanes(members: Sequence[Mapping[str, Any]], total_ms: float, width: int,
+          lead: int = _LABEL + _MS + 7) -> list[str]:
+    """A virtual agent's regions side by side in time, one lane each on the request's scale
+    (`lead` columns before its bar): ░ loading, █ generating, then how the region ended
+    (✓ done, ✗ failed, ■ stopped)."""
+    scale = width / total_ms if total_ms > 0 else 0.0
+    lines = []
+    for k, member in enumerate(members):
+        cells = [" "] * width
+        last = 0
+        for phase in member.get("phases") or []:
+            kind = str(phase.get("state", "")).rsplit("_", 1)[-1]
+            start = float(phase.get("start_ms", 0))
+            left = min(width - 1, int(start * scale))
+            right = min(width, max(left + 1, round((start + float(phase.get("ms", 0))) * scale)))
+            for i in range(left, right):
+                cells[i] = _LANE_MARKS.get(kind, "▒")
+            last = right
+        state = str(member.get("state", "?"))
+        if last < width:
+            cells[last] = _ENDS.get(state, "?")
+        confidence = member.get("confidence")
+        sure = "" if confidence is None else f" · confidence {float(confidence):.3f}"
+        used = " · in answer" if member.get("used") else ""
+        tree = "└" if k == len(members) - 1 else "├"
+        label = f"   {tree} {member.get('role', '?')}"
+        lines.append(f"{label:<{lead - 1}}|{''.join(cells)}| {state} · "
+                     f"{member.get('agent', '?')} · "
+                     f"{(member.get('tokens') or {}).get('output', 0)} tokens"
+                     f" · weight {float(member.get('weight', 0)):.2f}{sure}{used}")
+        if member.get("error"):
+            lines.append(f"{'':<{lead}}{member['error']}")
+    return lines
 
 
 def percentile(values: Sequence[float], p: float) -> float:

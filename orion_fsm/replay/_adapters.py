@@ -5,7 +5,9 @@ file), the live loader, the breaker board, admission, the caches and the clock.
 
 from __future__ import annotations
 
+import math
 import re
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -53,6 +55,9 @@ from orion_fsm.services.routing._router import RoutingDecision, RuleRouter
 from ._script import Aborter, RecordedAttempt, RecordedOutput, Script
 
 _STOP_WAIT_S: Final = 5.0
+# A virtual member that finished after the other waits for it, then this long, so that the
+# other's early-stop verdict is made first, as in the recorded run.
+_SETTLE_S: Final = 0.05
 # Replayed generations never stall for real (a recorded stall is replayed as its failure).
 _REPLAY_STALL_S: Final = 3600.0  # a cancelled caller tells the stream to stop within milliseconds
 
@@ -141,9 +146,12 @@ class _ReplayRuntime:
     """
 
     def __init__(self, token_ids: Sequence[int], *, context_length: int, eos_token_id: int,
-                 vocab_size: int) -> None:
+                 vocab_size: int, logprobs: Sequence[float] = ()) -> None:
         self._ids = list(token_ids)
+        self._logprobs = list(logprobs)  # the recorded log-probability of each id, if any
         self._next = 0
+        self._peeked: int | None = None  # the id the logits of this step were made for
+        self._peeked_at = 0  # its place among the recorded ids
         self.context_length = context_length
         self.eos_token_id = eos_token_id
         self._logits: Any = None  # numpy, made on first use: numpy is not imported eagerly
@@ -158,9 +166,15 @@ class _ReplayRuntime:
         return list(tokens)
 
     def eval(self, tokens: Sequence[int], *, threads: int | None = None) -> None:
-        return None
+        self._peeked = None  # a new step: its logits are those of the next recorded id
 
     def sample(self, **_sampling: Any) -> int:
+        if self._peeked is not None:  # the logits of this step were read first
+            token, self._peeked = self._peeked, None
+            return token
+        return self._take()
+
+    def _take(self) -> int:
         if self.exhausted:
             return self.eos_token_id
         token = self._ids[self._next]
@@ -176,12 +190,22 @@ class _ReplayRuntime:
 
         import numpy as np
 
-        token = self.sample()
+        # Read once per step (the confidence, then a grammar's mask): the same id each time.
+        if self._peeked is None:
+            self._peeked_at = self._next
+            self._peeked = self._take()
+        token, index = self._peeked, self._peeked_at
         if self._logits is None:
             self._logits = np.empty(self._vocab_size, dtype=np.float32)
         self._logits.fill(-np.inf)
         if 0 <= token < self._vocab_size:
             self._logits[token] = 0.0
+            recorded = self._logprobs[index] if 0 <= index < len(self._logprobs) else 0.0
+            if recorded < 0 and self._vocab_size > 1:
+                # The rest of the mass on one other id: the recorded id keeps its recorded
+                # log-probability (only virtual members record them: no grammar runs there).
+                self._logits[token] = recorded
+                self._logits[(token + 1) % self._vocab_size] = math.log1p(-math.exp(recorded))
         return self._logits.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
 
 
@@ -192,7 +216,9 @@ class _RecordedStream:
 
     def __init__(self, output: RecordedOutput, max_tokens: int) -> None:
         ids = output.token_ids[:max_tokens]
-        self._events = [GenerationEvent((token,), output.text if i == len(ids) - 1 else "")
+        scores = output.logprobs
+        self._events = [GenerationEvent((token,), output.text if i == len(ids) - 1 else "",
+                                        (scores[i],) if i < len(scores) else ())
                         for i, token in enumerate(ids)]
         reason = output.finish_reason or "stop"
         if len(ids) < len(output.token_ids):
@@ -288,8 +314,13 @@ class ReplayModel:
     generation loop (text, stop strings, max_tokens); without it, the recorded text is used."""
 
     def __init__(self, output: RecordedOutput, *, tokenizer: Tokenizer | None, context_length: int,
-                 model_path: Path, aborter: Aborter | None = None) -> None:
+                 model_path: Path, aborter: Aborter | None = None,
+                 after: threading.Event | None = None,
+                 reached: threading.Event | None = None) -> None:
         self.output = output
+        # A virtual member: the other member's recorded end (it finished first, or this one
+        # stopped it), and this one's, set once its recorded tokens are out.
+        self._after, self._reached = after, reached
         self.tokenizer: Tokenizer | _UnknownVocabulary = tokenizer or _UnknownVocabulary()
         self.context_length = context_length
         self.model_path = model_path
@@ -322,6 +353,17 @@ class ReplayModel:
             outcome = stream.outcome
         finally:
             stream.close()
+        if self.output.stopped or self._after is not None:
+            # A virtual member: ended by the other's early stop (wait for it), or finished
+            # after the other (let that one finish, and decide, first).
+            deadline = time.monotonic() + _STOP_WAIT_S
+            if self._reached is not None and self.output.stopped:
+                self._reached.set()
+            if self._after is not None:
+                self._after.wait(_STOP_WAIT_S)
+                time.sleep(_SETTLE_S)
+            while self.output.stopped and not should_stop() and time.monotonic() < deadline:
+                time.sleep(0.001)
         if aborter is not None:
             # After the last on_event: the caller's cancellation abandons this thread, and
             # nothing may reach the request's token list once the abort has read it.
@@ -340,7 +382,7 @@ class ReplayModel:
         runtime = _ReplayRuntime(
             self.output.token_ids, context_length=self.context_length,
             eos_token_id=next((i for i in ends if i is not None), tokenizer.vocab_size),
-            vocab_size=tokenizer.vocab_size)
+            vocab_size=tokenizer.vocab_size, logprobs=self.output.logprobs)
         model = LoadedModel(runtime, tokenizer, model_path=self.model_path, threads=1)
         return _ReplayStream(model.open_stream(prompt_ids, params), lambda: runtime.exhausted,
                              self.output, aborter=aborter, should_stop=should_stop)
@@ -384,6 +426,7 @@ class ReplayLoader:
         self._aborter = aborter
         self._prepared: dict[str, _ReplayPrepared] = {}
         self._turns: dict[str, int] = {}  # leases taken per agent: which recorded attempt is next
+        self._released: dict[str, threading.Event] = {}  # per agent: its last lease is over
         self.clock = clock
         self._stats = LoaderStats()
         self.monitor: PressureGauge | None = None  # the memory monitor binds itself here
@@ -422,6 +465,8 @@ class ReplayLoader:
             count = attempt.input_tokens
             ids = self._prompt_ids if attempt.final and (
                 count is None or count == len(self._prompt_ids)) else [0] * (count or 1)
+            if attempt.prompt_ids is not None:  # a virtual member's own prompt
+                ids = attempt.prompt_ids
             tokenizer = _RecordedTokenizer(ids)
         return _ReplayPrepared(
             key=ModelKey(source, agent.context_length, agent.model_type, variant),
@@ -449,12 +494,23 @@ class ReplayLoader:
                 self._aborter.cancel()
         if attempt.acquire_error is not None:
             raise ModelLoadError(attempt.acquire_error)
+        reached = self._released.setdefault(agent.id, threading.Event())
+        if attempt.stopped_loading:
+            # A virtual member the other's early stop ended while it waited for a slot.
+            reached.set()
+            await anyio.sleep_forever()
+        after = (None if attempt.finishes_after is None
+                 else self._released.setdefault(attempt.finishes_after, threading.Event()))
         model = ReplayModel(attempt.output, tokenizer=self._tokenizers.get(attempt.sha256 or ""),
                             context_length=agent.context_length,
-                            model_path=prepared.files.model_path, aborter=self._aborter)
+                            model_path=prepared.files.model_path, aborter=self._aborter,
+                            after=after, reached=reached)
         info = attempt.load_info or LoadInfo(prepared.key.label, prepared.key.variant, False,
                                              0.0, 0.0, (), False)
-        yield _ReplayLease(model, info, prepared)
+        try:
+            yield _ReplayLease(model, info, prepared)
+        finally:
+            reached.set()
 
     # What the engine and its memory monitor call on a loader: nothing to run or unload.
 

@@ -22,7 +22,11 @@ _DECISIONS: Final[Mapping[str, tuple[str, ...]]] = {
                       *_ERRORS),
     "inferencing": ("orion.inference_error", *_ERRORS),
     "fallback": ("orion.fallback.from", "orion.fallback.to", *_ERRORS),
+    "serving_virtual": ("orion.virtual.members", "orion.virtual.early_stop.taken",
+                        "orion.virtual.outcomes", *_ERRORS),
+    "fusing": ("orion.virtual.used", *_ERRORS),
 }
+_PARALLEL: Final = "serving_virtual"  # the parallel state: its regions are compared apart
 _SHOWN_CHARS: Final = 160
 
 
@@ -113,8 +117,10 @@ def compare(recorded: Mapping[str, Any], replayed: Mapping[str, Any], *, outputs
 
 def path_divergences(recorded: Mapping[str, Any], replayed: Mapping[str, Any], *,
                       until_abort: bool = False) -> list[Divergence]:
-    rt = list(recorded.get("transitions") or [])
-    pt = list(replayed.get("transitions") or [])
+    # A parallel state's regions interleave as their members ran: each is compared apart,
+    # before the transition that leaves the parallel state.
+    rt = [t for t in recorded.get("transitions") or [] if t.get("region") is None]
+    pt = [t for t in replayed.get("transitions") or [] if t.get("region") is None]
     rp = list(recorded.get("phases") or [])
     pp = list(replayed.get("phases") or [])
     if until_abort and rt and rt[-1].get("event") == "abort":
@@ -122,6 +128,10 @@ def path_divergences(recorded: Mapping[str, Any], replayed: Mapping[str, Any], *
         rt, rp = rt[:-1], rp[: len(rt) - 2]
         pt, pp = pt[: len(rt)], pp[: len(rp)]
     for i in range(max(len(rt), len(pt))):
+        if i < len(rt) and rt[i].get("source") == _PARALLEL:
+            found = region_divergences(recorded, replayed)
+            if found:
+                return found
         if i >= 1 and i - 1 < len(rp) and i - 1 < len(pp):
             divergence = phase_divergence(rp[i - 1], pp[i - 1])
             if divergence is not None:
@@ -132,6 +142,48 @@ def path_divergences(recorded: Mapping[str, Any], replayed: Mapping[str, Any], *
             state = (r or p or {}).get("source")
             return [Divergence(state, f"transition {i}", _transition(r), _transition(p))]
     return []
+
+
+def region_divergences(recorded: Mapping[str, Any],
+                       replayed: Mapping[str, Any]) -> list[Divergence]:
+    """The first transition of a region (a virtual agent's member) that differs, named by
+    its region."""
+    def walk(record: Mapping[str, Any], region: str) -> list[Mapping[str, Any]]:
+        return [t for t in record.get("transitions") or [] if t.get("region") == region]
+
+    regions = dict.fromkeys(t.get("region") for record in (recorded, replayed)
+                            for t in record.get("transitions") or [] if t.get("region"))
+    for region in regions:
+        rt, pt = walk(recorded, str(region)), walk(replayed, str(region))
+        for i in range(max(len(rt), len(pt))):
+            r, p = (rt[i] if i < len(rt) else None), (pt[i] if i < len(pt) else None)
+            if r is None or p is None or any(r.get(k) != p.get(k)
+                                             for k in ("event", "source", "target")):
+                return [Divergence(str(region), f"region {region}: transition {i}",
+                                   _transition(r), _transition(p))]
+    return []
+
+
+def member_divergences(recorded: Mapping[str, Any],
+                       replayed: Mapping[str, Any]) -> list[Divergence]:
+    """Each member's outcome, agent and generated ids, named by its region."""
+    def members(record: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+        return {str(m.get("role")): m for m in (record.get("virtual") or {}).get("members") or []}
+
+    r_members, p_members = members(recorded), members(replayed)
+    found: list[Divergence] = []
+    for role in dict.fromkeys([*r_members, *p_members]):
+        r, p = r_members.get(role) or {}, p_members.get(role) or {}
+        for name in ("state", "agent", "agents_tried", "finish_reason", "used"):
+            if r.get(name) != p.get(name):
+                found.append(Divergence(role, f"members.{role}.{name}", r.get(name),
+                                        p.get(name)))
+        divergence = _first_difference(f"members.{role}.token_ids", role,
+                                       list(r.get("token_ids") or ()),
+                                       list(p.get("token_ids") or ()))
+        if divergence is not None:
+            found.append(divergence)
+    return found
 
 
 def phase_divergence(recorded: Mapping[str, Any],
@@ -159,6 +211,7 @@ def output_divergences(recorded: Mapping[str, Any], replayed: Mapping[str, Any],
             found.append(Divergence(state, f"result.{name}", r.get(name), p.get(name)))
     if not outputs:
         return found
+    found += member_divergences(recorded, replayed)
     if r.get("finish_reason") != p.get("finish_reason"):
         found.append(Divergence(producer, "result.finish_reason", r.get("finish_reason"),
                                 p.get("finish_reason")))

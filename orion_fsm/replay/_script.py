@@ -38,6 +38,8 @@ class RecordedOutput:
     finish_reason: str | None = None
     error: str | None = None  # the InferenceError it raised after emitting the above
     abort: bool = False  # the request was aborted (cancelled, timed out) once it was emitted
+    logprobs: tuple[float, ...] = ()  # a virtual member's: each id's log-probability
+    stopped: bool = False  # a virtual member the other's early stop ended, after the above
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +55,12 @@ class RecordedAttempt:
     load_info: LoadInfo | None = None
     output: RecordedOutput = RecordedOutput()
     final: bool = False
+    # A virtual member's last attempt: its own prompt ids, whether the other member's early
+    # stop ended it while it waited for its model, and the agent whose recorded end it waits
+    # for before finishing (the one that finished first, or the one it stopped).
+    prompt_ids: tuple[int, ...] | None = None
+    stopped_loading: bool = False
+    finishes_after: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,13 +98,19 @@ class Script:
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Script:
         phases: list[dict[str, Any]] = list(record.get("phases") or [])
-        transitions: list[dict[str, Any]] = list(record.get("transitions") or [])
+        # A parallel state's regions move on their own: their transitions are the members'.
+        transitions: list[dict[str, Any]] = [t for t in record.get("transitions") or []
+                                             if t.get("region") is None]
         result: dict[str, Any] = record.get("result") or {}
         model = record.get("model") or {}
         exits = [t.get("event") for t in transitions[1:]]  # phases[k] left by transitions[k+1]
         loading = [k for k, p in enumerate(phases) if p.get("state") == "loading_agent"]
         attempts: dict[str, RecordedAttempt] = {}
         turns: dict[str, list[RecordedAttempt]] = {}
+        # A virtual agent's members were attempted first (its own fallback comes after).
+        for attempt in _member_attempts(record):
+            attempts[attempt.agent] = attempt
+            turns.setdefault(attempt.agent, []).append(attempt)
         for k in loading:
             attrs: dict[str, Any] = phases[k].get("attributes") or {}
             agent = str(attrs.get("orion.agent"))
@@ -132,9 +146,10 @@ class Script:
             attempts[final_agent.agent] = aborted = replace(
                 final_agent, output=replace(final_agent.output, abort=True))
             turns[final_agent.agent][-1] = aborted
-        retries = tuple(t.get("event") == "retry_same" for t in transitions
-                        if t.get("source") == "fallback"
-                        and t.get("event") in ("retry_same", "retry", "exhausted"))
+        retries = _member_retries(record) + tuple(
+            t.get("event") == "retry_same" for t in transitions
+            if t.get("source") == "fallback"
+            and t.get("event") in ("retry_same", "retry", "exhausted"))
         same_model = tuple(answer == "try" for p in phases if p.get("state") == "fallback"
                            for answer in (p.get("attributes") or {}).get(
                                "orion.fallback.same_model") or ())
@@ -158,6 +173,70 @@ class Script:
     def refusals(self) -> dict[str, tuple[bool, ...]]:
         """Per agent, for each of its recorded attempts in order: did its breaker refuse it."""
         return {agent: tuple(a.breaker_open for a in ts) for agent, ts in self.turns.items()}
+
+
+def _member_attempts(record: Mapping[str, Any]) -> list[RecordedAttempt]:
+    """Each attempt of each member of a virtual request, in order, from its region's spans
+    (a loading state per attempt) and the member's recorded output (its last attempt)."""
+    members: list[Mapping[str, Any]] = list((record.get("virtual") or {}).get("members") or [])
+    spans: list[Mapping[str, Any]] = sorted(record.get("spans") or [],
+                                            key=lambda s: float(s.get("start_ms", 0)))
+    done = sorted((float(m.get("start_ms") or 0) + float(m.get("total_ms") or 0), str(m["agent"]))
+                  for m in members if m.get("state") == "done")
+    found: list[RecordedAttempt] = []
+    for member in members:
+        role = str(member.get("role"))
+        region = [s for s in spans if s.get("name") in (f"{role}_loading", f"{role}_generating")]
+        loads = [k for k, s in enumerate(region) if s.get("name") == f"{role}_loading"]
+        phases = [str(p.get("state")) for p in member.get("phases") or []]
+        for n, k in enumerate(loads):
+            attrs: Mapping[str, Any] = region[k].get("attributes") or {}
+            after = region[k + 1] if k + 1 < len(region) else None
+            generating = (after.get("attributes") or {}) if after is not None and \
+                after.get("name") == f"{role}_generating" else {}
+            error, sha = attrs.get("orion.load_error"), attrs.get("orion.model.sha256")
+            output = RecordedOutput(error=generating.get("orion.inference_error"))
+            last = n == len(loads) - 1
+            earlier = None
+            if last and member.get("state") in ("done", "stopped"):
+                output = RecordedOutput(
+                    token_ids=tuple(member.get("token_ids") or ()),
+                    text=str(member.get("text") or ""),
+                    finish_reason=member.get("finish_reason"),
+                    logprobs=tuple(float(v) for v in member.get("logprobs") or ()),
+                    stopped=member.get("state") == "stopped")
+                ends = [agent for _, agent in done]
+                stopped = [str(m["agent"]) for m in members if m.get("state") == "stopped"]
+                if member.get("state") == "done" and stopped:
+                    earlier = stopped[0]  # it stopped that one: once that one got as far
+                elif member.get("state") == "done" and ends.index(str(member["agent"])) > 0:
+                    earlier = ends[ends.index(str(member["agent"])) - 1]
+            found.append(RecordedAttempt(
+                agent=str(attrs.get("orion.agent") or member.get("agent")),
+                sha256=sha or (member.get("model_sha256") if last else None),
+                input_tokens=_input_tokens(attrs),
+                prepare_error=error if error is not None and sha is None else None,
+                acquire_error=error if error is not None and sha is not None else None,
+                breaker_open=attrs.get("orion.breaker") == "open", load_info=_load_info(attrs),
+                output=output,
+                prompt_ids=tuple(member.get("prompt_token_ids") or ()) if last else None,
+                stopped_loading=last and member.get("state") == "stopped"
+                and bool(phases) and phases[-1].endswith("_loading"),
+                finishes_after=earlier))
+    return found
+
+
+def _member_retries(record: Mapping[str, Any]) -> tuple[bool, ...]:
+    """Each fallback a virtual request's members went through (their region's span that
+    holds its notes): did it retry the same agent. Members fall back concurrently: their
+    decisions are taken in span order, exact when at most one member retried."""
+    members = (record.get("virtual") or {}).get("members") or []
+    names = {f"{m.get('role')}_{kind}" for m in members for kind in ("loading", "generating")}
+    return tuple(attr.RETRY_SAME in (s.get("attributes") or {})
+                 for s in sorted(record.get("spans") or [],
+                                 key=lambda s: float(s.get("end_ms", 0)))
+                 if s.get("name") in names
+                 and attr.FALLBACK_FROM in (s.get("attributes") or {}))
 
 
 def _known_sha(earlier: Sequence[RecordedAttempt] | None) -> str | None:

@@ -86,10 +86,15 @@ def test_models_list_and_show_describe_the_default_registry(
 ) -> None:
     assert main(["models", "list", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
-    assert [a["id"] for a in listed] == ["conversation", "code", "logic"]
+    assert [a["id"] for a in listed] == ["conversation", "code", "logic", "code+logic"]
+    assert [a.get("virtual", False) for a in listed] == [False, False, False, True]
     assert main(["models", "show", "code"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["fallback_chain"] == ["code", "conversation"]
+    assert main(["models", "show", "code+logic"]) == 0
+    virtual = json.loads(capsys.readouterr().out)
+    assert [m["agent"] for m in virtual["members"]] == ["code", "logic"]
+    assert virtual["fallback_chain"] == ["code+logic", "code", "conversation"]
 
 
 def test_console_script_is_installed() -> None:
@@ -103,17 +108,22 @@ def test_console_script_is_installed() -> None:
 _SCXML = "{http://www.w3.org/2005/07/scxml}"
 
 
-def _chart_from_scxml() -> tuple[set[str], str, set[str], Counter[tuple[str, str, str]]]:
-    """States, initial state, final states and (source, target, events) of request.scxml."""
+def _chart_from_scxml() -> tuple[set[str], list[str], set[str], Counter[tuple[str, str, str]]]:
+    """States (nested ones too), initial states (the chart's and each region's), top-level
+    final states and (source, target, events) of request.scxml."""
     root = ElementTree.parse(data_file("machines", "request.scxml")).getroot()
-    states = {s.get("id", "") for s in root if s.tag in (f"{_SCXML}state", f"{_SCXML}final")}
+    kinds = (f"{_SCXML}state", f"{_SCXML}parallel", f"{_SCXML}final")
+    every = [s for s in root.iter() if s.tag in kinds]
+    states = {s.get("id", "") for s in every}
     finals = {s.get("id", "") for s in root if s.tag == f"{_SCXML}final"}
+    initial = [root.get("initial", ""), *(s.get("initial", "") for s in every
+                                          if s.get("initial"))]
     edges: Counter[tuple[str, str, str]] = Counter()
-    for state in root.iter(f"{_SCXML}state"):
-        for transition in state.iter(f"{_SCXML}transition"):
+    for state in every:
+        for transition in state.findall(f"{_SCXML}transition"):
             edges[(state.get("id", ""), transition.get("target", ""),
                    transition.get("event", ""))] += 1
-    return states, root.get("initial", ""), finals, edges
+    return states, initial, finals, edges
 
 
 def _label(events: str) -> str:
@@ -129,9 +139,10 @@ def test_diagram_draws_exactly_the_statechart_of_request_scxml(
     lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
     assert lines[0] == "stateDiagram-v2"
     drawn_states = {m.group(1) for line in lines
-                    if (m := re.fullmatch(r'state "[^"]+" as (\w+)', line))}
+                    if (m := re.fullmatch(r'state "[^"]+" as (\w+)(?: \{)?', line))}
     arrows = [m.groups() for line in lines
               if (m := re.fullmatch(r"(\S+) --> (\S+)(?: : (.+))?", line))]
+    # The chart's initial state, then each region's (a parallel state's regions).
     initial = [target for source, target, _ in arrows if source == "[*]"]
     finals = {source for source, target, _ in arrows if target == "[*]"}
     drawn = Counter((source, target, label) for source, target, label in arrows
@@ -139,6 +150,6 @@ def test_diagram_draws_exactly_the_statechart_of_request_scxml(
 
     states, scxml_initial, scxml_finals, edges = _chart_from_scxml()
     assert drawn_states == states
-    assert initial == [scxml_initial]
+    assert sorted(initial) == sorted(scxml_initial)
     assert finals == scxml_finals
     assert drawn == Counter({(s, t, _label(e)): n for (s, t, e), n in edges.items()})

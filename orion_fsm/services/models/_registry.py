@@ -13,7 +13,7 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -36,6 +36,8 @@ __all__ = [
     "QuantVariant",
     "Registry",
     "RoutingHints",
+    "VirtualMember",
+    "VirtualSpec",
     "generation_bounds",
 ]
 
@@ -187,6 +189,36 @@ class AgentSpec:
 
 
 @dataclass(frozen=True)
+class VirtualMember:
+    """One member of a virtual agent: the agent, and its region (role) in the answer."""
+
+    agent: str
+    role: str  # "solution" | "explanation": the region of the parallel state it runs in
+    weight: float  # fixed weight, normalised over the members
+
+
+@dataclass(frozen=True)
+class VirtualSpec:
+    """A virtual agent: its members answer in parallel; their answers are fused into one."""
+
+    id: str
+    description: str
+    members: tuple[VirtualMember, ...]  # in role order: solution, then explanation
+    strategy: str = "sections"  # sections | best
+    weights: str = "fixed"  # fixed | router
+    min_weight: float = 0.0
+    early_stop: str = "first_confident"  # first_confident | none
+    # Calibrated for SmolLM2-135M on eval/virtual.jsonl (python -m bench --only virtual).
+    threshold: float = 0.3875
+    early_stop_max_tokens: int = 96
+    fallback: str | None = None
+    routing: RoutingHints = RoutingHints()
+
+
+ROLES = ("solution", "explanation")  # the regions of machines/request.scxml, in answer order
+
+
+@dataclass(frozen=True)
 class Registry:
     """A validated registry; `agents` keeps the document's order."""
 
@@ -194,6 +226,21 @@ class Registry:
     default_agent: str
     source: Path | None
     digest: str
+    virtual: Mapping[str, VirtualSpec] = field(default_factory=lambda: MappingProxyType({}))
+
+    def known(self, agent_id: str) -> bool:
+        """An agent or a virtual agent of this registry."""
+        return agent_id in self.agents or agent_id in self.virtual
+
+    def known_ids(self) -> str:
+        return ", ".join([*self.agents, *self.virtual])
+
+    def context_length(self, agent_id: str) -> int:
+        """The context an agent's prompt must fit (a virtual agent's: its smallest member's)."""
+        spec = self.virtual.get(agent_id)
+        if spec is None:
+            return self.get(agent_id).context_length
+        return min(self.get(m.agent).context_length for m in spec.members)
 
     def get(self, agent_id: str) -> AgentSpec:
         try:
@@ -205,6 +252,11 @@ class Registry:
             ) from None
 
     def fallback_chain(self, agent_id: str) -> tuple[str, ...]:
+        virtual = self.virtual.get(agent_id)
+        if virtual is not None:
+            # The virtual agent itself, then its own fallback's chain (no member served).
+            after = () if virtual.fallback is None else self.fallback_chain(virtual.fallback)
+            return (virtual.id, *after)
         chain = [self.get(agent_id).id]
         nxt = self.agents[agent_id].fallback
         # Loading rejects cycles; the membership test keeps hand-built registries from looping.
@@ -250,11 +302,13 @@ class Registry:
         _check_semantics(doc)
         base = source.parent if source is not None else None
         agents = {raw["id"]: _agent(raw, base) for raw in doc["agents"]}
+        virtual = {raw["id"]: _virtual(raw) for raw in doc.get("virtual_agents", ())}
         return cls(
             agents=MappingProxyType(agents),
             default_agent=doc["default_agent"],
             source=source,
             digest=_digest(doc),
+            virtual=MappingProxyType(virtual),
         )
 
 
@@ -310,6 +364,34 @@ def _agent(raw: Mapping[str, Any], base: Path | None) -> AgentSpec:
         keep_alive_s=None if "keep_alive_s" not in raw else float(raw["keep_alive_s"]),
         parallel=None if raw.get("parallel", "auto") == "auto" else int(raw["parallel"]),
         stall_s=None if "stall_s" not in raw else float(raw["stall_s"]),
+    )
+
+
+def _routing(raw: Mapping[str, Any]) -> RoutingHints:
+    return RoutingHints(keywords=tuple(raw.get("keywords", ())),
+                        patterns=tuple(raw.get("patterns", ())),
+                        examples=tuple(raw.get("examples", ())),
+                        priority=raw.get("priority", 0))
+
+
+def _virtual(raw: Mapping[str, Any]) -> VirtualSpec:
+    members = sorted(raw["members"], key=lambda m: ROLES.index(m["role"]))
+    total = sum(float(m.get("weight", 0.5)) for m in members)
+    fusion, stop = raw.get("fusion", {}), raw.get("early_stop", {})
+    defaults = VirtualSpec(id="", description="", members=())
+    return VirtualSpec(
+        id=raw["id"],
+        description=raw["description"],
+        members=tuple(VirtualMember(m["agent"], m["role"], float(m.get("weight", 0.5)) / total)
+                      for m in members),
+        strategy=fusion.get("strategy", defaults.strategy),
+        weights=fusion.get("weights", defaults.weights),
+        min_weight=float(fusion.get("min_weight", defaults.min_weight)),
+        early_stop=stop.get("policy", defaults.early_stop),
+        threshold=float(stop.get("threshold", defaults.threshold)),
+        early_stop_max_tokens=int(stop.get("max_tokens", defaults.early_stop_max_tokens)),
+        fallback=raw.get("fallback"),
+        routing=_routing(raw.get("routing", {})),
     )
 
 
@@ -575,6 +657,32 @@ def _check_semantics(doc: Mapping[str, Any]) -> None:
 
     for i, agent in enumerate(agents):
         _check_agent(agent, f"$.agents[{i}]")
+    _check_virtual(doc.get("virtual_agents", ()), index)
+
+
+def _check_virtual(virtual: Sequence[Mapping[str, Any]], index: Mapping[str, int]) -> None:
+    known = ", ".join(index)
+    seen: set[str] = set()
+    for i, spec in enumerate(virtual):
+        at = f"$.virtual_agents[{i}]"
+        if spec["id"] in index or spec["id"] in seen:
+            raise RegistryError(f"duplicate agent id {spec['id']!r}; agent and virtual agent "
+                                "ids must be unique", json_path=f"{at}.id")
+        seen.add(spec["id"])
+        roles = [m["role"] for m in spec["members"]]
+        if len(set(roles)) != len(roles):
+            raise RegistryError(f"members share the role {roles[0]!r}; give one member the "
+                                "role solution and the other explanation",
+                                json_path=f"{at}.members")
+        for k, member in enumerate(spec["members"]):
+            if member["agent"] not in index:
+                raise RegistryError(f"member {member['agent']!r} is not an agent; known "
+                                    f"agents: {known}", json_path=f"{at}.members[{k}].agent")
+        fallback = spec.get("fallback")
+        if fallback is not None and fallback not in index:
+            raise RegistryError(f"fallback {fallback!r} is not an agent; known agents: "
+                                f"{known}, or null", json_path=f"{at}.fallback")
+        _check_agent({"chat_template": "chatml", **spec}, at)  # its routing patterns
 
 
 def _check_agent(agent: Mapping[str, Any], at: str) -> None:

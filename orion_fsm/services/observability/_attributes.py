@@ -112,3 +112,15 @@ CONTEXT_RETRIEVED: Final = "orion.context.retrieved"  # chunk ids found, best fi
 CONTEXT_CHUNKS: Final = "orion.context.chunks"  # chunk ids put into the prompt
 CONTEXT_DOCUMENTS: Final = "orion.context.documents"
 CONTEXT_TOKENS: Final = "orion.context.tokens"
+
+# A virtual agent (serving_virtual, its regions, fusing): members, weights, outcomes, early
+# stop (decision, confidence) and what the fused answer used.
+VIRTUAL_MEMBERS: Final = "orion.virtual.members"  # member agents, in role order
+VIRTUAL_WEIGHTS: Final = "orion.virtual.weights"  # their fusion weights, same order
+VIRTUAL_OUTCOMES: Final = "orion.virtual.outcomes"  # "role: done|failed|stopped"
+VIRTUAL_SERVED: Final = "orion.virtual.served"  # member agents that answered
+VIRTUAL_CONFIDENCE: Final = "orion.virtual.confidence"  # geometric mean token probability
+VIRTUAL_EARLY_STOP: Final = "orion.virtual.early_stop"  # why it was taken or not
+VIRTUAL_EARLY_STOP_TAKEN: Final = "orion.virtual.early_stop.taken"
+VIRTUAL_STRATEGY: Final = "orion.virtual.strategy"
+VIRTUAL_USED: Final = "orion.virtual.used"  # member agents whose answers the text holds

@@ -1,4 +1,5 @@
-"""OpenTelemetry for requests: one parent span per request, one child span per machine phase.
+"""OpenTelemetry for requests: one parent span per request, one child span per machine phase
+(and under a parallel state's phase, one span per region and per state of that region).
 
 `PhaseRecorder` is a listener attached to each request's state machine: it opens and closes
 the spans on state entry, and keeps the timeline (transitions, phase timings, span records)
@@ -51,10 +52,12 @@ class Transition:
     source: str
     target: str
     at_ms: float
+    region: str | None = None  # a region of a parallel state, moving on its own
 
     def as_dict(self) -> dict[str, Any]:
         return {"event": self.event, "source": self.source, "target": self.target,
-                "at_ms": round(self.at_ms, 3)}
+                "at_ms": round(self.at_ms, 3),
+                **({} if self.region is None else {"region": self.region})}
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +70,17 @@ class PhaseRecord:
     def as_dict(self) -> dict[str, Any]:
         return {"state": self.state, "start_ms": round(self.start_ms, 3), "ms": round(self.ms, 3),
                 "attributes": dict(self.attributes)}
+
+
+@dataclass(eq=False, slots=True)
+class _OpenRegion:
+    """A region of the parallel state the request is in: its span, its current state's."""
+
+    span: Span
+    start_ms: float
+    state: str | None = None
+    state_span: Span | None = None
+    state_start: float = 0.0
 
 
 def _clean(value: Any) -> AttributeValue:
@@ -90,6 +104,9 @@ class PhaseRecorder:
         "_final",
         "_phase_span",
         "_phase_start",
+        "_region_notes",
+        "_region_phases",
+        "_regions",
         "_request_ctx",
         "_request_span",
         "_state",
@@ -129,6 +146,9 @@ class PhaseRecorder:
         self.phases: list[PhaseRecord] = []
         self.spans: list[dict[str, Any]] = []
         self._final: tuple[str, float] | None = None  # (state, at_ms) once final
+        self._regions: dict[str, _OpenRegion] = {}
+        self._region_notes: dict[str, dict[str, Any]] = {}
+        self._region_phases: list[tuple[str, PhaseRecord]] = []
 
     def elapsed_ms(self) -> float:
         return (self._clock.monotonic() - self.origin) * 1e3
@@ -140,7 +160,11 @@ class PhaseRecorder:
     def on_enter_state(self, event: Any, target: Any) -> None:
         now = self.elapsed_ms()
         state = target.id
+        if target.parent is not None:
+            self._enter_nested(str(event), target, now)
+            return
         if self._state is not None:
+            self._close_regions(now)
             self._close_phase(now)
             self.transitions.append(Transition(str(event), self._state, state, now))
         self._state = state
@@ -154,6 +178,63 @@ class PhaseRecorder:
             state, context=self._request_ctx, start_time=self._unix_ns(now),
             attributes={"orion.request.id": self.request_id, "orion.phase": state},
         )
+
+    def region_notes(self, region: str) -> dict[str, Any]:
+        """Span attributes of the current state of `region` (a parallel state's region)."""
+        return self._region_notes.setdefault(region, {})
+
+    def region_phases(self, region: str) -> list[PhaseRecord]:
+        """The states `region` went through, in order."""
+        return [p for r, p in self._region_phases if r == region]
+
+    def _enter_nested(self, event: str, target: Any, now: float) -> None:
+        parent = target.parent
+        if parent.parent is None:  # a region of a top-level parallel state
+            context = (trace.set_span_in_context(self._phase_span)
+                       if self._phase_span is not None else self._request_ctx)
+            self._regions[target.id] = _OpenRegion(self._tracer.start_span(
+                target.id, context=context, start_time=self._unix_ns(now),
+                attributes={"orion.request.id": self.request_id, "orion.region": target.id}),
+                now)
+            return
+        region = self._regions.get(parent.id)
+        if region is None:
+            return
+        if region.state is not None:
+            self._close_region_state(parent.id, region, now)
+            self.transitions.append(Transition(event, region.state, target.id, now, parent.id))
+        region.state = target.id
+        region.state_start = now
+        if not target.final and target.transitions:  # an end state (done, failed...) has none
+            region.state_span = self._tracer.start_span(
+                target.id, context=trace.set_span_in_context(region.span),
+                start_time=self._unix_ns(now),
+                attributes={"orion.request.id": self.request_id, "orion.region": parent.id,
+                            "orion.phase": target.id})
+
+    def _close_region_state(self, name: str, region: _OpenRegion, now: float) -> None:
+        notes = self._region_notes.get(name, {})
+        attributes = {k: _clean(v) for k, v in notes.items() if v is not None}
+        notes.clear()
+        span, region.state_span = region.state_span, None
+        if span is None or region.state is None:
+            return
+        self._region_phases.append((name, PhaseRecord(region.state, region.state_start,
+                                                      now - region.state_start, attributes)))
+        span.set_attributes(attributes)
+        if "error.type" in attributes or "orion.error" in attributes:
+            span.set_status(Status(StatusCode.ERROR, str(attributes.get("orion.error", ""))))
+        span.end(end_time=self._unix_ns(now))
+        self.spans.append(_span_record(span, region.state, region.state_start, now, attributes))
+
+    def _close_regions(self, now: float) -> None:
+        """Leaving a parallel state: every region's open state, then the region itself."""
+        for name, region in self._regions.items():
+            self._close_region_state(name, region, now)
+            region.span.end(end_time=self._unix_ns(now))
+            self.spans.append(_span_record(region.span, name, region.start_ms, now,
+                                           {"orion.region.final": region.state or ""}))
+        self._regions.clear()
 
     def _close_phase(self, now: float) -> None:
         state = self._state

@@ -30,7 +30,9 @@ def test_phase_timings_come_from_the_injected_clock() -> None:
     clock = ManualClock()
     recorder = PhaseRecorder(TracerProvider().get_tracer("t"), clock, "r1", {})
 
-    class State:
+    class State:  # what the recorder reads of a python-statemachine State
+        parent = None  # top-level (a parallel state's regions have one)
+
         def __init__(self, id: str) -> None:
             self.id = id
 

@@ -1,0 +1,49 @@
+"""`orion-fsm run --agent <virtual>` and `trace show`: a virtual agent's regions drawn side
+by side in time, under the parallel state's bar."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orion_fsm.cli import main
+
+WriteRegistry = Callable[[dict[str, Any]], Path]
+
+
+def _lanes(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.lstrip().startswith(("├", "└"))]
+
+
+def test_run_and_trace_show_draw_each_region_as_a_lane(
+    registry_doc: dict[str, Any], write_registry: WriteRegistry, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    registry = write_registry({**registry_doc, "virtual_agents": [{
+        "id": "duo", "description": "two members",
+        "members": [{"agent": "conversation", "role": "solution", "weight": 0.7},
+                    {"agent": "code", "role": "explanation", "weight": 0.3}],
+        "early_stop": {"policy": "none"}}]})
+    trace = tmp_path / "t.jsonl"
+    assert main(["--registry", str(registry), "--cache-dir", str(tmp_path / "c"), "run",
+                 "hello", "--agent", "duo", "--router", "rules", "--max-tokens", "4",
+                 "--trace-file", str(trace)]) == 0
+    run = capsys.readouterr().out
+    solution, explanation = _lanes(run)
+    assert "solution" in solution and "done · conversation · 4 tokens · weight 0.70" in solution
+    assert "explanation" in explanation and "done · code" in explanation
+    # Each lane on the timeline's scale, its bar under the parallel state's.
+    parallel = next(line for line in run.splitlines() if "serving_virtual" in line)
+    assert solution.index("|") == parallel.index("|") == explanation.index("|")
+    assert {"░", "█"} <= set(solution[solution.index("|"):])
+
+    assert main(["trace", "show", str(trace), "--width", "30"]) == 0
+    shown = capsys.readouterr().out
+    rows = shown.split("\n\n")[0].splitlines()
+    assert [r.split()[0] for r in rows[1:]] == ["validating", "routing", "serving_virtual",
+                                                "├", "└", "fusing"]
+    assert rows[4].index("|") == rows[5].index("|") == rows[3].index("|")
+    assert rows[3].split()[-1] == "members_done" and rows[-1].split()[-1] == "fused"

@@ -1,0 +1,87 @@
+"""A virtual agent's request replays: each member's region, its early stop and the fusion;
+a member that answers otherwise is named by its region."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orion_fsm import Engine, Registry
+from orion_fsm.testing.faults import faulty_loader
+from orion_fsm.testing.replay import assert_replays, replay
+
+pytestmark = pytest.mark.anyio
+MakeEngine = Callable[..., Engine]
+Recorded = Callable[[], list[dict[str, Any]]]
+
+
+def _with_virtual(doc: dict[str, Any], *, solution: str = "conversation",
+                  policy: str = "none") -> dict[str, Any]:
+    return {**doc, "virtual_agents": [{
+        "id": "duo", "description": "two members",
+        "members": [{"agent": solution, "role": "solution"},
+                    {"agent": "code", "role": "explanation"}],
+        "early_stop": {"policy": policy, "threshold": 0.0}}]}
+
+
+async def test_both_members_replay_region_by_region(
+    make_engine: MakeEngine, registry_doc: dict[str, Any], recorded: Recorded,
+) -> None:
+    doc = _with_virtual(registry_doc)
+    async with make_engine(doc) as engine:
+        await engine.infer("hello", agent="duo")
+    (record,) = recorded()
+    report = await assert_replays(record, registry=Registry.from_dict(doc))
+    assert report.replayed is not None
+    assert report.replayed["result"]["text"] == record["result"]["text"]
+
+
+async def test_an_early_stop_replays_with_the_recorded_confidence(
+    make_engine: MakeEngine, registry_doc: dict[str, Any], recorded: Recorded,
+) -> None:
+    doc = _with_virtual(registry_doc, policy="first_confident")
+    doc["agents"][0]["generation"] = {"max_tokens": 8, "temperature": 0, "top_k": 1,
+                                      "stop": ["/"]}
+    hang = faulty_loader(1.0, kinds=("hang",), only=("medium",))
+    async with make_engine(doc, load_model=hang) as engine:
+        result = await engine.infer("hello", agent="duo")
+    assert [m.state for m in result.members] == ["done", "stopped"]
+    (record,) = recorded()
+    report = await assert_replays(record, registry=Registry.from_dict(doc))
+    assert report.replayed is not None
+    replayed = report.replayed["virtual"]["early_stop"]
+    assert replayed["taken"] and replayed["confidence"] == pytest.approx(
+        record["virtual"]["early_stop"]["confidence"], abs=1e-3)
+
+
+async def test_a_member_fallback_replays(
+    make_engine: MakeEngine, registry_doc: dict[str, Any], recorded: Recorded,
+) -> None:
+    doc = _with_virtual(registry_doc, solution="broken")
+    async with make_engine(doc) as engine:
+        await engine.infer("hello", agent="duo")
+    (record,) = recorded()
+    await assert_replays(record, registry=Registry.from_dict(doc))
+
+
+async def test_a_member_that_answers_otherwise_is_named_by_its_region(
+    make_engine: MakeEngine, registry_doc: dict[str, Any], recorded: Recorded,
+    tmp_path: Path,
+) -> None:
+    doc = _with_virtual(registry_doc)
+    async with make_engine(doc) as engine:
+        await engine.infer("hello", agent="duo")
+    (record,) = recorded()
+    # The explanation's model failed to load this time: its region takes another path.
+    edited = json.loads(json.dumps(record))
+    for span in edited["spans"]:
+        if span["name"] == "explanation_loading":
+            span["attributes"]["orion.load_error"] = "model file not found: gone"
+            span["attributes"].pop("orion.model.sha256", None)
+    report = await replay(edited, registry=Registry.from_dict(doc))
+    assert report.first is not None and report.first.state == "explanation"
+    assert "region explanation" in report.first.field
