@@ -37,7 +37,8 @@ def add_parsers(msub: Any) -> None:
     merge.add_argument("--method", help=f"one of {', '.join(MERGE_METHODS)}")
     merge.add_argument("--models", nargs="+", metavar="MODEL", help="GGUF files or agent ids")
     merge.add_argument("--weights", nargs="+", type=float, help="one per model (default 1)")
-    merge.add_argument("--base", help="ties/dare: the model task vectors are taken from")
+    merge.add_argument("--base", help="ties/dare/task_arithmetic: the model the task "
+                       "vectors are taken from")
     merge.add_argument("--density", type=float, default=1.0,
                        help="ties: fraction of each task vector kept; dare: kept at random")
     merge.add_argument("--t", type=float, default=0.5, help="slerp: 0 = first, 1 = second")

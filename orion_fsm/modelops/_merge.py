@@ -36,8 +36,9 @@ from ._report import ModelOpResult
 __all__ = ["MERGE_METHODS", "MergeRecipe", "MergedModel", "load_recipe", "merge_models"]
 
 F64 = npt.NDArray[np.float64]
-MERGE_METHODS: Final = ("linear", "slerp", "ties", "dare")
+MERGE_METHODS: Final = ("linear", "slerp", "ties", "dare", "task_arithmetic")
 _ALIASES: Final = {"dare_ties": "dare"}
+_TASK_VECTORS: Final = ("ties", "dare", "task_arithmetic")  # methods that need a base
 _DTYPES: Final = {"float32": "f32", "float16": "f16", "f32": "f32", "f16": "f16",
                   **{q: q for q in QUANT_TYPES}}
 # Below this |cos| between two tensors, SLERP interpolates along the arc; above it, the two
@@ -80,7 +81,7 @@ class MergeRecipe:
             raise ModelFileError(f"slerp merges exactly two models, got {len(self.models)}")
         if method == "slerp" and not 0.0 <= self.t <= 1.0:
             raise ModelFileError(f"slerp t must be in [0, 1], got {self.t}")
-        if method in ("ties", "dare") and self.base is None:
+        if method in _TASK_VECTORS and self.base is None:
             raise ModelFileError(f"{method} merges task vectors: name the model they are "
                                  "taken from with --base (base_model in a recipe)")
         for density in (self.density, *(m.density for m in self.models)):
@@ -265,6 +266,10 @@ def _merge_tensor(recipe: MergeRecipe, values: list[F64], base: F64 | None, inde
     assert base is not None
     densities = [recipe.density if m.density is None else m.density for m in recipe.models]
     deltas = [v - base for v in values]
+    if recipe.method == "task_arithmetic":
+        # base + lambda * sum of the weighted task vectors (Ilharco et al.; not normalized).
+        return base + recipe.lambda_ * sum((w * d for w, d in zip(weights, deltas, strict=True)),
+                                           np.zeros_like(base))
     if recipe.method == "ties":
         deltas = [trim(d, density) for d, density in zip(deltas, densities, strict=True)]
     else:

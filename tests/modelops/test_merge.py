@@ -113,6 +113,25 @@ def test_merging_a_quantized_model_with_itself_keeps_its_bytes(tiny_pair: dict[s
     assert tensor_bytes(out) == tensor_bytes(q)
 
 
+def test_task_arithmetic_adds_a_task_vector_back_onto_its_base(tiny_pair: dict[str, Path],
+                                                               tmp_path: Path) -> None:
+    # "tuned" = a, its base = base: base + (a - base) + (base - base) is a again, exactly.
+    a, base = tiny_pair["a"], tiny_pair["base"]
+    out = tmp_path / "out.gguf"
+    merge_models(recipe("task_arithmetic", a, base, base=base), out)
+    assert tensor_bytes(out) == tensor_bytes(a)
+    # Task vectors add up (not normalized): a with itself is a only at weights summing to 1.
+    halves = MergeRecipe("task_arithmetic", (MergedModel(a, 0.5), MergedModel(a, 0.5)),
+                         base=base)
+    merge_models(halves, out)
+    assert tensor_bytes(out) == tensor_bytes(a)
+    merge_models(recipe("task_arithmetic", a, base, base=base, lambda_=0.5), out)
+    with open_gguf(a) as ma, open_gguf(base) as mb, open_gguf(out) as mm:
+        name = "blk.1.ffn_up.weight"
+        np.testing.assert_allclose(mm.read(name), (ma.read(name) + mb.read(name)) / 2,
+                                   rtol=1e-5, atol=1e-6)
+
+
 def test_slerp_at_its_ends_gives_each_model(tiny_pair: dict[str, Path], tmp_path: Path) -> None:
     a, b = tiny_pair["a"], tiny_pair["b"]
     merge_models(recipe("slerp", a, b, t=0.0), tmp_path / "t0.gguf")

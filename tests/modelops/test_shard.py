@@ -171,3 +171,12 @@ def test_a_manifest_reads_as_the_model_it_makes(tiny_pair: dict[str, Path],
     converted = ensure_converted(result.path, tmp_path / "cache")  # `models convert` path
     assert converted.model_path.read_bytes() == assembled(result.path)
     assert cache.runtime_file(result.path) == converted.model_path
+
+
+def test_every_shard_count_gives_non_empty_parts_in_order(tiny_pair: dict[str, Path],
+                                                          tmp_path: Path) -> None:
+    for shards in range(1, 17):
+        result, manifest = shard_model(tiny_pair["deeper"], shards, tmp_path / f"n{shards}")
+        assert len(manifest.shards) == shards
+        assert all(entry.size > 0 and entry.tensors for entry in manifest.shards)
+        assert hashlib.sha256(assembled(result.path)).hexdigest() == manifest.sha256
