@@ -52,7 +52,13 @@ from .services.context._memory import (
 from .services.context._store import ContextStore
 from .services.context._stores import ContextStores
 from .services.models._cpu import CpuAllotter, CpuSnapshot
-from .services.models._loader import LoaderConfig, ModelLoader, ProgressCallback, SlotStats
+from .services.models._loader import (
+    LoaderConfig,
+    ModelLoader,
+    ProgressCallback,
+    SlotStats,
+    require_runtimes,
+)
 from .services.models._memory import MemoryMonitor, register_memory_metrics
 from .services.models._pressure import PressureThresholds
 from .services.models._registry import Registry
@@ -219,6 +225,7 @@ class Engine:
         context_capacity_tokens: int | None = None,
     ) -> None:
         self.registry = registry if isinstance(registry, Registry) else Registry.load(registry)
+        require_runtimes(self.registry.agents.values())
         self.clock: Clock = clock or SystemClock()
         # Cores for generations and embedding batches; explicit `threads` turns it off.
         self.cores: CpuAllotter | None = None if threads is not None else CpuAllotter()

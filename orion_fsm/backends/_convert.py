@@ -375,9 +375,12 @@ class ModelCache:
         ready = converted.model_path.is_file() and converted.tokenizer_path.is_file()
         return converted.model_path if ready else None
 
-    def convert(self, source: Path, *, progress: ProgressCallback | None = None) -> ConvertedModel:
-        """The files the runtime loads for `source`, converted once (`ensure_converted`)."""
-        return ensure_converted(source, self.cache_dir, progress=progress)
+    def convert(self, source: Path, *, progress: ProgressCallback | None = None,
+                runtime: str = "ctransformers") -> ConvertedModel:
+        """The files the runtime loads for `source`, converted once (`ensure_converted`); for
+        llama.cpp, which reads the file as it is, only the tokenizer (`ensure_tokenizer`)."""
+        ensure = ensure_tokenizer if runtime == "llama_cpp" else ensure_converted
+        return ensure(source, self.cache_dir, progress=progress)
 
 
 def _cached_sha256(source: Path, cache_dir: Path, progress: ProgressCallback | None) -> str:

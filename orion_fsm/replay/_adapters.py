@@ -391,7 +391,8 @@ class ReplayLoader:
 
     def key_for(self, agent: AgentSpec) -> ModelKey:
         # Only names the replayed breakers; replay refuses what the recording refused.
-        return ModelKey(Path(agent.model.describe()), agent.context_length, agent.model_type)
+        return ModelKey(Path(agent.model.describe()), agent.context_length, agent.model_type,
+                        runtime=agent.runtime)
 
     def decodes(self, agent: str) -> bool:
         """Whether the agent's recorded output is decoded by its real tokenizer."""
@@ -424,7 +425,8 @@ class ReplayLoader:
                 count is None or count == len(self._prompt_ids)) else [0] * (count or 1)
             tokenizer = _RecordedTokenizer(ids)
         return _ReplayPrepared(
-            key=ModelKey(source, agent.context_length, agent.model_type, variant),
+            key=ModelKey(source, agent.context_length, agent.model_type, variant,
+                         agent.runtime),
             files=ConvertedModel(source, source.parent / TOKENIZER_FILENAME, sha),
             tokenizer=tokenizer)
 
