@@ -20,6 +20,7 @@ from bench import (
     embeddings,
     hostile,
     http,
+    llama_cpp,
     loader,
     modelops,
     replay,
@@ -59,7 +60,7 @@ def main() -> int:
              **http.BENCHMARKS, **structured.BENCHMARKS, **replay.BENCHMARKS,
              **hostile.BENCHMARKS, **slots.BENCHMARKS,
              **context.BENCHMARKS, **modelops.BENCHMARKS, **tune.BENCHMARKS,
-             **virtual.BENCHMARKS}
+             **virtual.BENCHMARKS, **llama_cpp.BENCHMARKS}
     benchmarks = {name: fn for name, fn in every.items() if not args.only or args.only in name}
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -60,7 +60,13 @@ from .services.feedback._store import (
     checked_score,
 )
 from .services.models._cpu import CpuAllotter, CpuSnapshot
-from .services.models._loader import LoaderConfig, ModelLoader, ProgressCallback, SlotStats
+from .services.models._loader import (
+    LoaderConfig,
+    ModelLoader,
+    ProgressCallback,
+    SlotStats,
+    require_runtimes,
+)
 from .services.models._memory import MemoryMonitor, register_memory_metrics
 from .services.models._pressure import PressureThresholds
 from .services.models._registry import Registry
@@ -228,6 +234,7 @@ class Engine:
         feedback: str | Path | Literal[False] | None = None,
     ) -> None:
         self.registry = registry if isinstance(registry, Registry) else Registry.load(registry)
+        require_runtimes(self.registry.agents.values())
         self.clock: Clock = clock or SystemClock()
         # Cores for generations and embedding batches; explicit `threads` turns it off.
         self.cores: CpuAllotter | None = None if threads is not None else CpuAllotter()

@@ -1,4 +1,5 @@
-"""The model backend layer: GGUF conversion, tokenization and ctransformers generation.
+"""The model backend layer: GGUF conversion, tokenization, and generation on ctransformers or
+llama.cpp (the `llama-cpp` extra).
 
 Nothing here imports the engine or its services; the only dependency inside orion_fsm is
 `orion_fsm._exceptions`.
@@ -10,22 +11,27 @@ from ._convert import (
     GGUFHeader,
     ModelCache,
     ensure_converted,
+    ensure_tokenizer,
     file_sha256,
     read_gguf_header,
     resolve_package_file,
 )
-from ._ctransformers import (
-    CoreGate,
-    GenerationEvent,
-    GenerationOutcome,
-    GenerationStream,
-    LoadedModel,
-    SamplingParams,
-    Threads,
+from ._ctransformers import GenerationStream, LoadedModel
+from ._generation import CoreGate, GenerationEvent, GenerationOutcome, SamplingParams, Threads
+from ._llama_cpp import (
+    LLAMA_CPP_EXTRA,
+    LlamaRuntime,
+    LlamaSequence,
+    LlamaStream,
+    llama_cpp_available,
 )
 from ._tokenizer import IncrementalDecoder, Tokenizer
 
+# A slot of a loaded model: a ctransformers instance or a sequence of a llama.cpp context.
+SlotModel = LoadedModel | LlamaSequence
+
 __all__ = [
+    "LLAMA_CPP_EXTRA",
     "ConvertedModel",
     "CoreGate",
     "GGUFHeader",
@@ -34,15 +40,21 @@ __all__ = [
     "GenerationStream",
     "Grammar",
     "IncrementalDecoder",
+    "LlamaRuntime",
+    "LlamaSequence",
+    "LlamaStream",
     "LoadedModel",
     "MaskStats",
     "ModelCache",
     "SamplingParams",
+    "SlotModel",
     "Threads",
     "Tokenizer",
     "compile_grammar",
     "ensure_converted",
+    "ensure_tokenizer",
     "file_sha256",
+    "llama_cpp_available",
     "read_gguf_header",
     "resolve_package_file",
 ]

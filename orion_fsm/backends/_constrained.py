@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
-    from ._ctransformers import SamplingParams
+    from ._generation import SamplingParams
     from ._tokenizer import Tokenizer
 
 __all__ = ["Grammar", "GrammarError", "MaskStats", "MaskedSampler", "compile_grammar"]

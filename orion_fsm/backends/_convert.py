@@ -32,6 +32,7 @@ __all__ = [
     "GGUFHeader",
     "ModelCache",
     "ensure_converted",
+    "ensure_tokenizer",
     "file_sha256",
     "read_gguf_header",
     "resolve_package_file",
@@ -327,6 +328,63 @@ def ensure_converted(
     return converted
 
 
+def ensure_tokenizer(
+    source: Path, cache_dir: Path, *, progress: ProgressCallback | None = None
+) -> ConvertedModel:
+    """The tokenizer.json of `source`, built once into cache_dir/<sha256[:16]>/, for a runtime
+    that reads the GGUF file as it is (llama.cpp): `model_path` is `source` itself.
+
+    Byte-level BPE (`gpt2`, SmolLM2) and SentencePiece BPE (`llama`, Gemma) vocabularies.
+    """
+    source = Path(source)
+    try:
+        make_private_dirs(cache_dir)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot create model cache {cache_dir}: {exc}") from exc
+    read_gguf_header(source)  # a missing, truncated or foreign file fails here, clearly
+    sha = _cached_sha256(source, cache_dir, progress)
+    cached = _converted(cache_dir, sha).tokenizer_path
+    if cached.is_file():
+        return ConvertedModel(source, cached, sha)
+    beside = source.parent / TOKENIZER_FILENAME
+    if beside.is_file():
+        return ConvertedModel(source, beside, sha)
+    try:
+        cached.parent.mkdir(mode=0o700, exist_ok=True)
+        if progress is not None:
+            progress("tokenizer", 0, 1)
+        _vocabulary_tokenizer(source).save(cached)
+        if progress is not None:
+            progress("tokenizer", 1, 1)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # gguf raises ValueError/KeyError/OSError on malformed input
+        raise ModelLoadError(f"cannot build the tokenizer of {source}: {exc}") from exc
+    return ConvertedModel(source, cached, sha)
+
+
+def _vocabulary_tokenizer(source: Path) -> Tokenizer:
+    import gguf
+
+    fields = gguf.GGUFReader(source).fields
+    model = _string(fields.get("tokenizer.ggml.model"))
+    tokens = [t.decode("utf-8", errors="replace")
+              for t in _byte_strings(fields["tokenizer.ggml.tokens"])]
+    token_types = [int(t) for t in fields["tokenizer.ggml.token_type"].contents()]
+    if model == "gpt2":
+        merges_field = fields.get("tokenizer.ggml.merges")
+        merges = ([] if merges_field is None
+                  else [m.decode("utf-8") for m in _byte_strings(merges_field)])
+        return Tokenizer.from_byte_level_bpe(
+            tokens, token_types, merges, pre=_string(fields.get("tokenizer.ggml.pre")) or "gpt2")
+    if model == "llama" and "tokenizer.ggml.scores" in fields:
+        scores = [float(x) for x in fields["tokenizer.ggml.scores"].contents()]
+        return Tokenizer.from_sentencepiece_bpe(tokens, scores, token_types)
+    raise ModelLoadError(
+        f"{source} has tokenizer model {model!r}; byte-level BPE ('gpt2') and SentencePiece "
+        "BPE ('llama' with scores) vocabularies are supported")
+
+
 def _converted(cache_dir: Path, sha256: str) -> ConvertedModel:
     """Where the converted copy of the file with this digest lives in the cache."""
     target = cache_dir / sha256[:16]
@@ -365,9 +423,12 @@ class ModelCache:
         ready = converted.model_path.is_file() and converted.tokenizer_path.is_file()
         return converted.model_path if ready else None
 
-    def convert(self, source: Path, *, progress: ProgressCallback | None = None) -> ConvertedModel:
-        """The files the runtime loads for `source`, converted once (`ensure_converted`)."""
-        return ensure_converted(source, self.cache_dir, progress=progress)
+    def convert(self, source: Path, *, progress: ProgressCallback | None = None,
+                runtime: str = "ctransformers") -> ConvertedModel:
+        """The files the runtime loads for `source`, converted once (`ensure_converted`); for
+        llama.cpp, which reads the file as it is, only the tokenizer (`ensure_tokenizer`)."""
+        ensure = ensure_tokenizer if runtime == "llama_cpp" else ensure_converted
+        return ensure(source, self.cache_dir, progress=progress)
 
 
 def _cached_sha256(source: Path, cache_dir: Path, progress: ProgressCallback | None) -> str:

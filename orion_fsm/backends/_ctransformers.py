@@ -7,25 +7,30 @@ run `generate` in a worker thread and receive text deltas through a synchronous 
 from __future__ import annotations
 
 import functools
-import math
 import platform
 import random
 import threading
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import Any, Final
 
 from orion_fsm._exceptions import InferenceError, ModelLoadError
 
-from ._constrained import Grammar, MaskedSampler, MaskStats, logits_view
+from ._constrained import MaskedSampler, logits_view
 from ._convert import read_gguf_header
-from ._tokenizer import IncrementalDecoder, Tokenizer
-
-if TYPE_CHECKING:
-    import numpy as np
-    import numpy.typing as npt
+from ._generation import (
+    END_TOKENS,
+    CoreGate,
+    GenerationEvent,
+    GenerationOutcome,
+    SamplingParams,
+    TextEmitter,
+    Threads,
+    TokenScores,
+    checked_prompt,
+)
+from ._tokenizer import Tokenizer
 
 __all__ = [
     "CoreGate",
@@ -41,47 +46,7 @@ __all__ = [
 # SmolLM2 on 2 cores), and smaller chunks let a cancellation interrupt a long prompt sooner.
 _PROMPT_CHUNK: Final = 64
 _LAST_N_TOKENS: Final = 64  # window for the repetition penalty (ctransformers' default)
-_END_TOKENS: Final = ("<|im_end|>", "<|endoftext|>")
 _LOCK_POLL_SECONDS: Final = 0.05
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 256
-    temperature: float = 0.7  # 0 = greedy
-    top_k: int = 40  # 0 = no top-k cut
-    top_p: float = 0.95
-    repetition_penalty: float = 1.1
-    seed: int = -1  # -1 = random
-    stop: tuple[str, ...] = ()
-    grammar: Grammar | None = None  # every token chosen under this grammar's mask
-
-
-@dataclass(frozen=True)
-class GenerationEvent:
-    """One emitted chunk of text and the token ids consumed since the previous chunk; with
-    each id its log-probability and the entropy (nats) of the distribution it was drawn
-    from, under the model's own logits (empty when the runtime gave none)."""
-
-    token_ids: tuple[int, ...]
-    text: str
-    logprobs: tuple[float, ...] = ()
-    entropies: tuple[float, ...] = ()
-
-
-@dataclass(frozen=True)
-class GenerationOutcome:
-    token_ids: tuple[int, ...]  # every generated id, end-of-sequence excluded
-    text: str  # exactly the text emitted through events
-    finish_reason: str  # "stop" (EOS or stop sequence) | "length" | "cancelled"
-    mask: MaskStats | None = None  # under a grammar: what the mask cost and changed
-    # Prompt tokens this call evaluated: the rest were reused from the instance's context.
-    prefilled: int = field(default=0, compare=False)
-
-
-# Threads for one runtime call: a number, or asked again before every call (a CPU allotter
-# hands out cores per token, so concurrent generations share the cores without waiting).
-Threads = int | Callable[[], int] | None
 
 
 @functools.cache
@@ -130,7 +95,7 @@ class LoadedModel:
         self.model_path = model_path
         self.tokenizer = tokenizer
         self.context_length = int(llm.context_length)
-        ends = {tokenizer.token_id(t) for t in _END_TOKENS} | {int(llm.eos_token_id)}
+        ends = {tokenizer.token_id(t) for t in END_TOKENS} | {int(llm.eos_token_id)}
         self.eos_token_ids = frozenset(i for i in ends if i is not None)
 
     @classmethod
@@ -253,20 +218,7 @@ class LoadedModel:
                                 threads=threads, cores=cores)
 
     def _checked(self, prompt_ids: Sequence[int]) -> list[int]:
-        if not prompt_ids:
-            raise InferenceError("cannot generate from an empty prompt")
-        if min(prompt_ids) < 0 or max(prompt_ids) >= self.tokenizer.vocab_size:
-            # The runtime indexes its embedding table unchecked: a bad id would crash it.
-            raise InferenceError(
-                f"prompt holds token ids outside the vocabulary of {self.tokenizer.vocab_size}; "
-                "encode prompts with this model's tokenizer"
-            )
-        if len(prompt_ids) >= self.context_length:
-            raise InferenceError(
-                f"prompt of {len(prompt_ids)} tokens does not fit the context of "
-                f"{self.context_length}; shorten it or load the model with a longer context"
-            )
-        return list(prompt_ids)
+        return checked_prompt(prompt_ids, self.tokenizer.vocab_size, self.context_length)
 
     def _steps(
         self, prompt: list[int], params: SamplingParams, should_stop: Callable[[], bool],
@@ -288,15 +240,6 @@ class LoadedModel:
             # A plain Lock may be released by another thread: stream steps hop between
             # worker threads.
             self._lock.release()
-
-
-class CoreGate(Protocol):
-    """Cores for one runtime call: `acquire()` blocks until at least one is free and returns
-    how many the call may use; `release(n)` gives them back. Called from worker threads."""
-
-    def acquire(self) -> int: ...
-
-    def release(self, granted: int) -> None: ...
 
 
 class GenerationStream:
@@ -372,13 +315,8 @@ class _Generation:
         self._llm = llm
         self._params = params
         self._should_stop = should_stop
-        self._ready: list[GenerationEvent] = []  # events to yield at the next step
-        self._decoder = IncrementalDecoder(model.tokenizer)
+        self._emitter = TextEmitter(model.tokenizer, params.stop)
         self._generated: list[int] = []
-        self._unsent_ids: list[int] = []
-        self._unsent_scores: list[tuple[float, float]] = []  # (logprob, entropy) per id
-        self._held = ""  # decoded text that might be the start of a stop string
-        self._emitted: list[str] = []
         self._masked: MaskedSampler | None = None
 
     def _eval(self, tokens: Sequence[int]) -> None:
@@ -427,7 +365,7 @@ class _Generation:
                 return (yield from self._finish("cancelled"))
             try:
                 # The model's own distribution (temperature 1), before any sampling rule.
-                scores = _Scores.of(logits_view(llm))
+                scores = TokenScores.of(logits_view(llm))
                 token = self._masked.choose(logits_view(llm)) if self._masked else int(
                     llm.sample(
                         # Greedy is top-k 1; temperature 0 itself would divide logits by zero.
@@ -448,8 +386,7 @@ class _Generation:
             if token in self._model.eos_token_ids:
                 return (yield from self._finish("stop"))
             self._generated.append(token)
-            self._unsent_scores.append(scores.of_token(token))
-            if self._push(token):
+            if self._emitter.push(token, scores.of_token(token)):
                 return (yield from self._finish("stop", flush=False))
             yield from self._drain()
             if self._masked is not None and self._masked.stopped:
@@ -464,85 +401,15 @@ class _Generation:
                 ) from exc
         return (yield from self._finish("length"))
 
-    def _push(self, token: int) -> bool:
-        """Feed one token; True when a stop string has appeared."""
-        self._unsent_ids.append(token)
-        self._held += self._decoder.push(token)
-        stops = self._params.stop
-        if not stops or not self._held:
-            self._send(self._held)
-            return False
-        hits = [i for i in (self._held.find(s) for s in stops if s) if i >= 0]
-        if hits:
-            self._send(self._held[: min(hits)])
-            return True
-        # Hold back the longest tail that could still grow into a stop string.
-        keep = 0
-        for s in stops:
-            for n in range(min(len(s) - 1, len(self._held)), keep, -1):
-                if self._held.endswith(s[:n]):
-                    keep = n
-                    break
-        self._send(self._held[: len(self._held) - keep])
-        return False
-
-    def _send(self, text: str) -> None:
-        if not text:
-            return
-        self._held = self._held[len(text) :]
-        self._emitted.append(text)
-        scores = self._unsent_scores
-        self._ready.append(GenerationEvent(tuple(self._unsent_ids), text,
-                                           tuple(lp for lp, _ in scores),
-                                           tuple(h for _, h in scores)))
-        self._unsent_ids.clear()
-        self._unsent_scores = []
-
     def _drain(self) -> Iterator[GenerationEvent]:
-        while self._ready:
-            yield self._ready.pop(0)
+        yield from self._emitter.take()
 
     def _finish(
         self, reason: str, *, flush: bool = True
     ) -> Generator[GenerationEvent, None, GenerationOutcome]:
         if flush:
-            # No stop string completed, so a held-back partial match is ordinary text.
-            self._held += self._decoder.flush()
-            self._send(self._held)
+            self._emitter.flush()
         yield from self._drain()
         mask = self._masked.stats() if self._masked is not None else None
-        return GenerationOutcome(tuple(self._generated), "".join(self._emitted), reason, mask,
+        return GenerationOutcome(tuple(self._generated), self._emitter.text, reason, mask,
                                  self._prefilled)
-
-
-
-class _Scores:
-    """The next token's distribution under the model's logits (temperature 1): its
-    log-normaliser and entropy, computed once per step before sampling reads the buffer."""
-
-    __slots__ = ("_entropy", "_lse", "_shifted")
-
-    def __init__(self, shifted: npt.NDArray[np.float32] | None, lse: float,
-                 entropy: float) -> None:
-        self._shifted, self._lse, self._entropy = shifted, lse, entropy
-
-    @classmethod
-    def of(cls, logits: npt.NDArray[np.float32]) -> _Scores:
-        import numpy as np
-
-        if logits.size == 0:
-            return cls(None, 0.0, 0.0)
-        # A copy (the runtime reuses its buffer), floored: a masked (-inf) logit would make
-        # the entropy's 0 x -inf a NaN.
-        shifted = np.maximum(logits - logits.max(), np.float32(-1e4))
-        weights = np.exp(shifted)
-        total = float(weights.sum())
-        lse = math.log(total)
-        return cls(shifted, lse, lse - float(np.dot(weights, shifted)) / total)
-
-    def of_token(self, token: int) -> tuple[float, float]:
-        """(log-probability of `token`, entropy of the distribution), in nats."""
-        shifted = self._shifted
-        if shifted is None or not 0 <= token < shifted.size:
-            return (0.0, 0.0)
-        return (float(shifted[token]) - self._lse, self._entropy)

@@ -125,6 +125,43 @@ class Tokenizer:
         )
         return cls(backend)
 
+    @classmethod
+    def from_sentencepiece_bpe(
+        cls, tokens: Sequence[str], scores: Sequence[float], token_types: Sequence[int],
+    ) -> Tokenizer:
+        """Build from a GGUF `llama` (SentencePiece BPE) vocabulary, such as Gemma's: pieces
+        spelled with "▁" for a space, `<0xNN>` byte pieces for what no piece covers.
+
+        SentencePiece merges the adjacent pair whose result scores highest; a BPE whose merge
+        ranks follow the scores of the pieces they make does the same. No space is prepended
+        (`add_space_prefix` false, as Gemma's files say).
+        """
+        import tokenizers  # see TYPE_CHECKING above
+        from tokenizers import AddedToken, decoders, models, normalizers
+
+        vocab = {tok: i for i, tok in enumerate(tokens)}
+        merges: list[tuple[float, int, int, str, str]] = []
+        for piece, score in zip(tokens, scores, strict=True):
+            for cut in range(1, len(piece)):
+                left, right = piece[:cut], piece[cut:]
+                if left in vocab and right in vocab:
+                    merges.append((-score, vocab[left], vocab[right], left, right))
+        merges.sort()
+        backend = tokenizers.Tokenizer(models.BPE(
+            vocab=vocab, merges=[(left, right) for *_, left, right in merges],
+            unk_token="<unk>" if "<unk>" in vocab else None, fuse_unk=True, byte_fallback=True))
+        backend.normalizer = normalizers.Replace(" ", "\u2581")
+        backend.decoder = decoders.Sequence(
+            [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+        backend.add_special_tokens([
+            AddedToken(tok, special=True, normalized=False)
+            for tok, kind in zip(tokens, token_types, strict=True) if kind == _TOKEN_CONTROL])
+        backend.add_tokens([
+            AddedToken(tok, special=False, normalized=False)
+            for tok, kind in zip(tokens, token_types, strict=True)
+            if kind == _TOKEN_USER_DEFINED])
+        return cls(backend)
+
     def save(self, path: Path) -> None:
         """Write tokenizer.json atomically (temp file + rename: readers never see half a file)."""
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -103,6 +103,7 @@ def _tune(args: argparse.Namespace) -> int:
 
 def _agent_row(spec: AgentSpec) -> dict[str, Any]:
     return {"id": spec.id, "role": spec.role, "model": spec.model.describe(),
+            "runtime": spec.runtime,
             "context_length": spec.context_length, "fallback": spec.fallback,
             "ram_estimate_mb": spec.ram_estimate_mb}
 
@@ -138,7 +139,7 @@ def _models(args: argparse.Namespace) -> int:
             for r in rows:
                 default = "*" if r["id"] == registry.default_agent else " "
                 print(f"{default} {r['id']:<14} {r['role']:<14} ctx {r['context_length']:<6} "
-                      f"fallback {r['fallback'] or '-':<14} {r['model']}")
+                      f"fallback {r['fallback'] or '-':<14} {r['runtime']:<13} {r['model']}")
             for v in virtual:
                 members = " + ".join(f"{m['agent']} ({m['role']} {m['weight']:.2f})"
                                      for m in v["members"])
@@ -177,7 +178,7 @@ def _models(args: argparse.Namespace) -> int:
         if source in seen:
             continue
         seen.add(source)
-        converted = cache.convert(source, progress=progress)
+        converted = cache.convert(source, progress=progress, runtime=spec.runtime)
         print(f"{spec.id}: {converted.model_path} (source sha256 {converted.source_sha256[:16]})")
     progress.close()
     return 0

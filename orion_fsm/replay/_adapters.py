@@ -434,7 +434,8 @@ class ReplayLoader:
 
     def key_for(self, agent: AgentSpec) -> ModelKey:
         # Only names the replayed breakers; replay refuses what the recording refused.
-        return ModelKey(Path(agent.model.describe()), agent.context_length, agent.model_type)
+        return ModelKey(Path(agent.model.describe()), agent.context_length, agent.model_type,
+                        runtime=agent.runtime)
 
     def decodes(self, agent: str) -> bool:
         """Whether the agent's recorded output is decoded by its real tokenizer."""
@@ -469,7 +470,8 @@ class ReplayLoader:
                 ids = attempt.prompt_ids
             tokenizer = _RecordedTokenizer(ids)
         return _ReplayPrepared(
-            key=ModelKey(source, agent.context_length, agent.model_type, variant),
+            key=ModelKey(source, agent.context_length, agent.model_type, variant,
+                         agent.runtime),
             files=ConvertedModel(source, source.parent / TOKENIZER_FILENAME, sha),
             tokenizer=tokenizer)
 

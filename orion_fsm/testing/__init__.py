@@ -48,6 +48,7 @@ def make_tiny_llama_gguf(
     n_head: int = 4,
     context_length: int = 2048,
     llama_cpp_layout: bool = False,
+    tied_embeddings: bool | None = None,
 ) -> Path:
     """Write a random-weight llama GGUF (v2, f32) at `path` and tokenizer.json beside it.
 
@@ -55,7 +56,9 @@ def make_tiny_llama_gguf(
     Greedy generation is deterministic and favours printable ASCII, so text assertions work.
     With `llama_cpp_layout` the file is written the way current llama.cpp converters write
     the default model (GGUF v3, GPT-2-spelled vocabulary, tied embeddings, no scores, no
-    tokenizer.json): a fast stand-in for it in conversion tests. Returns `path`.
+    tokenizer.json): a fast stand-in for it in conversion tests. `tied_embeddings=False` keeps
+    the output matrix in that layout too: what llama.cpp runs in tests (with the embeddings as
+    output the greedy text is not printable). Returns `path`.
     """
     import gguf
 
@@ -83,7 +86,7 @@ def make_tiny_llama_gguf(
         "token_embd.weight": embd,
         "output_norm.weight": np.ones(n_embd, dtype=np.float32),
     }
-    if not llama_cpp_layout:
+    if not (llama_cpp_layout if tied_embeddings is None else tied_embeddings):
         tensors["output.weight"] = output
     proj = 1.0 / np.sqrt(n_embd)
     for i in range(n_layers):
@@ -115,7 +118,8 @@ def make_tiny_llama_gguf(
         writer.add_layer_norm_rms_eps(1e-5)
         writer.add_file_type(gguf.LlamaFileType.ALL_F32)
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("gpt2")
+        # llama.cpp names GPT-2's pre-tokenizer "gpt-2" and refuses a name it does not know.
+        writer.add_tokenizer_pre("gpt-2" if llama_cpp_layout else "gpt2")
         writer.add_token_types(types)
         if llama_cpp_layout:
             writer.add_token_list(tokens)

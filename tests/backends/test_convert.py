@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from orion_fsm._exceptions import ModelLoadError
@@ -17,6 +18,7 @@ from orion_fsm.backends import (
     SamplingParams,
     Tokenizer,
     ensure_converted,
+    ensure_tokenizer,
     file_sha256,
     read_gguf_header,
     resolve_package_file,
@@ -305,3 +307,56 @@ def test_resolve_package_file_names_the_install_command_for_missing_packages() -
 def test_resolve_package_file_reports_a_missing_file() -> None:
     with pytest.raises(ModelLoadError, match=r"has no file 'missing\.gguf'"):
         resolve_package_file(SMOLLM_PACKAGE, "missing.gguf")
+
+
+# --- tokenizers for llama.cpp, which reads the file as it is -------------------------------
+
+SPM_TOKENS = ["<unk>", "<bos>", "<eos>", "\u2581", "a", "b", "c", "ab", "bc", "\u2581ab", "abc",
+              "<0x21>"]
+SPM_SCORES = [0.0, 0.0, 0.0, -1.0, -1.0, -1.0, -1.0, -2.0, -3.0, -4.0, -5.0, 0.0]
+SPM_TYPES = [2, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 6]
+
+
+def write_spm_gguf(path: Path) -> Path:
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch="gemma3")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(SPM_TOKENS)
+    writer.add_token_scores(SPM_SCORES)
+    writer.add_token_types(SPM_TYPES)
+    writer.add_tensor("token_embd.weight", np.zeros((len(SPM_TOKENS), 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_sentencepiece_vocabulary_merges_by_score_and_falls_back_to_bytes() -> None:
+    tokenizer = Tokenizer.from_sentencepiece_bpe(SPM_TOKENS, SPM_SCORES, SPM_TYPES)
+    # "ab" outscores "bc", then "\u2581ab" outscores "abc"; "!" has no piece: its byte.
+    assert tokenizer.encode(" abc") == [9, 6]
+    assert tokenizer.encode("ab c!") == [7, 3, 6, 11]
+    assert tokenizer.decode([9, 6, 11]) == " abc!"
+    assert tokenizer.encode("<bos>ab") == [1, 7]  # control tokens are matched whole
+
+
+def test_ensure_tokenizer_builds_it_once_and_leaves_the_model_file_alone(tmp_path: Path) -> None:
+    source = write_spm_gguf(tmp_path / "spm.gguf")
+    files = ensure_tokenizer(source, tmp_path / "cache")
+    assert files.model_path == source
+    assert Tokenizer.from_file(files.tokenizer_path).encode(" abc") == [9, 6]
+    again = ensure_tokenizer(source, tmp_path / "cache")
+    assert again == files
+    assert not (files.tokenizer_path.parent / "model.gguf").exists()  # nothing converted
+
+
+def test_ensure_tokenizer_matches_the_conversion_of_a_byte_level_vocabulary(
+    tmp_path: Path,
+) -> None:
+    source = make_tiny_llama_gguf(tmp_path / "v3.gguf", llama_cpp_layout=True)
+    built = Tokenizer.from_file(ensure_tokenizer(source, tmp_path / "a").tokenizer_path)
+    converted = Tokenizer.from_file(ensure_converted(source, tmp_path / "b").tokenizer_path)
+    text = "<|im_start|>user\nthe cat is on the mat<|im_end|>"
+    assert built.encode(text) == converted.encode(text)

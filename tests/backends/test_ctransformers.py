@@ -1,4 +1,8 @@
-"""LoadedModel: loading, streaming generation, stop conditions, exclusivity and unloading."""
+"""LoadedModel: loading, streaming generation, stop conditions, exclusivity and unloading.
+
+The behavioural tests on a tiny model run on both runtimes: a ctransformers instance and a
+sequence of a llama.cpp context (when the `llama-cpp` extra is installed).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import gc
 import itertools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -18,10 +22,13 @@ from orion_fsm.backends import (
     GenerationEvent,
     GenerationOutcome,
     IncrementalDecoder,
+    LlamaSequence,
     LoadedModel,
     SamplingParams,
+    SlotModel,
     Tokenizer,
     ensure_converted,
+    llama_cpp_available,
     resolve_package_file,
 )
 from orion_fsm.testing import make_tiny_llama_gguf
@@ -37,7 +44,7 @@ def never() -> bool:
 
 
 def run(
-    model: LoadedModel, params: SamplingParams, prompt: str = CHATML_PROMPT
+    model: SlotModel, params: SamplingParams, prompt: str = CHATML_PROMPT
 ) -> tuple[GenerationOutcome, list[GenerationEvent]]:
     events: list[GenerationEvent] = []
     outcome = model.generate(
@@ -51,14 +58,47 @@ def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_llama_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf", seed=7)
 
 
+@pytest.fixture(scope="module")
+def llama_tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The same tiny model as llama.cpp reads it (GGUF v3), and its tokenizer."""
+    root = tmp_path_factory.mktemp("tiny-v3")
+    source = make_tiny_llama_gguf(root / "tiny.gguf", seed=7, llama_cpp_layout=True,
+                                  tied_embeddings=False)
+    return source, ensure_converted(source, root / "cache").tokenizer_path
+
+
+LoadTiny = Callable[[int], SlotModel]
+needs_llama_cpp = pytest.mark.skipif(not llama_cpp_available(),
+                                     reason="the llama-cpp extra is not installed")
+
+
 # Tiny models run on one thread: with more, ggml's thread barrier costs more than the work
 # (and on a 2-vCPU VM it can stall for milliseconds after the process has been idle).
+@pytest.fixture(params=["ctransformers", pytest.param("llama_cpp", marks=needs_llama_cpp)])
+def load_tiny(request: pytest.FixtureRequest, tiny_path: Path) -> Iterator[LoadTiny]:
+    """Loads the tiny model with a context length on the runtime under test."""
+    opened: list[SlotModel] = []
+
+    def load(context_length: int) -> SlotModel:
+        model: SlotModel
+        if request.param == "ctransformers":
+            model = LoadedModel.load(tiny_path, tiny_path.parent / "tokenizer.json",
+                                     context_length=context_length, threads=1)
+        else:
+            source, tokenizer = request.getfixturevalue("llama_tiny")
+            model = LlamaSequence.load(source, tokenizer, context_length=context_length,
+                                       threads=1)
+        opened.append(model)
+        return model
+
+    yield load
+    for model in opened:
+        model.close()
+
+
 @pytest.fixture
-def tiny(tiny_path: Path) -> Iterator[LoadedModel]:
-    with LoadedModel.load(
-        tiny_path, tiny_path.parent / "tokenizer.json", context_length=256, threads=1
-    ) as m:
-        yield m
+def tiny(load_tiny: LoadTiny) -> SlotModel:
+    return load_tiny(256)
 
 
 @pytest.fixture(scope="module")
@@ -78,20 +118,18 @@ def smollm(smollm_files: ConvertedModel) -> Iterator[LoadedModel]:
 # --- generation on a tiny model (fast) -----------------------------------------------------
 
 
-def test_tiny_model_greedy_generation_is_deterministic(tiny_path: Path, tiny: LoadedModel) -> None:
+def test_tiny_model_greedy_generation_is_deterministic(load_tiny: LoadTiny) -> None:
+    tiny = load_tiny(256)
     first, _ = run(tiny, GREEDY)
     second, _ = run(tiny, GREEDY)  # reuses the evaluated prompt prefix
-    with LoadedModel.load(
-        tiny_path, tiny_path.parent / "tokenizer.json", context_length=96, threads=1
-    ) as m:
-        fresh, _ = run(m, GREEDY)
+    fresh, _ = run(load_tiny(96), GREEDY)
     assert first == second == fresh
     assert len(first.token_ids) == 32
     assert first.finish_reason == "length"
     assert first.text.isprintable() and first.text.strip()
 
 
-def test_events_add_up_to_the_outcome(tiny: LoadedModel) -> None:
+def test_events_add_up_to_the_outcome(tiny: SlotModel) -> None:
     outcome, events = run(tiny, GREEDY)
     assert "".join(e.text for e in events) == outcome.text
     assert all(e.text for e in events)
@@ -100,25 +138,23 @@ def test_events_add_up_to_the_outcome(tiny: LoadedModel) -> None:
     assert tiny.tokenizer.decode(outcome.token_ids) == outcome.text
 
 
-def test_max_tokens_ends_with_length(tiny: LoadedModel) -> None:
+def test_max_tokens_ends_with_length(tiny: SlotModel) -> None:
     for n in (1, 5):
         outcome, _ = run(tiny, SamplingParams(temperature=0, max_tokens=n))
         assert len(outcome.token_ids) == n
         assert outcome.finish_reason == "length"
 
 
-def test_generation_stops_at_the_end_of_the_context(tiny_path: Path) -> None:
-    with LoadedModel.load(
-        tiny_path, tiny_path.parent / "tokenizer.json", context_length=48, threads=1
-    ) as m:
-        prompt = m.tokenizer.encode(CHATML_PROMPT)
-        outcome = m.generate(prompt, GREEDY, on_event=lambda e: None, should_stop=never)
+def test_generation_stops_at_the_end_of_the_context(load_tiny: LoadTiny) -> None:
+    m = load_tiny(48)
+    prompt = m.tokenizer.encode(CHATML_PROMPT)
+    outcome = m.generate(prompt, GREEDY, on_event=lambda e: None, should_stop=never)
     assert len(prompt) < 48 - 1 < len(prompt) + GREEDY.max_tokens
     assert len(prompt) + len(outcome.token_ids) == 48
     assert outcome.finish_reason == "length"
 
 
-def test_stop_sequence_and_what_follows_are_never_emitted(tiny: LoadedModel) -> None:
+def test_stop_sequence_and_what_follows_are_never_emitted(tiny: SlotModel) -> None:
     full, _ = run(tiny, GREEDY)
     stop = full.text[10:13]
     outcome, events = run(tiny, SamplingParams(temperature=0, max_tokens=32, stop=(stop,)))
@@ -128,7 +164,7 @@ def test_stop_sequence_and_what_follows_are_never_emitted(tiny: LoadedModel) -> 
     assert stop not in outcome.text
 
 
-def test_stop_sequence_spanning_tokens_is_held_back(tiny: LoadedModel) -> None:
+def test_stop_sequence_spanning_tokens_is_held_back(tiny: SlotModel) -> None:
     full, events = run(tiny, GREEDY)
     # The end of one chunk plus the start of the next: a stop string no single token holds.
     stop = events[3].text[-1:] + events[4].text[:2]
@@ -139,7 +175,7 @@ def test_stop_sequence_spanning_tokens_is_held_back(tiny: LoadedModel) -> None:
     assert "".join(e.text for e in streamed) == outcome.text
 
 
-def test_unfinished_stop_prefix_is_emitted_at_the_end(tiny: LoadedModel) -> None:
+def test_unfinished_stop_prefix_is_emitted_at_the_end(tiny: SlotModel) -> None:
     full, _ = run(tiny, GREEDY)
     last = full.text[-1]
     outcome, events = run(tiny, SamplingParams(temperature=0, max_tokens=32, stop=(last + "\0",)))
@@ -148,7 +184,7 @@ def test_unfinished_stop_prefix_is_emitted_at_the_end(tiny: LoadedModel) -> None
     assert "".join(e.text for e in events) == full.text
 
 
-def test_should_stop_cancels_between_tokens(tiny: LoadedModel) -> None:
+def test_should_stop_cancels_between_tokens(tiny: SlotModel) -> None:
     events: list[GenerationEvent] = []
     outcome = tiny.generate(
         tiny.tokenizer.encode(CHATML_PROMPT),
@@ -161,7 +197,7 @@ def test_should_stop_cancels_between_tokens(tiny: LoadedModel) -> None:
     assert len(outcome.token_ids) == sum(len(e.token_ids) for e in events)
 
 
-def test_should_stop_before_the_first_token_generates_nothing(tiny: LoadedModel) -> None:
+def test_should_stop_before_the_first_token_generates_nothing(tiny: SlotModel) -> None:
     outcome = tiny.generate(
         tiny.tokenizer.encode(CHATML_PROMPT * 5),  # several prompt chunks
         GREEDY,
@@ -171,7 +207,7 @@ def test_should_stop_before_the_first_token_generates_nothing(tiny: LoadedModel)
     assert outcome == GenerationOutcome((), "", "cancelled")
 
 
-def test_seeded_sampling_is_reproducible_and_unseeded_sampling_varies(tiny: LoadedModel) -> None:
+def test_seeded_sampling_is_reproducible_and_unseeded_sampling_varies(tiny: SlotModel) -> None:
     seeded = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, max_tokens=32, seed=1234)
     assert run(tiny, seeded)[0] == run(tiny, seeded)[0]
     # ctransformers alone would reseed with time(NULL) per token: same second, same text.
@@ -180,7 +216,7 @@ def test_seeded_sampling_is_reproducible_and_unseeded_sampling_varies(tiny: Load
     assert len(texts) == 3
 
 
-def test_one_generation_at_a_time(tiny: LoadedModel) -> None:
+def test_one_generation_at_a_time(tiny: SlotModel) -> None:
     release = threading.Event()
     order: list[str] = []
     outcomes: dict[str, GenerationOutcome] = {}
@@ -211,7 +247,7 @@ def test_one_generation_at_a_time(tiny: LoadedModel) -> None:
     assert outcomes["first"] == outcomes["second"]
 
 
-def test_waiting_generation_can_be_cancelled(tiny: LoadedModel) -> None:
+def test_waiting_generation_can_be_cancelled(tiny: SlotModel) -> None:
     release = threading.Event()
     started = threading.Event()
 
@@ -234,7 +270,7 @@ def test_waiting_generation_can_be_cancelled(tiny: LoadedModel) -> None:
     holder.join(10)
 
 
-def test_on_event_errors_propagate_and_the_model_stays_usable(tiny: LoadedModel) -> None:
+def test_on_event_errors_propagate_and_the_model_stays_usable(tiny: SlotModel) -> None:
     def boom(event: GenerationEvent) -> None:
         raise KeyError("consumer went away")
 
@@ -246,7 +282,7 @@ def test_on_event_errors_propagate_and_the_model_stays_usable(tiny: LoadedModel)
     assert run(tiny, GREEDY)[0] == expected
 
 
-def test_unusable_prompts_raise_inference_error(tiny: LoadedModel) -> None:
+def test_unusable_prompts_raise_inference_error(tiny: SlotModel) -> None:
     with pytest.raises(InferenceError, match="does not fit"):
         tiny.generate([5] * 256, GREEDY, on_event=lambda e: None, should_stop=never)
     with pytest.raises(InferenceError, match="outside the vocabulary"):
@@ -255,7 +291,7 @@ def test_unusable_prompts_raise_inference_error(tiny: LoadedModel) -> None:
         tiny.generate([], GREEDY, on_event=lambda e: None, should_stop=never)
 
 
-def test_close_is_idempotent_and_later_generation_fails(tiny: LoadedModel) -> None:
+def test_close_is_idempotent_and_later_generation_fails(tiny: SlotModel) -> None:
     tiny.close()
     tiny.close()
     assert tiny.closed
@@ -263,12 +299,12 @@ def test_close_is_idempotent_and_later_generation_fails(tiny: LoadedModel) -> No
         run(tiny, GREEDY)
 
 
-def test_eos_ids_cover_chatml_and_endoftext(tiny: LoadedModel) -> None:
+def test_eos_ids_cover_chatml_and_endoftext(tiny: SlotModel) -> None:
     assert tiny.eos_token_ids == {0, 2}
     assert tiny.context_length == 256
 
 
-def test_stream_pulls_the_same_events_as_generate(tiny: LoadedModel) -> None:
+def test_stream_pulls_the_same_events_as_generate(tiny: SlotModel) -> None:
     expected, expected_events = run(tiny, GREEDY)
     stream = tiny.open_stream(tiny.tokenizer.encode(CHATML_PROMPT), GREEDY)
     events: list[GenerationEvent] = []
@@ -288,7 +324,7 @@ def test_stream_pulls_the_same_events_as_generate(tiny: LoadedModel) -> None:
     assert stream.outcome == expected
 
 
-def test_closing_a_stream_cancels_it_and_frees_the_model(tiny: LoadedModel) -> None:
+def test_closing_a_stream_cancels_it_and_frees_the_model(tiny: SlotModel) -> None:
     stream = tiny.open_stream(tiny.tokenizer.encode(CHATML_PROMPT), GREEDY)
     first = stream.next_event()
     assert first is not None
@@ -299,7 +335,7 @@ def test_closing_a_stream_cancels_it_and_frees_the_model(tiny: LoadedModel) -> N
     assert run(tiny, GREEDY)[0].finish_reason == "length"  # the model is free again
 
 
-def test_unstarted_stream_holds_nothing(tiny: LoadedModel) -> None:
+def test_unstarted_stream_holds_nothing(tiny: SlotModel) -> None:
     stream = tiny.open_stream(tiny.tokenizer.encode(CHATML_PROMPT), GREEDY)
     with pytest.raises(InferenceError, match="not finished"):
         stream.outcome  # noqa: B018

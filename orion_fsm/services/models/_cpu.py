@@ -85,8 +85,8 @@ class _Consumer:
     def __init__(self, pool: CpuAllotter) -> None:
         self._pool = pool
 
-    def acquire(self) -> int:
-        return self._pool._acquire()
+    def acquire(self, share: int = 1) -> int:
+        return self._pool._acquire(share)
 
     def release(self, granted: int) -> None:
         self._pool._release(granted)
@@ -132,7 +132,7 @@ class CpuAllotter:
         return CpuSnapshot(self.cores, round(self._busy(), 2), self.capacity(), self._in_use,
                            self._consumers)
 
-    def _acquire(self) -> int:
+    def _acquire(self, share: int = 1) -> int:
         ticket = object()
         with self._cond:
             self._queue.append(ticket)
@@ -146,7 +146,8 @@ class CpuAllotter:
             finally:
                 self._queue.remove(ticket)
                 self._cond.notify_all()
-            granted = min(free, max(1, capacity // max(1, self._consumers)))
+            # A batched call computes for `share` consumers at once: their shares together.
+            granted = min(free, max(1, capacity * share // max(1, self._consumers)))
             self._in_use += granted
             self.peak_in_use = max(self.peak_in_use, self._in_use)
             self.grants += 1

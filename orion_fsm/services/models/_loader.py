@@ -13,7 +13,7 @@ import heapq
 import itertools
 import logging
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -26,7 +26,19 @@ from orion_fsm._clock import Clock, SystemClock
 from orion_fsm._config import DEFAULT_STALL_FLOOR_S, STALL_TOKENS_FACTOR
 from orion_fsm._exceptions import ConfigurationError, InsufficientMemory, ModelLoadError
 from orion_fsm._singleflight import SingleFlight
-from orion_fsm.backends import ConvertedModel, LoadedModel, Tokenizer, ensure_converted
+from orion_fsm.backends import (
+    LLAMA_CPP_EXTRA,
+    ConvertedModel,
+    LlamaRuntime,
+    LlamaSequence,
+    LoadedModel,
+    SlotModel,
+    Tokenizer,
+    ensure_converted,
+    ensure_tokenizer,
+    llama_cpp_available,
+    read_gguf_header,
+)
 from orion_fsm.backends._shards import MANIFEST_FILENAME, is_manifest
 from orion_fsm.services.models._cpu import usable_cores
 from orion_fsm.services.models._pressure import PressureGauge, PressureLevel
@@ -59,6 +71,7 @@ __all__ = [
     "ProgressCallback",
     "ResidentModel",
     "SlotStats",
+    "require_runtimes",
 ]
 
 ProgressCallback = Callable[[str, int, int], None]
@@ -68,6 +81,11 @@ _log = logging.getLogger("orion_fsm.loader")
 _READ_CHUNK: Final = 4 << 20
 _QUEUE: Final = 16  # pending background commands; a full queue drops preload hints
 _SEND_FAILURES: Final = (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError)
+# Architectures ctransformers' 2023 ggml runs (GGUF `general.architecture`); any other needs
+# llama.cpp. Its slots are sequences of one context, so "auto" gives it more of them.
+_CTRANSFORMERS_ARCHITECTURES: Final = frozenset(
+    {"llama", "gpt2", "gptj", "gpt_neox", "falcon", "mpt", "starcoder", "replit", "dolly-v2"})
+_LLAMA_SLOTS_PER_CORE: Final = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,13 +96,15 @@ class ModelKey:
     context_length: int
     model_type: str
     variant: str = DEFAULT_VARIANT
+    runtime: str = "ctransformers"  # | "llama_cpp"
 
     @property
     def label(self) -> str:
         # A sharded model is named by its folder: every manifest is manifest.json.
         name = self.source.parent.name if self.source.name == MANIFEST_FILENAME \
             else self.source.stem
-        return f"{name}:{self.variant}@{self.context_length}"
+        label = f"{name}:{self.variant}@{self.context_length}"
+        return label if self.runtime == "ctransformers" else f"{label}/{self.runtime}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +250,7 @@ class _Instance:
     generation at a time; its context keeps the ids it last evaluated (prefix reuse)."""
 
     index: int
-    model: LoadedModel
+    model: SlotModel
     last_used: float
     busy: bool = False
     quarantined: bool = False
@@ -268,6 +288,7 @@ class _Resident:
     queued: int = 0
     token_s: float | None = None  # measured seconds per generated token (moving average)
     next_index: int = 1
+    sequences: int = 1  # llama_cpp: sequences its context holds (the most slots it can have)
 
     @property
     def instance_bytes(self) -> int:
@@ -275,6 +296,10 @@ class _Resident:
 
     @property
     def estimate_bytes(self) -> int:
+        if self.prepared.key.runtime == "llama_cpp":
+            # One context for every slot: the weights once, a KV cache per sequence.
+            estimate = self.prepared.estimate
+            return estimate.total_bytes + estimate.kv_cache_bytes * (self.sequences - 1)
         # ctransformers shares nothing between instances (measured: ~180 MB each for
         # SmolLM2 Q4_1 at 2048 tokens), so every instance counts in full.
         return self.instance_bytes * (len(self.instances) + self.creating + len(self.quarantined))
@@ -305,7 +330,7 @@ class ModelLease:
         self.stall_s = stall_s  # no token for this long: the generation is abandoned
 
     @property
-    def model(self) -> LoadedModel:
+    def model(self) -> SlotModel:
         return self._instance.model
 
     @property
@@ -413,6 +438,9 @@ class ModelLoader:
         self._queued: set[tuple[str, str | None]] = set()
         self._stopped = False
         self._located: dict[ModelSource, Path] = {}
+        self._architectures: dict[Path, str] = {}
+        # llama_cpp models: the runtime whose sequences are the resident's slots.
+        self._runtimes: dict[ModelKey, LlamaRuntime] = {}
         self._commands: MemoryObjectSendStream[tuple[AgentSpec, str | None] | None]
         self._inbox: MemoryObjectReceiveStream[tuple[AgentSpec, str | None] | None]
         self._commands, self._inbox = anyio.create_memory_object_stream[
@@ -432,7 +460,25 @@ class ModelLoader:
         path = self._located.get(choice.source)
         if path is None:
             path = self._located[choice.source] = choice.source.locate()
-        return ModelKey(path, agent.context_length, agent.model_type, choice.name)
+        return ModelKey(path, agent.context_length, agent.model_type, choice.name,
+                        self._runtime_for(agent.runtime, path))
+
+    def _runtime_for(self, asked: str, path: Path) -> str:
+        """The runtime that runs the file: the agent's, unless ctransformers cannot run its
+        architecture (then llama.cpp, when installed)."""
+        if asked != "ctransformers":
+            return asked
+        arch = self._architectures.get(path)
+        if arch is None:
+            meta = read_gguf_header(path).metadata.get("general.architecture", "llama")
+            arch = self._architectures[path] = str(meta)
+        if arch in _CTRANSFORMERS_ARCHITECTURES:
+            return asked
+        if llama_cpp_available():
+            return "llama_cpp"
+        raise ModelLoadError(
+            f"{path.name} is a {arch!r} model, which ctransformers cannot run; install the "
+            f"llama.cpp runtime ({LLAMA_CPP_EXTRA}) or pick a llama-family model")
 
     def keep_alive_for(self, agent: AgentSpec) -> float:
         if agent.keep_alive_s is not None:
@@ -478,7 +524,9 @@ class ModelLoader:
                     load = ShardedLoad(source, self.cache_dir, self.tracer, self._progress)
                     source = load.run()
                     shards = load.parts
-                files = ensure_converted(source, self.cache_dir, progress=self._progress)
+                # llama.cpp reads the file as it is: only the tokenizer is built for it.
+                ensure = ensure_tokenizer if key.runtime == "llama_cpp" else ensure_converted
+                files = ensure(source, self.cache_dir, progress=self._progress)
                 estimate = estimate_model_memory(files.model_path, key.context_length,
                                                  overhead_bytes=overhead)
                 return PreparedModel(key, files, Tokenizer.from_file(files.tokenizer_path),
@@ -496,7 +544,13 @@ class ModelLoader:
         another to finish), as many as the memory budget holds, at least one."""
         if agent.parallel is not None:
             return agent.parallel
-        fit = self.budget_bytes // max(1, prepared.estimate.total_bytes)
+        estimate = prepared.estimate
+        if prepared.key.runtime == "llama_cpp":
+            # Slots are sequences batched in one decode step: a KV cache each, weights once.
+            room = self.budget_bytes - estimate.weights_bytes - estimate.overhead_bytes
+            fit = room // max(1, estimate.kv_cache_bytes)
+            return max(1, min(_LLAMA_SLOTS_PER_CORE * usable_cores(), fit))
+        fit = self.budget_bytes // max(1, estimate.total_bytes)
         return max(1, min(2 * usable_cores(), fit))
 
     def stall_s_for(self, agent: AgentSpec, resident: _Resident) -> float:
@@ -527,6 +581,8 @@ class ModelLoader:
         resident.pins += 1
         loaded_at = self.clock.monotonic()
         resident.parallel = max(resident.parallel, self.parallel_for(agent, prepared))
+        if key.runtime == "llama_cpp":  # its context has room for this many sequences
+            resident.parallel = min(resident.parallel, resident.sequences)
         try:
             instance, queued = await self._take_slot(resident, prompt_ids, priority)
         except BaseException:
@@ -865,8 +921,9 @@ class ModelLoader:
         unloaded = await self._admit(prepared, wait_s=0 if preload else self.config.room_wait_s)
         try:
             # Shielded: a cancelled caller must not leave a loaded model nobody tracks.
+            sequences = self.parallel_for(agent, prepared)
             with anyio.CancelScope(shield=True):
-                model = await anyio.to_thread.run_sync(self._load_blocking, prepared)
+                model = await anyio.to_thread.run_sync(self._load_blocking, prepared, sequences)
         except BaseException:
             del self._reserved[key]
             self._signal_room()
@@ -874,7 +931,8 @@ class ModelLoader:
         del self._reserved[key]
         now = self.clock.monotonic()
         self._residents[key] = _Resident(prepared, [_Instance(0, model, now)], last_used=now,
-                                 keep_alive_s=self.keep_alive_for(agent), preloaded=preload)
+                                 keep_alive_s=self.keep_alive_for(agent), preloaded=preload,
+                                 sequences=sequences)
         self.stats.loads += 1
         self.stats.preloads += int(preload)
         _log.info("model_loaded", extra={
@@ -883,7 +941,22 @@ class ModelLoader:
             "load_ms": round((now - started) * 1e3, 1)})
         return _Loaded(tuple(unloaded), preload)
 
-    def _load_blocking(self, prepared: PreparedModel) -> LoadedModel:
+    def _load_blocking(self, prepared: PreparedModel, sequences: int = 1) -> SlotModel:
+        """A new slot: a ctransformers instance, or a sequence of the llama.cpp context (the
+        first one creates it, with room for `sequences`)."""
+        key = prepared.key
+        if key.runtime == "llama_cpp":
+            runtime = self._runtimes.get(key)
+            if runtime is not None and not runtime.closed:
+                return runtime.open_sequence()
+            if self._progress is not None:
+                for done, total in _read_through(key.source):
+                    self._progress("read", done, total)
+            sequence = LlamaSequence.load(key.source, prepared.files.tokenizer_path,
+                                          context_length=key.context_length,
+                                          sequences=sequences, threads=self.threads)
+            self._runtimes[key] = sequence.runtime
+            return sequence
         files = prepared.files
         if self._progress is not None:
             # Reading the file first puts it in the page cache (the runtime then maps it at
@@ -924,6 +997,7 @@ class ModelLoader:
         resident.instances, resident.quarantined = [], []
         for model in live:
             await anyio.to_thread.run_sync(self._close, model)
+        self._runtimes.pop(resident.prepared.key, None)
 
     async def _reap_quarantined(self) -> None:
         """Close quarantined instances whose stuck generation has ended: room for new slots."""
@@ -936,9 +1010,17 @@ class ModelLoader:
                 self._signal_room()
 
     @staticmethod
-    def _close(model: LoadedModel) -> None:
+    def _close(model: SlotModel) -> None:
         model.close()
         _release_freed_heap()
+
+
+def require_runtimes(agents: Iterable[AgentSpec]) -> None:
+    """ConfigurationError for the first agent whose runtime is not installed."""
+    for agent in agents:
+        if agent.runtime == "llama_cpp" and not llama_cpp_available():
+            raise ConfigurationError(f"agent {agent.id!r}: runtime", agent.runtime,
+                                     f"installed first ({LLAMA_CPP_EXTRA})")
 
 
 def _reused(cached: Sequence[int], prompt: Sequence[int]) -> int:

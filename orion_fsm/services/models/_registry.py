@@ -186,6 +186,7 @@ class AgentSpec:
     keep_alive_s: float | None = None  # None: the loader's default for the RAM tier
     parallel: int | None = None  # slots (model instances); None ("auto"): from cores and budget
     stall_s: float | None = None  # no token for this long: abandoned; None: from token times
+    runtime: str = "ctransformers"  # | "llama_cpp" (the `llama-cpp` extra)
 
 
 @dataclass(frozen=True)
@@ -340,7 +341,7 @@ def _agent(raw: Mapping[str, Any], base: Path | None) -> AgentSpec:
         capabilities=tuple(raw["capabilities"]),
         model=_source(raw["model"], base),
         format=raw["format"],
-        model_type=raw["model_type"],
+        model_type=raw.get("model_type", "llama"),
         chat_template=(
             CHAT_TEMPLATE_PRESETS[template]
             if isinstance(template, str)
@@ -364,6 +365,7 @@ def _agent(raw: Mapping[str, Any], base: Path | None) -> AgentSpec:
         keep_alive_s=None if "keep_alive_s" not in raw else float(raw["keep_alive_s"]),
         parallel=None if raw.get("parallel", "auto") == "auto" else int(raw["parallel"]),
         stall_s=None if "stall_s" not in raw else float(raw["stall_s"]),
+        runtime=raw.get("runtime", "ctransformers"),
     )
 
 

