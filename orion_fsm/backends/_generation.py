@@ -180,7 +180,7 @@ class TokenScores:
 
     __slots__ = ("_entropy", "_lse", "_shifted")
 
-    def __init__(self, shifted: npt.NDArray[np.float32] | None, lse: float,
+    def __init__(self, shifted: npt.NDArray[np.float64] | None, lse: float,
                  entropy: float) -> None:
         self._shifted, self._lse, self._entropy = shifted, lse, entropy
 
@@ -190,9 +190,10 @@ class TokenScores:
 
         if logits.size == 0:
             return cls(None, 0.0, 0.0)
-        # A copy (the runtime reuses its buffer), floored: a masked (-inf) logit would make
-        # the entropy's 0 x -inf a NaN.
-        shifted = np.maximum(logits - logits.max(), np.float32(-1e4))
+        # A float64 copy (the runtime reuses its buffer; float32 sums round differently with
+        # the buffer's alignment), floored: a masked (-inf) logit would make the entropy's
+        # 0 x -inf a NaN.
+        shifted = np.maximum(logits.astype(np.float64) - float(logits.max()), -1e4)
         weights = np.exp(shifted)
         total = float(weights.sum())
         lse = math.log(total)
@@ -203,4 +204,5 @@ class TokenScores:
         shifted = self._shifted
         if shifted is None or not 0 <= token < shifted.size:
             return (0.0, 0.0)
-        return (float(shifted[token]) - self._lse, self._entropy)
+        # Rounded: what is left of summation order at 1e-16 must not make two runs differ.
+        return (round(float(shifted[token]) - self._lse, 9), round(self._entropy, 9))

@@ -317,7 +317,11 @@ def test_stream_pulls_the_same_events_as_generate(tiny: SlotModel) -> None:
         if box[0] is None:
             break
         events.append(box[0])
-    assert events == expected_events
+    assert [(e.token_ids, e.text) for e in events] == \
+        [(e.token_ids, e.text) for e in expected_events]
+    # llama.cpp's logits over a reused KV prefix differ from a fresh prefill's in the 8th digit.
+    assert [pytest.approx(e.logprobs, abs=1e-4) for e in events] == \
+        [e.logprobs for e in expected_events]
     assert stream.outcome == expected
     assert stream.next_event() is None
     stream.close()
