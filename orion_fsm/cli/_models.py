@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from orion_fsm import AgentSpec, ModelCache, Registry, resolve_cache_dir
+from orion_fsm import AgentSpec, ModelCache, ModelLoadError, Registry, resolve_cache_dir
 
 from ._common import Progress
 
@@ -32,9 +32,29 @@ def _agent_row(spec: AgentSpec) -> dict[str, Any]:
             "ram_estimate_mb": spec.ram_estimate_mb}
 
 
+def _missing_models(registry: Registry) -> list[str]:
+    """One line per model file (or variant) of the registry that cannot be found: a registry
+    whose agents cannot load is not valid, however well-formed its JSON."""
+    problems = []
+    for spec in registry.agents.values():
+        sources = [("model", spec.model)]
+        sources += [(f"quantization variant {q.name!r}", q.source) for q in spec.quantization]
+        for what, source in sources:
+            try:
+                source.locate()
+            except ModelLoadError as exc:
+                problems.append(f"agent {spec.id!r} {what}: {exc}")
+    return problems
+
+
 def _models(args: argparse.Namespace) -> int:
     registry = Registry.load(args.registry)
     if args.models_command == "validate":
+        problems = _missing_models(registry)
+        for problem in problems:
+            print(f"orion-fsm: {problem}", file=sys.stderr)
+        if problems:
+            return 2
         print(f"ok: {len(registry.agents)} agents, default {registry.default_agent!r}, "
               f"digest {registry.digest[:16]}")
         return 0

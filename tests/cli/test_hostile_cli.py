@@ -148,3 +148,28 @@ def test_a_bounded_fuzz_of_arguments_never_gives_a_traceback(tmp_path: Path) -> 
             last = [line for line in err.splitlines() if line.strip()]
             assert last and (last[-1].startswith(("orion-fsm:", "usage:"))
                              or "error:" in last[-1]), (args, err)
+
+
+def test_models_validate_reports_every_missing_model_file_and_fails(
+        registry_doc: dict[str, Any], write_registry: Any, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    registry_doc["agents"][1]["model"] = {"package": "no_such_model_package", "file": "m.gguf"}
+    registry_doc["agents"][3]["quantization"] = [
+        {"name": "q8", "bits": 8, "source": {"path": str(tmp_path / "gone-q8.gguf")}}]
+    registry = write_registry(registry_doc)
+    assert main(["--registry", str(registry), "models", "validate"]) == 2
+    captured = capsys.readouterr()
+    assert "ok" not in captured.out
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("orion-fsm: agent ") for line in lines)
+    assert "'code'" in lines[0] and "no_such_model_package" in lines[0]
+    assert "'broken'" in lines[1] and "missing.gguf" in lines[1]
+    assert "'short' quantization variant 'q8'" in lines[2]
+
+
+def test_models_validate_says_ok_when_every_model_file_is_there(
+        registry_doc: dict[str, Any], write_registry: Any,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    registry_doc["agents"] = [a for a in registry_doc["agents"] if a["id"] != "broken"]
+    assert main(["--registry", str(write_registry(registry_doc)), "models", "validate"]) == 0
+    assert capsys.readouterr().out.startswith("ok: ")
