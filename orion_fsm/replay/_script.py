@@ -53,6 +53,7 @@ class RecordedAttempt:
     load_info: LoadInfo | None = None
     output: RecordedOutput = RecordedOutput()
     final: bool = False
+    special_token: str | None = None  # written in the request's text: it was refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +120,7 @@ class Script:
                 prepare_error=error if error is not None and sha is None else None,
                 acquire_error=error if error is not None and sha is not None else None,
                 breaker_open=exit_event == "breaker_open", load_info=_load_info(attrs),
-                output=output)
+                output=output, special_token=_special_token(attrs))
             turns.setdefault(agent, []).append(attempts[agent])
         routed = (result.get("routing") or {}).get("agent")
         if isinstance(routed, str) and routed not in attempts:
@@ -163,6 +164,11 @@ class Script:
 def _known_sha(earlier: Sequence[RecordedAttempt] | None) -> str | None:
     # A retried attempt of the same agent loads the same model as its earlier turns.
     return next((a.sha256 for a in reversed(earlier or ()) if a.sha256), None)
+
+
+def _special_token(attrs: Mapping[str, Any]) -> str | None:
+    token = attrs.get("orion.guardrails.special_token")
+    return token if isinstance(token, str) and token else None
 
 
 def _input_tokens(attrs: Mapping[str, Any]) -> int | None:

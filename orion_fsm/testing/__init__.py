@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import struct
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
@@ -31,11 +32,14 @@ _CONTROL: Final = 3  # gguf.TokenType.CONTROL
 _NORMAL: Final = 1  # gguf.TokenType.NORMAL
 
 
-def _vocabulary() -> tuple[list[str], list[int], list[str]]:
-    """(tokens in GPT-2 spelling, GGUF token types, merges): the same for every tiny model."""
+def _vocabulary(extra_special: Sequence[str] = ()) -> tuple[list[str], list[int], list[str]]:
+    """(tokens in GPT-2 spelling, GGUF token types, merges): the same for every tiny model,
+    with `extra_special` control tokens appended at the end."""
     tokens = [*TINY_SPECIAL_TOKENS, *(BYTE_TO_UNICODE[b] for b in range(256))]
     tokens += [left + right for left, right in _MERGES]
     types = [_CONTROL] * len(TINY_SPECIAL_TOKENS) + [_NORMAL] * (len(tokens) - 3)
+    tokens += extra_special
+    types += [_CONTROL] * len(extra_special)
     return tokens, types, [f"{left} {right}" for left, right in _MERGES]
 
 
@@ -48,6 +52,7 @@ def make_tiny_llama_gguf(
     n_head: int = 4,
     context_length: int = 2048,
     llama_cpp_layout: bool = False,
+    extra_special_tokens: Sequence[str] = (),
 ) -> Path:
     """Write a random-weight llama GGUF (v2, f32) at `path` and tokenizer.json beside it.
 
@@ -55,7 +60,8 @@ def make_tiny_llama_gguf(
     Greedy generation is deterministic and favours printable ASCII, so text assertions work.
     With `llama_cpp_layout` the file is written the way current llama.cpp converters write
     the default model (GGUF v3, GPT-2-spelled vocabulary, tied embeddings, no scores, no
-    tokenizer.json): a fast stand-in for it in conversion tests. Returns `path`.
+    tokenizer.json): a fast stand-in for it in conversion tests. `extra_special_tokens` adds
+    control tokens to the vocabulary (`<file_sep>`, as SmolLM2 has). Returns `path`.
     """
     import gguf
 
@@ -63,7 +69,7 @@ def make_tiny_llama_gguf(
         raise ValueError(f"n_embd={n_embd} must split into {n_head} heads of even size")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tokens, types, merges = _vocabulary()
+    tokens, types, merges = _vocabulary(extra_special_tokens)
     n_vocab, n_ff, head_dim = len(tokens), 2 * n_embd, n_embd // n_head
     rng = np.random.default_rng(seed)
 
@@ -75,7 +81,8 @@ def make_tiny_llama_gguf(
     embd = weights(n_vocab, n_embd, scale=0.5)
     embd[:, 0] = 4.0
     output = weights(n_vocab, n_embd, scale=0.3)
-    printable = [i for i, t in enumerate(tokens[3:], start=3) if _printable(t)]
+    normal = tokens[3:len(tokens) - len(extra_special_tokens)]  # never favour control tokens
+    printable = [i for i, t in enumerate(normal, start=3) if _printable(t)]
     output[:, 0] = -1.0
     output[printable, 0] = 1.0
 
