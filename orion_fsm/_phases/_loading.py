@@ -71,7 +71,7 @@ async def loading_agent(services: Services, state: RequestState) -> str:
                             attr.CONTEXT_TOKENS: sum(h.tokens for h in used)})
     prompt = agent.chat_template.render(prompt_messages(
         messages, agent.system_prompt, state.output_format))
-    ids = prompt_token_ids(services, prompt, prepared, state.notes)
+    ids = await prompt_token_ids(services, prompt, prepared, state.notes)
     state.notes[attr.GEN_AI_USAGE_INPUT_TOKENS] = len(ids)
     room = agent.context_length - len(ids)
     if room < 1:
