@@ -119,6 +119,9 @@ def _luhn(digits: str) -> bool:
     return total % 10 == 0
 
 
+_CARD_SEPARATOR = re.compile(r"[ .-]")
+
+
 def _card_brand(digits: str) -> bool:
     n, head2, head4 = len(digits), int(digits[:2]), int(digits[:4])
     if digits[0] == "4":
@@ -137,7 +140,11 @@ def _card_brand(digits: str) -> bool:
 
 
 def _is_card(text: str) -> bool:
-    groups = re.split(r"[ .-]", text)
+    if not text[:4].isdigit():
+        # Every grouping below starts with 4 digits: "1 1 1 1 …" is refused here, at a
+        # fraction of a split (one call per 19-digit candidate on hostile text).
+        return False
+    groups = _CARD_SEPARATOR.split(text)
     if len(groups) > 1:
         sizes = [len(g) for g in groups]
         # Cards are written 4-4-4-4(-3) or 4-6-5 / 4-6-4; other groupings are other numbers.
