@@ -22,8 +22,9 @@ def _diagram(args: argparse.Namespace) -> int:
     if args.output:
         try:
             Path(args.output).write_text(text, encoding="utf-8")
-        except OSError as exc:
-            raise OrionError(f"cannot write the diagram to {args.output}: {exc.strerror}; "
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+            why = exc.strerror if isinstance(exc, OSError) else str(exc)
+            raise OrionError(f"cannot write the diagram to {args.output!r}: {why}; "
                              "pass a file in an existing folder") from None
         print(f"wrote {args.output}")
     else:

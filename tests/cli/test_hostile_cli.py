@@ -138,8 +138,11 @@ def test_a_bounded_fuzz_of_arguments_never_gives_a_traceback(tmp_path: Path) -> 
     commands: list[list[str | bytes]] = [
         ["trace", "show"], ["trace", "show", "--last"], ["trace", "show", "--width"],
         ["trace", "show", "--request"], ["replay"], ["replay", "--request"],
-        ["run", "--trace-file"], ["run", "--max-tokens"], ["run", "--agent"]]
-    cases = [[*rng.choice(commands), rng.choice(junk)] for _ in range(16)]
+        ["run", "--trace-file"], ["run", "--max-tokens"], ["run", "--agent"],
+        ["route", "eval"], ["route", "--rules"], ["diagram", "--output"],
+        ["replay", str(SHIPPED / "success.jsonl"), "--machine"], ["--registry"],
+        ["models", "show"]]
+    cases = [[*rng.choice(commands), rng.choice(junk)] for _ in range(24)]
     for args in cases:
         done = _cli(args, tmp_path)
         err = done.stderr.decode("utf-8", "replace")
