@@ -147,6 +147,12 @@ class ResponseStream:
     async def __anext__(self) -> str:
         with self._run.in_flight.scope():
             return await self._chunks.__anext__()
+        # Reached only when the Engine's exit cancelled the request: it ended `cancelled`.
+        if self._run.result is None:
+            raise OrionError("the Engine shut down before the request started")
+        raise RequestFailed(self._run.result.error or "the engine shut down",
+                            reason="cancelled", request_id=self._run.request.id,
+                            result=self._run.result)
 
     async def aclose(self) -> None:
         await self._chunks.aclose()

@@ -80,3 +80,27 @@ async def test_a_streamed_cache_hit_left_after_one_chunk_still_writes_its_trace_
     assert all(line["cache"]["level"] == "L1" and line["result"]["state"] == "success"
                for line in hits)
     assert len({line["request_id"] for line in lines}) == len(lines)
+
+
+async def test_a_stream_in_flight_when_the_engine_exits_raises_request_failed_not_none(
+        make_engine: Callable[..., Engine], tmp_path: Path) -> None:
+    chunks: list[object] = []
+    failed: list[RequestFailed] = []
+    first = anyio.Event()
+
+    async def consume(engine: Engine) -> None:
+        try:
+            async for chunk in engine.stream("hello there", max_tokens=200, cache=False):
+                chunks.append(chunk)
+                first.set()
+        except RequestFailed as exc:
+            failed.append(exc)
+
+    async with anyio.create_task_group() as tg, make_engine() as engine:
+        tg.start_soon(consume, engine)
+        await first.wait()
+    assert None not in chunks and all(isinstance(c, str) for c in chunks)
+    (exc,) = failed  # 200 tokens: still streaming when the block ends
+    assert exc.reason == "cancelled" and "shut down" in str(exc)
+    (line,) = read_trace_lines(tmp_path / "traces" / "test.jsonl")
+    assert line["result"]["state"] == "error" and line["request_id"] == exc.request_id
