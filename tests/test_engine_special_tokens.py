@@ -211,3 +211,15 @@ def test_a_retrieved_passage_spelling_a_special_token_is_left_out_of_the_prompt(
     used = fit_context(registry.get("coder"), Prepared(),  # type: ignore[arg-type]
                        [Message("user", "question")], hits, reserve=16)
     assert [h.chunk_id for h in used] == [0, 2]
+
+
+@pytest.mark.parametrize("unit", ["1 ", "a.", "héllo wörld ", "<file_sep>x", "9", "<|im_end|>"])
+def test_a_long_text_encodes_to_the_same_ids_as_its_short_pieces_would(
+        code_tokenizer: Tokenizer, unit: str) -> None:
+    # Past 4,096 characters encode() takes the GIL-free path (encode_batch): same ids.
+    short = unit * (4000 // len(unit))
+    long = short * 3
+    assert len(short) <= 4096 < len(long)
+    ids = code_tokenizer.encode(long)
+    assert code_tokenizer.decode(ids) == long
+    assert ids == code_tokenizer._backend.encode(long, add_special_tokens=False).ids

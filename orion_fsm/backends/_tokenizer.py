@@ -27,6 +27,7 @@ __all__ = [
 ]
 
 # GGUF token types (gguf.TokenType); spelled out so this module does not need numpy-heavy gguf.
+_GIL_FREE_CHARS: Final = 4096  # longer texts are encoded without holding the GIL
 _TOKEN_CONTROL: Final = 3
 _TOKEN_USER_DEFINED: Final = 4
 
@@ -163,6 +164,11 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         # No BOS/EOS added: prompts are built by the caller (ChatML), which places them itself.
+        if len(text) > _GIL_FREE_CHARS:
+            # `encode` holds the GIL throughout (200 ms for 40,000 hostile characters: the
+            # event loop stalls even when a worker thread calls it); `encode_batch` lets go.
+            long: list[int] = self._backend.encode_batch([text], add_special_tokens=False)[0].ids
+            return long
         ids: list[int] = self._backend.encode(text, add_special_tokens=False).ids
         return ids
 
