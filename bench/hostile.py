@@ -99,6 +99,7 @@ async def _routing_heartbeat(quick: bool) -> dict[str, Any]:
         registry = Registry.from_dict({"version": 1, "default_agent": "chat", "agents": agents})
         gaps: dict[str, float] = {}
         whole: dict[str, float] = {}
+        guarded: dict[str, float] = {}
         async with Engine(registry, trace_path=root / "t.jsonl", cache_dir=root / "c",
                           embeddings=False, threads=1, guardrails=False) as engine:
             for name, prompt in prompts.items():
@@ -108,11 +109,64 @@ async def _routing_heartbeat(quick: bool) -> dict[str, Any]:
                     lambda p=prompt: engine.router.route(p, requested=None), quick)
                 whole[name] = await _worst_gap(
                     lambda p=prompt: _quietly(engine.infer(p, max_tokens=1)), quick)
-    worst_ms = max(gaps.values())
+        # With the guardrails on (the default): their scans of the prompt, then the refusal.
+        async with Engine(registry, trace_path=root / "g.jsonl", cache_dir=root / "g",
+                          embeddings=False, threads=1) as engine:
+            for name, prompt in prompts.items():
+                guarded[name] = await _worst_gap(
+                    lambda p=prompt: _quietly(engine.infer(p, max_tokens=1)), quick)
+        # The floor the machine sets: the same heartbeat while the work only sleeps.
+        idle = await _worst_gap(lambda: anyio.sleep(0.2), quick)
+    worst_ms, worst_whole = max(gaps.values()), max([*whole.values(), *guarded.values()])
     return {"max_loop_gap_ms_routing": gaps, "max_loop_gap_ms_whole_request": whole,
+            "max_loop_gap_ms_whole_request_guardrails_on": guarded,
+            "max_loop_gap_ms_while_sleeping": idle,
             "checks": [
                 check("event-loop gap while routing hostile prompts (ms, worst)", worst_ms,
-                      "<= 50", worst_ms <= 50)]}
+                      "<= 50", worst_ms <= 50),
+                check("event-loop gap over whole hostile requests (ms, worst)", worst_whole,
+                      "<= 50", worst_whole <= 50)]}
+
+
+def trace_record(quick: bool = False) -> dict[str, Any]:
+    """Sanitising one typical trace record (a served request, an e-mail in its prompt): what
+    the trace writer's thread pays per request. Was a test's timing assertion."""
+    return anyio.run(_trace_record, quick)
+
+
+async def _trace_record(quick: bool) -> dict[str, Any]:
+    import json
+
+    from orion_fsm import Engine, Registry
+    from orion_fsm.services.observability._sanitize import sanitize, warm_up
+    from orion_fsm.testing import make_tiny_llama_gguf
+
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        model = make_tiny_llama_gguf(root / "m.gguf", n_layers=2, n_embd=32, seed=1)
+        registry = Registry.from_dict({"version": 1, "default_agent": "chat", "agents": [{
+            "id": "chat", "role": "chat", "description": "chat", "capabilities": [],
+            "model": {"path": str(model)}, "format": "gguf", "model_type": "llama",
+            "chat_template": "chatml", "system_prompt": "You are helpful.",
+            "context_length": 256, "generation": {"max_tokens": 8, "temperature": 0},
+            "ram_estimate_mb": 5, "routing": {"keywords": [], "patterns": [], "examples": []}}]})
+        async with Engine(registry, trace_path=root / "t.jsonl", cache_dir=root / "c",
+                          embeddings=False, threads=1) as engine:
+            await engine.infer("What is the capital of France? Write to bob@example.com",
+                               max_tokens=8)
+        record = json.loads((root / "t.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    warm_up()
+    n = 100 if quick else 500
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(n):
+            sanitize(record)
+        best = min(best, (time.perf_counter() - start) / n)
+    per_record_us = round(best * 1e6, 1)
+    return {"us_per_record": per_record_us,
+            "checks": [check("sanitising a typical trace record (µs)", per_record_us,
+                             "< 500", per_record_us < 500)]}
 
 
 async def _quietly(call: Awaitable[Any]) -> None:
@@ -150,4 +204,5 @@ async def _worst_gap(work: Callable[[], Awaitable[Any]], quick: bool) -> float:
 BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {
     "hostile.sanitiser": sanitiser,
     "hostile.routing_heartbeat": routing_heartbeat,
+    "hostile.trace_record": trace_record,
 }

@@ -7,13 +7,14 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncGenerator, Mapping
 from contextlib import AsyncExitStack, aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from ._exceptions import OrionError
+from ._inflight import InFlight
 from ._machine import MachinePool, StateListener
 from ._phases import PHASES, STREAMING_PHASES, Next, Region, RequestState, Services
 from ._structured import prompt_messages
@@ -49,6 +50,7 @@ class Driving:
     registry_source: Path | None
     metrics: RequestMetrics | None = None  # recorded once per request, in _finish
     served: RecentRequests | None = None  # answers a rating can name (engine.feedback)
+    in_flight: InFlight = field(default_factory=InFlight)  # what the Engine's exit cancels
 
 
 class RequestRun:
@@ -63,6 +65,11 @@ class RequestRun:
         self._priority = priority
         self.request = request
         self.result: Result | None = None
+
+    @property
+    def in_flight(self) -> InFlight:
+        """Where the caller's await of this request registers (the Engine's exit cancels it)."""
+        return self._driving.in_flight
 
     async def texts(self) -> AsyncGenerator[str, None]:
         """Generated text as it comes (a streamed cache hit yields its whole text once)."""
@@ -107,12 +114,18 @@ class RequestRun:
                 # final state, with its trace line.
                 if not machine.is_terminated:
                     if isinstance(exc, anyio.get_cancelled_exc_class() | GeneratorExit):
-                        state.fail("cancelled", "the caller cancelled the request")
+                        state.fail("cancelled", "the engine shut down while the request was "
+                                   "running" if d.in_flight.closing
+                                   else "the caller cancelled the request")
                     elif isinstance(exc, OrionError):
                         state.fail("internal", str(exc))
                     else:
                         state.fail("internal", f"{type(exc).__name__}: {exc}")
                     self._finish(state, recorder, machine, event="abort")
+                elif self.result is None:
+                    # Already final: a streamed cache hit yields its text after reaching
+                    # success, and a consumer leaving at that chunk still gets its line.
+                    self._finish(state, recorder, machine)
                 raise
             else:
                 self._finish(state, recorder, machine)

@@ -159,7 +159,14 @@ class ResponseStream:
         return self
 
     async def __anext__(self) -> str:
-        return await self._chunks.__anext__()
+        with self._run.in_flight.scope():
+            return await self._chunks.__anext__()
+        # Reached only when the Engine's exit cancelled the request: it ended `cancelled`.
+        if self._run.result is None:
+            raise OrionError("the Engine shut down before the request started")
+        raise RequestFailed(self._run.result.error or "the engine shut down",
+                            reason="cancelled", request_id=self._run.request.id,
+                            result=self._run.result)
 
     async def aclose(self) -> None:
         await self._chunks.aclose()
@@ -359,6 +366,10 @@ class Engine:
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> bool | None:
         self._closed = True
+        if self._driving is not None:
+            # Requests still awaited in callers' tasks end now, each with its trace line,
+            # before the trace writer and the task group they use are closed.
+            await self._driving.in_flight.close()
         return await self._exit_stack.__aexit__(exc_type, exc, tb)
 
     async def _unload_models(self) -> None:
@@ -509,9 +520,10 @@ class Engine:
             repetition_penalty=repetition_penalty, seed=seed, stop=stop), cache, priority,
             (response_format, tools, tool_choice), session_id, context)
         run = RequestRun(self._running(), request, streaming=False, priority=priority)
-        async with aclosing(run.texts()) as texts:
-            async for _ in texts:
-                pass
+        with run.in_flight.scope():  # the Engine's exit cancels it (see InFlight)
+            async with aclosing(run.texts()) as texts:
+                async for _ in texts:
+                    pass
         assert run.result is not None  # set however the request ends
         return _outcome(run.result)
 

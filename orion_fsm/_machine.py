@@ -33,12 +33,21 @@ def request_chart(path: Path | None = None) -> type[StateChart[Any]]:
     from statemachine.io import load
 
     source = path or data_file("machines", "request.scxml")
-    chart: type[StateChart[Any]] = load(source)
+    try:
+        chart: type[StateChart[Any]] = load(source)
+    except OSError as exc:
+        raise OrionError(f"cannot read the statechart {source}: {exc.strerror}; pass the path "
+                         "of an SCXML file") from None
+    except Exception as exc:  # the XML parser, SCXML reader and chart builder each have theirs
+        why = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        raise OrionError(f"statechart {source} is not a usable SCXML chart ({why}); start "
+                         "from machines/request.scxml") from None
     states = {s.id for s in chart.states}
     bound = set(PHASES) | set(STREAMING_PHASES)
     missing = states - FINAL_STATES - {INITIAL_STATE} - bound
     unknown = bound - states
-    if missing or unknown or not states >= FINAL_STATES:
+    finals = {s.id for s in chart.states if s.final}
+    if missing or unknown or not finals >= FINAL_STATES:
         raise OrionError(
             f"statechart {source} does not match the engine's phases: states without a phase "
             f"callback {sorted(missing)}, callbacks without a state {sorted(unknown)}, "

@@ -28,6 +28,10 @@ class Encoder(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def find_special(self, text: str) -> tuple[str, int] | None:
+        """The first special token of the vocabulary written in `text`, and its offset."""
+        ...
+
 
 class Vocabulary(Protocol):
     """The size of the vocabulary generated ids index: what output guards check against."""

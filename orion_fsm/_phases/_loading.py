@@ -43,6 +43,14 @@ async def loading_agent(services: Services, state: RequestState) -> str:
         prepared = state.prepared = await services.loader.prepare(agent)
     except ModelLoadError as exc:
         return load_failed(state, agent, exc, transient=False)
+    if services.guardrails is not None:
+        verdict = services.guardrails.check_special_tokens(state.request.messages,
+                                                           prepared.tokenizer)
+        if (found := next(iter(verdict.findings), None)) is not None:
+            state.notes[attr.GUARDRAILS_SPECIAL_TOKEN] = found.rule
+            if found.action == "block":  # the text's fault, not the agent's: permit unjudged
+                state.fail("invalid", found.message, field=found.field)
+                return "invalid"
     messages = list(state.request.messages)
     if agent.system_prompt and not any(m.role == "system" for m in messages):
         messages.insert(0, Message("system", agent.system_prompt))
@@ -64,7 +72,7 @@ async def loading_agent(services: Services, state: RequestState) -> str:
     turns = prompt_messages(messages, agent.system_prompt, state.output_format)
     state.prompt_turns = tuple(turns)
     prompt = agent.chat_template.render(turns)
-    ids = prompt_token_ids(services, prompt, prepared, state.notes)
+    ids = await prompt_token_ids(services, prompt, prepared, state.notes)
     state.notes[attr.GEN_AI_USAGE_INPUT_TOKENS] = len(ids)
     room = agent.context_length - len(ids)
     if room < 1:

@@ -65,6 +65,10 @@ def fit_context(agent: AgentSpec, prepared: Prepared, messages: list[Message],
     limit = agent.context_length - reserve
     chosen: list[ContextHit] = []
     for hit in hits:
+        # A passage writing a special token of this vocabulary would reach the model as a
+        # control token (a document can close the system turn): it is left out, not obeyed.
+        if prepared.tokenizer.find_special(f"{hit.document}\n{hit.heading}\n{hit.text}"):
+            continue
         rendered = agent.chat_template.render(
             [(m.role, m.content) for m in with_context(messages, [*chosen, hit])])
         if len(prepared.tokenizer.encode(rendered)) <= limit:

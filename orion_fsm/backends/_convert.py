@@ -7,6 +7,7 @@ tokenizer.json built from the model's own vocabulary are cached by the source's 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -15,7 +16,7 @@ import mmap
 import os
 import struct
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -44,6 +45,9 @@ ProgressCallback = Callable[[str, int, int], None]
 MODEL_FILENAME: Final = "model.gguf"
 TOKENIZER_FILENAME: Final = "tokenizer.json"
 _HASH_INDEX: Final = "sha256-index.json"
+# Size, mtime and digest of each converted file, written once both are complete.
+_MANIFEST: Final = "manifest.json"
+_LOCK: Final = ".lock"
 _CHUNK: Final = 1 << 20
 _GGUF_MAGIC: Final = b"GGUF"
 _CTRANSFORMERS_GGUF_VERSION: Final = 2
@@ -307,7 +311,8 @@ def ensure_converted(
     sha = _cached_sha256(source, cache_dir, progress)
     converted = _converted(cache_dir, sha)
     target = converted.model_path.parent
-    if converted.model_path.is_file() and converted.tokenizer_path.is_file():
+    if _intact(converted):
+        _sweep_if_idle(target)
         return converted
 
     header = read_gguf_header(source)
@@ -317,7 +322,15 @@ def ensure_converted(
 
     try:
         target.mkdir(mode=0o700, exist_ok=True)
-        _convert(source, converted, progress)
+        # One converter at a time per model (processes included): the temp files a killed
+        # one left are removed by the next, never while another is writing them.
+        with _locked(target):
+            if _intact(converted):
+                return converted  # another process converted it while this one waited
+            _remove_temps(target)
+            (target / _MANIFEST).unlink(missing_ok=True)
+            _convert(source, converted, progress)
+            _write_manifest(converted)
     except ModelLoadError:
         raise
     except Exception as exc:  # gguf raises ValueError/KeyError/OSError on malformed input
@@ -383,6 +396,83 @@ def _vocabulary_tokenizer(source: Path) -> Tokenizer:
     raise ModelLoadError(
         f"{source} has tokenizer model {model!r}; byte-level BPE ('gpt2') and SentencePiece "
         "BPE ('llama' with scores) vocabularies are supported")
+
+
+def _manifest_files(converted: ConvertedModel) -> dict[str, Path]:
+    return {MODEL_FILENAME: converted.model_path, TOKENIZER_FILENAME: converted.tokenizer_path}
+
+
+def _write_manifest(converted: ConvertedModel) -> None:
+    entries = {}
+    for name, path in _manifest_files(converted).items():
+        stat = path.stat()
+        entries[name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                         "sha256": file_sha256(path)}
+    _write_atomic(converted.model_path.parent / _MANIFEST, json.dumps(entries).encode())
+
+
+def _intact(converted: ConvertedModel) -> bool:
+    """Whether the converted files are those the conversion wrote, whole.
+
+    A file whose size differs from the manifest's, or whose content changed since (its digest
+    is checked again when its mtime moved), was damaged: it is converted again from the source
+    rather than handed to the runtime (which crashes on a truncated GGUF) or reported as a
+    file to download again. A cache converted before manifests existed is checked for shape
+    (a complete GGUF, a tokenizer that parses) and then given one.
+    """
+    files = _manifest_files(converted)
+    if not all(path.is_file() for path in files.values()):
+        return False
+    try:
+        manifest = json.loads((converted.model_path.parent / _MANIFEST).read_bytes())
+    except (OSError, ValueError):
+        manifest = None
+    if not isinstance(manifest, dict):
+        try:
+            read_gguf_header(converted.model_path)
+            Tokenizer.from_file(converted.tokenizer_path)
+        except ModelLoadError:
+            return False
+        with contextlib.suppress(OSError):
+            _write_manifest(converted)
+        return True
+    for name, path in files.items():
+        entry, stat = manifest.get(name), path.stat()
+        if not isinstance(entry, dict) or entry.get("size") != stat.st_size:
+            return False
+        if entry.get("mtime_ns") != stat.st_mtime_ns and file_sha256(path) != entry.get("sha256"):
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def _locked(target: Path, *, wait: bool = True) -> Iterator[bool]:
+    """An exclusive lock on the model's folder (flock: released if the holder is killed);
+    yields False when `wait` is off and another process holds it."""
+    fd = os.open(target / _LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def _remove_temps(target: Path) -> None:
+    for stale in target.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+def _sweep_if_idle(target: Path) -> None:
+    """Remove temp files a killed conversion left, unless a conversion is running now."""
+    if not any(target.glob(".*.tmp")):
+        return
+    with contextlib.suppress(OSError), _locked(target, wait=False) as held:
+        if held:
+            _remove_temps(target)
 
 
 def _converted(cache_dir: Path, sha256: str) -> ConvertedModel:

@@ -7,6 +7,7 @@ detokenization that never splits a UTF-8 character.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ __all__ = [
 ]
 
 # GGUF token types (gguf.TokenType); spelled out so this module does not need numpy-heavy gguf.
+_GIL_FREE_CHARS: Final = 4096  # longer texts are encoded without holding the GIL
 _TOKEN_CONTROL: Final = 3
 _TOKEN_USER_DEFINED: Final = 4
 
@@ -57,13 +59,32 @@ UNICODE_TO_BYTE: Final[Mapping[str, int]] = {c: b for b, c in BYTE_TO_UNICODE.it
 class Tokenizer:
     """A model's tokenizer. Special tokens written in text (`<|im_start|>`) encode to their ids."""
 
-    __slots__ = ("__weakref__", "_backend", "_special_ids")  # weakref: grammar caches key on it
+    # weakref: grammar caches key on it
+    __slots__ = ("__weakref__", "_backend", "_special_ids", "_special_text", "special_tokens")
 
     def __init__(self, backend: tokenizers.Tokenizer) -> None:
         self._backend = backend
-        self._special_ids = frozenset(
-            i for i, tok in backend.get_added_tokens_decoder().items() if tok.special
-        )
+        added = backend.get_added_tokens_decoder()
+        self._special_ids = frozenset(i for i, tok in added.items() if tok.special)
+        # The vocabulary's own special (GGUF control) tokens, as text: written in a prompt,
+        # each encodes to its id, whatever the chat template (`<file_sep>`, `<jupyter_code>`).
+        self.special_tokens: tuple[str, ...] = tuple(
+            sorted({tok.content for tok in added.values() if tok.special and tok.content},
+                   key=lambda t: (-len(t), t)))
+        self._special_text: re.Pattern[str] | None = None
+
+    def find_special(self, text: str) -> tuple[str, int] | None:
+        """The first special token written in `text` and its character offset, or None.
+
+        Literal matching, longest first, as the tokenizer's added-token matcher does: exactly
+        the text that `encode` would turn into a special id.
+        """
+        if not self.special_tokens:
+            return None
+        if self._special_text is None:
+            self._special_text = re.compile("|".join(map(re.escape, self.special_tokens)))
+        found = self._special_text.search(text)
+        return None if found is None else (found.group(), found.start())
 
     @classmethod
     def from_file(cls, path: Path) -> Tokenizer:
@@ -180,6 +201,11 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         # No BOS/EOS added: prompts are built by the caller (ChatML), which places them itself.
+        if len(text) > _GIL_FREE_CHARS:
+            # `encode` holds the GIL throughout (200 ms for 40,000 hostile characters: the
+            # event loop stalls even when a worker thread calls it); `encode_batch` lets go.
+            long: list[int] = self._backend.encode_batch([text], add_special_tokens=False)[0].ids
+            return long
         ids: list[int] = self._backend.encode(text, add_special_tokens=False).ids
         return ids
 

@@ -60,6 +60,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BaseExceptionGroup as group:
+        # A task group (anyio) wraps what its tasks raise: the user's error is inside.
+        leaf = _first_leaf(group)
+        if isinstance(leaf, OrionError):
+            print(f"orion-fsm: {leaf}", file=sys.stderr)
+            return 2
+        if isinstance(leaf, KeyboardInterrupt):
+            return 130
+        raise
+    except OSError as exc:
+        # A file or folder named on the command line that cannot be used; what each command
+        # expects is in its --help.
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"orion-fsm: cannot use{where}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first exception in a (nested) group that is not itself a group."""
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from orion_fsm import request_chart
+from orion_fsm import OrionError, request_chart
 
 
 def add_parser(sub: Any) -> None:
@@ -20,7 +20,12 @@ def _diagram(args: argparse.Namespace) -> int:
 
     text = formatter.render(request_chart(), "mermaid")
     if args.output:
-        Path(args.output).write_text(text, encoding="utf-8")
+        try:
+            Path(args.output).write_text(text, encoding="utf-8")
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+            why = exc.strerror if isinstance(exc, OSError) else str(exc)
+            raise OrionError(f"cannot write the diagram to {args.output!r}: {why}; "
+                             "pass a file in an existing folder") from None
         print(f"wrote {args.output}")
     else:
         print(text)

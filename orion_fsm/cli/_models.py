@@ -13,6 +13,7 @@ from typing import Any
 from orion_fsm import (
     AgentSpec,
     ModelCache,
+    ModelLoadError,
     Registry,
     TuneConfig,
     VirtualSpec,
@@ -119,6 +120,21 @@ def _virtual_row(spec: VirtualSpec) -> dict[str, Any]:
             "fallback": spec.fallback, "routing": {"patterns": list(spec.routing.patterns)}}
 
 
+def _missing_models(registry: Registry) -> list[str]:
+    """One line per model file (or variant) of the registry that cannot be found: a registry
+    whose agents cannot load is not valid, however well-formed its JSON."""
+    problems = []
+    for spec in registry.agents.values():
+        sources = [("model", spec.model)]
+        sources += [(f"quantization variant {q.name!r}", q.source) for q in spec.quantization]
+        for what, source in sources:
+            try:
+                source.locate()
+            except ModelLoadError as exc:
+                problems.append(f"agent {spec.id!r} {what}: {exc}")
+    return problems
+
+
 def _models(args: argparse.Namespace) -> int:
     if args.models_command in ("quantize", "merge", "shard"):
         return _modelops.run(args)
@@ -126,6 +142,11 @@ def _models(args: argparse.Namespace) -> int:
         return _tune(args)
     registry = Registry.load(args.registry)
     if args.models_command == "validate":
+        problems = _missing_models(registry)
+        for problem in problems:
+            print(f"orion-fsm: {problem}", file=sys.stderr)
+        if problems:
+            return 2
         extra = f", {len(registry.virtual)} virtual" if registry.virtual else ""
         print(f"ok: {len(registry.agents)} agents{extra}, default "
               f"{registry.default_agent!r}, digest {registry.digest[:16]}")

@@ -165,7 +165,8 @@ def _show(shown: dict[str, Any], args: argparse.Namespace) -> int:
     lines = [f"agent     {shown['agent']}  ({shown['source']})",
              f"score     {shown['score']:.3f}  runner-up {runner_up}, "
              f"margin {shown['margin']:.3f}"]
-    if "scores" in shown:
+    # A rule decision carries scores too (often none): only an explanation has `nearest`.
+    if "nearest" in shown:
         lines.append("scores    " + "  ".join(f"{a} {s:.3f}" for a, s in shown["scores"].items()))
         lines.append(f"nearest   {shown['nearest'][shown['agent']]!r}")
     elif shown["matched"]:

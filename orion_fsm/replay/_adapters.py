@@ -116,11 +116,18 @@ class ReplayRouter:
 class _RecordedTokenizer:
     """Encodes every prompt to the recorded ids: only their number decides the path."""
 
-    def __init__(self, ids: Sequence[int]) -> None:
+    def __init__(self, ids: Sequence[int], special: str | None = None) -> None:
         self._ids = list(ids)
+        self._special = special  # the special token the recorded run found, if any
 
     def encode(self, text: str) -> list[int]:
         return list(self._ids)
+
+    def find_special(self, text: str) -> tuple[str, int] | None:
+        special = self._special
+        if not special or (offset := text.find(special)) < 0:
+            return None
+        return special, offset
 
 
 @dataclass(frozen=True, slots=True)
@@ -468,7 +475,7 @@ class ReplayLoader:
                 count is None or count == len(self._prompt_ids)) else [0] * (count or 1)
             if attempt.prompt_ids is not None:  # a virtual member's own prompt
                 ids = attempt.prompt_ids
-            tokenizer = _RecordedTokenizer(ids)
+            tokenizer = _RecordedTokenizer(ids, attempt.special_token)
         return _ReplayPrepared(
             key=ModelKey(source, agent.context_length, agent.model_type, variant,
                          agent.runtime),

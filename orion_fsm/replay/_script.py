@@ -61,6 +61,7 @@ class RecordedAttempt:
     prompt_ids: tuple[int, ...] | None = None
     stopped_loading: bool = False
     finishes_after: str | None = None
+    special_token: str | None = None  # written in the request's text: it was refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +134,7 @@ class Script:
                 prepare_error=error if error is not None and sha is None else None,
                 acquire_error=error if error is not None and sha is not None else None,
                 breaker_open=exit_event == "breaker_open", load_info=_load_info(attrs),
-                output=output)
+                output=output, special_token=_special_token(attrs))
             turns.setdefault(agent, []).append(attempts[agent])
         routed = (result.get("routing") or {}).get("agent")
         if isinstance(routed, str) and routed not in attempts:
@@ -242,6 +243,11 @@ def _member_retries(record: Mapping[str, Any]) -> tuple[bool, ...]:
 def _known_sha(earlier: Sequence[RecordedAttempt] | None) -> str | None:
     # A retried attempt of the same agent loads the same model as its earlier turns.
     return next((a.sha256 for a in reversed(earlier or ()) if a.sha256), None)
+
+
+def _special_token(attrs: Mapping[str, Any]) -> str | None:
+    token = attrs.get("orion.guardrails.special_token")
+    return token if isinstance(token, str) and token else None
 
 
 def _input_tokens(attrs: Mapping[str, Any]) -> int | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import struct
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
@@ -31,11 +32,14 @@ _CONTROL: Final = 3  # gguf.TokenType.CONTROL
 _NORMAL: Final = 1  # gguf.TokenType.NORMAL
 
 
-def _vocabulary() -> tuple[list[str], list[int], list[str]]:
-    """(tokens in GPT-2 spelling, GGUF token types, merges): the same for every tiny model."""
+def _vocabulary(extra_special: Sequence[str] = ()) -> tuple[list[str], list[int], list[str]]:
+    """(tokens in GPT-2 spelling, GGUF token types, merges): the same for every tiny model,
+    with `extra_special` control tokens appended at the end."""
     tokens = [*TINY_SPECIAL_TOKENS, *(BYTE_TO_UNICODE[b] for b in range(256))]
     tokens += [left + right for left, right in _MERGES]
     types = [_CONTROL] * len(TINY_SPECIAL_TOKENS) + [_NORMAL] * (len(tokens) - 3)
+    tokens += extra_special
+    types += [_CONTROL] * len(extra_special)
     return tokens, types, [f"{left} {right}" for left, right in _MERGES]
 
 
@@ -49,6 +53,7 @@ def make_tiny_llama_gguf(
     context_length: int = 2048,
     llama_cpp_layout: bool = False,
     tied_embeddings: bool | None = None,
+    extra_special_tokens: Sequence[str] = (),
 ) -> Path:
     """Write a random-weight llama GGUF (v2, f32) at `path` and tokenizer.json beside it.
 
@@ -58,7 +63,8 @@ def make_tiny_llama_gguf(
     the default model (GGUF v3, GPT-2-spelled vocabulary, tied embeddings, no scores, no
     tokenizer.json): a fast stand-in for it in conversion tests. `tied_embeddings=False` keeps
     the output matrix in that layout too: what llama.cpp runs in tests (with the embeddings as
-    output the greedy text is not printable). Returns `path`.
+    output the greedy text is not printable). `extra_special_tokens` adds control tokens to
+    the vocabulary (`<file_sep>`, as SmolLM2 has). Returns `path`.
     """
     import gguf
 
@@ -66,7 +72,7 @@ def make_tiny_llama_gguf(
         raise ValueError(f"n_embd={n_embd} must split into {n_head} heads of even size")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tokens, types, merges = _vocabulary()
+    tokens, types, merges = _vocabulary(extra_special_tokens)
     n_vocab, n_ff, head_dim = len(tokens), 2 * n_embd, n_embd // n_head
     rng = np.random.default_rng(seed)
 
@@ -78,7 +84,8 @@ def make_tiny_llama_gguf(
     embd = weights(n_vocab, n_embd, scale=0.5)
     embd[:, 0] = 4.0
     output = weights(n_vocab, n_embd, scale=0.3)
-    printable = [i for i, t in enumerate(tokens[3:], start=3) if _printable(t)]
+    normal = tokens[3:len(tokens) - len(extra_special_tokens)]  # never favour control tokens
+    printable = [i for i, t in enumerate(normal, start=3) if _printable(t)]
     output[:, 0] = -1.0
     output[printable, 0] = 1.0
 

@@ -86,8 +86,10 @@ def test_default_model_converts_into_sha_named_cache_folder(
     assert converted.model_path.parent.name == converted.source_sha256[:16]
     assert converted.tokenizer_path == converted.model_path.parent / "tokenizer.json"
     assert {"hash", "convert", "tokenizer"} <= smollm_conversion.stages
-    # Nothing half-written is left behind.
+    # Nothing half-written is left behind: the files, their manifest and the converter lock.
     assert sorted(p.name for p in converted.model_path.parent.iterdir()) == [
+        ".lock",
+        "manifest.json",
         "model.gguf",
         "tokenizer.json",
     ]

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import math
 import re
+import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,10 +107,39 @@ class ChatTemplate:
                 raise ValueError(
                     f"unknown message role {role!r}; expected system, user or assistant"
                 ) from None
-            parts.append(fmt.format(content=content))
+            parts.append(substitute(fmt, content))
         if add_generation_prompt:
             parts.append(self.assistant_prefix)
         return "".join(parts)
+
+
+def template_fields(fmt: str) -> list[str]:
+    """Every replacement field of a template, written back as it appears (`{content:>9}`).
+
+    Only a bare `{content}` may be substituted: a format spec (`{content:>100000000}`), a
+    conversion (`{content!r}`) or an attribute (`{content.__class__}`) gives a template the
+    power to allocate or to reach into objects, which a registry file must not have.
+    """
+    fields = []
+    for _, name, spec, conversion in string.Formatter().parse(fmt):
+        if name is not None and (name != "content" or spec or conversion):
+            shown = name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+            fields.append("{" + shown + "}")
+    return fields
+
+
+def substitute(fmt: str, content: str) -> str:
+    """`fmt` with each `{content}` replaced and `{{`/`}}` unescaped: str.format without its
+    mini-language, so that no template can do more than paste the content in."""
+    parts: list[str] = []
+    for literal, name, spec, conversion in string.Formatter().parse(fmt):
+        parts.append(literal)
+        if name is None:
+            continue
+        if name != "content" or spec or conversion:
+            raise ValueError(f"template field {{{name}}} is not {{content}}")
+        parts.append(content)
+    return "".join(parts)
 
 
 CHAT_TEMPLATE_PRESETS: Mapping[str, ChatTemplate] = MappingProxyType(
@@ -283,10 +313,15 @@ class Registry:
                 "models.json with --registry or Engine(registry=...)"
             ) from exc
         try:
-            doc = json.loads(text)
+            doc = json.loads(text, parse_constant=_NonFinite)
         except json.JSONDecodeError as exc:
             raise RegistryError(
                 f"{file} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"
+            ) from None
+        except RecursionError:
+            raise RegistryError(
+                f"{file} nests arrays or objects deeper than Python's parser can follow; "
+                f"a registry needs at most {MAX_DEPTH} levels"
             ) from None
         return cls.from_dict(doc, source=file.resolve())
 
@@ -295,6 +330,7 @@ class Registry:
         """Validate a parsed document; relative model paths resolve against `source`'s folder."""
         from jsonschema.exceptions import best_match  # see TYPE_CHECKING above
 
+        _check_plain_data(doc)
         error = best_match(_validator().iter_errors(doc))
         if error is not None:
             path, message = _describe_schema_error(error)
@@ -616,6 +652,38 @@ def _closest_branch(error: SchemaError) -> SchemaError | None:
     return chosen
 
 
+MAX_DEPTH = 32  # the schema's deepest path is 5 levels; anything far deeper is not a registry
+
+
+class _NonFinite(str):
+    """What `NaN`, `Infinity` and `-Infinity` parse to, so that they are reported by path."""
+
+
+def _check_plain_data(doc: object) -> None:
+    """Refuse non-finite numbers and absurd nesting before the schema walks the document.
+
+    Walked with an explicit stack: jsonschema recurses, and a 100,000-deep document would end
+    in RecursionError; NaN compares false with every bound, so a schema lets it through.
+    """
+    stack: list[tuple[object, tuple[str | int, ...]]] = [(doc, ())]
+    while stack:
+        value, parts = stack.pop()
+        if len(parts) > MAX_DEPTH:
+            raise RegistryError(
+                f"nested deeper than {MAX_DEPTH} levels; a registry is a shallow document",
+                json_path=_json_path(parts[:MAX_DEPTH]),
+            )
+        if isinstance(value, _NonFinite) or (isinstance(value, float) and not math.isfinite(value)):
+            raise RegistryError(
+                f"{value} is not a number JSON allows; write a finite number",
+                json_path=_json_path(parts),
+            )
+        if isinstance(value, Mapping):
+            stack.extend((v, (*parts, str(k))) for k, v in value.items())
+        elif isinstance(value, list | tuple):
+            stack.extend((v, (*parts, i)) for i, v in enumerate(value))
+
+
 def _check_semantics(doc: Mapping[str, Any]) -> None:
     """Rules JSON Schema cannot express; each error names the JSON path to fix."""
     agents: Sequence[Mapping[str, Any]] = doc["agents"]
@@ -644,12 +712,16 @@ def _check_semantics(doc: Mapping[str, Any]) -> None:
                 json_path=f"$.agents[{i}].fallback",
             )
 
+    # A cycle is reported at its first member in document order, never at an agent that
+    # merely leads into it (a self-fallback on agents[1] is agents[1]'s error).
     for i, agent in enumerate(agents):
         chain = [agent["id"]]
         nxt = agent.get("fallback")
         while nxt is not None:
+            if nxt in chain and nxt != agent["id"]:
+                break
             if nxt in chain:
-                cycle = " -> ".join([*chain[chain.index(nxt) :], nxt])
+                cycle = " -> ".join([*chain, nxt])
                 raise RegistryError(
                     f"fallback cycle {cycle}; end the chain with a null fallback",
                     json_path=f"$.agents[{i}].fallback",
@@ -700,13 +772,20 @@ def _check_agent(agent: Mapping[str, Any], at: str) -> None:
     else:
         for key in ("system", "user", "assistant"):
             try:
-                template[key].format(content="")
-            except (KeyError, IndexError, ValueError) as exc:
+                fields = template_fields(template[key])
+            except ValueError as exc:
                 raise RegistryError(
-                    f"invalid format string ({exc!r}); only {{content}} may be substituted, "
+                    f"invalid template ({exc}); only {{content}} may be substituted, "
                     "write literal braces as {{ and }}",
                     json_path=f"{at}.chat_template.{key}",
                 ) from None
+            if fields:
+                raise RegistryError(
+                    f"template field {fields[0]} is not allowed; only a bare {{content}} may be "
+                    "substituted (no format spec, conversion or attribute), write literal "
+                    "braces as {{ and }}",
+                    json_path=f"{at}.chat_template.{key}",
+                )
 
     for k, pattern in enumerate(agent.get("routing", {}).get("patterns", ())):
         try:

@@ -77,6 +77,8 @@ OUTPUT_TOOL_CALLS: Final = "orion.output.tool_calls"  # names of the tools calle
 GUARDRAILS_FINDINGS: Final = "orion.guardrails.findings"
 GUARDRAILS_BLOCKED: Final = "orion.guardrails.blocked"
 GUARDRAILS_RULES: Final = "orion.guardrails.rules"
+# A special token of the agent's vocabulary written in the request's text (replay reads it).
+GUARDRAILS_SPECIAL_TOKEN: Final = "orion.guardrails.special_token"
 
 # The model a request was served by (see LoadInfo.span_attributes).
 MODEL: Final = "orion.model"

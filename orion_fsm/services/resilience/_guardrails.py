@@ -38,6 +38,10 @@ class _Message(Protocol):
     def content(self) -> str: ...
 
 
+class _SpecialTokens(Protocol):
+    def find_special(self, text: str) -> tuple[str, int] | None: ...
+
+
 class _Params(Protocol):
     @property
     def max_tokens(self) -> int | None: ...
@@ -233,15 +237,16 @@ class Guardrails:
                 f"{where} holds a lone surrogate U+{ord(m.group()):04X} at character "
                 f"{m.start()}: it is not valid Unicode text; decode the prompt as UTF-8"),
                 "block", offset=m.start())
-        if not user:
-            return  # the caller's own system prompt is trusted
         config = self.config
+        # A caller's system message is checked for tags too: over HTTP it is any client's.
         if config.template_tags != "allow" and ("<" in text or "[" in text) \
                 and (m := _TEMPLATE_TAG.search(text)) is not None:
             yield Finding("template_tag", where, (
                 f"{where} contains the chat-template tag {m.group()!r} at character "
                 f"{m.start()}: it would open a real turn of the conversation; remove it"),
                 config.template_tags, rule="template_tag", offset=m.start())
+        if not user:
+            return  # instructions in the caller's own system prompt are not an injection
         if config.injection == "allow":
             return
         if not text.isascii() and (m := _BIDI.search(text)) is not None:
@@ -258,6 +263,26 @@ class Guardrails:
                     f"{where} looks like a prompt injection ({rule}: {m.group().strip()!r})"),
                     config.injection, rule=rule)
                 return
+
+    def check_special_tokens(self, messages: Sequence[_Message],
+                             vocabulary: _SpecialTokens) -> Verdict:
+        """Special tokens of the agent's own vocabulary written in any message, system ones
+        included: each would encode to its control id (`<file_sep>`, `<|im_start|>`), so text
+        could end a turn or open one. Runs once the agent, hence the vocabulary, is known."""
+        policy = self.config.template_tags
+        if policy == "allow":
+            return Verdict()
+        for i, m in enumerate(messages):
+            if not isinstance(m.content, str) or (found := vocabulary.find_special(m.content)) \
+                    is None:
+                continue
+            token, offset = found
+            where = _where(messages, i)
+            return Verdict((Finding("special_token", where, (
+                f"{where} contains {token!r} at character {offset}, a special token of the "
+                "agent's vocabulary: the model would read it as a control token; remove it"),
+                policy, rule=token, offset=offset),))
+        return Verdict()
 
     def _check_size(self, chars: int, context_length: int | None) -> Iterable[Finding]:
         limit = self.config.max_prompt_chars

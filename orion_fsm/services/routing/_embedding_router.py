@@ -329,19 +329,26 @@ def load_labelled(path: Path | str, registry: Registry | None = None) -> list[La
     """Read a JSONL file of `{"text": ..., "agent": ...}` lines; errors name the line."""
     file = Path(path)
     try:
-        lines = file.read_text(encoding="utf-8").splitlines()
+        lines = file.read_text(encoding="utf-8").split("\n")
     except OSError as exc:
-        raise OrionError(f"cannot read labelled file {str(file)!r}: {exc.strerror}") from exc
+        raise OrionError(f"cannot read labelled file {str(file)!r}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise OrionError(f"labelled file {str(file)!r} is not UTF-8 text (byte {exc.start}); "
+                         "write one JSON object per line") from None
     samples = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            sample = LabelledText(text=str(row["text"]), agent=str(row["agent"]))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            text, agent = row["text"], row["agent"]
+        except (json.JSONDecodeError, KeyError, TypeError, RecursionError) as exc:
             raise OrionError(f"{file}:{number}: expected a JSON object with \"text\" and "
-                             f"\"agent\" ({exc})") from None
+                             f"\"agent\" ({type(exc).__name__}: {exc})") from None
+        if not isinstance(text, str) or not isinstance(agent, str) or not text.strip():
+            raise OrionError(f"{file}:{number}: \"text\" and \"agent\" must be non-empty "
+                             f"strings, got {type(text).__name__} and {type(agent).__name__}")
+        sample = LabelledText(text=text, agent=agent)
         if registry is not None and sample.agent not in registry.agents:
             raise OrionError(f"{file}:{number}: unknown agent {sample.agent!r}; known agents: "
                              f"{', '.join(registry.agents)}")

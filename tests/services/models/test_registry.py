@@ -314,3 +314,137 @@ def test_package_source_locates_file_without_importing_package() -> None:
 def test_data_file_names_the_missing_file() -> None:
     with pytest.raises(FileNotFoundError, match=r"no-such-file\.json"):
         data_file("no-such-file.json")
+
+
+# --- hostile registries ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("template", "shown"),
+    [
+        ("U:{content:>100000000}\n", "{content:>100000000}"),
+        ("U:{content:.999999999}", "{content:.999999999}"),
+        ("U:{content!r}", "{content!r}"),
+        ("U:{content!s:^50}", "{content!s:^50}"),
+        ("U:{content.__class__}", "{content.__class__}"),
+        ("U:{content[0]}", "{content[0]}"),
+        ("U:{0}", "{0}"),
+        ("U:{}", "{}"),
+        ("U:{role}", "{role}"),
+        ("U:{content}{content:{content}}", "{content:{content}}"),
+    ],
+)
+def test_a_template_field_beyond_bare_content_is_refused_at_its_json_path(
+    doc: Doc, template: str, shown: str
+) -> None:
+    doc["agents"][1]["chat_template"] = {
+        "system": "S:{content}", "user": template, "assistant": "A:{content}",
+        "assistant_prefix": "A:",
+    }
+    with pytest.raises(RegistryError) as caught:
+        Registry.from_dict(doc)
+    assert caught.value.json_path == "$.agents[1].chat_template.user"
+    assert shown in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("template", ["U:{content", "U:content}", "U:{content!}"])
+def test_an_unbalanced_template_is_refused_at_its_json_path(doc: Doc, template: str) -> None:
+    doc["agents"][0]["chat_template"] = {
+        "system": template, "user": "U:{content}", "assistant": "A:{content}",
+        "assistant_prefix": "A:",
+    }
+    with pytest.raises(RegistryError) as caught:
+        Registry.from_dict(doc)
+    assert caught.value.json_path == "$.agents[0].chat_template.system"
+
+
+def test_a_hand_built_template_cannot_format_either() -> None:
+    # A ChatTemplate built in code skips the registry's checks; rendering still only pastes.
+    template = ChatTemplate(system="{content}", user="U:{content:>100000000}",
+                            assistant="{content}", assistant_prefix="A:")
+    with pytest.raises(ValueError, match="not \\{content\\}"):
+        template.render([("user", "hi")])
+    braces = ChatTemplate(system="{{{content}}}", user="{content}", assistant="{content}",
+                          assistant_prefix="{literal}")
+    assert braces.render([("system", "{x:>9}")]) == "{{x:>9}}{literal}"
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize(
+    ("field", "json_path"),
+    [
+        ('"temperature": 0.123', "$.agents[1].generation.temperature"),
+        ('"top_p": 0.877', "$.agents[1].generation.top_p"),
+    ],
+)
+def test_non_finite_numbers_are_refused_at_parse_with_their_json_path(
+    doc: Doc, tmp_path: Path, constant: str, field: str, json_path: str
+) -> None:
+    doc["agents"][1]["generation"]["temperature"] = 0.123
+    doc["agents"][1]["generation"]["top_p"] = 0.877
+    text = json.dumps(doc)
+    key = field.split(":")[0]
+    assert text.count(field) == 1
+    file = tmp_path / "models.json"
+    file.write_text(text.replace(field, f"{key}: {constant}"), encoding="utf-8")
+    with pytest.raises(RegistryError) as caught:
+        Registry.load(file)
+    assert caught.value.json_path == json_path
+    assert constant in str(caught.value)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_numbers_in_a_parsed_document_are_refused(doc: Doc, value: float) -> None:
+    doc["agents"][2]["ram_estimate_mb"] = value
+    with pytest.raises(RegistryError) as caught:
+        Registry.from_dict(doc)
+    assert caught.value.json_path == "$.agents[2].ram_estimate_mb"
+
+
+@pytest.mark.parametrize("depth", [40, 2_000, 100_000])
+@pytest.mark.parametrize("brackets", ["[]", "{}"])
+def test_deep_nesting_is_a_one_line_error_not_a_recursion_error(
+    doc: Doc, tmp_path: Path, depth: int, brackets: str
+) -> None:
+    opening, closing = brackets
+    nested = (opening + '"k":') * depth if opening == "{" else opening * depth
+    nested += "1" + closing * depth
+    text = json.dumps(doc)[:-1] + f', "x": {nested}}}'
+    file = tmp_path / "models.json"
+    file.write_text(text, encoding="utf-8")
+    with pytest.raises(RegistryError) as caught:
+        Registry.load(file)
+    assert "\n" not in str(caught.value)
+    assert "deep" in str(caught.value)
+
+
+def test_deep_nesting_in_a_parsed_document_is_refused_before_the_schema(doc: Doc) -> None:
+    nested: Any = 1
+    for _ in range(100_000):
+        nested = [nested]
+    doc["agents"][0]["routing"]["keywords"] = nested
+    with pytest.raises(RegistryError) as caught:
+        Registry.from_dict(doc)
+    assert caught.value.json_path.startswith("$.agents[0].routing.keywords[0]")
+
+
+@pytest.mark.parametrize(
+    ("fallbacks", "json_path", "says"),
+    [
+        ({0: "code", 1: "code"}, "$.agents[1].fallback", "code -> code"),
+        ({1: "code"}, "$.agents[1].fallback", "code -> code"),
+        ({0: "logic", 1: None, 2: "logic"}, "$.agents[2].fallback", "logic -> logic"),
+        ({0: "code", 1: "logic", 2: "code"}, "$.agents[1].fallback", "code -> logic -> code"),
+        ({0: "code", 1: "logic", 2: "conversation"}, "$.agents[0].fallback",
+         "conversation -> code -> logic -> conversation"),
+    ],
+)
+def test_a_fallback_cycle_is_reported_at_its_first_member_not_at_an_agent_leading_into_it(
+    doc: Doc, fallbacks: dict[int, str | None], json_path: str, says: str
+) -> None:
+    for i, fallback in fallbacks.items():
+        doc["agents"][i]["fallback"] = fallback
+    with pytest.raises(RegistryError) as caught:
+        Registry.from_dict(doc)
+    assert caught.value.json_path == json_path
+    assert says in str(caught.value)

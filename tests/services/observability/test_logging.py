@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -264,21 +263,6 @@ async def test_trace_record_of_a_real_request_is_sanitised_before_writing(
     assert clean["prompt_token_ids"] == record["prompt_token_ids"]
     assert clean["trace_id"] == record["trace_id"]
     assert clean["transitions"] == record["transitions"]
-
-
-@pytest.mark.anyio
-async def test_sanitising_a_typical_trace_record_takes_well_under_a_millisecond(
-        make_engine: Callable[..., Engine]) -> None:
-    async with make_engine() as engine:
-        await engine.infer("What is the capital of France? Write to bob@example.com",
-                           max_tokens=8)
-    (record,) = read_trace_lines(engine.trace_path)  # type: ignore[arg-type]
-    n = 500
-    start = time.perf_counter()
-    for _ in range(n):
-        sanitize(record)
-    per_record_us = (time.perf_counter() - start) / n * 1e6
-    assert per_record_us < 500, f"{per_record_us:.0f} µs per record"
 
 
 @pytest.mark.anyio
