@@ -382,7 +382,7 @@ class ReplayLoader:
         self._prompt_ids: Sequence[int] = record.get("prompt_token_ids") or ()
         self._source = (record.get("model") or {}).get("source")
         self._aborter = aborter
-        self._prepared: dict[str, _ReplayPrepared] = {}
+        self._prepared: dict[tuple[str, tuple[int, ...]], _ReplayPrepared] = {}
         self._turns: dict[str, int] = {}  # leases taken per agent: which recorded attempt is next
         self.clock = clock
         self._stats = LoaderStats()
@@ -407,21 +407,38 @@ class ReplayLoader:
         return self._prepared_for(agent, attempt)
 
     def _prepared_for(self, agent: AgentSpec, attempt: RecordedAttempt) -> _ReplayPrepared:
-        prepared = self._prepared.get(agent.id)
+        # Keyed by the ids too: a turn of the agent whose prompt the record holds must not
+        # reuse stand-in ids an earlier turn of another length was prepared with.
+        served = self._served(agent)
+        ids = self._recorded_ids(attempt, served)
+        key = (agent.id, ids)
+        prepared = self._prepared.get(key)
         if prepared is None:
-            prepared = self._prepared[agent.id] = self._prepare(agent, attempt)
+            prepared = self._prepared[key] = self._prepare(agent, attempt, ids, served)
         return prepared
 
-    def _prepare(self, agent: AgentSpec, attempt: RecordedAttempt) -> _ReplayPrepared:
+    def _served(self, agent: AgentSpec) -> bool:
+        """Whether the request ended on this agent: every one of its turns (a retried agent
+        has several) rendered the prompt the record holds, for the model it names."""
+        return any(a.final for a in self._script.turns.get(agent.id, ())) or \
+            self._script.attempt(agent).final
+
+    def _recorded_ids(self, attempt: RecordedAttempt, served: bool) -> tuple[int, ...]:
+        """The prompt ids a stand-in tokenizer hands out when the real one is not here: the
+        recorded ones for the agent that served, else as many stand-ins as were counted."""
+        count = attempt.input_tokens
+        if served and (count is None or count == len(self._prompt_ids)):
+            return tuple(self._prompt_ids)
+        return (0,) * (count or 1)
+
+    def _prepare(self, agent: AgentSpec, attempt: RecordedAttempt, ids: Sequence[int],
+                 served: bool) -> _ReplayPrepared:
         sha = attempt.sha256 or ""
-        source = Path(self._source if attempt.final and self._source else agent.model.describe())
+        source = Path(self._source if served and self._source else agent.model.describe())
         variant = attempt.load_info.variant if attempt.load_info else DEFAULT_VARIANT
         tokenizer: Tokenizer | _RecordedTokenizer | None = (
             self._tokenizers.get(sha) if self._encode_prompts else None)
         if tokenizer is None:
-            count = attempt.input_tokens
-            ids = self._prompt_ids if attempt.final and (
-                count is None or count == len(self._prompt_ids)) else [0] * (count or 1)
             tokenizer = _RecordedTokenizer(ids)
         return _ReplayPrepared(
             key=ModelKey(source, agent.context_length, agent.model_type, variant),

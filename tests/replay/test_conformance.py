@@ -274,3 +274,28 @@ async def test_a_changed_statechart_or_limit_diverges_where_it_changes_the_path_
                           cache_dir=tmp_path / "empty")
     assert str(report.first) == (
         "at loading_agent: error.type: recorded 'invalid', replayed None")
+
+
+async def test_a_retried_agent_replays_every_attempt_from_the_record_alone(
+    tmp_path: Path,
+) -> None:
+    # The served agent's first generation raises, its retry serves (seed 4: fault, then none);
+    # its model's tokenizer.json is gone by replay time: only the record can give the ids.
+    model = make_tiny_llama_gguf(tmp_path / "models" / "tiny-retried.gguf", n_layers=2,
+                                 n_embd=32, seed=6)
+    registry = Registry.from_dict({"version": 1, "default_agent": "conversation",
+                                   "agents": [agent("conversation", model)]})
+    trace = tmp_path / "retried.jsonl"
+    async with Engine(registry, trace_path=trace, cache_dir=tmp_path / "cache", threads=1,
+                      embeddings=False, caches=False,
+                      load_model=faulty_loader(0.5, ("raise",), seed=4)) as engine:
+        result = await engine.infer("hello there", max_tokens=6)
+    assert result.state == "success" and not result.fallback
+    (record,) = read_traces(trace)
+    assert [t["event"] for t in record["transitions"]].count("retry_same") == 1
+    (model.parent / "tokenizer.json").unlink()
+    report = await replay(record, registry=registry, cache_dir=tmp_path / "empty")
+    assert report.ok, report.summary()
+    assert report.replayed is not None
+    assert report.replayed["prompt_token_ids"] == record["prompt_token_ids"] != []
+    assert report.replayed["result"]["token_ids"] == record["result"]["token_ids"]
