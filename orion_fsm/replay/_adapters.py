@@ -450,7 +450,8 @@ class ReplayLoader:
 
     @asynccontextmanager
     async def lease(self, agent: AgentSpec, *, prompt_ids: Sequence[int] = (),
-                    priority: int = 0) -> AsyncIterator[_ReplayLease]:
+                    priority: int = 0,
+                    since: float | None = None) -> AsyncIterator[_ReplayLease]:
         turn = self._turns.get(agent.id, 0)
         attempt = self._script.attempt(agent, turn)
         # Whatever happens below, the agent's next attempt (a retry) replays the next turn.
@@ -539,14 +540,15 @@ class LiveLoader:
 
     @asynccontextmanager
     async def lease(self, agent: AgentSpec, *, prompt_ids: Sequence[int] = (),
-                    priority: int = 0) -> AsyncIterator[ModelLease | _FailingLease]:
+                    priority: int = 0,
+                    since: float | None = None) -> AsyncIterator[ModelLease | _FailingLease]:
         turn = self._turns.get(agent.id, 0)
         attempt = self._script.attempt(agent, turn)
         self._turns[agent.id] = turn + 1
         if attempt.prepare_error is not None or attempt.acquire_error is not None:
             raise ModelLoadError(attempt.prepare_error or attempt.acquire_error or "")
         async with self.inner.lease(agent, prompt_ids=prompt_ids,
-                                    priority=priority) as lease:
+                                    priority=priority, since=since) as lease:
             if attempt.output.error is None:
                 yield lease
                 return

@@ -64,11 +64,12 @@ class StallingLoader(ModelLoader):
         return await super().prepare(agent, variant=variant)
 
     def lease(self, agent: AgentSpec, *, variant: str | None = None,
-              prompt_ids: Sequence[int] = (),
-              priority: int = 0) -> AbstractAsyncContextManager[ModelLease]:
+              prompt_ids: Sequence[int] = (), priority: int = 0,
+              since: float | None = None) -> AbstractAsyncContextManager[ModelLease]:
         if agent.id == "slowload":
             return _stalled_lease()
-        return super().lease(agent, variant=variant, prompt_ids=prompt_ids, priority=priority)
+        return super().lease(agent, variant=variant, prompt_ids=prompt_ids, priority=priority,
+                             since=since)
 
 
 @asynccontextmanager
@@ -199,7 +200,7 @@ async def workload(workload_registry: Registry, tmp_path: Path) -> list[dict[str
     engine = Engine(
         workload_registry, router=router, trace_path=trace, cache_dir=tmp_path / "cache",
         embeddings=False, loader=StallingLoader(tmp_path / "cache", threads=1, load_model=load),
-        breakers=BreakerConfig(failure_threshold=2), timeout_s=TIMEOUT_S,
+        breakers=BreakerConfig(window_size=2, minimum_calls=2), timeout_s=TIMEOUT_S,
         admission=admission)
     async with engine:
         ends = await run_workload(engine, router, admission)
