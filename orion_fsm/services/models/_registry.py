@@ -184,6 +184,9 @@ class AgentSpec:
     keep_alive_s: float | None = None  # None: the loader's default for the RAM tier
     parallel: int | None = None  # slots (model instances); None ("auto"): from cores and budget
     stall_s: float | None = None  # no token for this long: abandoned; None: from token times
+    # Circuit-breaker settings of its model instance (BreakerConfig field, value), as written;
+    # empty: the engine's. Pairs, not a dict: an AgentSpec stays hashable.
+    breaker: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -310,6 +313,7 @@ def _agent(raw: Mapping[str, Any], base: Path | None) -> AgentSpec:
         keep_alive_s=None if "keep_alive_s" not in raw else float(raw["keep_alive_s"]),
         parallel=None if raw.get("parallel", "auto") == "auto" else int(raw["parallel"]),
         stall_s=None if "stall_s" not in raw else float(raw["stall_s"]),
+        breaker=tuple((raw.get("breaker") or {}).items()),
     )
 
 

@@ -9,6 +9,7 @@ verdict drives the breaker's own statechart. Time comes from the Clock.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections import deque
@@ -40,6 +41,7 @@ __all__ = [
     "breaker_chart",
     "breaker_keys",
     "register_breaker_metrics",
+    "registry_configs",
 ]
 
 BreakerState = Literal["closed", "open", "half_open"]
@@ -552,6 +554,27 @@ class BreakerBoard:
         """`{key: {..., "agents": [...]}}`: what each trace record stores under "breakers"."""
         return {key: {**b.snapshot(), "agents": self.agents_of(key)}
                 for key, b in self._breakers.items()}
+
+
+def registry_configs(agents: Iterable[AgentSpec],
+                     default: BreakerConfig | None = None) -> dict[str, BreakerConfig]:
+    """`{agent id: BreakerConfig}` for the agents whose registry entry has a `breaker`
+    section: its fields over `default`'s (a bad combination raises ConfigurationError)."""
+    base = default or BreakerConfig()
+    configs = {}
+    for agent in agents:
+        if not agent.breaker:
+            continue
+        given = dict(agent.breaker)  # the registry's schema checked names, types and bounds
+        configs[agent.id] = dataclasses.replace(
+            base,
+            failure_rate_threshold=float(given.get("failure_rate_threshold",
+                                                   base.failure_rate_threshold)),
+            window_size=int(given.get("window_size", base.window_size)),
+            minimum_calls=int(given.get("minimum_calls", base.minimum_calls)),
+            reset_after_s=float(given.get("reset_after_s", base.reset_after_s)),
+            half_open_probes=int(given.get("half_open_probes", base.half_open_probes)))
+    return configs
 
 
 def breaker_keys(agents: Iterable[AgentSpec],
