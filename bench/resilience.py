@@ -190,7 +190,7 @@ def _goodput_run(n: int, rate: float, kinds: tuple[str, ...], *,
 
     concurrency, timeout_s = 64, 1.0
     transitions: list[tuple[str, str, str, str]] = []
-    # The default rule (50 % of the last 20 calls, at least 10; 5 probes); a short cool-down
+    # The default rule (50 % of the last 40 calls, at least 20; 5 probes); a short cool-down
     # so that a 1 s-deadline run sees breakers open and recover.
     board = BreakerBoard(BreakerConfig(reset_after_s=0.5, trial_timeout_s=timeout_s),
                          on_transition=lambda *t: transitions.append(t))
@@ -465,6 +465,44 @@ def breaker_recovery(quick: bool = False) -> dict[str, Any]:
     }
 
 
+def breaker_rule(quick: bool = False) -> dict[str, Any]:
+    """The breaker rule alone, on the real CircuitBreaker with a ManualClock: a model whose
+    calls fail independently at 0-100 %, called every 50 ms (40,000 calls; 8,000 quick),
+    with the default config (50 % of the last 40 calls, at least 20; 30 s open; 5 probes).
+    What share of calls it refuses, how often it opens and recovers: load-independent."""
+    import random
+
+    from orion_fsm import ManualClock
+    from orion_fsm.services.resilience._breaker import CircuitBreaker
+
+    calls = 8000 if quick else 40000
+    rows = []
+    for rate in (0.0, 0.01, 0.10, 0.20, 0.30, 0.50, 1.0):
+        clock, rng = ManualClock(), random.Random(2024)
+        breaker = CircuitBreaker("model", clock=clock)
+        refused = 0
+        for _ in range(calls):
+            clock.advance(0.05)
+            permit = breaker.allow()
+            if permit is None:
+                refused += 1
+                continue
+            permit.failure("inference_failed") if rng.random() < rate else permit.success()
+        rows.append({"fault_rate": rate, "refused_share": round(refused / calls, 4),
+                     "opened": breaker.opened_count, "recovered": breaker.recovered_count})
+    by_rate = {r["fault_rate"]: r for r in rows}
+    return {"calls": calls, "call_every_s": 0.05, "rows": rows, "checks": [
+        check("0 / 10 / 20 % faults: breaker openings", by_rate[0.0]["opened"]
+              + by_rate[0.10]["opened"] + by_rate[0.20]["opened"], "== 0",
+              by_rate[0.0]["opened"] + by_rate[0.10]["opened"] + by_rate[0.20]["opened"] == 0),
+        check("30 % faults: opened and recovered (min)",
+              min(by_rate[0.30]["opened"], by_rate[0.30]["recovered"]), ">= 1",
+              by_rate[0.30]["opened"] >= 1 and by_rate[0.30]["recovered"] >= 1),
+        check("100 % faults: share of calls refused", by_rate[1.0]["refused_share"], ">= 0.95",
+              by_rate[1.0]["refused_share"] >= 0.95),
+    ]}
+
+
 def fail_fast_admission(quick: bool = False) -> dict[str, Any]:
     """Past the queue limit a request fails at once with Overloaded: time to refuse, p99."""
     from orion_fsm._exceptions import Overloaded
@@ -571,6 +609,7 @@ def guard_costs(quick: bool = False) -> dict[str, Any]:
 BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {
     "resilience_load_under_faults": load_under_faults,
     "resilience_breaker_recovery": breaker_recovery,
+    "resilience_breaker_rule": breaker_rule,
     "resilience_fail_fast_admission": fail_fast_admission,
     "resilience_guard_costs": guard_costs,
 }

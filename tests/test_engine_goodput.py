@@ -254,7 +254,7 @@ async def test_a_registry_breaker_section_configures_its_models_breaker(
         config = engine.breakers.breaker("code").config
         assert (config.window_size, config.minimum_calls, config.half_open_probes,
                 config.reset_after_s, config.failure_rate_threshold) == (4, 2, 3, 7.0, 0.5)
-        assert engine.breakers.breaker("conversation").config.window_size == 20
+        assert engine.breakers.breaker("conversation").config.window_size == 40
         for _ in range(2):  # two failed calls of two: the code model's breaker opens
             assert (await engine.infer("hello", agent="code", cache=False)).fallback
         assert engine.breakers.breaker("code").state == "open"

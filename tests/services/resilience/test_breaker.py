@@ -86,16 +86,16 @@ def test_the_rate_is_judged_once_minimum_calls_were_made_over_the_last_window_si
 
 
 def test_a_flaky_model_stays_closed_and_a_broken_one_opens_with_the_defaults() -> None:
-    flaky, _ = make(ManualClock(), window_size=20, minimum_calls=10, half_open_probes=5)
+    flaky = CircuitBreaker("code", BreakerConfig(), clock=ManualClock())
     for call in range(300):  # every third call fails: 33 %, and two in a row never happen
         permit = flaky.allow()
         assert permit is not None
         permit.failure("inference_failed") if call % 3 == 0 else permit.success()
     assert flaky.state == "closed" and flaky.opened_count == 0
-    assert flaky.failure_rate == pytest.approx(6 / 20)  # calls 282, 285, ..., 297
+    assert flaky.failure_rate == pytest.approx(13 / 40)  # calls 261, 264, ..., 297
     broken = CircuitBreaker("code", BreakerConfig(), clock=ManualClock())
-    fail(broken, 9)
-    assert broken.state == "closed"  # 9 calls: fewer than minimum_calls
+    fail(broken, 19)
+    assert broken.state == "closed"  # 19 calls: fewer than minimum_calls
     fail(broken, 1)
     assert broken.state == "open" and broken.snapshot()["window_calls"] == 0
 
@@ -261,7 +261,7 @@ def test_window_and_cool_down_come_from_config() -> None:
 
 @pytest.mark.parametrize("config", [{"failure_rate_threshold": 0},
                                     {"failure_rate_threshold": 1.5}, {"window_size": 2.5},
-                                    {"minimum_calls": 0}, {"minimum_calls": 21},
+                                    {"minimum_calls": 0}, {"minimum_calls": 41},
                                     {"reset_after_s": -1}, {"trial_timeout_s": "soon"}])
 def test_invalid_breaker_config_is_refused_naming_the_field(config: dict[str, Any]) -> None:
     with pytest.raises(ConfigurationError, match=next(iter(config))):
@@ -366,7 +366,7 @@ def test_cli_shows_configured_defaults_without_recorded_breakers(
     assert set(shown["breakers"]) == {"conversation", "code", "broken", "short", "long"}
     assert {s["state"] for s in shown["breakers"].values()} == {"closed"}
     assert shown["breakers"]["code"]["config"]["failure_rate_threshold"] == 0.5
-    assert shown["breakers"]["code"]["config"]["minimum_calls"] == 10
+    assert shown["breakers"]["code"]["config"]["minimum_calls"] == 20
 
 
 def test_cli_shows_the_latest_recorded_breaker_states(
@@ -414,7 +414,7 @@ def test_cli_reports_no_trace_file_as_defaults(
     missing = tmp_path / "nothing.jsonl"
     assert run_cli(["--registry", str(registry_file), "breakers", "--trace-file",
                     str(missing)]) == 0
-    assert ("configured defaults: open when 50% of the last 20 calls failed (at least 10 "
+    assert ("configured defaults: open when 50% of the last 40 calls failed (at least 20 "
             "judged), 5 probe request(s) after 30 s") in capsys.readouterr().out
 
 
