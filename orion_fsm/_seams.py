@@ -99,12 +99,8 @@ class Lease(Protocol):
     def quarantine(self) -> None:
         """Never hand this slot out again: a generation was abandoned in it."""
 
-    def record_generation(self, tokens: int, seconds: float, *, total_s: float = 0.0) -> None:
-        """How long `tokens` took to generate (after the first): what `stall_s` learns from;
-        `total_s`: the whole generation, prompt included (what `expected_s` learns from)."""
-
-    def expected_s(self) -> float | None:
-        """How long a generation on this model has taken lately (None: not measured)."""
+    def record_generation(self, tokens: int, seconds: float) -> None:
+        """How long `tokens` took to generate (after the first): what `stall_s` learns from."""
 
 
 class Loader(WatchedLoader, Protocol):

@@ -49,8 +49,6 @@ async def inferencing(services: Services,
     try:
         with _cores(services) as cores:
             run.cores = cores
-            _check_time_left(state, lease)
-            take.started_at = time.monotonic()
             if state.permit is not None:
                 # From here a timeout is the model's, not the queue's (given enough time): the
                 # wait for a slot happened in loading_agent, under the deadline.
@@ -92,7 +90,7 @@ class _Recorder:
     """Takes each generated chunk: output guards first, then the request's text."""
 
     __slots__ = ("_services", "_state", "_vocab", "first_at", "last_at", "repetition",
-                 "started_at", "tokens")
+                 "tokens")
 
     def __init__(self, services: Services, state: RequestState, vocab_size: int) -> None:
         self._services, self._state, self._vocab = services, state, vocab_size
@@ -100,19 +98,13 @@ class _Recorder:
         # Real time of the first and last chunk (the watchdog's heartbeat: worker threads
         # are real, whatever clock the services run on).
         self.first_at: float | None = None
-        self.started_at: float | None = None  # when the model call began
         self.last_at = time.monotonic()
         self.tokens = 0
 
     def learn(self, lease: Lease) -> None:
-        """Tell the lease how fast tokens came after the first (the stall default) and how
-        long the whole generation took (what the next request can expect)."""
-        total = time.monotonic() - self.started_at if self.started_at is not None else 0.0
+        """Tell the lease how fast tokens came after the first (the stall default)."""
         if self.first_at is not None and self.tokens > 1:
-            lease.record_generation(self.tokens - 1, self.last_at - self.first_at,
-                                    total_s=total)
-        elif total > 0:
-            lease.record_generation(0, 0.0, total_s=total)
+            lease.record_generation(self.tokens - 1, self.last_at - self.first_at)
 
     def __call__(self, event: GenerationEvent) -> None:
         self.last_at = time.monotonic()
@@ -138,18 +130,6 @@ class _Recorder:
 
 
 _PROMPT_CHUNK = 64  # prompt tokens per runtime call (the backend's chunk)
-
-
-def _check_time_left(state: RequestState, lease: Lease) -> None:
-    """Raise the request's timeout now if generations on this model lately took longer than
-    the deadline leaves: started, this one would hold the slot for an answer the deadline
-    throws away, while requests queued behind it still have time (the waste that tips a
-    loaded model into timing everything out). No breaker verdict: the model never ran."""
-    expected = lease.expected_s()
-    if expected is None or state.deadline.remaining() >= expected:
-        return
-    state.notes[attr.GENERATION_EXPECTED_S] = round(expected, 4)
-    raise state.deadline.error("inferencing", request_id=state.request.id)
 T = TypeVar("T")
 
 

@@ -361,11 +361,8 @@ class _ReplayLease:
     def quarantine(self) -> None:
         return None  # nothing real was stuck
 
-    def record_generation(self, tokens: int, seconds: float, *, total_s: float = 0.0) -> None:
+    def record_generation(self, tokens: int, seconds: float) -> None:
         return None
-
-    def expected_s(self) -> float | None:
-        return None  # a recorded deadline arrives where it arrived, never predicted
 
 
 class ReplayLoader:
@@ -594,11 +591,8 @@ class _FailingLease:
     def quarantine(self) -> None:
         return None  # the replayed failure leaves the real slot sound
 
-    def record_generation(self, tokens: int, seconds: float, *, total_s: float = 0.0) -> None:
+    def record_generation(self, tokens: int, seconds: float) -> None:
         return None
-
-    def expected_s(self) -> float | None:
-        return None  # the recorded failure is replayed wherever the deadline stands
 
 
 class ReplayBreakers(BreakerBoard):

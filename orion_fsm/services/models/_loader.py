@@ -259,7 +259,6 @@ class _Resident:
     waiters: list[_Waiter] = field(default_factory=list)  # a heap: priority, then age
     queued: int = 0
     token_s: float | None = None  # measured seconds per generated token (moving average)
-    generation_s: float | None = None  # measured seconds per whole generation (same)
     next_index: int = 1
 
     @property
@@ -313,21 +312,12 @@ class ModelLease:
             resident.instances.remove(instance)
             resident.quarantined.append(instance)
 
-    def record_generation(self, tokens: int, seconds: float, *, total_s: float = 0.0) -> None:
-        """How long tokens took (after the first): what the default `stall_s` is made of;
-        and the whole generation (`total_s`), what `expected_s` is made of."""
-        resident = self._resident
+    def record_generation(self, tokens: int, seconds: float) -> None:
+        """How long tokens took (after the first): what the default `stall_s` is made of."""
         if tokens > 0 and seconds > 0:
             per = seconds / tokens
-            old = resident.token_s
-            resident.token_s = per if old is None else 0.8 * old + 0.2 * per
-        if total_s > 0:
-            old = resident.generation_s
-            resident.generation_s = total_s if old is None else 0.8 * old + 0.2 * total_s
-
-    def expected_s(self) -> float | None:
-        """Seconds a generation on this model took lately (moving average; None: none yet)."""
-        return self._resident.generation_s
+            old = self._resident.token_s
+            self._resident.token_s = per if old is None else 0.8 * old + 0.2 * per
 
     def release(self) -> None:
         if not self._released:

@@ -58,8 +58,6 @@ BREAKER_PROBE: Final = "orion.breaker.probe"  # the attempt is a half-open probe
 RETRY_SAME: Final = "orion.retry.same"  # backoff (s) before retrying the same agent
 RETRY_SKIPPED: Final = "orion.retry.skipped"  # why a transient failure was not retried
 RETRY_AFTER: Final = "orion.retry_after_s"  # every breaker refused: when one lets a probe in
-# Not generated: a generation on this model takes this long on average, more than was left.
-GENERATION_EXPECTED_S: Final = "orion.generation.expected_s"
 # For each next agent on the model that just failed, "try" or "skip": was there time to
 # queue for that model again
 FALLBACK_SAME_MODEL: Final = "orion.fallback.same_model"
