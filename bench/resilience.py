@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import statistics
 import sys
 import tempfile
@@ -136,7 +137,8 @@ def load_under_faults(quick: bool = False) -> dict[str, Any]:
     table = [{"run": name, "served": r["served_ratio"], "timeouts": r["timeout_ratio"],
               "p50_ms": r["served_p50_ms"], "p99_ms": r["served_p99_ms"],
               "opened": r["breaker_opened"], "recovered": r["breaker_recovered"],
-              "errors": r["error_reasons"]} for name, r in runs.items()]
+              "errors": r["error_reasons"], "requests_per_s": r["requests_per_s"],
+              "load_avg_1m": r["load_avg_1m"]} for name, r in runs.items()]
     checks = []
     for name, r in runs.items():
         checks += [
@@ -188,8 +190,9 @@ def _goodput_run(n: int, rate: float, kinds: tuple[str, ...], *,
 
     concurrency, timeout_s = 64, 1.0
     transitions: list[tuple[str, str, str, str]] = []
-    board = BreakerBoard(BreakerConfig(failure_threshold=3, reset_after_s=0.5,
-                                       trial_timeout_s=timeout_s, half_open_probes=2),
+    # The default rule (50 % of the last 40 calls, at least 20; 5 probes); a short cool-down
+    # so that a 1 s-deadline run sees breakers open and recover.
+    board = BreakerBoard(BreakerConfig(reset_after_s=0.5, trial_timeout_s=timeout_s),
                          on_transition=lambda *t: transitions.append(t))
     admission = AdmissionController(max_in_flight=concurrency, max_queue=n)
     fault_kinds: tuple[FaultKind, ...] = tuple(k for k in ("raise", "hang", "malformed")
@@ -250,8 +253,11 @@ def _goodput_run(n: int, rate: float, kinds: tuple[str, ...], *,
             counts["tasks_leaked"] = len(asyncio.all_tasks()) - tasks_before
 
         start = time.perf_counter()
+        load_before = os.getloadavg()[0]
         stalled = _run_watched(main, progress, stall_s=max(30.0, 10 * timeout_s))
         elapsed = time.perf_counter() - start
+        # Other jobs share the cores: a 1 s deadline at 64 in flight needs ~64 requests/s.
+        counts["load_avg_1m"] = round(max(load_before, os.getloadavg()[0]), 1)
         counts["stuck_requests"] = int(progress["started"] - progress["finished"]) \
             if stalled else 0
         if stalled:
@@ -381,16 +387,18 @@ def _settled_thread_leak(before: int, wait_s: float = 5.0) -> int:
 
 
 def breaker_recovery(quick: bool = False) -> dict[str, Any]:
-    """The primary agent's model fails every call: its breaker opens after 3 failures, the
-    model is not called while open, one trial goes through after reset_after_s, and the
-    breaker closes once the model works again. Time from a ManualClock: no waiting."""
+    """The primary agent's model fails every call: its breaker (a window of 3 calls, all
+    judged; 2 probes) opens after 3 failures, the model is not called while open, the probes
+    go through after reset_after_s, and the breaker closes once the model works again. Time
+    from a ManualClock: no waiting."""
     from orion_fsm import Engine, ManualClock, RequestFailed
     from orion_fsm.services.resilience._breaker import BreakerBoard, BreakerConfig
     from orion_fsm.testing.faults import faulty_loader
 
     clock = ManualClock()
     transitions: list[tuple[str, str, str, str]] = []
-    board = BreakerBoard(BreakerConfig(), agents=[PRIMARY, BACKUP], clock=clock,
+    board = BreakerBoard(BreakerConfig(window_size=3, minimum_calls=3, half_open_probes=2),
+                         agents=[PRIMARY, BACKUP], clock=clock,
                          on_transition=lambda *t: transitions.append(t))
     injector = faulty_loader(1.0, ("raise",), only=("tiny-primary",))
     timeline: list[dict[str, Any]] = []
@@ -441,7 +449,7 @@ def breaker_recovery(quick: bool = False) -> dict[str, Any]:
         "wiring": wiring.as_dict(), "timeline": timeline,
         "transitions": [list(t) for t in transitions],
         "checks": [
-            check("opens after 3 consecutive failures", float(
+            check("opens once 3 of its 3-call window failed", float(
                 by_step["failing 3"]["breaker"] == "open"
                 and by_step["failing 2"]["breaker"] == "closed"), "== 1",
                 by_step["failing 3"]["breaker"] == "open"
@@ -455,6 +463,44 @@ def breaker_recovery(quick: bool = False) -> dict[str, Any]:
                    "== 1", got == expected),
         ],
     }
+
+
+def breaker_rule(quick: bool = False) -> dict[str, Any]:
+    """The breaker rule alone, on the real CircuitBreaker with a ManualClock: a model whose
+    calls fail independently at 0-100 %, called every 50 ms (40,000 calls; 8,000 quick),
+    with the default config (50 % of the last 40 calls, at least 20; 30 s open; 5 probes).
+    What share of calls it refuses, how often it opens and recovers: load-independent."""
+    import random
+
+    from orion_fsm import ManualClock
+    from orion_fsm.services.resilience._breaker import CircuitBreaker
+
+    calls = 8000 if quick else 40000
+    rows = []
+    for rate in (0.0, 0.01, 0.10, 0.20, 0.30, 0.50, 1.0):
+        clock, rng = ManualClock(), random.Random(2024)
+        breaker = CircuitBreaker("model", clock=clock)
+        refused = 0
+        for _ in range(calls):
+            clock.advance(0.05)
+            permit = breaker.allow()
+            if permit is None:
+                refused += 1
+                continue
+            permit.failure("inference_failed") if rng.random() < rate else permit.success()
+        rows.append({"fault_rate": rate, "refused_share": round(refused / calls, 4),
+                     "opened": breaker.opened_count, "recovered": breaker.recovered_count})
+    by_rate = {r["fault_rate"]: r for r in rows}
+    return {"calls": calls, "call_every_s": 0.05, "rows": rows, "checks": [
+        check("0 / 10 / 20 % faults: breaker openings", by_rate[0.0]["opened"]
+              + by_rate[0.10]["opened"] + by_rate[0.20]["opened"], "== 0",
+              by_rate[0.0]["opened"] + by_rate[0.10]["opened"] + by_rate[0.20]["opened"] == 0),
+        check("30 % faults: opened and recovered (min)",
+              min(by_rate[0.30]["opened"], by_rate[0.30]["recovered"]), ">= 1",
+              by_rate[0.30]["opened"] >= 1 and by_rate[0.30]["recovered"] >= 1),
+        check("100 % faults: share of calls refused", by_rate[1.0]["refused_share"], ">= 0.95",
+              by_rate[1.0]["refused_share"] >= 0.95),
+    ]}
 
 
 def fail_fast_admission(quick: bool = False) -> dict[str, Any]:
@@ -563,6 +609,7 @@ def guard_costs(quick: bool = False) -> dict[str, Any]:
 BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {
     "resilience_load_under_faults": load_under_faults,
     "resilience_breaker_recovery": breaker_recovery,
+    "resilience_breaker_rule": breaker_rule,
     "resilience_fail_fast_admission": fail_fast_admission,
     "resilience_guard_costs": guard_costs,
 }

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.from_thread
 
 from bench._common import check
 
@@ -173,6 +174,7 @@ async def _prefix_and_sessions(root: Path) -> dict[str, Any]:
         for i in range(5):
             turns.append(await session.infer(f"Question {i + 1}: {QUESTIONS[i]}",
                                              max_tokens=32))
+        by_position = await anyio.to_thread.run_sync(_prefill_by_position, engine, turns)
     return {
         "prompt_tokens": cold.tokens.input,
         "cold": {"ttft_ms": round(cold.ttft_ms, 1), "prefilled": cold.prefilled_tokens},
@@ -181,9 +183,47 @@ async def _prefix_and_sessions(root: Path) -> dict[str, Any]:
         "warm_vs_cold_ttft": round(warm.ttft_ms / cold.ttft_ms, 3),
         "session": [{"turn": i + 1, "prompt_tokens": t.tokens.input,
                      "reused": t.reused_prefix_tokens, "prefilled": t.prefilled_tokens,
-                     "ttft_ms": round(t.ttft_ms, 1)} for i, t in enumerate(turns)],
+                     "slot": t.slot, "slot_wait_ms": t.slot_wait_ms,
+                     "ttft_ms": round(t.ttft_ms, 1),
+                     "ttft_ms_per_prefilled": round(t.ttft_ms / max(1, t.prefilled_tokens or 0),
+                                                    1)} for i, t in enumerate(turns)],
         "turn5_vs_turn1_ttft": round(turns[4].ttft_ms / turns[0].ttft_ms, 3),
+        # Where the ratio comes from: how many more tokens turn 5 evaluates (closing the
+        # previous answer and opening a user turn, which turn 1 finds cached from the last
+        # conversation), and what each costs at its context length.
+        "turn5_vs_turn1_prefilled": round((turns[4].prefilled_tokens or 0)
+                                          / max(1, turns[0].prefilled_tokens or 0), 3),
+        "turn5_vs_turn1_ttft_per_prefilled": round(
+            (turns[4].ttft_ms / max(1, turns[4].prefilled_tokens or 0))
+            / (turns[0].ttft_ms / max(1, turns[0].prefilled_tokens or 0)), 3),
+        "prefill_by_position": by_position,
     }
+
+
+def _prefill_by_position(engine: Any, turns: list[Any]) -> dict[str, float]:
+    """ggml alone: ms to evaluate turn 5's count of new tokens after turn 1's context and
+    after turn 5's, interleaved 5 times (median), on one thread."""
+    lease = anyio.from_thread.run(engine.loader.acquire, engine.registry.get("conversation"))
+    try:
+        llm = lease.model._llm  # the runtime itself: no sampling, no engine around it
+        ids = list(range(1000, 1000 + turns[4].tokens.input))
+        new = turns[4].prefilled_tokens or 1
+        times: dict[int, list[float]] = {}
+        for _ in range(5):
+            for cached in (turns[0].tokens.input - (turns[0].prefilled_tokens or 0),
+                           turns[4].tokens.input - new):
+                llm.reset()
+                llm.eval(ids[:cached], threads=1)
+                start = time.perf_counter()
+                llm.eval(ids[cached:cached + new], threads=1)
+                times.setdefault(cached, []).append((time.perf_counter() - start) * 1e3)
+    finally:
+        lease.release()
+    (short, short_ms), (long, long_ms) = sorted(times.items())
+    return {"new_tokens": new, "after_tokens_short": short, "after_tokens_long": long,
+            "ms_short": round(statistics.median(short_ms), 1),
+            "ms_long": round(statistics.median(long_ms), 1),
+            "long_vs_short": round(statistics.median(long_ms) / statistics.median(short_ms), 3)}
 
 
 async def _memory(root: Path) -> dict[str, Any]:

@@ -79,6 +79,7 @@ from .services.resilience._breaker import (
     BreakerConfig,
     breaker_keys,
     register_breaker_metrics,
+    registry_configs,
 )
 from .services.resilience._guardrails import GuardrailConfig, Guardrails
 from .services.resilience._retry import Retries, RetryPolicy
@@ -253,7 +254,8 @@ class Engine:
         # Resilience: a breaker per model instance (agents sharing a model share it), a
         # bounded queue, a deadline per request, retries, guardrails.
         self.breakers = breakers if isinstance(breakers, BreakerBoard) else BreakerBoard(
-            breakers, clock=self.clock, on_transition=_log_breaker)
+            breakers, clock=self.clock, on_transition=_log_breaker,
+            per_agent=registry_configs(self.registry.agents.values(), breakers))
         self.breakers.assign(breaker_keys(self.registry.agents.values(), self.loader.key_for))
         self.retries = retries if isinstance(retries, Retries) else Retries(
             RetryPolicy(same_agent=0) if retries is False else retries)

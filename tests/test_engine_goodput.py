@@ -83,7 +83,7 @@ async def test_agents_served_by_one_model_share_its_breaker(
         agent("backup", tiny_models["small"])]}
     broken = faulty_loader(1.0, kinds=("raise",), only=("medium",))
     async with make_engine(doc, load_model=broken, retries=False,
-                           breakers=BreakerConfig(failure_threshold=2)) as engine:
+                           breakers=BreakerConfig(window_size=2, minimum_calls=2)) as engine:
         board = engine.breakers
         assert board.key_for("chat") == board.key_for("coder") == "tiny-medium:default@256"
         assert board.key_for("backup") == "tiny-small:default@256"
@@ -155,7 +155,7 @@ async def test_a_chain_whose_breakers_are_all_open_ends_at_once_with_retry_after
     clock = ManualClock()
     broken = faulty_loader(1.0, kinds=("raise",))
     async with make_engine(clock=clock, load_model=broken, retries=False,
-                           breakers=BreakerConfig(failure_threshold=1)) as engine:
+                           breakers=BreakerConfig(window_size=1, minimum_calls=1)) as engine:
         with pytest.raises(RequestFailed) as failed:
             await engine.infer("hello", agent="code", cache=False)  # opens both breakers
         assert failed.value.retry_after_s is None  # the models ran: no breaker refused
@@ -183,7 +183,7 @@ async def test_half_open_lets_probes_through_and_fails_the_others_over_at_once(
     doc = {**registry_doc, "agents": [{**a, "parallel": 1} if a["id"] == "code" else a
                                       for a in registry_doc["agents"]]}
     async with make_engine(doc, clock=clock, load_model=flaky, retries=False,
-                           breakers=BreakerConfig(failure_threshold=1,
+                           breakers=BreakerConfig(window_size=1, minimum_calls=1,
                                                   half_open_probes=2)) as engine:
         code = engine.registry.get("code")
         assert (await engine.infer("hello", agent="code", cache=False)).fallback  # opens
@@ -240,3 +240,34 @@ async def test_agents_on_the_failed_model_are_passed_over_when_no_time_is_left(
     assert fallback["orion.fallback.skipped"] == ["coder"]
     assert fallback["orion.fallback.same_model"] == ["skip"]
     assert fallback["orion.fallback.to"] == "backup"
+
+
+async def test_a_registry_breaker_section_configures_its_models_breaker(
+    make_engine: MakeEngine, registry_doc: dict[str, Any],
+) -> None:
+    doc = {**registry_doc, "agents": [
+        {**a, "breaker": {"window_size": 4, "minimum_calls": 2, "half_open_probes": 3}}
+        if a["id"] == "code" else a for a in registry_doc["agents"]]}
+    broken = faulty_loader(1.0, kinds=("raise",), only=("medium",))
+    async with make_engine(doc, load_model=broken, retries=False,
+                           breakers=BreakerConfig(reset_after_s=7.0)) as engine:
+        config = engine.breakers.breaker("code").config
+        assert (config.window_size, config.minimum_calls, config.half_open_probes,
+                config.reset_after_s, config.failure_rate_threshold) == (4, 2, 3, 7.0, 0.5)
+        assert engine.breakers.breaker("conversation").config.window_size == 40
+        for _ in range(2):  # two failed calls of two: the code model's breaker opens
+            assert (await engine.infer("hello", agent="code", cache=False)).fallback
+        assert engine.breakers.breaker("code").state == "open"
+
+
+@pytest.mark.parametrize("section", [{"window": 4}, {"minimum_calls": 0},
+                                     {"failure_rate_threshold": 1.5}])
+def test_a_bad_registry_breaker_section_is_refused_naming_it(
+    registry_doc: dict[str, Any], section: dict[str, Any],
+) -> None:
+    from orion_fsm import Registry, RegistryError
+
+    doc = {**registry_doc, "agents": [{**a, "breaker": section} if a["id"] == "code" else a
+                                      for a in registry_doc["agents"]]}
+    with pytest.raises(RegistryError, match="breaker"):
+        Registry.from_dict(doc)

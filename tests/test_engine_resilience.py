@@ -10,7 +10,7 @@ from typing import Any
 import anyio
 import pytest
 
-from orion_fsm import Engine, LoaderConfig, ManualClock, RequestFailed, Result
+from orion_fsm import BreakerConfig, Engine, LoaderConfig, ManualClock, RequestFailed, Result
 from orion_fsm.backends import LoadedModel
 from orion_fsm.testing.faults import faulty_loader
 from tests.conftest import assert_no_thread_leaked, read_trace_lines
@@ -45,7 +45,9 @@ async def test_an_open_breaker_sends_the_request_to_fallback_without_touching_th
     flaky = FailingThenWorking(failures=3, path_part="medium")
     # No predictive preloading: every load below is one a request asked for. No retries:
     # each request meets the code agent's model once.
-    async with make_engine(clock=clock, load_model=flaky, retries=False,
+    # A window of 3 calls, all needed; 2 probes, both needed to close.
+    breakers = BreakerConfig(window_size=3, minimum_calls=3, half_open_probes=2)
+    async with make_engine(clock=clock, load_model=flaky, retries=False, breakers=breakers,
                            loader_config=LoaderConfig(predictive_preload=False)) as engine:
         code = engine.breakers.key_for("code")
         assert code == "tiny-medium:default@256"

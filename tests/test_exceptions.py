@@ -80,7 +80,7 @@ def test_a_configuration_error_is_also_a_value_error() -> None:
     (lambda: LoaderConfig(budget_fraction=0), "LoaderConfig.budget_fraction"),
     (lambda: PressureThresholds(available_pct=(1, 2, 3)), "PressureThresholds.available_pct"),
     (lambda: MemoryMonitor(interval_s=0), "MemoryMonitor.interval_s"),
-    (lambda: BreakerConfig(failure_threshold=0), "BreakerConfig.failure_threshold"),
+    (lambda: BreakerConfig(minimum_calls=0), "BreakerConfig.minimum_calls"),
     (lambda: CacheConfig(memory_entries=0, ttl_s=None), "CacheConfig.memory_entries"),
     (lambda: CacheConfig(memory_entries=1, ttl_s=0), "CacheConfig.ttl_s"),
     (lambda: GuardrailConfig(injection="warn"), "GuardrailConfig.injection"),  # type: ignore[arg-type]

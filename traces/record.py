@@ -48,7 +48,8 @@ async def cache_hit() -> None:
 async def fallback() -> None:
     async with Engine(trace_path=fresh("fallback"), caches=False, embeddings=False,
                       load_model=faulty_loader(0.5, ("raise",), seed=FAULT_SEED)) as engine:
-        # Routed to `code`, whose generation fails; its fallback `conversation` answers.
+        # Routed to `code`, whose first generation fails; the same agent, retried once
+        # (`fallback --retry_same--> loading_agent`), answers.
         await engine.infer("Write a python function that adds two numbers.", temperature=0,
                            max_tokens=32)
 

@@ -86,8 +86,10 @@ async def loading_agent(services: Services, state: RequestState) -> str:
     state.sampling = sampling_params(agent, state.request.params, room, grammar_of(state))
     state.notes[attr.MODEL_SHA256] = prepared.sha256
     try:
+        # Queued by the request's start, not this attempt's: a retry or a fallback onto the
+        # same model keeps the place its request had (its deadline is as close).
         lease = state.lease = await scope.enter_async_context(services.loader.lease(
-            agent, prompt_ids=state.prompt_ids, priority=state.priority))
+            agent, prompt_ids=state.prompt_ids, priority=state.priority, since=state.started))
     except ModelLoadError as exc:
         return load_failed(state, agent, exc,
                            transient=not isinstance(exc, InsufficientMemory))

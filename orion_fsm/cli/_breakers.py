@@ -75,7 +75,8 @@ def latest_breakers(path: Path) -> dict[str, Any] | None:
 
 def _defaults(agents: list[str]) -> dict[str, dict[str, Any]]:
     config = BreakerConfig().as_dict()
-    return {a: {"state": "closed", "consecutive_failures": 0, "opened_count": 0,
+    return {a: {"state": "closed", "consecutive_failures": 0, "window_calls": 0,
+                "window_failures": 0, "failure_rate": 0.0, "opened_count": 0,
                 "recovered_count": 0, "last_failure": None, "retry_at": None,
                 "config": config, "agents": [a]} for a in agents}
 
@@ -117,8 +118,9 @@ def _breakers(args: argparse.Namespace) -> int:
         return 0
     if record is None:
         config = BreakerConfig()
-        print(f"no breaker state recorded in {path}; configured defaults: open after "
-              f"{config.failure_threshold} consecutive failures, "
+        print(f"no breaker state recorded in {path}; configured defaults: open when "
+              f"{config.failure_rate_threshold:.0%} of the last {config.window_size} calls "
+              f"failed (at least {config.minimum_calls} judged), "
               f"{config.half_open_probes} probe request(s) after {config.reset_after_s:g} s")
     else:
         when = record.get("started_at")
@@ -129,7 +131,8 @@ def _breakers(args: argparse.Namespace) -> int:
 
 
 def _table(states: dict[str, Any]) -> None:
-    print(f"  {'breaker (model)':<28} {'state':<10} {'failures':>8} {'opened':>7} "
+    # failed: failures / calls in the breaker's window (older records: consecutive failures)
+    print(f"  {'breaker (model)':<28} {'state':<10} {'failed':>8} {'opened':>7} "
           f"{'recovered':>9}  {'retry at':<10} {'last failure':<18} agents")
     now = time.time()
     for key, s in states.items():
@@ -138,6 +141,8 @@ def _table(states: dict[str, Any]) -> None:
         if isinstance(retry_at, int | float):
             retry = "due" if retry_at <= now else time.strftime("%H:%M:%S",
                                                                 time.localtime(retry_at))
-        print(f"  {key:<28} {s.get('state', '?'):<10} {s.get('consecutive_failures', 0):>8} "
+        failed = (f"{s['window_failures']}/{s['window_calls']}" if "window_calls" in s
+                  else str(s.get("consecutive_failures", 0)))
+        print(f"  {key:<28} {s.get('state', '?'):<10} {failed:>8} "
               f"{s.get('opened_count', 0):>7} {s.get('recovered_count', 0):>9}  {retry:<10} "
               f"{s.get('last_failure') or '-':<18} {', '.join(s.get('agents') or [key])}")

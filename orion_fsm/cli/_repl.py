@@ -278,8 +278,9 @@ class Session(CommandLoop):
         # One breaker per model instance, shared by the agents it serves.
         for key, state in self.engine.breakers.snapshot().items():
             agents = ", ".join(state.get("agents") or [key])
-            self.say(f"  {key:<24} {state.get('state', '?'):<10} failures "
-                     f"{state.get('consecutive_failures', 0)}  last failure "
+            self.say(f"  {key:<24} {state.get('state', '?'):<10} failed "
+                     f"{state.get('window_failures', 0)}/{state.get('window_calls', 0)} "
+                     f"in its window  last failure "
                      f"{state.get('last_failure') or '-'}  agents {agents}")
         return True
 

@@ -168,8 +168,9 @@ class RemoteSession(CommandLoop):
 
     async def _breakers(self, _: str) -> bool:
         for agent, state in (await self.server.get("/v1/orion/breakers"))["breakers"].items():
-            self.say(f"  {agent:<16} {state.get('state', '?'):<10} failures "
-                     f"{state.get('consecutive_failures', 0)}  last failure "
+            self.say(f"  {agent:<16} {state.get('state', '?'):<10} failed "
+                     f"{state.get('window_failures', 0)}/{state.get('window_calls', 0)} "
+                     f"in its window  last failure "
                      f"{state.get('last_failure') or '-'}")
         return True
 

@@ -431,7 +431,7 @@ class ReplayLoader:
         self._prompt_ids: Sequence[int] = record.get("prompt_token_ids") or ()
         self._source = (record.get("model") or {}).get("source")
         self._aborter = aborter
-        self._prepared: dict[str, _ReplayPrepared] = {}
+        self._prepared: dict[tuple[str, tuple[int, ...]], _ReplayPrepared] = {}
         self._turns: dict[str, int] = {}  # leases taken per agent: which recorded attempt is next
         self._released: dict[str, threading.Event] = {}  # per agent: its last lease is over
         self.clock = clock
@@ -458,23 +458,40 @@ class ReplayLoader:
         return self._prepared_for(agent, attempt)
 
     def _prepared_for(self, agent: AgentSpec, attempt: RecordedAttempt) -> _ReplayPrepared:
-        prepared = self._prepared.get(agent.id)
+        # Keyed by the ids too: a turn of the agent whose prompt the record holds must not
+        # reuse stand-in ids an earlier turn of another length was prepared with.
+        served = self._served(agent)
+        ids = self._recorded_ids(attempt, served)
+        key = (agent.id, ids)
+        prepared = self._prepared.get(key)
         if prepared is None:
-            prepared = self._prepared[agent.id] = self._prepare(agent, attempt)
+            prepared = self._prepared[key] = self._prepare(agent, attempt, ids, served)
         return prepared
 
-    def _prepare(self, agent: AgentSpec, attempt: RecordedAttempt) -> _ReplayPrepared:
+    def _served(self, agent: AgentSpec) -> bool:
+        """Whether the request ended on this agent: every one of its turns (a retried agent
+        has several) rendered the prompt the record holds, for the model it names."""
+        return any(a.final for a in self._script.turns.get(agent.id, ())) or \
+            self._script.attempt(agent).final
+
+    def _recorded_ids(self, attempt: RecordedAttempt, served: bool) -> tuple[int, ...]:
+        """The prompt ids a stand-in tokenizer hands out when the real one is not here: the
+        recorded ones for the agent that served, else as many stand-ins as were counted."""
+        if attempt.prompt_ids is not None:  # a virtual member's own prompt
+            return tuple(attempt.prompt_ids)
+        count = attempt.input_tokens
+        if served and (count is None or count == len(self._prompt_ids)):
+            return tuple(self._prompt_ids)
+        return (0,) * (count or 1)
+
+    def _prepare(self, agent: AgentSpec, attempt: RecordedAttempt, ids: Sequence[int],
+                 served: bool) -> _ReplayPrepared:
         sha = attempt.sha256 or ""
-        source = Path(self._source if attempt.final and self._source else agent.model.describe())
+        source = Path(self._source if served and self._source else agent.model.describe())
         variant = attempt.load_info.variant if attempt.load_info else DEFAULT_VARIANT
         tokenizer: Tokenizer | _RecordedTokenizer | None = (
             self._tokenizers.get(sha) if self._encode_prompts else None)
         if tokenizer is None:
-            count = attempt.input_tokens
-            ids = self._prompt_ids if attempt.final and (
-                count is None or count == len(self._prompt_ids)) else [0] * (count or 1)
-            if attempt.prompt_ids is not None:  # a virtual member's own prompt
-                ids = attempt.prompt_ids
             tokenizer = _RecordedTokenizer(ids, attempt.special_token)
         return _ReplayPrepared(
             key=ModelKey(source, agent.context_length, agent.model_type, variant,
@@ -487,7 +504,8 @@ class ReplayLoader:
 
     @asynccontextmanager
     async def lease(self, agent: AgentSpec, *, prompt_ids: Sequence[int] = (),
-                    priority: int = 0) -> AsyncIterator[_ReplayLease]:
+                    priority: int = 0,
+                    since: float | None = None) -> AsyncIterator[_ReplayLease]:
         turn = self._turns.get(agent.id, 0)
         attempt = self._script.attempt(agent, turn)
         # Whatever happens below, the agent's next attempt (a retry) replays the next turn.
@@ -587,14 +605,15 @@ class LiveLoader:
 
     @asynccontextmanager
     async def lease(self, agent: AgentSpec, *, prompt_ids: Sequence[int] = (),
-                    priority: int = 0) -> AsyncIterator[ModelLease | _FailingLease]:
+                    priority: int = 0,
+                    since: float | None = None) -> AsyncIterator[ModelLease | _FailingLease]:
         turn = self._turns.get(agent.id, 0)
         attempt = self._script.attempt(agent, turn)
         self._turns[agent.id] = turn + 1
         if attempt.prepare_error is not None or attempt.acquire_error is not None:
             raise ModelLoadError(attempt.prepare_error or attempt.acquire_error or "")
         async with self.inner.lease(agent, prompt_ids=prompt_ids,
-                                    priority=priority) as lease:
+                                    priority=priority, since=since) as lease:
             if attempt.output.error is None:
                 yield lease
                 return

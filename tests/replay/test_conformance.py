@@ -64,11 +64,12 @@ class StallingLoader(ModelLoader):
         return await super().prepare(agent, variant=variant)
 
     def lease(self, agent: AgentSpec, *, variant: str | None = None,
-              prompt_ids: Sequence[int] = (),
-              priority: int = 0) -> AbstractAsyncContextManager[ModelLease]:
+              prompt_ids: Sequence[int] = (), priority: int = 0,
+              since: float | None = None) -> AbstractAsyncContextManager[ModelLease]:
         if agent.id == "slowload":
             return _stalled_lease()
-        return super().lease(agent, variant=variant, prompt_ids=prompt_ids, priority=priority)
+        return super().lease(agent, variant=variant, prompt_ids=prompt_ids, priority=priority,
+                             since=since)
 
 
 @asynccontextmanager
@@ -199,7 +200,7 @@ async def workload(workload_registry: Registry, tmp_path: Path) -> list[dict[str
     engine = Engine(
         workload_registry, router=router, trace_path=trace, cache_dir=tmp_path / "cache",
         embeddings=False, loader=StallingLoader(tmp_path / "cache", threads=1, load_model=load),
-        breakers=BreakerConfig(failure_threshold=2), timeout_s=TIMEOUT_S,
+        breakers=BreakerConfig(window_size=2, minimum_calls=2), timeout_s=TIMEOUT_S,
         admission=admission)
     async with engine:
         ends = await run_workload(engine, router, admission)
@@ -274,3 +275,28 @@ async def test_a_changed_statechart_or_limit_diverges_where_it_changes_the_path_
                           cache_dir=tmp_path / "empty")
     assert str(report.first) == (
         "at loading_agent: error.type: recorded 'invalid', replayed None")
+
+
+async def test_a_retried_agent_replays_every_attempt_from_the_record_alone(
+    tmp_path: Path,
+) -> None:
+    # The served agent's first generation raises, its retry serves (seed 4: fault, then none);
+    # its model's tokenizer.json is gone by replay time: only the record can give the ids.
+    model = make_tiny_llama_gguf(tmp_path / "models" / "tiny-retried.gguf", n_layers=2,
+                                 n_embd=32, seed=6)
+    registry = Registry.from_dict({"version": 1, "default_agent": "conversation",
+                                   "agents": [agent("conversation", model)]})
+    trace = tmp_path / "retried.jsonl"
+    async with Engine(registry, trace_path=trace, cache_dir=tmp_path / "cache", threads=1,
+                      embeddings=False, caches=False,
+                      load_model=faulty_loader(0.5, ("raise",), seed=4)) as engine:
+        result = await engine.infer("hello there", max_tokens=6)
+    assert result.state == "success" and not result.fallback
+    (record,) = read_traces(trace)
+    assert [t["event"] for t in record["transitions"]].count("retry_same") == 1
+    (model.parent / "tokenizer.json").unlink()
+    report = await replay(record, registry=registry, cache_dir=tmp_path / "empty")
+    assert report.ok, report.summary()
+    assert report.replayed is not None
+    assert report.replayed["prompt_token_ids"] == record["prompt_token_ids"] != []
+    assert report.replayed["result"]["token_ids"] == record["result"]["token_ids"]

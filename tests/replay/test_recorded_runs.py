@@ -80,7 +80,7 @@ async def test_inference_failures_replay_as_recorded(make_engine: MakeEngine,
 
 async def test_an_open_breaker_replays_as_the_fallback_it_caused(make_engine: MakeEngine,
                                                                  recorded: Recorded) -> None:
-    async with make_engine(breakers=BreakerConfig(failure_threshold=1)) as engine:
+    async with make_engine(breakers=BreakerConfig(window_size=1, minimum_calls=1)) as engine:
         for _ in range(2):  # the first failure opens the breaker the second request meets
             assert (await engine.infer("hi", agent="broken", max_tokens=4)).fallback
     first, second = recorded()

@@ -259,6 +259,7 @@ class _Instance:
 @dataclass(eq=False)
 class _Waiter:
     priority: int
+    since: float  # when the request first asked (the loader's clock): older ones first
     seq: int
     event: anyio.Event
     instance: _Instance | None = None  # handed over by a release; None: look again
@@ -266,7 +267,7 @@ class _Waiter:
     abandoned: bool = False
 
     def __lt__(self, other: _Waiter) -> bool:
-        return (self.priority, self.seq) < (other.priority, other.seq)
+        return (self.priority, self.since, self.seq) < (other.priority, other.since, other.seq)
 
 
 @dataclass(eq=False)
@@ -284,7 +285,7 @@ class _Resident:
     # Instances abandoned by the stall watchdog: their thread may still be stuck in the
     # runtime, so they are never used again, and counted until that thread lets go.
     quarantined: list[_Instance] = field(default_factory=list)
-    waiters: list[_Waiter] = field(default_factory=list)  # a heap: priority, then arrival
+    waiters: list[_Waiter] = field(default_factory=list)  # a heap: priority, then age
     queued: int = 0
     token_s: float | None = None  # measured seconds per generated token (moving average)
     next_index: int = 1
@@ -560,12 +561,16 @@ class ModelLoader:
         return max(DEFAULT_STALL_FLOOR_S, STALL_TOKENS_FACTOR * (resident.token_s or 0.0))
 
     async def acquire(self, agent: AgentSpec, *, variant: str | None = None,
-                      prompt_ids: Sequence[int] = (), priority: int = 0) -> ModelLease:
+                      prompt_ids: Sequence[int] = (), priority: int = 0,
+                      since: float | None = None) -> ModelLease:
         """Load the agent's model if needed and take one of its slots; `release()` frees it.
 
         Of the free slots, the one whose context shares the longest prefix with `prompt_ids`
         (its evaluation is skipped); with none free, another slot is loaded if `parallel`
-        and the budget allow, else the request waits, lower `priority` numbers first.
+        and the budget allow, else the request waits, lower `priority` numbers first, then
+        the oldest `since` (when the request started, on the loader's clock; default now):
+        a request retried after a failure keeps its place instead of queueing behind every
+        request that came after it, and its deadline.
         Raises `InsufficientMemory` (a `ModelLoadError`) when the model cannot fit.
         """
         prepared = await self.prepare(agent, variant=variant)
@@ -584,7 +589,8 @@ class ModelLoader:
         if key.runtime == "llama_cpp":  # its context has room for this many sequences
             resident.parallel = min(resident.parallel, resident.sequences)
         try:
-            instance, queued = await self._take_slot(resident, prompt_ids, priority)
+            instance, queued = await self._take_slot(
+                resident, prompt_ids, priority, started if since is None else since)
         except BaseException:
             resident.pins -= 1
             self._after_release(resident)
@@ -617,11 +623,11 @@ class ModelLoader:
 
     @contextlib.asynccontextmanager
     async def lease(self, agent: AgentSpec, *, variant: str | None = None,
-                    prompt_ids: Sequence[int] = (),
-                    priority: int = 0) -> AsyncIterator[ModelLease]:
+                    prompt_ids: Sequence[int] = (), priority: int = 0,
+                    since: float | None = None) -> AsyncIterator[ModelLease]:
         """`acquire` for the block: the slot is held until it is left, however."""
         lease = await self.acquire(agent, variant=variant, prompt_ids=prompt_ids,
-                                   priority=priority)
+                                   priority=priority, since=since)
         try:
             yield lease
         finally:
@@ -633,7 +639,7 @@ class ModelLoader:
                           r.queued, len(r.quarantined)) for r in self._residents.values()]
 
     async def _take_slot(self, resident: _Resident, prompt_ids: Sequence[int],
-                         priority: int) -> tuple[_Instance, bool]:
+                         priority: int, since: float) -> tuple[_Instance, bool]:
         """A slot for the request, and whether it had to queue (or load one) for it."""
         queued = False
         while True:
@@ -651,13 +657,14 @@ class ModelLoader:
             if not queued:
                 queued = True
                 self.stats.slot_waits += 1
-            instance = await self._wait_for_slot(resident, priority)
+            instance = await self._wait_for_slot(resident, priority, since)
             if instance is not None:
                 return instance, queued
 
-    async def _wait_for_slot(self, resident: _Resident, priority: int) -> _Instance | None:
+    async def _wait_for_slot(self, resident: _Resident, priority: int,
+                             since: float) -> _Instance | None:
         """Queue until a release hands this request a slot (or wakes it to look again)."""
-        waiter = _Waiter(priority, next(self._seq), anyio.Event())
+        waiter = _Waiter(priority, since, next(self._seq), anyio.Event())
         heapq.heappush(resident.waiters, waiter)
         resident.queued += 1
         try:

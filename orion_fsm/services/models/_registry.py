@@ -217,6 +217,9 @@ class AgentSpec:
     parallel: int | None = None  # slots (model instances); None ("auto"): from cores and budget
     stall_s: float | None = None  # no token for this long: abandoned; None: from token times
     runtime: str = "ctransformers"  # | "llama_cpp" (the `llama-cpp` extra)
+    # Circuit-breaker settings of its model instance (BreakerConfig field, value), as written;
+    # empty: the engine's. Pairs, not a dict: an AgentSpec stays hashable.
+    breaker: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -402,6 +405,7 @@ def _agent(raw: Mapping[str, Any], base: Path | None) -> AgentSpec:
         parallel=None if raw.get("parallel", "auto") == "auto" else int(raw["parallel"]),
         stall_s=None if "stall_s" not in raw else float(raw["stall_s"]),
         runtime=raw.get("runtime", "ctransformers"),
+        breaker=tuple((raw.get("breaker") or {}).items()),
     )
 
 

@@ -1,5 +1,7 @@
 """Circuit breakers, one per model instance: CLOSED -> OPEN -> HALF_OPEN (machines/breaker.scxml).
 
+A breaker opens on the failure RATE of the last model calls (a count-based sliding window, as
+resilience4j's), not on a run of failures: a flaky model stays in use, a broken one is cut off.
 A `BreakerBoard` maps each agent to the breaker of the model instance that serves it (agents
 sharing a model share its breaker); `allow()` hands out a permit or refuses, and the permit's
 verdict drives the breaker's own statechart. Time comes from the Clock.
@@ -7,8 +9,10 @@ verdict drives the breaker's own statechart. Time comes from the Clock.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,6 +41,7 @@ __all__ = [
     "breaker_chart",
     "breaker_keys",
     "register_breaker_metrics",
+    "registry_configs",
 ]
 
 BreakerState = Literal["closed", "open", "half_open"]
@@ -64,37 +69,71 @@ def breaker_chart(path: Path | None = None) -> type[StateChart[Any]]:
 
 @dataclass(frozen=True, slots=True)
 class BreakerConfig:
-    """When a breaker opens and when it tries again. Defaults: the seed documents."""
+    """When a breaker opens and when it tries again (resilience4j's count-based breaker).
 
-    failure_threshold: int = 3  # consecutive failures that open the breaker
+    Defaults are sized for a local model that serves a few calls a second: a broken model is
+    cut off after `minimum_calls` calls; independent faults on 20 % of calls never opened it in
+    40,000 simulated calls (`python -m bench --only breaker_rule`), on 30 % it opens now and
+    then (28 times; 42 % of calls refused with a 30 s cool-down), and a window of 20 calls,
+    at least 10, opened it at 20 % too (31 % refused).
+    """
+
+    # The breaker opens when at least this fraction of the window's calls failed
+    # (resilience4j failureRateThreshold, 50 %).
+    failure_rate_threshold: float = 0.5
+    # The last this-many model calls make the window (resilience4j slidingWindowSize).
+    window_size: int = 40
+    # No rate is judged on fewer calls (resilience4j minimumNumberOfCalls): two failures out
+    # of the first three calls say little.
+    minimum_calls: int = 20
     reset_after_s: float = 30.0  # time open before probe requests are let through
     # A trial never resolved within this (a lost permit) no longer blocks the next trial;
     # no request lives longer than the per-request timeout, so that is the default.
     trial_timeout_s: float = 60.0
     # Half-open lets this many probe requests through (resilience4j's permitted calls in
-    # half-open state); the rest fail over at once. All must succeed to close; one failure
-    # reopens. More than one: a single lucky call does not close a flapping model.
-    half_open_probes: int = 2
+    # half-open state); the rest fail over at once. Their failure rate decides, against the
+    # same threshold: below it the breaker closes, at or above it reopens, each as soon as
+    # the probes still out cannot change the answer (5 probes at 50 %: 3 successes close,
+    # 3 failures reopen; a model failing 30 % of its calls recovers ~84 % of the time).
+    half_open_probes: int = 5
     # A model call cut short by the request's deadline counts against the model only if it
     # was given at least this long: a request that reached the model with a few milliseconds
     # left says nothing about the model (it was the queue's time).
     timeout_blame_s: float = 0.25
 
     def __post_init__(self) -> None:
-        for name in ("failure_threshold", "half_open_probes"):
+        for name in ("window_size", "minimum_calls", "half_open_probes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigurationError(f"BreakerConfig.{name}", value, "an integer >= 1")
+        if self.minimum_calls > self.window_size:
+            raise ConfigurationError("BreakerConfig.minimum_calls", self.minimum_calls,
+                                     f"at most window_size ({self.window_size})")
+        rate = self.failure_rate_threshold
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= 1:
+            raise ConfigurationError("BreakerConfig.failure_rate_threshold", rate,
+                                     "a fraction in (0, 1]")
         for name in ("reset_after_s", "trial_timeout_s", "timeout_blame_s"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not value >= 0:
                 raise ConfigurationError(f"BreakerConfig.{name}", value,
                                          "a number of seconds >= 0")
 
+    @property
+    def probe_failures_to_reopen(self) -> int:
+        """Failed probes whose rate reaches the threshold whatever the others do."""
+        return max(1, math.ceil(self.failure_rate_threshold * self.half_open_probes - 1e-9))
+
+    @property
+    def probe_successes_to_close(self) -> int:
+        """Successful probes that keep the rate below the threshold whatever the others do."""
+        return self.half_open_probes - self.probe_failures_to_reopen + 1
+
     def as_dict(self) -> dict[str, Any]:
         # Spelled out: dataclasses.asdict costs ~5 µs, and this runs for every trace record.
-        return {"failure_threshold": self.failure_threshold, "reset_after_s": self.reset_after_s,
-                "trial_timeout_s": self.trial_timeout_s,
+        return {"failure_rate_threshold": self.failure_rate_threshold,
+                "window_size": self.window_size, "minimum_calls": self.minimum_calls,
+                "reset_after_s": self.reset_after_s, "trial_timeout_s": self.trial_timeout_s,
                 "half_open_probes": self.half_open_probes,
                 "timeout_blame_s": self.timeout_blame_s}
 
@@ -115,23 +154,48 @@ class BreakerTransition:
 class _BreakerModel:
     """The statechart's model: what its guards read. The chart writes `state` here."""
 
-    __slots__ = ("clock", "config", "failures", "opened_at", "probes_succeeded", "state")
+    __slots__ = ("clock", "config", "failures", "opened_at", "probes_failed",
+                 "probes_succeeded", "state", "window", "window_failures")
 
     def __init__(self, config: BreakerConfig, clock: Clock) -> None:
         self.config = config
         self.clock = clock
-        self.failures = 0
+        self.failures = 0  # consecutive, reported only: the rate decides
+        # The last `window_size` verdicts while closed (True: failed), and how many failed.
+        self.window: deque[bool] = deque(maxlen=config.window_size)
+        self.window_failures = 0
         self.opened_at = 0.0  # monotonic
         self.probes_succeeded = 0  # in the current half-open period
+        self.probes_failed = 0
         self.state = "closed"
+
+    def count(self, failed: bool) -> None:
+        window = self.window
+        if len(window) == window.maxlen and window[0]:
+            self.window_failures -= 1  # the oldest verdict leaves the window
+        window.append(failed)
+        self.window_failures += failed
+
+    def clear_window(self) -> None:
+        self.window.clear()
+        self.window_failures = 0
+
+    @property
+    def failure_rate(self) -> float:
+        return self.window_failures / len(self.window) if self.window else 0.0
+
+    @property
+    def rate_reached(self) -> bool:
+        return len(self.window) >= self.config.minimum_calls \
+            and self.failure_rate >= self.config.failure_rate_threshold
 
     @property
     def probes_passed(self) -> bool:
-        return self.probes_succeeded >= self.config.half_open_probes
+        return self.probes_succeeded >= self.config.probe_successes_to_close
 
     @property
-    def threshold_reached(self) -> bool:
-        return self.failures >= self.config.failure_threshold
+    def probes_failed_enough(self) -> bool:
+        return self.probes_failed >= self.config.probe_failures_to_reopen
 
     @property
     def cool_down_elapsed(self) -> bool:
@@ -237,6 +301,11 @@ class CircuitBreaker:
     def consecutive_failures(self) -> int:
         return self._model.failures
 
+    @property
+    def failure_rate(self) -> float:
+        """Failed fraction of the calls in the window (0 with none)."""
+        return self._model.failure_rate
+
     def allow(self) -> BreakerPermit | None:
         """A permit to call the model, or None: the breaker is open, go to fallback."""
         state = self._model.state
@@ -254,7 +323,7 @@ class CircuitBreaker:
         # A probe never resolved within trial_timeout_s (a lost permit) gives its place back.
         out = self._probes_out = [t for t in self._probes_out
                                   if now - t < self.config.trial_timeout_s]
-        if len(out) + self._model.probes_succeeded >= self.config.half_open_probes:
+        if len(out) + self._probes_done() >= self.config.half_open_probes:
             return None  # every probe is out or done: fail over at once, do not wait
         out.append(now)
         return BreakerPermit(self, self._epoch, trial=True)
@@ -266,38 +335,51 @@ class CircuitBreaker:
             return 0.0
         if state == "open":
             return max(0.0, self._model.opened_at + self.config.reset_after_s - now)
-        if len(self._probes_out) + self._model.probes_succeeded < self.config.half_open_probes:
+        if len(self._probes_out) + self._probes_done() < self.config.half_open_probes:
             return 0.0
         # Every probe is out: the earliest a place frees is when its permit would lapse; most
         # resolve far sooner, so this is an upper bound.
         return max(0.0, min(self._probes_out, default=now)
                    + self.config.trial_timeout_s - now)
 
+    def _probes_done(self) -> int:
+        return self._model.probes_succeeded + self._model.probes_failed
+
     def _return_probe(self) -> None:
         if self._probes_out:
             self._probes_out.pop(0)
 
     def record_success(self) -> BreakerTransition | None:
-        """The model served a request. Closes a half-open breaker once its probes passed."""
-        self._model.failures = 0
-        if self._model.state == "closed":
+        """The model served a request. Closes a half-open breaker once enough probes passed."""
+        model = self._model
+        model.failures = 0
+        if model.state == "closed":
+            model.count(False)
+            return None
+        if model.state == "open":
             return None
         self._return_probe()
-        self._model.probes_succeeded += 1
-        return self._send("success", f"{self._model.probes_succeeded} probe request(s) "
-                          "succeeded")
+        model.probes_succeeded += 1
+        return self._send("success", f"{model.probes_succeeded} probe request(s) succeeded")
 
     def record_failure(self, reason: str) -> BreakerTransition | None:
         """The model failed a request (`reason`: load_failed, inference_failed, timeout, ...)."""
-        self._model.failures += 1
+        model = self._model
+        model.failures += 1
         self.last_failure = reason
-        if self._model.state == "open":
+        if model.state == "open":
             return None
+        if model.state == "closed":
+            model.count(True)
+        else:
+            self._return_probe()
+            model.probes_failed += 1
         return self._send("failure", reason)
 
     def reset(self) -> BreakerTransition | None:
         """Close the breaker now (an operator's decision) and forget the failures."""
         self._model.failures = 0
+        self._model.clear_window()
         return self._send("reset", "reset")
 
     def snapshot(self) -> dict[str, Any]:
@@ -311,11 +393,16 @@ class CircuitBreaker:
         return {
             "state": model.state,
             "consecutive_failures": model.failures,
+            # The rate the breaker judges, over the calls in its window (closed only).
+            "window_calls": len(model.window),
+            "window_failures": model.window_failures,
+            "failure_rate": round(model.failure_rate, 4),
             "opened_count": self.opened_count,
             "last_failure": self.last_failure,
             "retry_at": retry_at,
             "probes_in_flight": len(self._probes_out) if model.state == "half_open" else 0,
             "probes_succeeded": model.probes_succeeded if model.state == "half_open" else 0,
+            "probes_failed": model.probes_failed if model.state == "half_open" else 0,
             "recovered_count": self.recovered_count,
             "last_transition": None if last is None else last.as_dict(),
             "config": self.config.as_dict(),
@@ -329,7 +416,10 @@ class CircuitBreaker:
             return None
         self._epoch += 1
         self._probes_out = []
-        self._model.probes_succeeded = 0
+        self._model.probes_succeeded = self._model.probes_failed = 0
+        # A new period judges its own calls: the window restarts when the breaker opens
+        # (the failures are what opened it) and when it closes again (a fresh start).
+        self._model.clear_window()
         if target == "open":
             self._model.opened_at = self._clock.monotonic()
             self.opened_count += 1
@@ -468,6 +558,27 @@ class BreakerBoard:
                 for key, b in self._breakers.items()}
 
 
+def registry_configs(agents: Iterable[AgentSpec],
+                     default: BreakerConfig | None = None) -> dict[str, BreakerConfig]:
+    """`{agent id: BreakerConfig}` for the agents whose registry entry has a `breaker`
+    section: its fields over `default`'s (a bad combination raises ConfigurationError)."""
+    base = default or BreakerConfig()
+    configs = {}
+    for agent in agents:
+        if not agent.breaker:
+            continue
+        given = dict(agent.breaker)  # the registry's schema checked names, types and bounds
+        configs[agent.id] = dataclasses.replace(
+            base,
+            failure_rate_threshold=float(given.get("failure_rate_threshold",
+                                                   base.failure_rate_threshold)),
+            window_size=int(given.get("window_size", base.window_size)),
+            minimum_calls=int(given.get("minimum_calls", base.minimum_calls)),
+            reset_after_s=float(given.get("reset_after_s", base.reset_after_s)),
+            half_open_probes=int(given.get("half_open_probes", base.half_open_probes)))
+    return configs
+
+
 def breaker_keys(agents: Iterable[AgentSpec],
                  key_for: Callable[[AgentSpec], ModelKey]) -> dict[str, str]:
     """`{agent id: breaker key}`: agents served by one model instance get one key.
@@ -505,7 +616,8 @@ def register_breaker_metrics(meter: Meter, board: BreakerBoard) -> None:
     """Observable gauges of every breaker on `board`, labelled with `orion.breaker.key`.
 
     `orion.breaker.state` (closed 0, half_open 1, open 2), `orion.breaker.consecutive_failures`,
-    and `orion.breaker.opened` (times opened since the engine started).
+    `orion.breaker.failure_rate` (over its window) and `orion.breaker.opened` (times opened
+    since the engine started).
     """
 
     # Imported when metrics are wired, not with the module: OpenTelemetry's metrics API
@@ -518,6 +630,9 @@ def register_breaker_metrics(meter: Meter, board: BreakerBoard) -> None:
     def failures(_: CallbackOptions) -> Iterable[Observation]:
         return [Observation(b.consecutive_failures, {"orion.breaker.key": b.key}) for b in board]
 
+    def rates(_: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(b.failure_rate, {"orion.breaker.key": b.key}) for b in board]
+
     def opened(_: CallbackOptions) -> Iterable[Observation]:
         return [Observation(b.opened_count, {"orion.breaker.key": b.key}) for b in board]
 
@@ -527,6 +642,9 @@ def register_breaker_metrics(meter: Meter, board: BreakerBoard) -> None:
     meter.create_observable_gauge(
         "orion.breaker.consecutive_failures", callbacks=[failures], unit="{failure}",
         description="consecutive failures counted by the circuit breaker")
+    meter.create_observable_gauge(
+        "orion.breaker.failure_rate", callbacks=[rates], unit="1",
+        description="failed fraction of the model calls in the circuit breaker's window")
     meter.create_observable_counter(
         "orion.breaker.opened", callbacks=[opened], unit="{transition}",
         description="times the circuit breaker opened")

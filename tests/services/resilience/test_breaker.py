@@ -24,10 +24,15 @@ from orion_fsm.services.resilience._breaker import (
 
 
 def make(clock: ManualClock, **config: Any) -> tuple[CircuitBreaker, list[tuple[str, ...]]]:
+    """A breaker judging its last 3 calls (all 3 needed), with one probe unless told."""
+    config = {"window_size": 3, "minimum_calls": 3, "half_open_probes": 1, **config}
     seen: list[tuple[str, ...]] = []
     breaker = CircuitBreaker("code", BreakerConfig(**config), clock=clock,
                              on_transition=lambda *t: seen.append(t))
     return breaker, seen
+
+
+SMALL = BreakerConfig(window_size=3, minimum_calls=3)  # 3 failed calls of 3 open it
 
 
 def fail(breaker: CircuitBreaker, times: int, reason: str = "inference_failed") -> None:
@@ -57,7 +62,7 @@ def test_breaker_chart_refuses_a_document_with_other_states(tmp_path: Path) -> N
         breaker_chart(doc)
 
 
-def test_breaker_opens_after_three_consecutive_failures() -> None:
+def test_breaker_opens_when_the_failure_rate_of_its_window_reaches_the_threshold() -> None:
     breaker, seen = make(ManualClock())
     fail(breaker, 2)
     assert breaker.state == "closed"
@@ -68,15 +73,31 @@ def test_breaker_opens_after_three_consecutive_failures() -> None:
     assert breaker.allow() is None
 
 
-def test_a_success_resets_the_consecutive_failure_count() -> None:
-    breaker, _ = make(ManualClock())
-    fail(breaker, 2)
-    permit = breaker.allow()
-    assert permit is not None
-    permit.success()
-    fail(breaker, 2)
-    assert breaker.state == "closed"
-    assert breaker.consecutive_failures == 2
+def test_the_rate_is_judged_once_minimum_calls_were_made_over_the_last_window_size() -> None:
+    breaker, _ = make(ManualClock(), window_size=4, minimum_calls=4, failure_rate_threshold=0.75)
+    for failed in (True, False, True):  # 2 of 3 failed: too few calls to judge
+        permit = breaker.allow()
+        assert permit is not None
+        permit.failure("timeout") if failed else permit.success()
+    assert breaker.state == "closed" and breaker.consecutive_failures == 1
+    assert breaker.snapshot()["window_failures"] == 2
+    fail(breaker, 1)  # 3 of the last 4
+    assert breaker.state == "open"
+
+
+def test_a_flaky_model_stays_closed_and_a_broken_one_opens_with_the_defaults() -> None:
+    flaky = CircuitBreaker("code", BreakerConfig(), clock=ManualClock())
+    for call in range(300):  # every third call fails: 33 %, and two in a row never happen
+        permit = flaky.allow()
+        assert permit is not None
+        permit.failure("inference_failed") if call % 3 == 0 else permit.success()
+    assert flaky.state == "closed" and flaky.opened_count == 0
+    assert flaky.failure_rate == pytest.approx(13 / 40)  # calls 261, 264, ..., 297
+    broken = CircuitBreaker("code", BreakerConfig(), clock=ManualClock())
+    fail(broken, 19)
+    assert broken.state == "closed"  # 19 calls: fewer than minimum_calls
+    fail(broken, 1)
+    assert broken.state == "open" and broken.snapshot()["window_calls"] == 0
 
 
 def test_open_breaker_lets_half_open_probes_through_after_reset_after_s() -> None:
@@ -117,18 +138,41 @@ def test_the_breaker_closes_once_every_probe_succeeded_and_counts_the_recovery()
                                       ("half_open", "closed")]
 
 
-def test_one_failed_probe_reopens_even_after_a_successful_one() -> None:
+def test_probes_decide_by_their_failure_rate_as_soon_as_the_rest_cannot_change_it() -> None:
     clock = ManualClock()
-    breaker, _ = make(clock, half_open_probes=3)
+    breaker, seen = make(clock, half_open_probes=5)
     fail(breaker, 3)
     clock.advance(30)
-    probes = [breaker.allow() for _ in range(3)]
+    probes = [breaker.allow() for _ in range(5)]
     assert all(p is not None for p in probes) and breaker.allow() is None
-    assert probes[0] is not None and probes[1] is not None
-    probes[0].success()
-    probes[1].failure("malformed_output")
-    assert breaker.state == "open" and breaker.recovered_count == 0
+    for probe, ok in zip(probes, (True, False, False, True), strict=False):
+        assert probe is not None
+        probe.success() if ok else probe.failure("malformed_output")
+    assert breaker.state == "half_open"  # 2 of 4 failed: the last probe decides
+    assert breaker.snapshot()["probes_failed"] == 2
+    assert probes[4] is not None and probes[4].success() is not None
+    assert breaker.state == "closed" and breaker.recovered_count == 1  # 2 of 5 failed: 40 %
+    fail(breaker, 3)
+    clock.advance(30)
+    probes = [breaker.allow() for _ in range(5)]
+    for probe in probes[:3]:
+        assert probe is not None
+        probe.failure("timeout")
+    assert breaker.state == "open"  # 3 of 5 failed whatever the other two do
     assert breaker.retry_after() == pytest.approx(30.0)
+    assert [t[2] for t in seen] == ["open", "half_open", "closed", "open", "half_open", "open"]
+
+
+def test_two_probes_at_half_the_rate_need_both_to_succeed() -> None:
+    clock = ManualClock()
+    breaker, _ = make(clock, half_open_probes=2)
+    fail(breaker, 3)
+    clock.advance(30)
+    first, second = breaker.allow(), breaker.allow()
+    assert first is not None and second is not None
+    first.success()
+    second.failure("malformed_output")
+    assert breaker.state == "open" and breaker.recovered_count == 0
 
 
 def test_failed_trial_reopens_and_restarts_the_cool_down() -> None:
@@ -206,16 +250,18 @@ def test_reset_closes_an_open_breaker() -> None:
     assert breaker.allow() is not None
 
 
-def test_failure_threshold_and_cool_down_come_from_config() -> None:
+def test_window_and_cool_down_come_from_config() -> None:
     clock = ManualClock()
-    breaker, _ = make(clock, failure_threshold=1, reset_after_s=5)
+    breaker, _ = make(clock, window_size=1, minimum_calls=1, reset_after_s=5)
     fail(breaker, 1)
     assert breaker.state == "open"
     clock.advance(5)
     assert breaker.allow() is not None
 
 
-@pytest.mark.parametrize("config", [{"failure_threshold": 0}, {"failure_threshold": 2.5},
+@pytest.mark.parametrize("config", [{"failure_rate_threshold": 0},
+                                    {"failure_rate_threshold": 1.5}, {"window_size": 2.5},
+                                    {"minimum_calls": 0}, {"minimum_calls": 41},
                                     {"reset_after_s": -1}, {"trial_timeout_s": "soon"}])
 def test_invalid_breaker_config_is_refused_naming_the_field(config: dict[str, Any]) -> None:
     with pytest.raises(ConfigurationError, match=next(iter(config))):
@@ -223,13 +269,13 @@ def test_invalid_breaker_config_is_refused_naming_the_field(config: dict[str, An
 
 
 def test_board_makes_one_breaker_per_agent_with_its_own_config() -> None:
-    board = BreakerBoard(BreakerConfig(failure_threshold=5),
-                         per_agent={"code": BreakerConfig(failure_threshold=1)},
+    board = BreakerBoard(BreakerConfig(window_size=5, minimum_calls=5),
+                         per_agent={"code": BreakerConfig(window_size=1, minimum_calls=1)},
                          agents=["conversation"], clock=ManualClock())
     assert [b.key for b in board] == ["conversation"]
     assert board.breaker("code") is board.breaker("code")
-    assert board.breaker("code").config.failure_threshold == 1
-    assert board.breaker("logic").config.failure_threshold == 5
+    assert board.breaker("code").config.minimum_calls == 1
+    assert board.breaker("logic").config.minimum_calls == 5
     fail(board.breaker("code"), 1)
     assert board.breaker("code").state == "open"
     assert board.breaker("conversation").state == "closed"
@@ -239,7 +285,7 @@ def test_board_makes_one_breaker_per_agent_with_its_own_config() -> None:
 def test_board_reports_every_transition_to_each_subscriber() -> None:
     first: list[tuple[str, ...]] = []
     second: list[tuple[str, ...]] = []
-    board = BreakerBoard(BreakerConfig(failure_threshold=1), clock=ManualClock(),
+    board = BreakerBoard(BreakerConfig(window_size=1, minimum_calls=1), clock=ManualClock(),
                          on_transition=lambda *t: first.append(t))
     board.subscribe(lambda *t: second.append(t))
     fail(board.breaker("code"), 1, "load_failed")
@@ -248,7 +294,7 @@ def test_board_reports_every_transition_to_each_subscriber() -> None:
 
 def test_board_snapshot_is_json_with_state_failures_and_retry_time() -> None:
     clock = ManualClock(start=100.0, unix_start=1_700_000_000.0)
-    board = BreakerBoard(clock=clock, agents=["conversation", "code"])
+    board = BreakerBoard(SMALL, clock=clock, agents=["conversation", "code"])
     fail(board.breaker("code"), 3, "timeout")
     clock.advance(10)
     snapshot = json.loads(json.dumps(board.snapshot()))
@@ -256,12 +302,14 @@ def test_board_snapshot_is_json_with_state_failures_and_retry_time() -> None:
     code = snapshot["code"]
     assert code["state"] == "open"
     assert code["consecutive_failures"] == 3
+    assert (code["window_calls"], code["failure_rate"]) == (0, 0.0)  # restarts on opening
     assert code["opened_count"] == 1
     assert code["last_failure"] == "timeout"
     assert code["retry_at"] == pytest.approx(1_700_000_030.0)
     assert code["last_transition"]["target"] == "open"
-    assert code["config"] == {"failure_threshold": 3, "reset_after_s": 30.0,
-                              "trial_timeout_s": 60.0, "half_open_probes": 2,
+    assert code["config"] == {"failure_rate_threshold": 0.5, "window_size": 3,
+                              "minimum_calls": 3, "reset_after_s": 30.0,
+                              "trial_timeout_s": 60.0, "half_open_probes": 5,
                               "timeout_blame_s": 0.25}
     assert code["agents"] == ["code"]  # no model assigned: the agent is its own key
 
@@ -269,7 +317,7 @@ def test_board_snapshot_is_json_with_state_failures_and_retry_time() -> None:
 def test_metrics_report_state_and_consecutive_failures_per_agent() -> None:
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
-    board = BreakerBoard(clock=ManualClock(), agents=["conversation", "code"])
+    board = BreakerBoard(SMALL, clock=ManualClock(), agents=["conversation", "code"])
     register_breaker_metrics(provider.get_meter("test"), board)
     fail(board.breaker("code"), 3)
     fail(board.breaker("conversation"), 1)
@@ -283,6 +331,7 @@ def test_metrics_report_state_and_consecutive_failures_per_agent() -> None:
     assert points[("orion.breaker.state", "conversation")] == 0
     assert points[("orion.breaker.consecutive_failures", "code")] == 3
     assert points[("orion.breaker.consecutive_failures", "conversation")] == 1
+    assert points[("orion.breaker.failure_rate", "conversation")] == 1.0
     assert points[("orion.breaker.opened", "code")] == 1
     provider.shutdown()
 
@@ -316,13 +365,14 @@ def test_cli_shows_configured_defaults_without_recorded_breakers(
     assert shown["source"]["request_id"] is None
     assert set(shown["breakers"]) == {"conversation", "code", "broken", "short", "long"}
     assert {s["state"] for s in shown["breakers"].values()} == {"closed"}
-    assert shown["breakers"]["code"]["config"]["failure_threshold"] == 3
+    assert shown["breakers"]["code"]["config"]["failure_rate_threshold"] == 0.5
+    assert shown["breakers"]["code"]["config"]["minimum_calls"] == 20
 
 
 def test_cli_shows_the_latest_recorded_breaker_states(
         registry_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     clock = ManualClock()
-    board = BreakerBoard(clock=clock, agents=["conversation", "code"])
+    board = BreakerBoard(SMALL, clock=clock, agents=["conversation", "code"])
     older = board.snapshot()
     fail(board.breaker("code"), 3, "inference_failed")
     trace = tmp_path / "trace.jsonl"
@@ -337,7 +387,7 @@ def test_cli_shows_the_latest_recorded_breaker_states(
     out = capsys.readouterr().out
     assert "request new" in out
     row = next(line for line in out.splitlines() if line.strip().startswith("code "))
-    assert row.split()[:5] == ["code", "open", "3", "1", "0"]
+    assert row.split()[:5] == ["code", "open", "0/0", "1", "0"]
     assert row.split()[-2:] == ["inference_failed", "code"]
     assert "conversation" in out and "long" in out
 
@@ -364,12 +414,12 @@ def test_cli_reports_no_trace_file_as_defaults(
     missing = tmp_path / "nothing.jsonl"
     assert run_cli(["--registry", str(registry_file), "breakers", "--trace-file",
                     str(missing)]) == 0
-    assert "configured defaults: open after 3 consecutive failures, 2 probe request(s)" in (
-        capsys.readouterr().out)
+    assert ("configured defaults: open when 50% of the last 40 calls failed (at least 20 "
+            "judged), 5 probe request(s) after 30 s") in capsys.readouterr().out
 
 
 def test_an_attempt_left_without_a_verdict_counts_for_nothing() -> None:
-    board = BreakerBoard(BreakerConfig(failure_threshold=1), clock=ManualClock())
+    board = BreakerBoard(BreakerConfig(window_size=1, minimum_calls=1), clock=ManualClock())
     with board.attempt("code") as permit:
         assert permit is not None  # e.g. a prompt too long for the agent: no verdict
     assert board.breaker("code").state == "closed"
@@ -382,7 +432,7 @@ def test_an_attempt_maps_how_it_ended_to_a_verdict() -> None:
     from orion_fsm._exceptions import RequestTimeout
 
     clock = ManualClock()
-    board = BreakerBoard(BreakerConfig(failure_threshold=3), clock=clock)
+    board = BreakerBoard(BreakerConfig(window_size=3, minimum_calls=3), clock=clock)
     with pytest.raises(RequestTimeout), board.attempt("code") as permit:
         assert permit is not None
         permit.engage()  # the model call was running
@@ -415,7 +465,7 @@ def test_an_attempt_maps_how_it_ended_to_a_verdict() -> None:
 
 
 def test_an_attempt_on_an_open_breaker_gets_no_permit() -> None:
-    board = BreakerBoard(BreakerConfig(failure_threshold=1), clock=ManualClock())
+    board = BreakerBoard(BreakerConfig(window_size=1, minimum_calls=1), clock=ManualClock())
     with board.attempt("code") as permit:
         assert permit is not None
         change = permit.failure("inference_failed")
@@ -425,7 +475,7 @@ def test_an_attempt_on_an_open_breaker_gets_no_permit() -> None:
 
 
 def test_agents_assigned_one_model_share_its_breaker() -> None:
-    board = BreakerBoard(BreakerConfig(failure_threshold=2), clock=ManualClock(),
+    board = BreakerBoard(BreakerConfig(window_size=2, minimum_calls=2), clock=ManualClock(),
                          agents=["conversation", "code", "logic"])
     board.assign({"conversation": "smol:q8@2048", "code": "smol:q8@2048",
                   "logic": "other:q4@2048"})
