@@ -132,22 +132,34 @@ async def serving_virtual(services: Services,
                             for m in spec.members]
     send, receive = anyio.create_memory_object_stream[Region](math.inf)
     streamed = False
-    async with anyio.create_task_group() as group, receive:
+    ended = [anyio.Event() for _ in runs]
+    # The members run in the Engine's task group, not in one opened here: a generator must
+    # not yield inside a task group (the caller's cancel scopes around each step would then
+    # interleave with it). They live no longer than this phase: leaving it early (caller
+    # gone, deadline, shutdown) cancels them and waits until each has released its slot.
+    for run, done in zip(runs, ended, strict=True):
+        services.background(_serve_member, services, state, run, send.clone(), done)
+    send.close()
+    try:
+        async with receive:
+            async for region in receive:
+                yield region
+                if (state.streaming and not streamed and region.event == "solution_done"
+                        and spec.strategy == "sections"):
+                    # The first part of the answer is final: the caller need not wait.
+                    run = runs[0]
+                    if run.weight >= spec.min_weight and run.text():
+                        streamed = True
+                        state.text_parts.append(run.text())
+                        state.emitted_chars += len(run.text())
+                        state.first_token_at = (now() - state.started) * 1e3
+                        yield run.text()
+    finally:
         for run in runs:
-            group.start_soon(_serve_member, services, state, run, send.clone())
-        send.close()
-        async for region in receive:
-            yield region
-            if (state.streaming and not streamed and region.event == "solution_done"
-                    and spec.strategy == "sections"):
-                # The first part of the answer is final: the caller need not wait for more.
-                run = runs[0]
-                if run.weight >= spec.min_weight and run.text():
-                    streamed = True
-                    state.text_parts.append(run.text())
-                    state.emitted_chars += len(run.text())
-                    state.first_token_at = (now() - state.started) * 1e3
-                    yield run.text()
+            run.scope.cancel()
+        with anyio.CancelScope(shield=True):
+            for done in ended:
+                await done.wait()
     if (raised := next((r.raised for r in runs if r.raised is not None), None)) is not None:
         raise raised
     served = [r.member.agent for r in runs if r.outcome == "done"]
@@ -174,8 +186,18 @@ def _member_run(services: Services, state: RequestState, member: VirtualMember,
 
 
 async def _serve_member(services: Services, parent: RequestState, run: MemberRun,
+                        events: MemoryObjectSendStream[Region], ended: anyio.Event) -> None:
+    """One region: load, generate, on failure the member's own fallback; its events out;
+    `ended` set however it ends."""
+    try:
+        await _serve_region(services, parent, run, events)
+    finally:
+        ended.set()
+
+
+async def _serve_region(services: Services, parent: RequestState, run: MemberRun,
                         events: MemoryObjectSendStream[Region]) -> None:
-    """One region: load, generate, on failure the member's own fallback; its events out."""
+    """Load, generate, on failure the member's own fallback; its region's events out."""
     child, role, clock = run.state, run.role, services.clock
     run.start_ms = (clock.monotonic() - parent.started) * 1e3
 
@@ -187,8 +209,8 @@ async def _serve_member(services: Services, parent: RequestState, run: MemberRun
         try:
             await _attempts(services, run, region)
         except Exception as exc:
-            # Not through the task group: its cancel scope spans the phase's yields. The
-            # request ends with it: the other member need not go on.
+            # Not raised in the Engine's task group (it would end the Engine): the request
+            # ends with it, so the other member need not go on.
             run.raised, run.outcome = exc, "failed"
             for other in parent.members:
                 other.scope.cancel()
