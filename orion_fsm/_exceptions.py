@@ -31,6 +31,7 @@ __all__ = [
     "ContextError",
     "EmbeddingError",
     "EmbeddingUnavailable",
+    "EvaluationError",
     "GenerationStalled",
     "GrammarError",
     "InferenceError",
@@ -151,6 +152,10 @@ class CacheError(OrionError):
 
 class ContextError(OrionError):
     """A context store refused a document, or was asked about one it does not hold."""
+
+
+class EvaluationError(OrionError):
+    """An answer set (eval/answers.jsonl format) or an evaluation's arguments are malformed."""
 
 
 class Overloaded(OrionError):
