@@ -16,6 +16,7 @@ from . import (
     _cache,
     _context,
     _diagram,
+    _eval,
     _mem,
     _models,
     _repl,
@@ -27,7 +28,7 @@ from . import (
 )
 
 _COMMANDS = (_run, _serve, _models, _route, _cache, _context, _mem, _breakers, _diagram, _trace,
-             _replay, _repl)
+             _replay, _repl, _eval)
 
 
 def _parser() -> argparse.ArgumentParser:
