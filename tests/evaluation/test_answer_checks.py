@@ -113,3 +113,47 @@ ADD = AnswerCheck(python="assert f(2, 3) == 5\nassert f(-1, 1) == 0", function="
 ])
 async def test_python_checks_run_the_answer_in_a_subprocess(text: str, expected: bool) -> None:
     assert await passes(ADD, text) is expected
+
+
+# A correct answer for each Python question of the shipped set: its test must pass it, and
+# must fail an answer that defines a function returning None.
+REFERENCES = {
+    "add": "def add(a, b):\n    return a + b",
+    "is_even": "def is_even(n):\n    return n % 2 == 0",
+    "reverse_string": "def reverse_string(s):\n    return s[::-1]",
+    "square": "def square(x):\n    return x * x",
+    "maximum": "def maximum(numbers):\n    return max(numbers)",
+    "factorial": "import math\ndef factorial(n):\n    return math.factorial(n)",
+    "count_vowels": "def count_vowels(s):\n    return sum(c in 'aeiou' for c in s.lower())",
+    "is_palindrome": "def is_palindrome(s):\n    return s == s[::-1]",
+    "celsius_to_fahrenheit": "def celsius_to_fahrenheit(c):\n    return c * 9 / 5 + 32",
+    "sum_list": "def sum_list(numbers):\n    return sum(numbers)",
+    "fibonacci": "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n"
+                 "        a, b = b, a + b\n    return a",
+    "remove_duplicates": "def remove_duplicates(items):\n    return list(dict.fromkeys(items))",
+    "first_element": "def first_element(items):\n    return items[0]",
+    "is_positive": "def is_positive(n):\n    return n > 0",
+    "average": "def average(numbers):\n    return sum(numbers) / len(numbers)",
+    "to_upper": "def to_upper(s):\n    return s.upper()",
+    "multiplier": "def multiplier(a, b):\n    return a * b",
+    "longueur": "def longueur(liste):\n    return len(liste)",
+    "minimum": "def minimum(nombres):\n    return min(nombres)",
+}
+
+
+async def test_shipped_python_tests_pass_a_correct_answer_and_fail_a_wrong_one() -> None:
+    coded = [q for q in load_answer_set(SHIPPED) if q.check.python is not None]
+    assert {q.check.function for q in coded} == set(REFERENCES)
+    for q in coded:
+        assert q.check.function is not None
+        reference = f"```python\n{REFERENCES[q.check.function]}\n```"
+        assert await passes(q.check, reference), q.id
+        wrong = f"```python\ndef {q.check.function}(*args):\n    return None\n```"
+        assert not await passes(q.check, wrong), q.id
+
+
+async def test_restating_a_shipped_question_or_saying_nothing_never_passes() -> None:
+    for q in load_answer_set(SHIPPED):
+        if q.check.python is None:
+            assert not await passes(q.check, q.question), q.id
+            assert not await passes(q.check, ""), q.id
