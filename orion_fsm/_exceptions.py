@@ -15,6 +15,7 @@
     │   └── EmbeddingUnavailable     it cannot be loaded at all
     ├── CacheError              a cache was asked for what it does not have
     ├── ContextError            a context store refused an input or does not have a document
+    ├── EvaluationError         an answer set or an evaluation's arguments are malformed
     ├── Overloaded              the admission queue is full           } the engine's own
     ├── RequestTimeout          a request ran past its deadline       } signals: a caller
     └── RequestFailed           a request ended in the `error` state    gets RequestFailed

@@ -172,8 +172,10 @@ def _check(raw: object, where: str) -> AnswerCheck:
                          or not all(check.any)):
         raise EvaluationError(f"{where}: \"any\" must be a non-empty list of non-empty texts")
     if check.regex is not None:
+        if not isinstance(check.regex, str):
+            raise EvaluationError(f"{where}: \"regex\" must be a text (a Python regex)")
         try:
-            re.compile(str(check.regex))
+            re.compile(check.regex)
         except re.error as exc:
             raise EvaluationError(f"{where}: \"regex\" is not a valid regex: {exc}") from None
     if check.python is not None and not (isinstance(check.python, str)

@@ -46,6 +46,7 @@ def test_the_shipped_set_loads_with_every_category_and_agent() -> None:
     ([line(check={"any": ["Paris"], "regex": "Paris"})], "exactly one of any, regex"),
     ([line(check={"contains": "Paris"})], "exactly one of any, regex"),
     ([line(check={"regex": "(unclosed"})], "not a valid regex"),
+    ([line(check={"regex": 5})], "\"regex\" must be a text"),
     ([line(check={"any": []})], "non-empty list"),
     ([line(check={"any": "Paris"})], "non-empty list"),
     ([line(check={"number": "four"})], "malformed \"check\""),
