@@ -38,7 +38,7 @@ def add_parser(sub: Any) -> None:
     versus = msub.add_parser(
         "compare", help="score agents A and B on a labelled answer set: is B better?",
         description="Both agents answer every question of the --eval FILE (eval/answers.jsonl "
-                    "format); prints both accuracies, B minus A with its 95 %% interval "
+                    "format); prints both accuracies, B minus A with its 95 % interval "
                     "(Newcombe) and the verdict: B better, B worse or no significant difference.")
     versus.add_argument("a", metavar="A", help="agent id (in --registry)")
     versus.add_argument("b", metavar="B", help="agent id (in --b-registry if given)")
