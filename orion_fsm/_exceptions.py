@@ -16,6 +16,7 @@
     │   └── EmbeddingUnavailable     it cannot be loaded at all
     ├── CacheError              a cache was asked for what it does not have
     ├── ContextError            a context store refused an input or does not have a document
+    ├── EvaluationError         an answer set or an evaluation's arguments are malformed
     ├── FeedbackError           a rating names no recent request, or is out of range
     ├── TuningError             fine-tuning refused its data, agent or output
     ├── Overloaded              the admission queue is full           } the engine's own
@@ -34,6 +35,7 @@ __all__ = [
     "ContextError",
     "EmbeddingError",
     "EmbeddingUnavailable",
+    "EvaluationError",
     "FeedbackError",
     "GenerationStalled",
     "GrammarError",
@@ -178,6 +180,10 @@ class FeedbackError(OrionError):
 class TuningError(OrionError):
     """`models tune` refused its input (unknown agent, empty or malformed data, too few
     examples, a model it cannot read) or could not write its output."""
+
+
+class EvaluationError(OrionError):
+    """An answer set (eval/answers.jsonl format) or an evaluation's arguments are malformed."""
 
 
 class Overloaded(OrionError):

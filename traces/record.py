@@ -46,7 +46,9 @@ async def cache_hit() -> None:
 
 
 async def fallback() -> None:
+    # retries=False: the failed agent is not retried (retry_same), its fallback answers.
     async with Engine(trace_path=fresh("fallback"), caches=False, embeddings=False,
+                      retries=False,
                       load_model=faulty_loader(0.5, ("raise",), seed=FAULT_SEED)) as engine:
         # Routed to `code`, whose first generation fails; the same agent, retried once
         # (`fallback --retry_same--> loading_agent`), answers.

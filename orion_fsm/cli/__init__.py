@@ -16,6 +16,7 @@ from . import (
     _cache,
     _context,
     _diagram,
+    _eval,
     _feedback,
     _mem,
     _models,
@@ -28,7 +29,7 @@ from . import (
 )
 
 _COMMANDS = (_run, _serve, _models, _route, _cache, _context, _mem, _breakers, _diagram, _trace,
-             _replay, _repl, _feedback)
+             _replay, _repl, _feedback, _eval)
 
 
 def _parser() -> argparse.ArgumentParser:

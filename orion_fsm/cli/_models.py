@@ -1,6 +1,6 @@
-"""`orion-fsm models list|show|validate|convert|quantize|merge|shard|tune`: the model registry,
-model files made from its models (`_modelops`), and fine-tuning an agent on feedback into a
-variant agent."""
+"""`orion-fsm models list|show|validate|convert|compare|quantize|merge|shard|tune`: the
+model registry, two agents scored side by side on a labelled answer set, model files made
+from its models (`_modelops`), and fine-tuning an agent on feedback into a variant agent."""
 
 from __future__ import annotations
 
@@ -10,13 +10,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from orion_fsm import (
     AgentSpec,
+    Comparison,
+    EvaluationError,
     ModelCache,
     ModelLoadError,
     Registry,
     TuneConfig,
     VirtualSpec,
+    compare,
     resolve_cache_dir,
     tune_agent,
     user_registry_path,
@@ -24,6 +29,7 @@ from orion_fsm import (
 
 from . import _modelops
 from ._common import Progress
+from ._eval import add_sampling_options, questions_for, run_evaluation, score_lines
 
 
 def add_parser(sub: Any) -> None:
@@ -38,6 +44,21 @@ def add_parser(sub: Any) -> None:
     convert.add_argument("--agent", help="only this agent's model")
     _modelops.add_parsers(msub)
     _add_tune(msub)
+    versus = msub.add_parser(
+        "compare", help="score agents A and B on a labelled answer set: is B better?",
+        description="Both agents answer every question of the --eval FILE (eval/answers.jsonl "
+                    "format); prints both accuracies, B minus A with its 95 % interval "
+                    "(Newcombe) and the verdict: B better, B worse or no significant difference.")
+    versus.add_argument("a", metavar="A", help="agent id (in --registry)")
+    versus.add_argument("b", metavar="B", help="agent id (in --b-registry if given)")
+    versus.add_argument("--eval", required=True, metavar="FILE", dest="eval_file",
+                        help="the labelled answer set, e.g. eval/answers.jsonl")
+    versus.add_argument("--b-registry", metavar="FILE",
+                        help="registry that holds B, e.g. a tuned variant's (default: A's)")
+    versus.add_argument("--temperature", type=float,
+                        help="for both (default: each agent's registry default)")
+    add_sampling_options(versus)
+    versus.add_argument("--json", action="store_true", help="print one JSON object")
     models.set_defaults(handler=_models)
 
 
@@ -140,6 +161,9 @@ def _models(args: argparse.Namespace) -> int:
         return _modelops.run(args)
     if args.models_command == "tune":
         return _tune(args)
+    if args.models_command == "compare":
+        code: int = anyio.run(_compare, args)
+        return code
     registry = Registry.load(args.registry)
     if args.models_command == "validate":
         problems = _missing_models(registry)
@@ -203,3 +227,42 @@ def _models(args: argparse.Namespace) -> int:
         print(f"{spec.id}: {converted.model_path} (source sha256 {converted.source_sha256[:16]})")
     progress.close()
     return 0
+
+
+async def _compare(args: argparse.Namespace) -> int:
+    registry_b = args.b_registry or args.registry
+    if args.a == args.b and registry_b == args.registry:
+        raise EvaluationError(f"A and B are the same agent {args.a!r}: name another agent, or "
+                              f"give B's registry with --b-registry")
+    for agent, registry in ((args.a, args.registry), (args.b, registry_b)):
+        Registry.load(registry).get(agent)  # an unknown agent fails before any model loads
+    questions = questions_for(args, args.eval_file)
+    temperatures = [args.temperature]
+    if registry_b == args.registry:
+        report = await run_evaluation(args, args.registry, questions, [args.a, args.b],
+                                      temperatures)
+        a, b = report.score(args.a), report.score(args.b)
+    else:
+        a = (await run_evaluation(args, args.registry, questions, [args.a],
+                                  temperatures)).score(args.a)
+        b = (await run_evaluation(args, registry_b, questions, [args.b],
+                                  temperatures)).score(args.b)
+    result = compare(a, b)
+    if args.json:
+        print(json.dumps({"file": args.eval_file, "registry_a": args.registry,
+                          "registry_b": registry_b, **result.as_dict()}, indent=2))
+    else:
+        print(comparison_text(result, args.registry, registry_b))
+    return 0
+
+
+def comparison_text(result: Comparison, registry_a: str | None, registry_b: str | None) -> str:
+    """Both scores, B minus A with its interval, and the verdict, as `models compare` prints."""
+    shown = {"better": "B better", "worse": "B worse",
+             "no significant difference": "no significant difference"}
+    lines = [*score_lines(result.a, f"A {result.a.agent} ({registry_a or 'default registry'})"),
+             *score_lines(result.b, f"B {result.b.agent} ({registry_b or 'default registry'})"),
+             f"B - A: {result.difference * 100:+.1f} points, 95 % interval "
+             f"[{result.low * 100:+.1f}, {result.high * 100:+.1f}] (Newcombe)",
+             f"verdict: {shown[result.verdict]}"]
+    return "\n".join(lines)

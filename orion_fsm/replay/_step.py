@@ -128,7 +128,10 @@ def _explain(record: Mapping[str, Any], state: str, attrs: Mapping[str, Any],
                            f"{_text(str(result.get('text') or ''))}")
     elif state == "loading_agent":
         agent = str(attrs.get("orion.agent"))
-        breaker: Mapping[str, Any] = (record.get("breakers") or {}).get(agent) or {}
+        # Keyed by model instance since trace v3 (each lists its agents), by agent before.
+        breakers: Mapping[str, Any] = record.get("breakers") or {}
+        breaker: Mapping[str, Any] = breakers.get(agent) or next(
+            (b for b in breakers.values() if agent in (b.get("agents") or ())), {})
         received.append(f"agent {agent}, attempt {attrs.get('orion.attempt', 0)}, breaker "
                         f"{breaker.get('state', '?')} ({breaker.get('consecutive_failures', 0)} "
                         "consecutive failures at the start)")

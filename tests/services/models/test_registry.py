@@ -61,9 +61,12 @@ def test_default_agents_run_smollm2_with_chatml_and_bilingual_routing() -> None:
         assert agent.context_length == 2048
         assert len(agent.routing.examples) >= 8
         assert 200 <= agent.ram_estimate_mb <= 260  # the loader estimates ~229 MB at 2048 ctx
+    # Chosen on eval/answers.jsonl (README "Answer quality"): at 0.7 the conversation agent
+    # answered significantly worse than at 0.2; 0 to 0.4 were indistinguishable.
     conversation = registry.get("conversation")
+    assert all(a.generation.temperature <= 0.4 for a in registry.agents.values())
     for focused in ("code", "logic"):
-        assert registry.get(focused).generation.temperature < conversation.generation.temperature
+        assert registry.get(focused).generation.temperature <= conversation.generation.temperature
     assert len({a.system_prompt for a in registry.agents.values()}) == 3
 
 
