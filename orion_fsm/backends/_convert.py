@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from orion_fsm._exceptions import ModelLoadError, OrionError
-from orion_fsm._files import make_private_dirs
+from orion_fsm._files import make_private_dirs, write_atomically
 
 from ._tokenizer import UNICODE_TO_BYTE, Tokenizer
 
@@ -554,14 +554,7 @@ def _cached_sha256(source: Path, cache_dir: Path, progress: ProgressCallback | N
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda tmp: tmp.write_bytes(data))
 
 
 def _convert(source: Path, out: ConvertedModel, progress: ProgressCallback | None) -> None:

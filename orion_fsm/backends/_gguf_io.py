@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import shutil
 import struct
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from orion_fsm._exceptions import ModelFileError, ModelLoadError
-from orion_fsm._files import make_private_dirs
+from orion_fsm._files import make_private_dirs, write_atomically
 
 from ._convert import TOKENIZER_FILENAME, _field_value, read_gguf_header
 
@@ -310,32 +308,8 @@ def _stored(t: PlannedTensor, data: npt.NDArray[Any]) -> npt.NDArray[Any]:
 
 
 def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """Run `write(tmp)` on a private temporary file beside `path`, fsync it, rename it over
-    `path`: readers see the old file or the complete new one, never a part."""
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
+    """`write_atomically`, its failure a one-line ModelFileError."""
     try:
-        os.chmod(tmp, 0o600)
-        write(tmp)
-        os.chmod(tmp, 0o600)
-        with tmp.open("rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        write_atomically(path, write)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise ModelFileError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _fsync_dir(directory: Path) -> None:
-    # The rename is durable only once the folder's entry is on disk too.
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -581,8 +581,9 @@ class LlamaStream:
         with job.done:
             while not job.events and job.outcome is None:
                 job.done.wait()
-            # The loop may run ahead of the caller: once it asks to stop, nothing more.
-            stopped = job.outcome is None and job.should_stop()
+            # The loop may run ahead of the caller (even to its end): once the caller asks to
+            # stop, nothing more, and the outcome holds only what it was given.
+            stopped = job.should_stop()
             if job.events and not stopped:
                 event = job.events.popleft()
                 self._token_ids.extend(event.token_ids)

@@ -6,14 +6,13 @@ detokenization that never splits a UTF-8 character.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from orion_fsm._exceptions import ModelLoadError
+from orion_fsm._files import write_atomically
 
 if TYPE_CHECKING:
     # Imported where a tokenizer is built: `tokenizers` costs ~5 ms of `import orion_fsm`.
@@ -185,14 +184,7 @@ class Tokenizer:
 
     def save(self, path: Path) -> None:
         """Write tokenizer.json atomically (temp file + rename: readers never see half a file)."""
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            self._backend.save(tmp, pretty=False)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomically(path, lambda tmp: self._backend.save(str(tmp), pretty=False))
 
     def to_json(self) -> str:
         """The tokenizer.json text (what llguidance builds its token masks from)."""

@@ -4,7 +4,6 @@ the base registry the first time; the packaged models.json is never edited)."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from orion_fsm._exceptions import RegistryError, TuningError
-from orion_fsm._files import make_private_dirs
+from orion_fsm._files import make_private_dirs, write_atomically
 from orion_fsm.backends._convert import MODEL_FILENAME, TOKENIZER_FILENAME, file_sha256
 from orion_fsm.services.models._registry import Registry
 
@@ -107,17 +106,9 @@ def _base_document(base: Registry) -> dict[str, Any]:
 
 
 def _write_json(path: Path, doc: Any) -> None:
+    text = json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
     try:
         make_private_dirs(path.parent)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     except OSError as exc:
         raise TuningError(f"cannot write {path}: {exc}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            Path(tmp).unlink()
-        raise
