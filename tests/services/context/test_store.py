@@ -212,3 +212,36 @@ def test_sigkill_during_add_leaves_every_document_whole(tmp_path: Path) -> None:
             assert hits and hits[0].document == "doc0"
 
     anyio.run(reopen)
+
+
+@pytest.mark.anyio
+async def test_a_document_is_stored_once_and_chunks_are_spans_of_it(tmp_path: Path) -> None:
+    paragraphs = [f"Paragraph {i}: " + " ".join(f"w{i}x{j}" for j in range(20))
+                  for i in range(12)]
+    text = "Title\n=====\n\n" + "\n\n".join(paragraphs) + "\n"
+    async with await open_store(tmp_path / "s") as store:
+        added = await store.add(text, name="long.rst")
+        assert added.chunks > 3  # overlapping chunks of one section
+        hits = await store.chunks(list(range(1, added.chunks + 1)))
+        assert all(hit.text in text for hit in hits)
+        assert all(p in "".join(hit.text for hit in hits) for p in paragraphs)
+    db = sqlite3.connect(tmp_path / "s" / "store.sqlite3")
+    (packed,) = db.execute("SELECT text FROM documents").fetchone()
+    columns = {row[1] for row in db.execute("PRAGMA table_info(chunks)")}
+    db.close()
+    assert len(packed) < len(text.encode())  # compressed as a whole
+    assert not columns & {"text", "body"}  # chunks hold offsets, not text
+
+
+def test_int8_vectors_keep_the_direction_of_float_ones() -> None:
+    import numpy as np
+
+    from orion_fsm.services.context._store import _pack_int8, _unpack_int8
+
+    rng = np.random.default_rng(7)
+    vectors = rng.normal(size=(50, 384)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    packed = [_pack_int8(v) for v in vectors]
+    assert {len(p) for p in packed} == {384 + 4}  # a quarter of float32, half of float16
+    back = _unpack_int8(packed)
+    assert np.all(np.sum(back * vectors, axis=1) > 0.999)
