@@ -174,3 +174,15 @@ def test_context_command_answers_from_a_store_with_citations(slow_registry: Path
     assert "[1] lh: docs/fuel.md #0" in answer
     assert "no longer retrieve" in repl.run("/context off")
     assert repl.quit() == 0
+
+
+def test_memory_command_starts_a_conversation_with_session_memory(slow_registry: Path,
+                                                                   tmp_path: Path) -> None:
+    repl = Repl(slow_registry, tmp_path, max_tokens=2)
+    assert "no session memory" in repl.run("/memory")
+    assert "memory policy" in repl.run("/memory forgetful")
+    assert "summarised (aggressive)" in repl.run("/memory aggressive")
+    assert "── success" in repl.run("hello there")
+    assert "session memory: aggressive, 0 turns summarised" in repl.run("/memory")
+    assert "without session memory" in repl.run("/memory off")
+    assert repl.quit() == 0
