@@ -69,6 +69,11 @@ def _rss() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
+def _cpu_s() -> float:
+    times = psutil.Process().cpu_times()
+    return float(times.user + times.system)
+
+
 async def _measure(folder: Path, quick: bool) -> dict[str, Any]:
     corpus = library_sources()
     raw_bytes = sum(f.stat().st_size for f in corpus.glob("*.rst.txt"))
@@ -99,10 +104,16 @@ async def _measure(folder: Path, quick: bool) -> dict[str, Any]:
         out["lexical_search_p50_ms"] = percentile(lexical_ms, 0.5)
         out["lexical_search_p99_ms"] = percentile(lexical_ms, 0.99)
         started = time.perf_counter()
+        cpu_before = _cpu_s()
+        embedded_before = (await store.stats()).embedded
         with anyio.move_on_after(_EMBED_CAP_S[quick]):
             await store.wait_embedded()
         embed_s = time.perf_counter() - started
         stats = await store.stats()
+        # CPU seconds of this process per vector: what the wall time would be on cores of
+        # its own (one thread), whatever the load of the shared machine.
+        out["embed_cpu_s_per_chunk"] = (_cpu_s() - cpu_before) / max(
+            1, stats.embedded - embedded_before)
         out.update(embedded=stats.embedded, embed_s=embed_s,
                    embed_chunks_per_s=stats.embedded / embed_s if embed_s else 0.0,
                    embeddings_state=stats.embeddings)
@@ -142,6 +153,12 @@ async def _measure(folder: Path, quick: bool) -> dict[str, Any]:
     with contextlib.suppress(sqlite3.OperationalError):  # an SQLite built without dbstat
         out["disk_by_table_mb"] = {name: round(size / 1e6, 3) for name, size in db.execute(
             "SELECT name, sum(pgsize) FROM dbstat GROUP BY name ORDER BY 2 DESC")}
+        if out["embedded"] < out["chunks"]:
+            # Embedding stopped at the cap: the vectors still missing, at the size of those
+            # stored, make the disk figure of a complete store.
+            vectors = out["disk_by_table_mb"].get("vectors", 0.0) * 1e6
+            out["disk_bytes_complete"] = out["disk_bytes"] + int(
+                vectors / max(1, out["embedded"]) * (out["chunks"] - out["embedded"]))
     db.close()
     started = time.perf_counter()
     reopened = await ContextStore.open(folder / "pydocs", tokenizer=_Words(), tokenizer_id="-")
@@ -198,7 +215,7 @@ def bench_context(quick: bool = False) -> dict[str, Any]:
         folder = Path(tmp)
         out = anyio.run(_measure, folder, quick)
         out["sigkill"] = _sigkill_during_add(folder)
-    disk_ratio = out["disk_bytes"] / out["raw_bytes"]
+    disk_ratio = out.get("disk_bytes_complete", out["disk_bytes"]) / out["raw_bytes"]
     out["disk_over_raw"] = disk_ratio
     out["checks"] = [
         check("lexical index searchable after adding library/ (s)", out["lexical_ready_s"],
@@ -212,7 +229,8 @@ def bench_context(quick: bool = False) -> dict[str, Any]:
               out["fused_search_p99_ms"] <= 150),
         check("RSS growth incl. MiniLM (MB)", out["rss_growth_mb"], "<= 1024",
               out["rss_growth_mb"] <= 1024),
-        check("store on disk / raw text", disk_ratio, "<= 1.0", disk_ratio <= 1.0),
+        check("store on disk / raw text" + (" (vectors missing counted)" if
+              "disk_bytes_complete" in out else ""), disk_ratio, "<= 1.0", disk_ratio <= 1.0),
         check("reopen + first search (s)", out["reopen_s"], "<= 1", out["reopen_s"] <= 1),
         check("recall@5 BM25 only", out["recall_at_5_lexical"], "report", True),
         check("recall@5 embeddings only", out["recall_at_5_semantic"], "report", True),
