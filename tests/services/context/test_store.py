@@ -245,3 +245,19 @@ def test_int8_vectors_keep_the_direction_of_float_ones() -> None:
     assert {len(p) for p in packed} == {384 + 4}  # a quarter of float32, half of float16
     back = _unpack_int8(packed)
     assert np.all(np.sum(back * vectors, axis=1) > 0.999)
+
+
+@pytest.mark.anyio
+async def test_a_store_of_an_older_schema_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    (tmp_path / "old").mkdir()
+    db = sqlite3.connect(tmp_path / "old" / "store.sqlite3")
+    db.execute("CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    db.execute("INSERT INTO meta VALUES ('schema', '1')")
+    db.commit()
+    db.close()
+    with pytest.raises(ContextError, match=r"has schema 1.*add the documents again"):
+        await open_store(tmp_path / "old")
+    db = sqlite3.connect(tmp_path / "old" / "store.sqlite3")
+    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+    db.close()
+    assert "vectors" not in tables
