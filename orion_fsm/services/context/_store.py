@@ -798,24 +798,35 @@ class ContextStore:
                 self._embed_cursor = max(self._embed_cursor, window[-1][0])
 
     async def _embed_sorted(self, texts: Sequence[tuple[int, str]]) -> bool:
-        """Vectors for (chunk id, text) pairs, batch by batch; False if embedding failed."""
+        """Vectors for (chunk id, text) pairs, batch by batch; False if embedding stopped."""
         assert self.embeddings is not None
+        ids: list[int] = []
+        vectors: list[np.ndarray] = []
+        complete, retry = True, False
         for at in range(0, len(texts), _EMBED_BATCH):
             if self._closing:
-                return False
+                complete = False
+                break
             batch = texts[at:at + _EMBED_BATCH]
             try:
-                vectors = await self.embeddings.embed_many([t for _, t in batch],
-                                                           remember=False)
+                vectors += await self.embeddings.embed_many([t for _, t in batch],
+                                                            remember=False)
             except EmbeddingUnavailable as exc:
                 self._embed_error = exc.message  # lexical search goes on alone
-                return False
+                complete = False
+                break
             except EmbeddingError:
-                await anyio.sleep(_EMBED_RETRY_S)  # a busy or restarting model: later
-                return False
-            await anyio.to_thread.run_sync(self._store_vectors, [c for c, _ in batch],
-                                           vectors, limiter=self._limiter)
-        return True
+                complete, retry = False, True  # a busy or restarting model: later
+                break
+            ids += [c for c, _ in batch]
+        if ids:
+            # One transaction a window, in id order: the vectors table grows at its end.
+            order = sorted(range(len(ids)), key=ids.__getitem__)
+            await anyio.to_thread.run_sync(self._store_vectors, [ids[i] for i in order],
+                                           [vectors[i] for i in order], limiter=self._limiter)
+        if retry:
+            await anyio.sleep(_EMBED_RETRY_S)
+        return complete
 
     async def _wait(self) -> None:
         await self._wakeup.wait()

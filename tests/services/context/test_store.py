@@ -7,9 +7,11 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
+import numpy as np
 import pytest
 
 from orion_fsm import ChunkingConfig, ContextError, ContextStore
@@ -261,3 +263,41 @@ async def test_a_store_of_an_older_schema_is_refused_and_left_as_it_was(tmp_path
     tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
     db.close()
     assert "vectors" not in tables
+
+
+class _RandomEmbedder:
+    """384-dimensional unit vectors, one per text length: rows as large as MiniLM's."""
+
+    def _vector(self, text: str) -> np.ndarray:
+        v = np.random.default_rng(len(text)).normal(size=384).astype(np.float32)
+        return v / np.linalg.norm(v)
+
+    async def embed(self, text: str) -> np.ndarray:
+        return self._vector(text)
+
+    async def embed_many(self, texts: Sequence[str], *, remember: bool = True
+                         ) -> list[np.ndarray]:
+        return [self._vector(t) for t in texts]
+
+
+@pytest.mark.anyio
+async def test_int8_vectors_take_little_more_than_their_bytes_on_disk(
+        tmp_path: Path) -> None:
+    # Embedded shortest first, written by id: a vector costs little more than its 388 bytes.
+    texts = [f"Doc {i}\n=====\n\n" + "\n\n".join(
+        " ".join(f"w{i}x{j}x{k}" for k in range(5 + (i * 7 + j * 13) % 40))
+        for j in range(30))
+        for i in range(8)]
+    async with anyio.create_task_group() as tg:
+        store = await open_store(tmp_path / "s", embeddings=_RandomEmbedder())
+        await tg.start(store.run)
+        for i, text in enumerate(texts):
+            await store.add(text, name=f"doc{i}.rst")
+        await store.wait_embedded()
+        embedded = (await store.stats()).embedded
+        await store.aclose()
+    db = sqlite3.connect(tmp_path / "s" / "store.sqlite3")
+    size = db.execute("SELECT sum(pgsize) FROM dbstat WHERE name = 'vectors'").fetchone()[0]
+    db.close()
+    assert embedded > 100
+    assert size / embedded < 1.25 * (384 + 4)
