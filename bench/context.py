@@ -1,11 +1,14 @@
 """Context store on a real corpus: the Python 3.11 `library/` reST sources from Debian's
 python3.11-doc (≈1.7M tokens). Add time, background embedding time, search latency, RSS,
-disk size, reopen time, recall@5 (BM25, embeddings, fused) on eval/context_questions.jsonl,
-an answer through `retrieving`, and a SIGKILL during `add`.
+disk size (and what takes it), reopen time, recall@5 (BM25, embeddings, fused) on
+eval/context_questions.jsonl (all, and the held-out half: odd lines; the even lines were the
+dev half the settings were chosen on), an answer through `retrieving`, and a SIGKILL during
+`add`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -66,6 +69,11 @@ def _rss() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
+def _cpu_s() -> float:
+    times = psutil.Process().cpu_times()
+    return float(times.user + times.system)
+
+
 async def _measure(folder: Path, quick: bool) -> dict[str, Any]:
     corpus = library_sources()
     raw_bytes = sum(f.stat().st_size for f in corpus.glob("*.rst.txt"))
@@ -96,10 +104,16 @@ async def _measure(folder: Path, quick: bool) -> dict[str, Any]:
         out["lexical_search_p50_ms"] = percentile(lexical_ms, 0.5)
         out["lexical_search_p99_ms"] = percentile(lexical_ms, 0.99)
         started = time.perf_counter()
+        cpu_before = _cpu_s()
+        embedded_before = (await store.stats()).embedded
         with anyio.move_on_after(_EMBED_CAP_S[quick]):
             await store.wait_embedded()
         embed_s = time.perf_counter() - started
         stats = await store.stats()
+        # CPU seconds of this process per vector: what the wall time would be on cores of
+        # its own (one thread), whatever the load of the shared machine.
+        out["embed_cpu_s_per_chunk"] = (_cpu_s() - cpu_before) / max(
+            1, stats.embedded - embedded_before)
         out.update(embedded=stats.embedded, embed_s=embed_s,
                    embed_chunks_per_s=stats.embedded / embed_s if embed_s else 0.0,
                    embeddings_state=stats.embeddings)
@@ -107,10 +121,14 @@ async def _measure(folder: Path, quick: bool) -> dict[str, Any]:
                                         else embed_s * stats.chunks / max(1, stats.embedded))
         out["embeddings_complete_extrapolated"] = stats.embedded != stats.chunks
         out["rss_growth_mb"] = (_rss() - rss_before) / 2**20
+        held_out = questions[1::2]
         for mode in ("lexical", "semantic", "fused"):
             report = await evaluate_context(store, questions, top_k=5, mode=mode)  # type: ignore[arg-type]
             out[f"recall_at_5_{mode}"] = report.recall
             out[f"misses_{mode}"] = [m.query for m in report.misses]
+            missed = {m.query for m in report.misses}
+            out[f"recall_at_5_{mode}_test"] = sum(
+                q.query not in missed for q in held_out) / len(held_out)
             if mode == "fused":
                 out["fused_search_p50_ms"] = percentile(list(report.search_ms), 0.5)
                 out["fused_search_p99_ms"] = percentile(list(report.search_ms), 0.99)
@@ -131,6 +149,17 @@ async def _measure(folder: Path, quick: bool) -> dict[str, Any]:
                                                           for h in cited)}
     out["disk_bytes"] = sum(p.stat().st_size for p in (folder / "pydocs").glob("*")
                             if p.is_file())
+    db = sqlite3.connect(folder / "pydocs" / "store.sqlite3")
+    with contextlib.suppress(sqlite3.OperationalError):  # an SQLite built without dbstat
+        out["disk_by_table_mb"] = {name: round(size / 1e6, 3) for name, size in db.execute(
+            "SELECT name, sum(pgsize) FROM dbstat GROUP BY name ORDER BY 2 DESC")}
+        if out["embedded"] < out["chunks"]:
+            # Embedding stopped at the cap: the vectors still missing, at the size of those
+            # stored, make the disk figure of a complete store.
+            vectors = out["disk_by_table_mb"].get("vectors", 0.0) * 1e6
+            out["disk_bytes_complete"] = out["disk_bytes"] + int(
+                vectors / max(1, out["embedded"]) * (out["chunks"] - out["embedded"]))
+    db.close()
     started = time.perf_counter()
     reopened = await ContextStore.open(folder / "pydocs", tokenizer=_Words(), tokenizer_id="-")
     await reopened.search("open a file", 5, mode="lexical")
@@ -186,7 +215,7 @@ def bench_context(quick: bool = False) -> dict[str, Any]:
         folder = Path(tmp)
         out = anyio.run(_measure, folder, quick)
         out["sigkill"] = _sigkill_during_add(folder)
-    disk_ratio = out["disk_bytes"] / out["raw_bytes"]
+    disk_ratio = out.get("disk_bytes_complete", out["disk_bytes"]) / out["raw_bytes"]
     out["disk_over_raw"] = disk_ratio
     out["checks"] = [
         check("lexical index searchable after adding library/ (s)", out["lexical_ready_s"],
@@ -200,12 +229,18 @@ def bench_context(quick: bool = False) -> dict[str, Any]:
               out["fused_search_p99_ms"] <= 150),
         check("RSS growth incl. MiniLM (MB)", out["rss_growth_mb"], "<= 1024",
               out["rss_growth_mb"] <= 1024),
-        check("store on disk / raw text", disk_ratio, "<= 1.0", disk_ratio <= 1.0),
+        check("store on disk / raw text" + (" (vectors missing counted)" if
+              "disk_bytes_complete" in out else ""), disk_ratio, "<= 1.0", disk_ratio <= 1.0),
         check("reopen + first search (s)", out["reopen_s"], "<= 1", out["reopen_s"] <= 1),
         check("recall@5 BM25 only", out["recall_at_5_lexical"], "report", True),
         check("recall@5 embeddings only", out["recall_at_5_semantic"], "report", True),
-        check("recall@5 fused", out["recall_at_5_fused"], ">= 0.9",
-              out["recall_at_5_fused"] >= 0.9),
+        check("recall@5 fused", out["recall_at_5_fused"], "report", True),
+        check("recall@5 BM25 only, held-out half", out["recall_at_5_lexical_test"], "report",
+              True),
+        check("recall@5 embeddings only, held-out half", out["recall_at_5_semantic_test"],
+              "report", True),
+        check("recall@5 fused, held-out half", out["recall_at_5_fused_test"], ">= 0.9",
+              out["recall_at_5_fused_test"] >= 0.9),
         check("run --context cites a chunk holding the answer", float(
             out["answer"]["cited_contains_answer"]), "1", out["answer"]["cited_contains_answer"]),
         check("SIGKILL during add leaves the store consistent",

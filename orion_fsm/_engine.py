@@ -549,9 +549,11 @@ class Engine:
         return ResponseStream(run)
 
     def session(self, *, agent: str | None = None, system: str | None = None,
-                session_id: str | None = None) -> Session:
-        """A conversation: each `infer`/`stream` turn is sent with the history (see Session)."""
-        return Session(self, agent=agent, system=system, session_id=session_id)
+                session_id: str | None = None, memory: str | None = None) -> Session:
+        """A conversation: each `infer`/`stream` turn is sent with the history (see Session);
+        `memory` (adaptive | aggressive | conservative) summarises turns past the window."""
+        return Session(self, agent=agent, system=system, session_id=session_id,
+                       memory=memory)
 
     async def feedback(self, request_id: str, score: int | bool,
                        correction: str | None = None) -> FeedbackRecord:

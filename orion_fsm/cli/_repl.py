@@ -58,6 +58,8 @@ Type a prompt and press Enter; Ctrl-C stops the generation, Ctrl-D or /quit leav
   /context NAME  answer from context store NAME (cited); /context off; /context: what is on
   /good /bad     rate the last answer (kept for `orion-fsm feedback export`)
   /fix TEXT      the answer the last one should have been (a training example)
+  /memory POLICY a new conversation whose old turns are summarised into its own store and
+                 retrieved (adaptive, aggressive or conservative); /memory off
   /help /quit"""
 
 
@@ -88,6 +90,7 @@ class Session(CommandLoop):
         self.temperature: float | None = args.temperature
         self.response_format: dict[str, Any] | None = None
         self.context: str | None = None  # a context store prompts retrieve from
+        self.memory: str | None = None  # the conversation's memory policy
         self.cache_dir: str | None = args.cache_dir
         self.out = out
         self.results: list[Result] = []
@@ -100,7 +103,7 @@ class Session(CommandLoop):
             "/stats": self._stats, "/new": self._new,
             "/cache": self._cache, "/mem": self._mem, "/breakers": self._breakers,
             "/trace": self._trace, "/replay": self._replay, "/help": self._help,
-            "/context": self._context,
+            "/context": self._context, "/memory": self._memory,
             "/good": self.good, "/bad": self.bad, "/fix": self.fix,
             "/quit": self._quit, "/exit": self._quit,
         }
@@ -212,8 +215,23 @@ class Session(CommandLoop):
         return True
 
     async def _new(self, _: str) -> bool:
-        self.conversation = self.engine.session(agent=self.agent)
+        self.conversation = self.engine.session(agent=self.agent, memory=self.memory)
         self.say("new conversation")
+        return True
+
+    async def _memory(self, policy: str) -> bool:
+        if not policy:
+            self.say(f"session memory: {self.memory}, {self.conversation.summarised} turns "
+                     "summarised" if self.memory else
+                     "no session memory: /memory adaptive|aggressive|conservative")
+            return True
+        memory = None if policy == "off" else policy
+        # A bad policy raises ConfigurationError here, naming the known ones.
+        self.conversation = self.engine.session(agent=self.agent, memory=memory)
+        self.memory = memory
+        self.say("new conversation without session memory" if memory is None else
+                 f"new conversation; turns past the window are summarised ({memory}) into "
+                 f"{self.conversation.id}'s store and retrieved")
         return True
 
     async def _stats(self, _: str) -> bool:

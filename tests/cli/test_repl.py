@@ -195,3 +195,15 @@ def test_good_bad_and_fix_rate_the_last_answer(slow_registry: Path, tmp_path: Pa
     assert records[first["request_id"]].trace_id == first["trace_id"]
     assert records[second["request_id"]].correction == "Hello! How can I help?"
     assert records[second["request_id"]].history[0] == ("user", "hello there")
+
+
+def test_memory_command_starts_a_conversation_with_session_memory(slow_registry: Path,
+                                                                   tmp_path: Path) -> None:
+    repl = Repl(slow_registry, tmp_path, max_tokens=2)
+    assert "no session memory" in repl.run("/memory")
+    assert "memory policy" in repl.run("/memory forgetful")
+    assert "summarised (aggressive)" in repl.run("/memory aggressive")
+    assert "── success" in repl.run("hello there")
+    assert "session memory: aggressive, 0 turns summarised" in repl.run("/memory")
+    assert "without session memory" in repl.run("/memory off")
+    assert repl.quit() == 0

@@ -24,6 +24,7 @@ __all__ = [
     "chunk_text",
     "detect_format",
     "exact_key",
+    "normalise",
     "simhash",
 ]
 
@@ -33,6 +34,7 @@ _RST_ADORNMENT = re.compile(r"^([=\-~^\"'*+#`:.])\1{2,}\s*$")
 _MD_HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
 _FENCE = re.compile(r"^\s*(```|~~~)")
 _WORD = re.compile(r"\w+", re.UNICODE)
+_NONSPACE = re.compile(r"\S+")
 # reST adornment characters in the order Python's docs use them: earlier is a higher level.
 _RST_LEVELS = "#*=-^\"'~+`:."
 
@@ -59,8 +61,10 @@ class Chunk:
 
     position: int  # 0-based, in document order
     heading: str  # the section path, "Title > Section > Subsection"
-    text: str
+    text: str  # the document's text from `start` to `end`
     tokens: int  # of `text`, by the store's tokenizer
+    start: int  # character offsets into the document (line ends normalised to "\n")
+    end: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +73,8 @@ class _Block:
     text: str
     tokens: int
     opens_section: bool  # the first block after a heading
+    start: int  # character offsets of `text` in the document
+    end: int
 
 
 def detect_format(text: str, name: str = "") -> TextFormat:
@@ -87,21 +93,25 @@ def detect_format(text: str, name: str = "") -> TextFormat:
     return "text"
 
 
-def _paragraphs(lines: Sequence[str], fmt: TextFormat) -> Iterator[tuple[str, int, str]]:
-    """("heading", level, title) and ("para", 0, text) items, in order.
+def _paragraphs(lines: Sequence[str], fmt: TextFormat
+                ) -> Iterator[tuple[str, int, str, int, int]]:
+    """("heading", level, title, first, end) and ("para", 0, text, first, end) items, in
+    order, with the lines they span (`lines[first:end]`; a paragraph's text is exactly those
+    lines joined).
 
     Fenced code (Markdown) and indented literal blocks (reST `::`, directives) stay whole:
     blank lines inside them do not split them.
     """
     levels: list[str] = []  # reST adornments in the order they first appear
     para: list[str] = []
+    para_at = 0
     i, n = 0, len(lines)
 
-    def flush() -> Iterator[tuple[str, int, str]]:
+    def flush() -> Iterator[tuple[str, int, str, int, int]]:
         if para:
-            text = "\n".join(para).strip("\n")
+            text = "\n".join(para)
             if text.strip():
-                yield "para", 0, text
+                yield "para", 0, text, para_at, para_at + len(para)
             para.clear()
 
     while i < n:
@@ -111,20 +121,17 @@ def _paragraphs(lines: Sequence[str], fmt: TextFormat) -> Iterator[tuple[str, in
                 yield from flush()
                 fence = _FENCE.match(line)
                 assert fence is not None
-                block = [line]
+                first = i
                 i += 1
                 while i < n and not lines[i].lstrip().startswith(fence.group(1)):
-                    block.append(lines[i])
                     i += 1
-                if i < n:
-                    block.append(lines[i])
-                i += 1
-                yield "para", 0, "\n".join(block)
+                i = min(i + 1, n)
+                yield "para", 0, "\n".join(lines[first:i]), first, i
                 continue
             heading = _MD_HEADING.match(line)
             if heading:
                 yield from flush()
-                yield "heading", len(heading.group(1)), heading.group(2)
+                yield "heading", len(heading.group(1)), heading.group(2), i, i + 1
                 i += 1
                 continue
         elif fmt == "rst":
@@ -135,7 +142,7 @@ def _paragraphs(lines: Sequence[str], fmt: TextFormat) -> Iterator[tuple[str, in
                 key = "o" + line.strip()[0]
                 if key not in levels:
                     levels.append(key)
-                yield "heading", levels.index(key) + 1, lines[i + 1].strip()
+                yield "heading", levels.index(key) + 1, lines[i + 1].strip(), i, i + 3
                 i += 3
                 continue
             if (line.strip() and not line[0].isspace() and i + 1 < n
@@ -145,7 +152,7 @@ def _paragraphs(lines: Sequence[str], fmt: TextFormat) -> Iterator[tuple[str, in
                 key = lines[i + 1].strip()[0]
                 if key not in levels:
                     levels.append(key)
-                yield "heading", levels.index(key) + 1, line.strip()
+                yield "heading", levels.index(key) + 1, line.strip(), i, i + 2
                 i += 2
                 continue
         if not line.strip():
@@ -157,49 +164,60 @@ def _paragraphs(lines: Sequence[str], fmt: TextFormat) -> Iterator[tuple[str, in
             if para and indented_next and (para[-1].rstrip().endswith("::")
                                            or para[0][:1].isspace()
                                            or para[0].startswith(".. ")):
-                para.extend([""] * (j - i))
+                para.extend(lines[i:j])
                 i = j
                 continue
             yield from flush()
             i = j
             continue
+        if not para:
+            para_at = i
         para.append(line)
         i += 1
     yield from flush()
 
 
-def _split_long(text: str, limit: int, encoder: Encoder) -> list[tuple[str, int]]:
-    """A block over the limit, cut at line ends (or, for one huge line, at token counts)."""
-    pieces: list[tuple[str, int]] = []
-    current: list[str] = []
-    count = 0
+def _split_long(text: str, limit: int, encoder: Encoder) -> list[tuple[int, int, int]]:
+    """A block over the limit, cut at line ends (or, for one huge line, between words):
+    (start, end, tokens) of each piece, offsets into `text`."""
+    pieces: list[tuple[int, int, int]] = []
+    start = end = count = 0  # the piece being filled: text[start:end]
+    at = 0
     for line in text.split("\n"):
+        line_at, at = at, at + len(line) + 1
         tokens = len(encoder.encode(line)) + 1
         if tokens > limit:
-            if current:
-                pieces.append(("\n".join(current), count))
-                current, count = [], 0
-            words = line.split(" ")
+            if count:
+                pieces.append((start, end, count))
+            words = [m.span() for m in _NONSPACE.finditer(line)]
             step = max(1, len(words) * limit // tokens)
-            for start in range(0, len(words), step):
-                part = " ".join(words[start:start + step])
-                pieces.append((part, len(encoder.encode(part))))
+            for first in range(0, len(words), step):
+                a, b = words[first][0], words[min(first + step, len(words)) - 1][1]
+                pieces.append((line_at + a, line_at + b,
+                               len(encoder.encode(line[a:b]))))
+            start, end, count = at, at, 0
             continue
-        if count + tokens > limit and current:
-            pieces.append(("\n".join(current), count))
-            current, count = [], 0
-        current.append(line)
+        if count + tokens > limit and count:
+            pieces.append((start, end, count))
+            start, count = line_at, 0
+        elif not count:
+            start = line_at
+        end = line_at + len(line)
         count += tokens
-    if current:
-        pieces.append(("\n".join(current), count))
+    if count:
+        pieces.append((start, end, count))
     return pieces
 
 
 def _blocks(text: str, fmt: TextFormat, config: ChunkingConfig,
             encoder: Encoder) -> Iterator[_Block]:
+    lines = text.split("\n")
+    line_at = [0]
+    for line in lines:
+        line_at.append(line_at[-1] + len(line) + 1)
     path: list[tuple[int, str]] = []
     opens = True
-    for kind, level, value in _paragraphs(text.replace("\r\n", "\n").split("\n"), fmt):
+    for kind, level, value, first, _ in _paragraphs(lines, fmt):
         if kind == "heading":
             while path and path[-1][0] >= level:
                 path.pop()
@@ -207,15 +225,16 @@ def _blocks(text: str, fmt: TextFormat, config: ChunkingConfig,
             opens = True
             continue
         heading = " > ".join(title for _, title in path)
+        start = line_at[first]
         tokens = len(encoder.encode(value))
         if tokens > config.max_tokens:
             # Pieces leave room for the overlap the next chunk starts with.
             limit = max(1, config.max_tokens - config.overlap_tokens - 2)
-            for piece, count in _split_long(value, limit, encoder):
-                yield _Block(heading, piece, count, opens)
+            for a, b, count in _split_long(value, limit, encoder):
+                yield _Block(heading, value[a:b], count, opens, start + a, start + b)
                 opens = False
         else:
-            yield _Block(heading, value, tokens, opens)
+            yield _Block(heading, value, tokens, opens, start, start + len(value))
         opens = False
 
 
@@ -235,37 +254,54 @@ def _tail(blocks: Sequence[_Block], budget: int, encoder: Encoder) -> list[_Bloc
     if not kept or (len(kept) == len(lines) and len(blocks) == 1):
         return [] if not kept else [blocks[-1]]
     last = blocks[-1]
-    return [_Block(last.heading, "\n".join(kept), used, False)]
+    text = "\n".join(kept)
+    return [_Block(last.heading, text, used, False, last.end - len(text), last.end)]
+
+
+def normalise(text: str) -> str:
+    """The text chunk offsets point into: line ends as "\\n"."""
+    return text.replace("\r\n", "\n")
 
 
 def chunk_text(text: str, encoder: Encoder, *, fmt: TextFormat = "text",
                config: ChunkingConfig | None = None) -> list[Chunk]:
     """The chunks of `text`: sections start a new chunk, a long section is cut between
     paragraphs (or lines) into chunks of ≤ max_tokens that repeat ≤ overlap_tokens of the
-    previous one. Token counts are those of `encoder` on the chunk's text."""
+    previous one. A chunk is a span of the (normalised) text, so a short section merged into
+    the next one keeps its heading line. Token counts are `encoder`'s on the chunk's text."""
     config = config or ChunkingConfig()
-    sep = 2  # the "\n\n" between blocks: at most two tokens, usually one
+    text = normalise(text)
+    sep = 2  # the blank line between blocks: at most two tokens, usually one
     chunks: list[Chunk] = []
     current: list[_Block] = []
     count = 0
 
     def emit() -> None:
-        body = "\n\n".join(b.text for b in current)
+        start, end = current[0].start, current[-1].end
+        body = text[start:end]
         if body.strip():
             chunks.append(Chunk(len(chunks), current[0].heading, body,
-                                len(encoder.encode(body))))
+                                len(encoder.encode(body)), start, end))
+
+    def gap(before: _Block, after: _Block) -> int:
+        # What lies between two blocks of a chunk: a blank line, or a merged heading.
+        between = text[before.end:after.start]
+        return len(encoder.encode(between)) + sep if between.strip() else sep
 
     for block in _blocks(text, fmt, config, encoder):
         new_section = block.opens_section and count >= config.min_tokens
-        if current and (new_section or count + sep + block.tokens > config.max_tokens):
+        cost = block.tokens + (gap(current[-1], block) if current else 0)
+        if current and (new_section or count + cost > config.max_tokens):
             emit()
             carried = [] if new_section else _tail(current, config.overlap_tokens, encoder)
-            if carried and sum(b.tokens for b in carried) + sep + block.tokens > config.max_tokens:
+            if carried and (sum(b.tokens for b in carried) + gap(carried[-1], block)
+                            + block.tokens > config.max_tokens):
                 carried = []
             current = carried
-            count = sum(b.tokens + sep for b in current)
+            count = sum(b.tokens for b in current)
+            cost = block.tokens + (gap(current[-1], block) if current else 0)
         current.append(block)
-        count += block.tokens + sep
+        count += cost
     if current:
         emit()
     return chunks

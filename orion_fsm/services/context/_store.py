@@ -2,8 +2,10 @@
 found again by BM25 (SQLite FTS5) and MiniLM embeddings fused by reciprocal rank.
 
 One SQLite file per store (WAL; one transaction per document, so a killed process leaves a
-document in or out); chunk text is zlib-compressed, vectors float16. Blocking work runs in
-worker threads; vectors are computed in the background by `run()` and join when ready.
+document in or out). A document's text is stored once, zlib-compressed as a whole; chunks are
+offsets into it; the FTS5 index is contentless; vectors are int8 with a scale per vector.
+Blocking work runs in worker threads; vectors are computed in the background by `run()` and
+join when ready.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import re
 import threading
 import time
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +40,7 @@ from ._chunker import (
     chunk_text,
     detect_format,
     exact_key,
+    normalise,
     simhash,
 )
 
@@ -59,15 +63,20 @@ SearchMode = Literal["fused", "lexical", "semantic"]
 ProgressCallback = Callable[[int, int, str], None]  # (done, total, what)
 
 _DB_FILE: Final = "store.sqlite3"
-_SCHEMA_VERSION: Final = "1"
+_SCHEMA_VERSION: Final = "2"
 _RRF_K: Final = 60  # reciprocal rank fusion's constant (Cormack et al., 2009)
 # Background vectors go 8 at a time: a query's own embedding waits behind one such batch
 # at most (the service's queue is first come, first served; the bench saw queries wait
 # seconds behind batches of 32 on the loaded machine).
 _EMBED_BATCH: Final = 8
-# MiniLM reads 256 word pieces at most and its cost grows with length: the heading and the
-# start of a chunk (≈128 word pieces) say what it is about at half the cost of the whole.
-_EMBED_CHARS: Final = 640
+# Chunks are read a window at a time and embedded shortest first: a batch's texts then have
+# similar lengths and the model pads them little (padding is computed like text).
+_EMBED_WINDOW: Final = 256
+# MiniLM reads 256 word pieces at most (it was trained on 128) and its cost grows with length:
+# the heading and the start of a chunk say what it is about. reST runs ~3.4 characters a word
+# piece, so 440 characters are ~128 of them: 40 CPU-ms a chunk on one thread, against 72 for
+# 640 characters (~190) and 79 for whole chunks cut at 256 (160 library/ chunks, in one run).
+_EMBED_CHARS: Final = 440
 _EMBED_RETRY_S: Final = 5.0
 _WORD = re.compile(r"\w+", re.UNICODE)
 # Words that match nearly every chunk: they only slow BM25 down and add noise to "why".
@@ -82,18 +91,20 @@ _STOPWORDS: Final = frozenset((
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS documents(
-    id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, source TEXT, sha256 TEXT NOT NULL,
-    tokens INTEGER NOT NULL, chunks INTEGER NOT NULL, duplicates INTEGER NOT NULL,
-    raw_bytes INTEGER NOT NULL, added_at REAL NOT NULL, used_at REAL NOT NULL);
+    id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE, source TEXT,
+    sha256 TEXT NOT NULL, tokens INTEGER NOT NULL, chunks INTEGER NOT NULL,
+    duplicates INTEGER NOT NULL, raw_bytes INTEGER NOT NULL, added_at REAL NOT NULL,
+    used_at REAL NOT NULL, text BLOB NOT NULL, headings BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS chunks(
-    id INTEGER PRIMARY KEY, doc INTEGER NOT NULL, position INTEGER NOT NULL,
-    tokens INTEGER NOT NULL, exact BLOB NOT NULL, simhash INTEGER NOT NULL,
-    heading TEXT NOT NULL, body BLOB NOT NULL, vector BLOB);
+    id INTEGER PRIMARY KEY AUTOINCREMENT, doc INTEGER NOT NULL, position INTEGER NOT NULL,
+    tokens INTEGER NOT NULL, start INTEGER NOT NULL, stop INTEGER NOT NULL,
+    section INTEGER NOT NULL, exact BLOB NOT NULL, simhash INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS chunks_by_doc ON chunks(doc, position);
-CREATE INDEX IF NOT EXISTS chunks_unembedded ON chunks(id) WHERE vector IS NULL;
+CREATE TABLE IF NOT EXISTS vectors(chunk INTEGER PRIMARY KEY, vector BLOB NOT NULL);
 CREATE VIRTUAL TABLE IF NOT EXISTS fts USING fts5(
     heading, body, content='', tokenize='porter unicode61');
 """
+_TEXT_CACHE: Final = 64  # documents kept decompressed for reading hits
 
 
 class TextEmbedder(Protocol):
@@ -210,9 +221,9 @@ class ContextStats:
 
 @dataclass(slots=True)
 class _Vectors:
-    """The store's vectors in memory for a brute-force cosine search. float16 on disk, float32
-    here: numpy has no fast float16 product (7,400 x 384 on the loaded 2-core machine: 107 ms
-    in float16, ~11 ms in float32 with the top-k partition)."""
+    """The store's vectors in memory for a brute-force cosine search. int8 on disk, float32
+    here: numpy has no fast float16 or int8 product (7,400 x 384 on the loaded 2-core
+    machine: 107 ms in float16, ~11 ms in float32 with the top-k partition)."""
 
     ids: Any = None  # np.ndarray[int64]
     matrix: Any = None  # np.ndarray[float32], one unit row per id
@@ -241,8 +252,41 @@ def _list_files(paths: Sequence[str | Path], suffixes: tuple[str, ...]
     return files
 
 
+def _pack_int8(vector: np.ndarray) -> bytes:
+    """A vector in dim + 4 bytes: int8 components and their float32 scale (max |x| / 127)."""
+    import numpy as np
+
+    v = np.asarray(vector, dtype=np.float32)
+    scale = float(np.abs(v).max()) / 127.0 or 1.0
+    return (np.round(v / scale).astype(np.int8).tobytes()
+            + np.asarray([scale], dtype=np.float32).tobytes())
+
+
+def _unpack_int8(blobs: Sequence[bytes]) -> np.ndarray:
+    """Packed vectors back to unit float32 rows."""
+    import numpy as np
+
+    raw = np.frombuffer(b"".join(blobs), dtype=np.uint8).reshape(len(blobs), -1)
+    rows = raw[:, :-4].view(np.int8).astype(np.float32)
+    rows *= np.ascontiguousarray(raw[:, -4:]).view(np.float32)
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    rows /= np.where(norms > 0, norms, 1.0)
+    return rows
+
+
 def _embedding_text(heading: str, text: str) -> str:
-    return f"{heading}\n{text[:_EMBED_CHARS]}"
+    return f"{heading}\n{text}"[:_EMBED_CHARS]
+
+
+def _indexed(heading: str, text: str) -> tuple[str, str]:
+    """The two columns FTS5 indexes for a chunk (the same on insert and delete): its words
+    without stop words, which queries never search for and which make a quarter of the
+    index (library/: 3.43 MB with them, 2.58 MB without, the same recall)."""
+    return _content_words(heading), _content_words(text)
+
+
+def _content_words(text: str) -> str:
+    return " ".join(w for w in _WORD.findall(text.lower()) if w not in _STOPWORDS)
 
 
 def _fts_query(terms: Sequence[str]) -> str:
@@ -293,6 +337,10 @@ class ContextStore:
         self._stopped = anyio.Event()
         self._stopped.set()  # not running
         self._used: dict[int, float] = {}  # documents found since the last LRU write
+        # Decompressed documents (text, section headings), most recently read last.
+        self._texts: OrderedDict[int, tuple[str, list[str]]] = OrderedDict()
+        self._texts_lock = threading.Lock()
+        self._embed_cursor = 0  # chunks up to this id have their vectors (a hint)
 
     # --- lifetime ---------------------------------------------------------------------------
 
@@ -328,13 +376,17 @@ class ContextStore:
             raise ContextError(f"cannot open context store {self.name!r} at {self.path}: "
                                f"{exc}; check the folder exists and is writable") from exc
         try:
-            writer.executescript(_SCHEMA)
+            # The version is read before any table is created: an older store stays as it was.
+            writer.execute("CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, "
+                           "value TEXT NOT NULL)")
             meta = dict(writer.execute("SELECT key, value FROM meta").fetchall())
             if meta.get("schema", _SCHEMA_VERSION) != _SCHEMA_VERSION:
+                writer.close()
                 raise ContextError(
                     f"context store {self.name!r} at {self.path} has schema "
                     f"{meta['schema']}, this version reads {_SCHEMA_VERSION}: remove the "
                     "folder and add the documents again")
+            writer.executescript(_SCHEMA)
             writer.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (_SCHEMA_VERSION,))
             writer.execute("INSERT OR IGNORE INTO meta VALUES ('tokenizer', ?)",
                            (self.tokenizer_id,))
@@ -430,10 +482,16 @@ class ContextStore:
                              (name,)).fetchone()
             if row is not None and row[1] == digest:
                 return AddResult(row[0], name, 0, row[2], 0, unchanged=True)
-        # Chunking and counting tokens (the slow part) happen outside the lock.
+        # Chunking, counting tokens and compressing (the slow part) happen outside the lock.
+        raw_bytes = len(text.encode())
+        text = normalise(text)
         chunks = chunk_text(text, self.tokenizer, fmt=detect_format(text, name),
                             config=self.chunking)
         prints = [(exact_key(c.text), simhash(c.text)) for c in chunks]
+        sections = list(dict.fromkeys(c.heading for c in chunks))
+        section_of = {heading: i for i, heading in enumerate(sections)}
+        packed_text = zlib.compress(text.encode(), 9)
+        packed_headings = zlib.compress("\n".join(sections).encode(), 9)
         with self._write_lock:
             db = self._db()
             db.execute("BEGIN IMMEDIATE")
@@ -452,21 +510,22 @@ class ContextStore:
                 now = time.time()
                 cursor = db.execute(
                     "INSERT INTO documents(name, source, sha256, tokens, chunks, duplicates, "
-                    "raw_bytes, added_at, used_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (name, source, digest, tokens, len(kept), duplicates,
-                     len(text.encode()), now, now))
+                    "raw_bytes, added_at, used_at, text, headings) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (name, source, digest, tokens, len(kept), duplicates, raw_bytes, now, now,
+                     packed_text, packed_headings))
                 doc_id = cursor.lastrowid
                 assert doc_id is not None
                 for chunk, (key, sim) in kept:
                     cur = db.execute(
-                        "INSERT INTO chunks(doc, position, tokens, exact, simhash, heading, body)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (doc_id, chunk.position, chunk.tokens, key, sim, chunk.heading,
-                         zlib.compress(chunk.text.encode(), 6)))
+                        "INSERT INTO chunks(doc, position, tokens, start, stop, section, exact,"
+                        " simhash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (doc_id, chunk.position, chunk.tokens, chunk.start, chunk.end,
+                         section_of[chunk.heading], key, sim))
                     chunk_id = cur.lastrowid
                     assert chunk_id is not None
                     db.execute("INSERT INTO fts(rowid, heading, body) VALUES (?, ?, ?)",
-                               (chunk_id, chunk.heading, chunk.text))
+                               (chunk_id, *_indexed(chunk.heading, chunk.text)))
                     added.append((chunk_id, key, sim))
                 db.execute("COMMIT")
             except BaseException:
@@ -510,17 +569,41 @@ class ContextStore:
         return tuple(evicted)
 
     def _delete_doc(self, db: sqlite3.Connection, doc_id: int) -> None:
-        """Inside a transaction: the document, its chunks and their index entries."""
-        rows = db.execute("SELECT id, heading, body FROM chunks WHERE doc = ?",
-                          (doc_id,)).fetchall()
-        for chunk_id, heading, body in rows:
+        """Inside a transaction: the document, its chunks, vectors and index entries."""
+        text, headings = self._document(db, doc_id)
+        for chunk_id, section, start, stop in db.execute(
+                "SELECT id, section, start, stop FROM chunks WHERE doc = ?", (doc_id,)
+                ).fetchall():
             # A contentless FTS5 table forgets a row only when given the text it indexed.
             db.execute("INSERT INTO fts(fts, rowid, heading, body) VALUES ('delete', ?, ?, ?)",
-                       (chunk_id, heading, zlib.decompress(body).decode()))
+                       (chunk_id, *_indexed(headings[section], text[start:stop])))
             self._dups.discard(chunk_id)
             self._vectors.removed.add(chunk_id)
+        db.execute("DELETE FROM vectors WHERE chunk IN (SELECT id FROM chunks WHERE doc = ?)",
+                   (doc_id,))
         db.execute("DELETE FROM chunks WHERE doc = ?", (doc_id,))
         db.execute("DELETE FROM documents WHERE id = ?", (doc_id,))
+        with self._texts_lock:
+            self._texts.pop(doc_id, None)
+
+    def _document(self, db: sqlite3.Connection, doc_id: int) -> tuple[str, list[str]]:
+        """A document's text and its section headings (by chunk `section`), decompressed
+        once and kept for the next hits in it. The caller holds the connection's lock."""
+        with self._texts_lock:
+            found = self._texts.get(doc_id)
+            if found is not None:
+                self._texts.move_to_end(doc_id)
+                return found
+        row = db.execute("SELECT text, headings FROM documents WHERE id = ?",
+                         (doc_id,)).fetchone()
+        if row is None:
+            return "", []
+        found = (zlib.decompress(row[0]).decode(), zlib.decompress(row[1]).decode().split("\n"))
+        with self._texts_lock:
+            self._texts[doc_id] = found
+            while len(self._texts) > _TEXT_CACHE:
+                self._texts.popitem(last=False)
+        return found
 
     # --- removing ---------------------------------------------------------------------------
 
@@ -579,9 +662,10 @@ class ContextStore:
         if not terms:
             return []
         with self._read_lock:
-            # bm25() is lower-is-better; a heading match weighs twice a body match.
+            # bm25() is lower-is-better; a heading match weighs three body matches (chosen
+            # on the dev half of eval/context_questions.jsonl: 2.0 → 3.0 found 2 more).
             return [(row[0], -row[1]) for row in self._rdb().execute(
-                "SELECT rowid, bm25(fts, 2.0, 1.0) AS score FROM fts WHERE fts MATCH ? "
+                "SELECT rowid, bm25(fts, 3.0, 1.0) AS score FROM fts WHERE fts MATCH ? "
                 "ORDER BY score LIMIT ?", (_fts_query(terms), limit))]
 
     async def _nearest(self, query: str, limit: int) -> list[tuple[int, float]]:
@@ -628,34 +712,34 @@ class ContextStore:
                 return
             with self._read_lock:
                 rows = self._rdb().execute(
-                    "SELECT id, vector FROM chunks WHERE vector IS NOT NULL ORDER BY id"
-                ).fetchall()
+                    "SELECT chunk, vector FROM vectors ORDER BY chunk").fetchall()
             if rows:
                 self._vectors.ids = np.fromiter((r[0] for r in rows), dtype=np.int64,
                                                 count=len(rows))
-                self._vectors.matrix = np.frombuffer(
-                    b"".join(r[1] for r in rows), dtype=np.float16).reshape(
-                    len(rows), -1).astype(np.float32)
+                self._vectors.matrix = _unpack_int8([r[1] for r in rows])
             self._vectors_loaded = True
 
     def _hits(self, best: Sequence[int], fused: dict[int, float], lex_rank: dict[int, int],
               sem: dict[int, tuple[int, float]], terms: Sequence[str]) -> list[ContextHit]:
         marks = ",".join("?" * len(best))
         with self._read_lock:
-            rows = {r[0]: r for r in self._rdb().execute(
-                "SELECT c.id, c.doc, d.name, c.position, c.heading, c.body, c.tokens "
+            db = self._rdb()
+            rows = {r[0]: r for r in db.execute(
+                "SELECT c.id, c.doc, d.name, c.position, c.section, c.start, c.stop, c.tokens "
                 f"FROM chunks c JOIN documents d ON d.id = c.doc WHERE c.id IN ({marks})",
                 tuple(best))}
+            texts = {row[1]: self._document(db, row[1]) for row in rows.values()}
         hits = []
         now = time.time()
         for chunk_id in best:
             row = rows.get(chunk_id)
             if row is None:
                 continue  # removed between ranking and reading
-            text = zlib.decompress(row[5]).decode()
-            words = set(_WORD.findall((row[4] + " " + text).lower()))
+            doc_text, headings = texts[row[1]]
+            heading, text = headings[row[4]], doc_text[row[5]:row[6]]
+            words = set(_WORD.findall((heading + " " + text).lower()))
             rank, similarity = sem.get(chunk_id, (None, None))
-            hits.append(ContextHit(chunk_id, row[1], row[2], row[3], row[4], text, row[6],
+            hits.append(ContextHit(chunk_id, row[1], row[2], row[3], heading, text, row[7],
                             fused[chunk_id], lex_rank.get(chunk_id), rank, similarity,
                             tuple(t for t in terms if t in words)))
             self._used[row[1]] = now
@@ -701,25 +785,48 @@ class ContextStore:
                 self._idle.set()
                 await self._wait()
                 continue
-            batch = await anyio.to_thread.run_sync(self._unembedded, _EMBED_BATCH,
-                                                   limiter=self._read_limiter)
-            if not batch:
+            window = await anyio.to_thread.run_sync(self._unembedded, _EMBED_WINDOW,
+                                                    limiter=self._read_limiter)
+            if not window:
                 self._idle.set()
                 await self._wait()
                 continue
             self._idle = anyio.Event() if self._idle.is_set() else self._idle
+            texts = sorted(((chunk_id, _embedding_text(heading, text))
+                            for chunk_id, heading, text in window), key=lambda c: len(c[1]))
+            if await self._embed_sorted(texts):
+                self._embed_cursor = max(self._embed_cursor, window[-1][0])
+
+    async def _embed_sorted(self, texts: Sequence[tuple[int, str]]) -> bool:
+        """Vectors for (chunk id, text) pairs, batch by batch; False if embedding stopped."""
+        assert self.embeddings is not None
+        ids: list[int] = []
+        vectors: list[np.ndarray] = []
+        complete, retry = True, False
+        for at in range(0, len(texts), _EMBED_BATCH):
+            if self._closing:
+                complete = False
+                break
+            batch = texts[at:at + _EMBED_BATCH]
             try:
-                vectors = await self.embeddings.embed_many(
-                    [_embedding_text(heading, text) for _, heading, text in batch],
-                    remember=False)
+                vectors += await self.embeddings.embed_many([t for _, t in batch],
+                                                            remember=False)
             except EmbeddingUnavailable as exc:
                 self._embed_error = exc.message  # lexical search goes on alone
-                continue
+                complete = False
+                break
             except EmbeddingError:
-                await anyio.sleep(_EMBED_RETRY_S)  # a busy or restarting model: later
-                continue
-            await anyio.to_thread.run_sync(self._store_vectors, [c for c, _, _ in batch],
-                                           vectors, limiter=self._limiter)
+                complete, retry = False, True  # a busy or restarting model: later
+                break
+            ids += [c for c, _ in batch]
+        if ids:
+            # One transaction a window, in id order: the vectors table grows at its end.
+            order = sorted(range(len(ids)), key=ids.__getitem__)
+            await anyio.to_thread.run_sync(self._store_vectors, [ids[i] for i in order],
+                                           [vectors[i] for i in order], limiter=self._limiter)
+        if retry:
+            await anyio.sleep(_EMBED_RETRY_S)
+        return complete
 
     async def _wait(self) -> None:
         await self._wakeup.wait()
@@ -744,25 +851,39 @@ class ContextStore:
     def _pending_count(self) -> int:
         with self._read_lock:
             return int(self._rdb().execute(
-                "SELECT count(*) FROM chunks WHERE vector IS NULL").fetchone()[0])
+                "SELECT count(*) FROM chunks c WHERE NOT EXISTS "
+                "(SELECT 1 FROM vectors v WHERE v.chunk = c.id)").fetchone()[0])
 
     def _unembedded(self, limit: int) -> list[tuple[int, str, str]]:
+        """(id, heading, text) of up to `limit` chunks without a vector, oldest first."""
         with self._read_lock:
-            rows = self._rdb().execute(
-                "SELECT id, heading, body FROM chunks WHERE vector IS NULL ORDER BY id LIMIT ?",
-                (limit,)).fetchall()
-        return [(r[0], r[1], zlib.decompress(r[2]).decode()) for r in rows]
+            db = self._rdb()
+            for after in dict.fromkeys((self._embed_cursor, 0)):
+                rows = db.execute(
+                    "SELECT c.id, c.doc, c.section, c.start, c.stop FROM chunks c "
+                    "WHERE c.id > ? AND NOT EXISTS (SELECT 1 FROM vectors v WHERE v.chunk = c.id)"
+                    " ORDER BY c.id LIMIT ?", (after, limit)).fetchall()
+                if rows:
+                    break
+            out = []
+            for chunk_id, doc, section, start, stop in rows:
+                text, headings = self._document(db, doc)
+                out.append((chunk_id, headings[section], text[start:stop]))
+        return out
 
     def _store_vectors(self, ids: Sequence[int], vectors: Sequence[np.ndarray]) -> None:
         import numpy as np
 
-        packed = [np.asarray(v, dtype=np.float16) for v in vectors]
+        packed = [_pack_int8(v) for v in vectors]
         with self._vec_lock, self._write_lock:
             db = self._db()
             db.execute("BEGIN IMMEDIATE")
             try:
-                db.executemany("UPDATE chunks SET vector = ? WHERE id = ?",
-                               [(p.tobytes(), i) for i, p in zip(ids, packed, strict=True)])
+                # A chunk removed while its vector was computed gets none.
+                db.executemany(
+                    "INSERT OR REPLACE INTO vectors(chunk, vector) SELECT ?, ? "
+                    "WHERE EXISTS (SELECT 1 FROM chunks WHERE id = ?)",
+                    [(i, p, i) for i, p in zip(ids, packed, strict=True)])
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -770,7 +891,7 @@ class ContextStore:
             if not self._vectors_loaded:
                 return
             new_ids = np.asarray(ids, dtype=np.int64)
-            rows = np.stack(packed).astype(np.float32)
+            rows = _unpack_int8(packed)
             v = self._vectors
             v.ids = new_ids if v.ids is None else np.concatenate([v.ids, new_ids])
             v.matrix = rows if v.matrix is None else np.concatenate([v.matrix, rows])
@@ -786,8 +907,8 @@ class ContextStore:
             documents, tokens, raw = db.execute(
                 "SELECT count(*), coalesce(sum(tokens), 0), coalesce(sum(raw_bytes), 0) "
                 "FROM documents").fetchone()
-            chunks, embedded = db.execute(
-                "SELECT count(*), count(vector) FROM chunks").fetchone()
+            chunks = db.execute("SELECT count(*) FROM chunks").fetchone()[0]
+            embedded = db.execute("SELECT count(*) FROM vectors").fetchone()[0]
         disk = sum(p.stat().st_size for p in self.folder.glob(_DB_FILE + "*") if p.is_file())
         state = ("off" if self.embeddings is None else self._embed_error
                  or ("ready" if embedded == chunks else "pending"))
@@ -822,9 +943,9 @@ class ContextStore:
             sections = {}
             for doc_id, *_ in docs:
                 rows = self._rdb().execute(
-                    "SELECT DISTINCT heading FROM chunks WHERE doc = ? ORDER BY position",
-                    (doc_id,)).fetchall()
-                sections[doc_id] = [r[0].split(" > ")[-1] for r in rows if r[0]]
+                    "SELECT headings FROM documents WHERE id = ?", (doc_id,)).fetchone()
+                sections[doc_id] = [h.split(" > ")[-1] for h in
+                                    zlib.decompress(rows[0]).decode().split("\n") if h]
         total = sum(d[2] for d in docs)
         lines = [f"{self.name}: {len(docs)} documents, {total} tokens"]
         for doc_id, name, tokens, chunks in docs:

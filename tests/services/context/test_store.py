@@ -7,9 +7,11 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
+import numpy as np
 import pytest
 
 from orion_fsm import ChunkingConfig, ContextError, ContextStore
@@ -212,3 +214,90 @@ def test_sigkill_during_add_leaves_every_document_whole(tmp_path: Path) -> None:
             assert hits and hits[0].document == "doc0"
 
     anyio.run(reopen)
+
+
+@pytest.mark.anyio
+async def test_a_document_is_stored_once_and_chunks_are_spans_of_it(tmp_path: Path) -> None:
+    paragraphs = [f"Paragraph {i}: " + " ".join(f"w{i}x{j}" for j in range(20))
+                  for i in range(12)]
+    text = "Title\n=====\n\n" + "\n\n".join(paragraphs) + "\n"
+    async with await open_store(tmp_path / "s") as store:
+        added = await store.add(text, name="long.rst")
+        assert added.chunks > 3  # overlapping chunks of one section
+        hits = await store.chunks(list(range(1, added.chunks + 1)))
+        assert all(hit.text in text for hit in hits)
+        assert all(p in "".join(hit.text for hit in hits) for p in paragraphs)
+    db = sqlite3.connect(tmp_path / "s" / "store.sqlite3")
+    (packed,) = db.execute("SELECT text FROM documents").fetchone()
+    columns = {row[1] for row in db.execute("PRAGMA table_info(chunks)")}
+    db.close()
+    assert len(packed) < len(text.encode())  # compressed as a whole
+    assert not columns & {"text", "body"}  # chunks hold offsets, not text
+
+
+def test_int8_vectors_keep_the_direction_of_float_ones() -> None:
+    import numpy as np
+
+    from orion_fsm.services.context._store import _pack_int8, _unpack_int8
+
+    rng = np.random.default_rng(7)
+    vectors = rng.normal(size=(50, 384)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    packed = [_pack_int8(v) for v in vectors]
+    assert {len(p) for p in packed} == {384 + 4}  # a quarter of float32, half of float16
+    back = _unpack_int8(packed)
+    assert np.all(np.sum(back * vectors, axis=1) > 0.999)
+
+
+@pytest.mark.anyio
+async def test_a_store_of_an_older_schema_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    (tmp_path / "old").mkdir()
+    db = sqlite3.connect(tmp_path / "old" / "store.sqlite3")
+    db.execute("CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    db.execute("INSERT INTO meta VALUES ('schema', '1')")
+    db.commit()
+    db.close()
+    with pytest.raises(ContextError, match=r"has schema 1.*add the documents again"):
+        await open_store(tmp_path / "old")
+    db = sqlite3.connect(tmp_path / "old" / "store.sqlite3")
+    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+    db.close()
+    assert "vectors" not in tables
+
+
+class _RandomEmbedder:
+    """384-dimensional unit vectors, one per text length: rows as large as MiniLM's."""
+
+    def _vector(self, text: str) -> np.ndarray:
+        v = np.random.default_rng(len(text)).normal(size=384).astype(np.float32)
+        return v / np.linalg.norm(v)
+
+    async def embed(self, text: str) -> np.ndarray:
+        return self._vector(text)
+
+    async def embed_many(self, texts: Sequence[str], *, remember: bool = True
+                         ) -> list[np.ndarray]:
+        return [self._vector(t) for t in texts]
+
+
+@pytest.mark.anyio
+async def test_int8_vectors_take_little_more_than_their_bytes_on_disk(
+        tmp_path: Path) -> None:
+    # Embedded shortest first, written by id: a vector costs little more than its 388 bytes.
+    texts = [f"Doc {i}\n=====\n\n" + "\n\n".join(
+        " ".join(f"w{i}x{j}x{k}" for k in range(5 + (i * 7 + j * 13) % 40))
+        for j in range(30))
+        for i in range(8)]
+    async with anyio.create_task_group() as tg:
+        store = await open_store(tmp_path / "s", embeddings=_RandomEmbedder())
+        await tg.start(store.run)
+        for i, text in enumerate(texts):
+            await store.add(text, name=f"doc{i}.rst")
+        await store.wait_embedded()
+        embedded = (await store.stats()).embedded
+        await store.aclose()
+    db = sqlite3.connect(tmp_path / "s" / "store.sqlite3")
+    size = db.execute("SELECT sum(pgsize) FROM dbstat WHERE name = 'vectors'").fetchone()[0]
+    db.close()
+    assert embedded > 100
+    assert size / embedded < 1.25 * (384 + 4)
