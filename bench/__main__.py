@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import (
+    batching,
     caches,
     context,
     embeddings,
@@ -60,7 +61,7 @@ def main() -> int:
              **http.BENCHMARKS, **structured.BENCHMARKS, **replay.BENCHMARKS,
              **hostile.BENCHMARKS, **slots.BENCHMARKS,
              **context.BENCHMARKS, **modelops.BENCHMARKS, **tune.BENCHMARKS,
-             **virtual.BENCHMARKS, **llama_cpp.BENCHMARKS}
+             **virtual.BENCHMARKS, **llama_cpp.BENCHMARKS, **batching.BENCHMARKS}
     benchmarks = {name: fn for name, fn in every.items() if not args.only or args.only in name}
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
