@@ -16,6 +16,7 @@ from typing import Any
 
 from bench import (
     answers,
+    batching,
     caches,
     context,
     embeddings,
@@ -61,7 +62,8 @@ def main() -> int:
              **http.BENCHMARKS, **structured.BENCHMARKS, **replay.BENCHMARKS,
              **hostile.BENCHMARKS, **slots.BENCHMARKS,
              **context.BENCHMARKS, **modelops.BENCHMARKS, **tune.BENCHMARKS,
-             **virtual.BENCHMARKS, **llama_cpp.BENCHMARKS, **answers.BENCHMARKS}
+             **virtual.BENCHMARKS, **llama_cpp.BENCHMARKS, **answers.BENCHMARKS,
+             **batching.BENCHMARKS}
     benchmarks = {name: fn for name, fn in every.items() if not args.only or args.only in name}
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -14,6 +14,7 @@ from typing import Final
 __all__ = [
     "API_KEY_ENV",
     "CACHE_DIR_ENV",
+    "DEFAULT_BATCH_WINDOW_MS",
     "DEFAULT_CONTEXT_TOP_K",
     "DEFAULT_FEEDBACK_RECENT",
     "DEFAULT_HTTP_HOST",
@@ -133,6 +134,8 @@ def user_registry_path(cache_dir: Path) -> Path:
 DEFAULT_TIMEOUT_S: Final = 60.0  # per request, queueing excluded
 DEFAULT_MAX_IN_FLIGHT: Final = 64  # requests running at once
 DEFAULT_MAX_QUEUE: Final = 1024  # requests waiting for a slot; past it: Overloaded
+# Routing embeddings of a burst wait up to this for one another (a lone request never waits).
+DEFAULT_BATCH_WINDOW_MS: Final = 50.0
 PRIORITY_RANGE: Final = (-1000, 1000)  # infer/stream `priority=`, lower served first
 DEFAULT_MEMORY_INTERVAL_S: Final = 30.0  # between two samples of the memory monitor
 

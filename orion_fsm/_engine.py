@@ -22,6 +22,7 @@ from opentelemetry.trace import TracerProvider
 
 from ._clock import Clock, SystemClock
 from ._config import (
+    DEFAULT_BATCH_WINDOW_MS,
     DEFAULT_FEEDBACK_RECENT,
     DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_MAX_QUEUE,
@@ -240,6 +241,7 @@ class Engine:
         contexts: Mapping[str, str | Path] | ContextSource | Literal[False] | None = None,
         context_capacity_tokens: int | None = None,
         feedback: str | Path | Literal[False] | None = None,
+        batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS,
     ) -> None:
         self.registry = registry if isinstance(registry, Registry) else Registry.load(registry)
         require_runtimes(self.registry.agents.values())
@@ -273,7 +275,7 @@ class Engine:
         # One embedding service for every component (L2 is its store); False: rules only.
         self.embeddings: EmbeddingService | None = None if embeddings is False else (
             embeddings or EmbeddingService(store=self.caches.l2 if self.caches else None,
-                                           clock=self.clock))
+                                           clock=self.clock, window_ms=batch_window_ms))
         if self.embeddings is not None and self.cores is not None:
             self.embeddings.share_cores(self.cores)
         if router is None:

@@ -49,6 +49,10 @@ async def routing(services: Services, state: RequestState) -> str:
         attr.ROUTING_NOTE: decision.note,
         attr.FALLBACK_CHAIN: list(state.chain),
     })
+    if decision.batch is not None:
+        state.notes.update({attr.ROUTING_BATCH_SIZE: decision.batch.size,
+                            attr.ROUTING_BATCH_WAIT_MS: decision.batch.wait_ms,
+                            attr.ROUTING_BATCH_WINDOWED: decision.batch.windowed})
     if decision.agent in services.registry.virtual:
         return start_virtual(services, state)
     if request.context is not None:

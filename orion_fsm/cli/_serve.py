@@ -44,6 +44,9 @@ def add_parser(sub: Any) -> None:
     serve.add_argument("--max-queue", type=int,
                        help="requests waiting past that; more get 503 (default: the engine's)")
     serve.add_argument("--timeout", type=float, help="deadline per request, seconds")
+    serve.add_argument("--batch-window-ms", type=float,
+                       help="how long a burst's routing embeddings wait for one another; a lone "
+                       "request never waits (default: the engine's, 50; 0 turns it off)")
     serve.add_argument("--grace", type=int, default=DEFAULT_SHUTDOWN_GRACE_S,
                        help="on SIGTERM, seconds in-flight requests get to finish before they "
                        f"are cancelled (default: {DEFAULT_SHUTDOWN_GRACE_S})")
@@ -60,6 +63,7 @@ def _serve(args: argparse.Namespace) -> int:
     limits = {name: value for name, value in (("max_in_flight", args.max_in_flight),
                                               ("max_queue", args.max_queue),
                                               ("timeout_s", args.timeout),
+                                              ("batch_window_ms", args.batch_window_ms),
                                               ("threads", args.threads)) if value is not None}
 
     def engine(meter_provider: MeterProvider) -> Engine:

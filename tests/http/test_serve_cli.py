@@ -155,3 +155,28 @@ def test_sigterm_drains_in_flight_streams_each_with_its_trace_line(
                                                               ("error", "cancelled")}
         if result["state"] == "success":
             assert sent["events"][-1] == "[DONE]"
+
+
+@pytest.mark.parametrize(("argv", "window_s"), [((), 0.05), (("--batch-window-ms", "0"), 0.0)])
+def test_serve_passes_the_batch_window_to_its_engine(
+        monkeypatch: pytest.MonkeyPatch, write_registry: WriteRegistry,
+        registry_doc: dict[str, Any], argv: tuple[str, ...], window_s: float) -> None:
+    import socket
+
+    import orion_fsm.http
+
+    built: list[Any] = []
+
+    def create_app(engine: Callable[[Any], Any], **_: Any) -> None:
+        built.append(engine(None))  # the Engine `serve` would run, built and not entered
+
+    monkeypatch.setattr(orion_fsm.http, "create_app", create_app)
+    sock = socket.socket()
+    monkeypatch.setattr(orion_fsm.http, "bind", lambda host, port: sock)
+    monkeypatch.setattr(orion_fsm.http, "url_of", lambda sock: "http://127.0.0.1:0")
+    monkeypatch.setattr(orion_fsm.http, "run_server", lambda *a, **k: None)
+    registry = write_registry(registry_doc)
+    with sock:
+        assert main(["--registry", str(registry), "serve", "--port", "0", *argv]) in (0, None)
+    (engine,) = built
+    assert engine.embeddings.window_s == window_s

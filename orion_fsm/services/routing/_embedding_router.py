@@ -231,7 +231,7 @@ class EmbeddingRouter:
         import numpy as np
 
         agents = await self._agents()
-        vector = await self.embeddings.embed(normalized)
+        vector, batch = await self.embeddings.embed_batched(normalized)
         scores: dict[str, float] = {}
         nearest: dict[str, str] = {}
         for entry in agents:
@@ -242,7 +242,7 @@ class EmbeddingRouter:
             else:
                 k = min(self.top_k, len(sims))
                 scores[entry.agent] = float(np.partition(sims, len(sims) - k)[-k:].mean())
-        decision = self.decide(scores, nearest=nearest)
+        decision = replace(self.decide(scores, nearest=nearest), batch=batch)
         return RouteExplanation(decision=decision, scores=decision.scores, nearest=nearest)
 
     def decide(self, scores: Mapping[str, float],

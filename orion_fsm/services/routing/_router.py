@@ -12,11 +12,14 @@ import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 
 from orion_fsm.services.models._registry import Registry
+
+if TYPE_CHECKING:
+    from orion_fsm.services.routing._embeddings import EmbeddingBatch
 
 RoutingSource = Literal["explicit", "rules", "default", "embedding"]
 
@@ -59,6 +62,9 @@ class RoutingDecision:
     # Every agent's score when the router scored them all (embeddings), best first: what the
     # decision was made from, so that a trace replays it through the current decision logic.
     scores: Mapping[str, float] = field(default_factory=dict)
+    # The embedding batch the request's text went through (None: not embedded now). Not part
+    # of the decision: neither compared, cached nor replayed.
+    batch: EmbeddingBatch | None = field(default=None, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {
