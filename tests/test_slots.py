@@ -228,3 +228,22 @@ async def test_the_slot_figures_replay_as_recorded(make_engine: MakeEngine,
     replayed = report.replayed["result"]
     for name in ("slot", "reused_prefix_tokens", "slot_wait_ms", "session_id"):
         assert replayed[name] == record["result"][name]
+
+
+@pytest.mark.slow
+async def test_a_session_turn_after_an_answer_evaluates_only_its_own_text(
+        tmp_path: Path) -> None:
+    # The template's tokens between an answer and the next question (and the answer's last
+    # token, when max_tokens cut it) are evaluated on the session's slot once the answer
+    # ended: turn N evaluates what turn 1 does, its own text.
+    async with Engine(trace_path=tmp_path / "t.jsonl", embeddings=False,
+                      caches=False) as engine:
+        session = engine.session(agent="conversation")
+        first = await session.infer("What is the capital of France?", temperature=0,
+                                    max_tokens=16)
+        assert first.finish_reason in ("stop", "length")
+        second = await session.infer("And of Italy?", temperature=0, max_tokens=8)
+        tokenizer = engine.registry.get("conversation")
+        own = "And of Italy?<|im_end|>\n<|im_start|>assistant\n"
+        expected = len((await engine.loader.prepare(tokenizer)).tokenizer.encode(own))
+    assert second.prefilled_tokens == expected
