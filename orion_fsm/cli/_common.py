@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
-from orion_fsm import OrionError
+import anyio
+
+from orion_fsm import OrionError, Result
 
 
 class Progress:
@@ -114,6 +118,46 @@ class CommandLoop:
 
     async def ask(self, prompt: str) -> None:
         raise NotImplementedError
+
+    # --- one answer: Ctrl-C cancels it; then its footer ------------------------------------
+
+    results: list[Result]
+    last_id: str | None
+    cancelled: int
+    interrupted: bool = False
+
+    @asynccontextmanager
+    async def interruptible(self) -> AsyncIterator[None]:
+        """The body (one answer), cancelled by Ctrl-C; `interrupted` says whether it was. Only
+        while it runs: at the prompt, prompt_toolkit reads Ctrl-C as a key."""
+        self.interrupted = False
+        async with anyio.create_task_group() as tg:
+            with anyio.open_signal_receiver(signal.SIGINT) as signals:
+
+                async def watch() -> None:
+                    async for _ in signals:
+                        self.interrupted = True
+                        tg.cancel_scope.cancel()
+                        return
+
+                tg.start_soon(watch)
+                try:
+                    yield
+                finally:
+                    tg.cancel_scope.cancel()
+
+    def end_turn(self, result: Result | None, footer: Callable[[Result], str]) -> None:
+        """Keep the answer's result (the last one /good rates) and show its footer, or say the
+        answer was cancelled."""
+        if result is not None:
+            self.results.append(result)
+            self.last_id = result.request_id
+            if result.state == "success":
+                self.last_answered = result.request_id
+            self.say("\n" + footer(result))
+        elif self.interrupted:
+            self.cancelled += 1
+            self.say("\n[cancelled]")
 
     # --- feedback on the last answer: /good /bad /fix TEXT ----------------------------------
 

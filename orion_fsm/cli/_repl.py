@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -118,37 +117,15 @@ class Session(CommandLoop):
                                           context=self.context)
         self.last_id = stream.request_id
         result: Result | None = None
-        interrupted = False
-        async with anyio.create_task_group() as tg:
-            # Only while generating: at the prompt, prompt_toolkit reads Ctrl-C as a key.
-            with anyio.open_signal_receiver(signal.SIGINT) as signals:
-
-                async def watch() -> None:
-                    nonlocal interrupted
-                    async for _ in signals:
-                        interrupted = True
-                        tg.cancel_scope.cancel()
-                        return
-
-                tg.start_soon(watch)
-                try:
-                    async for text in stream:
-                        self.out.write(text)
-                        self.out.flush()
-                    result = stream.result
-                except RequestFailed as exc:
-                    result = exc.result if isinstance(exc.result, Result) else None
-                tg.cancel_scope.cancel()
-        if result is not None:
-            self.results.append(result)
-            self.last_id = result.request_id
-            if result.state == "success":
-                self.last_answered = result.request_id
-        if interrupted and result is None:
-            self.cancelled += 1
-            self.say("\n[cancelled]")
-        elif result is not None:
-            self.say("\n" + _footer(result))
+        async with self.interruptible():
+            try:
+                async for text in stream:
+                    self.out.write(text)
+                    self.out.flush()
+                result = stream.result
+            except RequestFailed as exc:
+                result = exc.result if isinstance(exc.result, Result) else None
+        self.end_turn(result, _footer)
 
     async def rate(self, request_id: str, score: int, correction: str | None) -> None:
         await self.engine.feedback(request_id, score, correction)

@@ -6,12 +6,9 @@ ends `cancelled`); slash commands read the server's views instead of a local Eng
 from __future__ import annotations
 
 import argparse
-import signal
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, TextIO
-
-import anyio
 
 from orion_fsm import OrionError, RequestFailed, Result
 from orion_fsm.replay import replay
@@ -52,39 +49,19 @@ class RemoteSession(CommandLoop):
         body.update({k: v for k, v in (("max_tokens", self.max_tokens),
                                        ("temperature", self.temperature)) if v is not None})
         result: Result | None = None
-        interrupted = False
-        async with anyio.create_task_group() as tg:
-            with anyio.open_signal_receiver(signal.SIGINT) as signals:
-
-                async def watch() -> None:
-                    nonlocal interrupted
-                    async for _ in signals:
-                        interrupted = True
-                        tg.cancel_scope.cancel()
-                        return
-
-                tg.start_soon(watch)
-                try:
-                    async for item in self.server.stream_chat(body):
-                        if isinstance(item, Result):
-                            result = item
-                        else:
-                            self.out.write(item)
-                            self.out.flush()
-                except RequestFailed as exc:
-                    result = exc.result if isinstance(exc.result, Result) else None
-                    if result is None:
-                        self.say(f"\nerror ({exc.reason}): {exc.message}")
-                tg.cancel_scope.cancel()
-        if result is not None:
-            self.results.append(result)
-            self.last_id = result.request_id
-            if result.state == "success":
-                self.last_answered = result.request_id
-            self.say("\n" + self._footer(result))
-        elif interrupted:
-            self.cancelled += 1
-            self.say("\n[cancelled]")
+        async with self.interruptible():
+            try:
+                async for item in self.server.stream_chat(body):
+                    if isinstance(item, Result):
+                        result = item
+                    else:
+                        self.out.write(item)
+                        self.out.flush()
+            except RequestFailed as exc:
+                result = exc.result if isinstance(exc.result, Result) else None
+                if result is None:
+                    self.say(f"\nerror ({exc.reason}): {exc.message}")
+        self.end_turn(result, self._footer)
 
     async def rate(self, request_id: str, score: int, correction: str | None) -> None:
         await self.server.post("/v1/feedback", {"request_id": request_id, "score": score,
