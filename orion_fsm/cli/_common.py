@@ -146,6 +146,18 @@ class CommandLoop:
                 finally:
                     tg.cancel_scope.cancel()
 
+    def show_cache(self, levels: dict[str, Any]) -> bool:
+        """`/cache`: hits, misses and memory per cache level (the engine's or the server's)."""
+        if not levels:
+            self.say("caches are off")
+            return True
+        self.say(f"  {'level':<6}{'hits':>7}{'misses':>8}{'hit rate':>10}{'entries':>9}"
+                 f"{'memory KB':>11}")
+        for level, s in levels.items():
+            self.say(f"  {level:<6}{s['hits']:>7}{s['misses']:>8}{s['hit_rate']:>10.0%}"
+                     f"{s['memory_entries']:>9}{s['memory_bytes'] / 1024:>11.1f}")
+        return True
+
     def end_turn(self, result: Result | None, footer: Callable[[Result], str]) -> None:
         """Keep the answer's result (the last one /good rates) and show its footer, or say the
         answer was cancelled."""

@@ -246,16 +246,7 @@ class Session(CommandLoop):
         return True
 
     async def _cache(self, _: str) -> bool:
-        levels = self.engine.cache_stats()
-        if not levels:
-            self.say("caches are off")
-            return True
-        self.say(f"  {'level':<6}{'hits':>7}{'misses':>8}{'hit rate':>10}{'entries':>9}"
-                 f"{'memory KB':>11}")
-        for level, s in levels.items():
-            self.say(f"  {level:<6}{s['hits']:>7}{s['misses']:>8}{s['hit_rate']:>10.0%}"
-                     f"{s['memory_entries']:>9}{s['memory_bytes'] / 1024:>11.1f}")
-        return True
+        return self.show_cache(self.engine.cache_stats())
 
     async def _mem(self, _: str) -> bool:
         snap = self.engine.memory.snapshot().as_dict()

@@ -120,16 +120,7 @@ class RemoteSession(CommandLoop):
         return True
 
     async def _cache(self, _: str) -> bool:
-        levels = (await self.server.get("/v1/orion/cache"))["levels"]
-        if not levels:
-            self.say("caches are off")
-            return True
-        self.say(f"  {'level':<6}{'hits':>7}{'misses':>8}{'hit rate':>10}{'entries':>9}"
-                 f"{'memory KB':>11}")
-        for level, s in levels.items():
-            self.say(f"  {level:<6}{s['hits']:>7}{s['misses']:>8}{s['hit_rate']:>10.0%}"
-                     f"{s['memory_entries']:>9}{s['memory_bytes'] / 1024:>11.1f}")
-        return True
+        return self.show_cache((await self.server.get("/v1/orion/cache"))["levels"])
 
     async def _mem(self, _: str) -> bool:
         snap = await self.server.get("/v1/orion/mem")
