@@ -109,7 +109,7 @@ class Citation:
     document_id: int
     chunk_id: int
     position: int  # the chunk's place in its document
-    score: float  # its retrieval score (BM25 and cosine fused, 0-1)
+    score: float  # its retrieval score (reciprocal rank fusion)
 
     def as_dict(self) -> dict[str, Any]:
         return {"store": self.store, "document": self.document,

@@ -1,6 +1,5 @@
 """A persistent context store: documents far longer than a model's window, cut into chunks,
-found again by BM25 (SQLite FTS5) and MiniLM embeddings fused by a convex combination of
-their min-max normalised scores.
+found again by BM25 (SQLite FTS5) and MiniLM embeddings fused by reciprocal rank.
 
 One SQLite file per store (WAL; one transaction per document, so a killed process leaves a
 document in or out). A document's text is stored once, zlib-compressed as a whole; chunks are
@@ -65,12 +64,10 @@ ProgressCallback = Callable[[int, int, str], None]  # (done, total, what)
 
 _DB_FILE: Final = "store.sqlite3"
 _SCHEMA_VERSION: Final = "2"
-# Fusion: lexical weight x BM25 + (1 - weight) x cosine, each min-max normalised over its
-# own candidates (a chunk a ranker did not return counts as that ranker's worst). Scores keep
-# how far ahead a candidate is, which ranks alone (RRF) forget: Bruch et al., "An Analysis of
-# Fusion Functions for Hybrid Retrieval" (2023). 0.4 chosen on the dev half of
-# eval/context_questions.jsonl (0.3-0.4 best; RRF k in 5-60 below on the same vectors).
-_LEXICAL_WEIGHT: Final = 0.4
+_RRF_K: Final = 60  # reciprocal rank fusion's constant (Cormack et al., 2009)
+# Kept over a convex combination of min-max normalised scores (Bruch et al., 2023): on all
+# library/ vectors, lexical weights 0.2-0.8 moved recall@5 by one question either way, and
+# while few vectors exist their scores, normalised to [0, 1], outweigh BM25's ranking.
 # Background vectors go 8 at a time: a query's own embedding waits behind one such batch
 # at most (the service's queue is first come, first served; the bench saw queries wait
 # seconds behind batches of 32 on the loaded machine).
@@ -293,23 +290,6 @@ def _indexed(heading: str, text: str) -> tuple[str, str]:
 
 def _content_words(text: str) -> str:
     return " ".join(w for w in _WORD.findall(text.lower()) if w not in _STOPWORDS)
-
-
-def _fuse(rankings: Iterable[tuple[Sequence[tuple[int, float]], float]]
-          ) -> dict[int, float]:
-    """Chunk id -> fused score in [0, 1] from (ranking, weight) pairs, a ranking being
-    (chunk id, score) best first: each ranking's scores min-max normalised, weighted, summed
-    (a chunk missing from a ranking gets 0 there). One ranking alone keeps its order."""
-    fused: dict[int, float] = {}
-    for ranking, weight in rankings:
-        if not ranking:
-            continue
-        scores = [score for _, score in ranking]
-        low, span = min(scores), max(scores) - min(scores)
-        for chunk_id, score in ranking:
-            normal = (score - low) / span if span > 0 else 1.0
-            fused[chunk_id] = fused.get(chunk_id, 0.0) + weight * normal
-    return fused
 
 
 def _fts_query(terms: Sequence[str]) -> str:
@@ -657,9 +637,8 @@ class ContextStore:
 
     async def search(self, query: str, top_k: int = 5, *,
                      mode: SearchMode = "fused") -> list[ContextHit]:
-        """The `top_k` best chunks for `query`: BM25 and embedding scores fused (a weighted
-        sum of min-max normalised scores); BM25 alone while vectors are not computed yet (or
-        `mode="lexical"`)."""
+        """The `top_k` best chunks for `query`: BM25 and embedding ranks fused (RRF); BM25
+        alone while vectors are not computed yet (or `mode="lexical"`)."""
         if top_k < 1:
             raise ContextError(f"top_k must be at least 1, got {top_k}")
         pool = max(50, top_k * 10)
@@ -670,7 +649,10 @@ class ContextStore:
                                                      limiter=self._read_limiter)
         if mode != "lexical" and self.embeddings is not None and self._embed_error is None:
             semantic = await self._nearest(query, pool)
-        fused = _fuse(((lexical, _LEXICAL_WEIGHT), (semantic, 1.0 - _LEXICAL_WEIGHT)))
+        fused: dict[int, float] = {}
+        for ranking in (lexical, semantic):
+            for rank, (chunk_id, _) in enumerate(ranking, 1):
+                fused[chunk_id] = fused.get(chunk_id, 0.0) + 1.0 / (_RRF_K + rank)
         best = sorted(fused, key=lambda c: -fused[c])[:top_k]
         if not best:
             return []

@@ -94,7 +94,7 @@ async def test_fusion_finds_by_meaning_what_bm25_cannot(tmp_path: Path) -> None:
         both = await store.search("sqlite index", top_k=2)
         assert both[0].document == "db.md"
         assert both[0].lexical_rank == 1 and both[0].semantic_rank == 1
-        assert both[0].score == pytest.approx(1.0)  # the best of both: 0.4 + 0.6
+        assert both[0].score == pytest.approx(2 / 61)
         await store.aclose()
         tg.cancel_scope.cancel()
 
