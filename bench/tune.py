@@ -10,6 +10,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -21,11 +22,13 @@ import anyio
 
 from bench._common import check
 from orion_fsm import (
+    AnswerCheck,
+    AnswerQuestion,
     Engine,
     Registry,
     TrainingExample,
     TuneConfig,
-    answer_matches,
+    evaluate_answers,
     load_examples,
     tune_agent,
 )
@@ -97,15 +100,56 @@ def _write(path: Path, examples: list[TrainingExample]) -> None:
                             for e in examples), encoding="utf-8")
 
 
-async def _answers(registry: Registry, cache: Path, agent: str,
-                   examples: list[TrainingExample]) -> tuple[float, list[str]]:
-    """Held-out accuracy of `agent` through the Engine (greedy), and its first answers."""
+def _questions(examples: list[TrainingExample]) -> list[AnswerQuestion]:
+    """The test examples as an answer set: each answer must be the target (`exact`)."""
+    return [AnswerQuestion(f"t{i}", e.input, "answer_format", AGENT, AnswerCheck(exact=e.target))
+            for i, e in enumerate(examples)]
+
+
+async def _scores(registry: Registry, cache: Path, agents: list[str],
+                  examples: list[TrainingExample]) -> tuple[dict[str, float],
+                                                            dict[str, list[str]]]:
+    """Test accuracy of each agent through the Engine and the evaluator (greedy), and the
+    first answers of each."""
     async with Engine(registry=registry, cache_dir=cache, trace_path=False, embeddings=False,
                       caches=False, threads=1, feedback=False) as engine:
-        answers = [(await engine.infer(e.input, agent=agent, system=e.system, max_tokens=24,
-                                       temperature=0)).text.strip() for e in examples]
-    passed = sum(answer_matches(a, e.target) for a, e in zip(answers, examples, strict=True))
-    return passed / len(examples), answers[:5]
+        report = await evaluate_answers(engine, _questions(examples), agents=agents,
+                                        temperatures=[0], max_tokens=24)
+    accuracy = {a: report.score(a).overall.accuracy for a in agents}
+    shown = {a: [x.text.strip() for x in report.answers if x.agent == a][:3] for a in agents}
+    return accuracy, shown
+
+
+def _merge_recipes(base: Path, tuned: Path) -> dict[str, Any]:
+    """The tuned model merged back onto its base: each method on the task vector (tuned -
+    base; the base's own is zero), with the density mergekit's examples use, and the same
+    merges stored in the base's 4-bit type (what a merge into the first model's type did)."""
+    from orion_fsm.modelops import MergedModel, MergeRecipe
+
+    pair = (MergedModel(base), MergedModel(tuned))
+    return {
+        "task_arithmetic": MergeRecipe("task_arithmetic", pair, base=base),
+        "ties (density 0.5)": MergeRecipe("ties", pair, base=base, density=0.5),
+        "dare (density 0.5)": MergeRecipe("dare", pair, base=base, density=0.5),
+        "ties (density 0.2)": MergeRecipe("ties", pair, base=base, density=0.2),
+        "linear (0.5 / 0.5)": MergeRecipe("linear", pair),
+        "slerp (t 0.5)": MergeRecipe("slerp", pair, t=0.5),
+        "task_arithmetic, stored q4_1": MergeRecipe("task_arithmetic", pair, base=base,
+                                                     dtype="q4_1"),
+    }
+
+
+def _with_agents(registry_file: Path, variant: str, models: dict[str, Path]) -> Registry:
+    """The tune's registry plus one agent per merged model (a copy of the tuned variant)."""
+    doc = json.loads(registry_file.read_text(encoding="utf-8"))
+    tuned = next(a for a in doc["agents"] if a["id"] == variant)
+    for agent_id, path in models.items():
+        doc["agents"].append({**tuned, "id": agent_id, "model": {"path": str(path)}})
+    return Registry.from_dict(doc, source=registry_file)
+
+
+def _slug(method: str) -> str:
+    return "merge-" + "".join(c if c.isalnum() else "-" for c in method).strip("-")
 
 
 def _stages() -> Callable[[str, int, int], None]:
@@ -121,6 +165,9 @@ def _stages() -> Callable[[str, int, int], None]:
 
 
 def tune_on_feedback(quick: bool = False) -> dict[str, Any]:
+    from orion_fsm.backends import ensure_converted
+    from orion_fsm.modelops import merge_models
+
     if not FEEDBACK_SET.is_file():
         _write(FEEDBACK_SET, build_set())
     examples = load_examples(FEEDBACK_SET)
@@ -139,14 +186,37 @@ def tune_on_feedback(quick: bool = False) -> dict[str, Any]:
                             registry_out=root / "models.user.json", config=config,
                             progress=_stages())
         tune_s = time.monotonic() - started
-        tuned = Registry.load(root / "models.user.json")
+        tuned_path = Path(report.model_path)
+        # The runtime file the tune copied its other tensors from: the task vector's origin.
+        base_path = ensure_converted(Registry.load().get(AGENT).model.locate(),
+                                     root / "cache").model_path
+        merged: dict[str, Path] = {}
+        merge_s: dict[str, float] = {}
+        recipes = _merge_recipes(base_path, tuned_path)
+        if quick:
+            recipes = {k: v for k, v in recipes.items() if k.startswith("task_arithmetic")}
+        for method, recipe in recipes.items():
+            out = root / "merged" / _slug(method) / tuned_path.name
+            t = time.monotonic()
+            merge_models(recipe, out)
+            merge_s[method] = round(time.monotonic() - t, 1)
+            shutil.copyfile(tuned_path.parent / "tokenizer.json", out.parent / "tokenizer.json")
+            merged[_slug(method)] = out
+        registry = _with_agents(root / "models.user.json", report.variant, merged)
         t = time.monotonic()
-        before, before_shown = anyio.run(_answers, tuned, root / "cache", AGENT, test)
-        after, after_shown = anyio.run(_answers, tuned, root / "cache", report.variant, test)
+        scores, shown = anyio.run(_scores, registry, root / "cache",
+                                  [AGENT, report.variant, *merged], test)
         engine_s = time.monotonic() - t
-        size_mb = Path(report.model_path).stat().st_size / 1e6
+        size_mb = {"base": round(base_path.stat().st_size / 1e6, 1),
+                   "tuned": round(tuned_path.stat().st_size / 1e6, 1),
+                   **{m: round(merged[_slug(m)].stat().st_size / 1e6, 1) for m in recipes}}
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    before, after = scores[AGENT], scores[report.variant]
+    gain = after - before
+    kept = {m: round((scores[_slug(m)] - before) / gain, 3) if gain > 0 else None
+            for m in recipes}
+    best = max((k for k in kept.values() if k is not None), default=0.0)
     return {
         "feedback_set": str(FEEDBACK_SET.relative_to(FEEDBACK_SET.parents[1])),
         "examples": {"set": len(examples), "tune_file": len(train), "test": len(test),
@@ -158,20 +228,152 @@ def tune_on_feedback(quick: bool = False) -> dict[str, Any]:
                         "best_epoch": report.best_epoch, "stopped_early": report.stopped_early,
                         "accuracy_before_hf": report.accuracy_before,
                         "accuracy_after_hf": report.accuracy_after,
-                        "seconds": report.seconds},
-        "engine_accuracy": {"base": before, "tuned": after},
-        "answers": {"base": before_shown, "tuned": after_shown},
-        "tuned_gguf_mb": round(size_mb, 1),
-        "seconds": {"tune": round(tune_s, 1), "engine_check": round(engine_s, 1)},
+                        "seconds": report.seconds, "tokens_per_example": report.tokens},
+        "test_accuracy": {"base": before, "tuned": after,
+                          **{m: scores[_slug(m)] for m in recipes}},
+        "merge_gain_kept": kept,
+        "answers": {"base": shown[AGENT], "tuned": shown[report.variant],
+                    **{m: shown[_slug(m)] for m in recipes}},
+        "gguf_mb": size_mb,
+        "seconds": {"tune": round(tune_s, 1), "merges": merge_s,
+                    "engine_check": round(engine_s, 1)},
         "load_average_at_start": round(load_avg, 1),  # other jobs share the 2 cores
         "checks": [
             check("test accuracy through the Engine, base -> tuned (gain, points)",
-                  (after - before) * 100, "> 0 (the tuned variant answers in the format)",
-                  after > before),
+                  gain * 100, "> 0 (the tuned variant answers in the format)", gain > 0),
+            check("base+tuned merge, best method: share of the tuned gain kept", best,
+                  ">= 0.9", best >= 0.9),
             check("tune time, SmolLM2, 2 shared cores (s)", tune_s,
                   "<= 600 (quick <= 180)", tune_s <= (180 if quick else 600)),
         ],
     }
 
 
-BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {"tune": tune_on_feedback}
+def _old_answer(torch: Any, model: Any, prompt: list[int], stops: list[int], limit: int) -> None:
+    """One prompt at a time with the KV cache (how the tune's answer check used to run)."""
+    cache, step = None, torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(limit):
+            result = model(input_ids=step, cache=cache, use_cache=True, logits_to_keep=1)
+            cache = result.cache
+            token = int(result.logits[0, -1].argmax())
+            if token in stops:
+                break
+            step = torch.tensor([[token]])
+
+
+def tune_steps(quick: bool = False) -> dict[str, Any]:
+    """Where a tune's time goes on SmolLM2, each way measured against the direct call in one
+    run, interleaved: a training step as transformers computes the loss (every block, the
+    output head at every position) against the tune's (the frozen blocks run once per
+    example, the head on target tokens only), torch on 1 and 2 threads; the answer check one
+    prompt at a time against batched; loading and writing."""
+    from orion_fsm.backends import Tokenizer, ensure_converted
+    from orion_fsm.backends._convert import write_gguf_copy
+    from orion_fsm.tuning import _lora
+
+    rounds = 2 if quick else 5
+    load_avg = os.getloadavg()[0]
+    started = time.monotonic()
+    torch, transformers, peft = _lora._libraries()
+    imported_s = time.monotonic() - started
+    spec = Registry.load().get(AGENT)
+    source = spec.model.locate()
+    config = TuneConfig(lr=5e-4, batch=8, rank=8, layers=10, answer_tokens=10)
+    root = Path(tempfile.mkdtemp(prefix="orion-bench-steps-"))
+    try:
+        t = time.monotonic()
+        converted = ensure_converted(source, root / "cache")
+        converted_s = time.monotonic() - t
+        t = time.monotonic()
+        model = _lora._load(transformers, torch, source)
+        dequantized_s = time.monotonic() - t
+        tokenizer = Tokenizer.from_file(converted.tokenizer_path)
+        encoded = [_lora._encode(spec, tokenizer, e) for e in load_examples(FEEDBACK_SET)]
+        torch.manual_seed(0)
+        torch.set_num_threads(1)
+        blocks = int(model.config.num_hidden_layers)
+        first = blocks - (config.layers or blocks)
+        batches = [encoded[i * config.batch:(i + 1) * config.batch] for i in range(rounds)]
+        t = time.monotonic()
+        states = [_lora._states_below(torch, model, b, first, config.batch) for b in batches]
+        prefix_per_example = (time.monotonic() - t) / (rounds * config.batch)
+        tuned = peft.get_peft_model(model, peft.LoraConfig(
+            r=config.rank, lora_alpha=2 * config.rank, lora_dropout=0.0,
+            target_modules=list(_lora._TARGETS), layers_to_transform=list(range(first, blocks)),
+            bias="none"))
+        tuned.train()
+        steps: dict[str, list[float]] = {"direct": [], "tune": [], "tune, 2 threads": []}
+        for batch, below in zip(batches, states, strict=True):
+            for way in steps:  # interleaved: the machine's noise hits every way alike
+                torch.set_num_threads(2 if way.endswith("2 threads") else 1)
+                t = time.monotonic()
+                if way == "direct":
+                    loss = _direct_loss(torch, tuned, batch)
+                else:
+                    loss = _lora._loss(torch, model, batch, below, first)
+                loss.backward()
+                tuned.zero_grad()
+                steps[way].append(time.monotonic() - t)
+        torch.set_num_threads(1)
+        model = tuned.merge_and_unload()
+        model.eval()
+        asked = encoded[:config.batch * 2]
+        stops = _lora._stop_ids(spec, tokenizer)
+        t = time.monotonic()
+        for e in asked:
+            _old_answer(torch, model, e.prompt, stops, config.answer_tokens)
+        one_by_one = (time.monotonic() - t) / len(asked)
+        t = time.monotonic()
+        _lora._generate(torch, model, tokenizer, asked, stops, spec, config.answer_tokens)
+        batched = (time.monotonic() - t) / len(asked)
+        t = time.monotonic()
+        replaced = _lora._merged_tensors(model, list(range(first, blocks)))
+        write_gguf_copy(converted.model_path, root / "tuned.gguf", replaced)
+        write_s = time.monotonic() - t
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    step = {k: statistics.median(v) for k, v in steps.items()}
+    tokens = [e.length for e in encoded]
+    padded = sum(max(e.length for e in b) * len(b) for b in batches)
+    real = sum(e.length for b in batches for e in b)
+    return {
+        "model": f"{spec.id} ({source.name}), LoRA rank 8 on the last 10 of {blocks} blocks",
+        "tokens_per_example": {"mean": round(statistics.mean(tokens), 1), "max": max(tokens),
+                               "target_mean": round(statistics.mean(len(e.target)
+                                                                    for e in encoded), 1),
+                               "padding_share_in_batches": round(1 - real / padded, 3)},
+        "seconds": {"import torch/transformers/peft": round(imported_s, 1),
+                    "convert for the runtime": round(converted_s, 1),
+                    "dequantize (transformers reads the GGUF)": round(dequantized_s, 1),
+                    "frozen blocks, per example (once per tune)": round(prefix_per_example, 3),
+                    **{f"train step of {config.batch}, {k} (median)": round(v, 2)
+                       for k, v in step.items()},
+                    "answer, one prompt at a time": round(one_by_one, 3),
+                    "answer, batched by 16": round(batched, 3),
+                    "write the GGUF": round(write_s, 1)},
+        "rounds": rounds,
+        "load_average_at_start": round(load_avg, 1),
+        "checks": [
+            check("train step, direct / tune (x)", step["direct"] / step["tune"],
+                  "measured (> 1: the tune's step is cheaper)", True),
+            check("train step, 1 / 2 torch threads (x)", step["tune"] / step["tune, 2 threads"],
+                  "measured (> 1: two threads help on this shared machine)", True),
+            check("answer check per prompt, one by one / batched (x)", one_by_one / batched,
+                  "measured", True),
+        ],
+    }
+
+
+def _direct_loss(torch: Any, model: Any, batch: list[Any]) -> Any:
+    """The loss as transformers computes it from labels: every block, the head everywhere."""
+    width = max(e.length for e in batch)
+    ids = torch.tensor([e.prompt + e.target + [0] * (width - e.length) for e in batch])
+    mask = torch.tensor([[1] * e.length + [0] * (width - e.length) for e in batch])
+    labels = torch.tensor([[-100] * len(e.prompt) + e.target + [-100] * (width - e.length)
+                           for e in batch])
+    return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+
+BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {"tune": tune_on_feedback,
+                                                         "tune.steps": tune_steps}

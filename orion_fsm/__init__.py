@@ -117,7 +117,7 @@ from .services.routing._embedding_router import (
 from .services.routing._embedding_router import evaluate as evaluate_router
 from .services.routing._embeddings import EmbeddingError, EmbeddingService
 from .services.routing._router import RoutingDecision, RuleRouter
-from .tuning._data import answer_matches, load_examples
+from .tuning._data import load_examples
 from .tuning._lora import TuneConfig, TuneReport, tune_agent
 
 __version__ = "0.1.0"
@@ -225,7 +225,6 @@ __all__ = [
     "VirtualMember",
     "VirtualSpec",
     "__version__",
-    "answer_matches",
     "caches_dir",
     "compare",
     "configure_logging",

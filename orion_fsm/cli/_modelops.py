@@ -43,8 +43,8 @@ def add_parsers(msub: Any) -> None:
                        help="ties: fraction of each task vector kept; dare: kept at random")
     merge.add_argument("--t", type=float, default=0.5, help="slerp: 0 = first, 1 = second")
     merge.add_argument("--seed", type=int, default=0, help="dare: seed of the random drop")
-    merge.add_argument("--dtype", help="stored type of merged matrices (default: the "
-                       "first model's)")
+    merge.add_argument("--dtype", help="stored type of merged matrices (default: per tensor, "
+                       "the finest type an input holds it in)")
     _output_options(merge)
 
     shard = msub.add_parser("shard", help="split a model into parts with a JSON manifest")

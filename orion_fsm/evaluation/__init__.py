@@ -7,7 +7,7 @@ per agent and temperature, and the comparison of two agents (`orion-fsm eval`, `
     report.score("conversation", 0).categories["fact_en"].interval
 """
 
-from ._answers import AnswerCheck, AnswerQuestion, load_answer_set, passes
+from ._answers import AnswerCheck, AnswerQuestion, load_answer_set, matches, passes
 from ._evaluate import (
     AgentScore,
     Answer,
@@ -34,6 +34,7 @@ __all__ = [
     "difference_interval",
     "evaluate",
     "load_answer_set",
+    "matches",
     "passes",
     "verdict",
     "wilson_interval",

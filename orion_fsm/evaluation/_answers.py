@@ -19,12 +19,12 @@ import anyio
 
 from orion_fsm._exceptions import EvaluationError
 
-__all__ = ["AnswerCheck", "AnswerQuestion", "load_answer_set", "passes"]
+__all__ = ["AnswerCheck", "AnswerQuestion", "load_answer_set", "matches", "passes"]
 
 # A generated function that loops forever or waits on something fails, it never hangs the run.
 CODE_TIMEOUT_S = 5.0
 _CODE_MEMORY_BYTES = 512 * 1024 * 1024
-_POSITIVE = ("any", "regex", "number", "python")
+_POSITIVE = ("any", "exact", "regex", "number", "python")
 _NUMBER = re.compile(r"(?<![\w.,])-?\d+(?:[.,]\d+)*")
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
@@ -58,10 +58,11 @@ exec(compile({test!r}, "test", "exec"), namespace)
 
 @dataclass(frozen=True, slots=True)
 class AnswerCheck:
-    """What a correct answer contains. Exactly one positive test (`any`, `regex`, `number` or
-    `python` with `function`), and `none`: texts a correct answer must not contain."""
+    """What a correct answer contains. Exactly one positive test (`any`, `exact`, `regex`,
+    `number` or `python` with `function`), and `none`: texts a correct answer must not contain."""
 
     any: tuple[str, ...] = ()
+    exact: str | None = None  # the whole answer (a fixed format, as feedback teaches)
     regex: str | None = None
     number: float | None = None
     python: str | None = None  # asserts on `f`, run in a subprocess (CODE_TIMEOUT_S)
@@ -72,7 +73,7 @@ class AnswerCheck:
         doc: dict[str, Any] = {}
         if self.any:
             doc["any"] = list(self.any)
-        for name in ("regex", "number", "python", "function"):
+        for name in ("exact", "regex", "number", "python", "function"):
             if (value := getattr(self, name)) is not None:
                 doc[name] = value
         if self.none:
@@ -96,6 +97,11 @@ def _fold(text: str) -> str:
     """Case and accents aside: 'Léonard' matches 'leonard', 'PARIS' matches 'Paris'."""
     decomposed = unicodedata.normalize("NFKD", text.casefold())
     return "".join(c for c in decomposed if not unicodedata.combining(c))
+
+
+def _normal(text: str) -> str:
+    """Folded, spacing collapsed, final punctuation aside: 'Answer:  paris' is 'Answer: Paris.'"""
+    return " ".join(_fold(text).split()).rstrip(".!?。 ")
 
 
 def _contains(text: str, phrase: str) -> bool:
@@ -126,17 +132,30 @@ def code_blocks(text: str) -> list[str]:
 
 async def passes(check: AnswerCheck, text: str) -> bool:
     """Whether `text` passes `check`. A `python` check runs in a subprocess with a timeout."""
+    if check.python is None:
+        return matches(check, text)
+    if any(_contains(text, phrase) for phrase in check.none):
+        return False
+    assert check.function is not None  # a python check names its function
+    return await _run_python(check.python, check.function, code_blocks(text))
+
+
+def matches(check: AnswerCheck, text: str) -> bool:
+    """Whether `text` passes a check that reads the text only (every kind but `python`, which
+    runs code: `passes`). Synchronous, for a caller outside an event loop (the tune)."""
+    if check.python is not None:
+        raise EvaluationError("a python check runs the answer's code: await passes() instead")
     if any(_contains(text, phrase) for phrase in check.none):
         return False
     if check.any:
         return any(_contains(text, phrase) for phrase in check.any)
+    if check.exact is not None:
+        return _normal(text) == _normal(check.exact)
     if check.regex is not None:
         return re.search(check.regex, text, re.IGNORECASE | re.MULTILINE) is not None
-    if check.number is not None:
-        expected = check.number
-        return any(math.isclose(n, expected, rel_tol=1e-6, abs_tol=1e-9) for n in _numbers(text))
-    assert check.python is not None and check.function is not None  # one positive test each
-    return await _run_python(check.python, check.function, code_blocks(text))
+    assert check.number is not None  # one positive test each
+    expected = check.number
+    return any(math.isclose(n, expected, rel_tol=1e-6, abs_tol=1e-9) for n in _numbers(text))
 
 
 async def _run_python(test: str, function: str, blocks: Sequence[str]) -> bool:
@@ -158,11 +177,13 @@ def _check(raw: object, where: str) -> AnswerCheck:
     unknown = set(raw) - {*_POSITIVE, "function", "none"}
     positive = [name for name in _POSITIVE if name in raw]
     if unknown or len(positive) != 1:
-        raise EvaluationError(f"{where}: \"check\" needs exactly one of any, regex, number, "
-                              f"python (plus optional none, function); got keys {sorted(raw)}")
+        raise EvaluationError(f"{where}: \"check\" needs exactly one of any, exact, regex, "
+                              f"number, python (plus optional none, function); got keys "
+                              f"{sorted(raw)}")
     try:
         check = AnswerCheck(
-            any=tuple(str(p) for p in raw.get("any", ())), regex=raw.get("regex"),
+            any=tuple(str(p) for p in raw.get("any", ())), exact=raw.get("exact"),
+            regex=raw.get("regex"),
             number=float(raw["number"]) if "number" in raw else None,
             python=raw.get("python"), function=raw.get("function"),
             none=tuple(str(p) for p in raw.get("none", ())))
@@ -171,6 +192,8 @@ def _check(raw: object, where: str) -> AnswerCheck:
     if "any" in raw and (not isinstance(raw["any"], list) or not check.any
                          or not all(check.any)):
         raise EvaluationError(f"{where}: \"any\" must be a non-empty list of non-empty texts")
+    if check.exact is not None and not (isinstance(check.exact, str) and check.exact.strip()):
+        raise EvaluationError(f"{where}: \"exact\" must be a non-empty text (the whole answer)")
     if check.regex is not None:
         if not isinstance(check.regex, str):
             raise EvaluationError(f"{where}: \"regex\" must be a text (a Python regex)")

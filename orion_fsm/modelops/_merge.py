@@ -2,7 +2,8 @@
 
 A `MergeRecipe` says what to merge (mergekit's models / parameters / merge_method /
 base_model / dtype, from YAML or the command line). Tensors are merged one at a time in
-float64 from their dequantized values and stored in the first model's type (or `dtype`).
+float64 from their dequantized values and stored in the finest type an input holds them in
+(or `dtype`).
 """
 
 from __future__ import annotations
@@ -238,7 +239,13 @@ def _dims(info: TensorInfo) -> str:
 def _planned(recipe: MergeRecipe, models: Sequence[GGUFFile], base: GGUFFile | None,
              index: int, info: TensorInfo) -> PlannedTensor:
     name = info.name
-    stored = recipe.dtype if recipe.dtype and quantizable(info, recipe.dtype) else info.type
+    if recipe.dtype and quantizable(info, recipe.dtype):
+        stored = recipe.dtype
+    else:
+        # The finest type any input holds the tensor in: a tuned model's float16 projections
+        # merged back with its 4-bit base stay float16 (requantized to 4 bits, the small task
+        # vector would mostly round away).
+        stored = min((m.tensors[name].type for m in models), key=_coarseness)
     if stored not in (*FLOAT_TYPES, *QUANT_TYPES):
         stored = "q8_0" if quantizable(info, "q8_0") else "f32"
 
@@ -255,6 +262,12 @@ def _planned(recipe: MergeRecipe, models: Sequence[GGUFFile], base: GGUFFile | N
         return out
 
     return PlannedTensor(name, info.shape, stored, produce)
+
+
+def _coarseness(type_name: str) -> int:
+    """0 for f32, growing as the type keeps less; types we do not write rank last."""
+    order = (*FLOAT_TYPES, *QUANT_TYPES)  # each list goes from fine to coarse
+    return order.index(type_name) if type_name in order else len(order)
 
 
 def _merge_tensor(recipe: MergeRecipe, values: list[F64], base: F64 | None, index: int) -> F64:

@@ -12,7 +12,7 @@ from typing import TypeVar
 from orion_fsm._exceptions import TuningError
 from orion_fsm.services.feedback._store import TrainingExample
 
-__all__ = ["answer_matches", "load_examples", "split_examples"]
+__all__ = ["load_examples", "split_examples"]
 
 T = TypeVar("T")
 
@@ -69,13 +69,3 @@ def split_examples(examples: Sequence[T], held_out: float, seed: int
     random.Random(seed).shuffle(order)
     count = min(max(1, round(len(order) * held_out)), len(order) - 1)
     return order[count:], order[:count]
-
-
-def answer_matches(answer: str, target: str) -> bool:
-    """The answer check: the same text once case, spacing and final punctuation are set
-    aside (a fixed answer format is what fine-tuning on feedback usually teaches)."""
-    return _normal(answer) == _normal(target)
-
-
-def _normal(text: str) -> str:
-    return " ".join(text.split()).casefold().rstrip(".!?。 ")

@@ -5,10 +5,11 @@ the adapters merged into the weights and written back as a GGUF the runtime load
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -16,10 +17,11 @@ from typing import Any, Final
 from orion_fsm._exceptions import ConfigurationError, TuningError
 from orion_fsm.backends._convert import ensure_converted, write_gguf_copy
 from orion_fsm.backends._tokenizer import Tokenizer
+from orion_fsm.evaluation._answers import AnswerCheck, matches
 from orion_fsm.services.feedback._store import TrainingExample
 from orion_fsm.services.models._registry import AgentSpec, Registry
 
-from ._data import answer_matches, load_examples, split_examples
+from ._data import load_examples, split_examples
 from ._variant import REPORT_FILENAME, register_variant, store_model, variant_id
 
 __all__ = ["TuneConfig", "TuneReport", "tune_agent"]
@@ -31,7 +33,7 @@ ProgressCallback = Callable[[str, int, int], None]
 _TARGETS: Final = {"v_proj": ("self_attn", "attn_v"), "o_proj": ("self_attn", "attn_output"),
                    "gate_proj": ("mlp", "ffn_gate"), "up_proj": ("mlp", "ffn_up"),
                    "down_proj": ("mlp", "ffn_down")}
-_IGNORE: Final = -100  # label of a token the loss skips (the prompt's)
+_ANSWER_BATCH: Final = 16  # held-out prompts answered together by the answer check
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +90,9 @@ class TuneReport:
     best_epoch: int  # whose adapters were merged (0: none helped, the base weights)
     accuracy_before: float  # held-out answers passing the check, base model
     accuracy_after: float
-    seconds: dict[str, float]  # load, train, check, write, total
+    seconds: dict[str, float]  # load, prefix, train (and per step), check, write, total
     config: dict[str, Any] = field(default_factory=dict)
+    tokens: dict[str, float] = field(default_factory=dict)  # per training example, on average
 
     def as_dict(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -102,6 +105,10 @@ class _Encoded:
     prompt: list[int]
     target: list[int]
     answer: str  # the target text the check compares with
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.target)
 
 
 def tune_agent(registry: Registry, agent_id: str, data: Path, *, cache_dir: Path,
@@ -136,40 +143,51 @@ def tune_agent(registry: Registry, agent_id: str, data: Path, *, cache_dir: Path
     model = _load(transformers, torch, source)
     load_s = time.monotonic() - started
     stops = _stop_ids(spec, tokenizer)
-    t = time.monotonic()
-    held_losses = [_mean_loss(torch, model, held, config.batch)]
-    before = _accuracy(torch, model, tokenizer, held, stops, spec, config.answer_tokens,
-                       progress, "check before")
-    check_s = time.monotonic() - t
-
     blocks = int(model.config.num_hidden_layers)
     layers = list(range(blocks - min(config.layers or blocks, blocks), blocks))
-    model = peft.get_peft_model(model, peft.LoraConfig(
+    t = time.monotonic()
+    # The blocks below the tuned ones never change: what enters the first tuned block is
+    # computed once per example here, not once per example per epoch.
+    train_in = _states_below(torch, model, train, layers[0], config.batch)
+    held_in = _states_below(torch, model, held, layers[0], config.batch)
+    prefix_s = time.monotonic() - t
+    t = time.monotonic()
+    held_losses = [_mean_loss(torch, model, held, held_in, layers[0], config.batch)]
+    before = _accuracy(torch, model, held, stops, tokenizer, spec, config, progress,
+                       "check before")
+    check_s = time.monotonic() - t
+
+    tuned = peft.get_peft_model(model, peft.LoraConfig(
         r=config.rank, lora_alpha=config.alpha or 2 * config.rank, lora_dropout=0.0,
         target_modules=list(_TARGETS), layers_to_transform=layers, bias="none"))
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = [p for p in tuned.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr)
     t = time.monotonic()
     train_losses: list[float] = []
     best, best_epoch, worse = held_losses[0], 0, 0
     best_state = [p.detach().clone() for p in trainable]
     stopped_early = False
+    steps = 0
     for epoch in range(1, config.epochs + 1):
-        model.train()
-        order = list(train)
+        tuned.train()
+        order = list(range(len(train)))
         random.shuffle(order)
         batches = [order[i:i + config.batch] for i in range(0, len(order), config.batch)]
         losses = []
-        for step, batch in enumerate(batches, start=1):
-            loss = _loss(torch, model, batch)
+        for step, picked in enumerate(batches, start=1):
+            # `model` holds the adapters peft put in place: called directly, it runs the
+            # tuned blocks only, from the states below them.
+            loss = _loss(torch, model, [train[i] for i in picked], [train_in[i] for i in picked],
+                         layers[0])
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
             losses.append(float(loss.detach()))
+            steps += 1
             if progress is not None:
                 progress(f"epoch {epoch}/{config.epochs}", step, len(batches))
         train_losses.append(sum(losses) / len(losses))
-        held_losses.append(_mean_loss(torch, model, held, config.batch))
+        held_losses.append(_mean_loss(torch, model, held, held_in, layers[0], config.batch))
         if held_losses[-1] < best - 1e-4:
             best, best_epoch, worse = held_losses[-1], epoch, 0
             best_state = [p.detach().clone() for p in trainable]
@@ -184,9 +202,9 @@ def tune_agent(registry: Registry, agent_id: str, data: Path, *, cache_dir: Path
     train_s = time.monotonic() - t
 
     t = time.monotonic()
-    model = model.merge_and_unload()
-    after = _accuracy(torch, model, tokenizer, held, stops, spec, config.answer_tokens,
-                      progress, "check after")
+    model = tuned.merge_and_unload()
+    after = _accuracy(torch, model, held, stops, tokenizer, spec, config, progress,
+                      "check after")
     check_s += time.monotonic() - t
 
     t = time.monotonic()
@@ -208,10 +226,12 @@ def tune_agent(registry: Registry, agent_id: str, data: Path, *, cache_dir: Path
         train_loss=tuple(round(x, 4) for x in train_losses),
         held_out_loss=tuple(round(x, 4) for x in held_losses), best_epoch=best_epoch,
         accuracy_before=before, accuracy_after=after,
-        seconds={"load": round(load_s, 1), "train": round(train_s, 1),
+        seconds={"load": round(load_s, 1), "prefix": round(prefix_s, 1),
+                 "train": round(train_s, 1), "train_step": round(train_s / max(steps, 1), 2),
                  "check": round(check_s, 1), "write": round(write_s, 1),
                  "total": round(time.monotonic() - started, 1)},
-        config={**asdict(config), "targets": list(_TARGETS), "layers_tuned": layers})
+        config={**asdict(config), "targets": list(_TARGETS), "layers_tuned": layers},
+        tokens=_token_counts(train))
     _save_report(model_path.parent / REPORT_FILENAME, report)
     return report
 
@@ -260,25 +280,75 @@ def _stop_ids(spec: AgentSpec, tokenizer: Tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def _batch(torch: Any, batch: Sequence[_Encoded]) -> tuple[Any, Any, Any]:
-    """input ids, attention mask and labels, right-padded; the loss reads the target only."""
-    width = max(len(e.prompt) + len(e.target) for e in batch)
-    ids, mask, labels = [], [], []
-    for e in batch:
-        row = e.prompt + e.target
-        pad = width - len(row)
-        ids.append(row + [0] * pad)
-        mask.append([1] * len(row) + [0] * pad)
-        labels.append([_IGNORE] * len(e.prompt) + e.target + [_IGNORE] * pad)
-    return torch.tensor(ids), torch.tensor(mask), torch.tensor(labels)
+@contextlib.contextmanager
+def _blocks(model: Any, start: int, stop: int | None, *, final_norm: bool) -> Iterator[Any]:
+    """`model`'s decoder with only blocks [start, stop) (and, without `final_norm`, no final
+    norm): it then maps the states entering block `start` to those leaving block stop - 1."""
+    core = model.model
+    layers, norm = core.layers, core.norm
+    core.layers = layers[start:stop]
+    if not final_norm:
+        core.norm = _identity()
+    try:
+        yield core
+    finally:
+        core.layers, core.norm = layers, norm
 
 
-def _loss(torch: Any, model: Any, batch: Sequence[_Encoded]) -> Any:
-    ids, mask, labels = _batch(torch, batch)
-    return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+def _identity() -> Any:
+    import torch
+
+    return torch.nn.Identity()
 
 
-def _mean_loss(torch: Any, model: Any, examples: Sequence[_Encoded], size: int) -> float:
+def _padded(torch: Any, rows: Sequence[Any]) -> tuple[Any, Any]:
+    """Right-padded (batch, width, hidden) states and their attention mask."""
+    states = torch.nn.utils.rnn.pad_sequence(list(rows), batch_first=True)
+    mask = torch.zeros(states.shape[:2], dtype=torch.long)
+    for i, row in enumerate(rows):
+        mask[i, :len(row)] = 1
+    return states, mask
+
+
+def _states_below(torch: Any, model: Any, examples: Sequence[_Encoded], first: int,
+                  size: int) -> list[Any]:
+    """Per example, the states entering block `first` ((tokens, hidden), no padding)."""
+    model.eval()
+    out = []
+    with torch.no_grad(), _blocks(model, 0, first, final_norm=False) as below:
+        for i in range(0, len(examples), size):
+            batch = examples[i:i + size]
+            width = max(e.length for e in batch)
+            ids = torch.tensor([e.prompt + e.target + [0] * (width - e.length) for e in batch])
+            mask = (torch.arange(width)[None, :]
+                    < torch.tensor([e.length for e in batch])[:, None]).long()
+            # Right padding: under the causal mask no real token attends to a pad.
+            states = below(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            out += [row[:e.length].clone() for row, e in zip(states, batch, strict=True)]
+    return out
+
+
+def _loss(torch: Any, model: Any, batch: Sequence[_Encoded], states: Sequence[Any],
+          first: int) -> Any:
+    """Mean cross-entropy of the target tokens, from the states entering block `first`. The
+    output head (49k x 576 on SmolLM2) runs on the target positions only, not the prompt's."""
+    padded, mask = _padded(torch, states)
+    with _blocks(model, first, None, final_norm=True) as top:
+        hidden = top(inputs_embeds=padded, attention_mask=mask, use_cache=False).last_hidden_state
+    rows: list[int] = []
+    cols: list[int] = []
+    labels: list[int] = []
+    for i, e in enumerate(batch):
+        start = len(e.prompt) - 1  # the position before a token predicts it
+        rows += [i] * len(e.target)
+        cols += range(start, start + len(e.target))
+        labels += e.target
+    logits = model.lm_head(hidden[rows, cols])
+    return torch.nn.functional.cross_entropy(logits.float(), torch.tensor(labels))
+
+
+def _mean_loss(torch: Any, model: Any, examples: Sequence[_Encoded], states: Sequence[Any],
+               first: int, size: int) -> float:
     """Mean loss per target token over `examples`."""
     model.eval()
     total, tokens = 0.0, 0
@@ -286,44 +356,58 @@ def _mean_loss(torch: Any, model: Any, examples: Sequence[_Encoded], size: int) 
         for i in range(0, len(examples), size):
             batch = examples[i:i + size]
             count = sum(len(e.target) for e in batch)
-            total += float(_loss(torch, model, batch)) * count
+            total += float(_loss(torch, model, batch, states[i:i + size], first)) * count
             tokens += count
     return total / tokens if tokens else math.nan
 
 
-def _accuracy(torch: Any, model: Any, tokenizer: Tokenizer, examples: Sequence[_Encoded],
-              stops: list[int], spec: AgentSpec, limit: int,
+def _accuracy(torch: Any, model: Any, examples: Sequence[_Encoded], stops: list[int],
+              tokenizer: Tokenizer, spec: AgentSpec, config: TuneConfig,
               progress: ProgressCallback | None, stage: str) -> float:
-    """Share of `examples` whose greedy answer passes the answer check."""
+    """Share of `examples` whose greedy answer passes the evaluator's `exact` check."""
     model.eval()
     passed = 0
-    with torch.no_grad():
-        for done, e in enumerate(examples, start=1):
-            answer = _generate(torch, model, tokenizer, e.prompt, stops, spec, limit)
-            passed += answer_matches(answer, e.answer)
-            if progress is not None:
-                progress(stage, done, len(examples))
+    size = _ANSWER_BATCH
+    for i in range(0, len(examples), size):
+        batch = examples[i:i + size]
+        answers = _generate(torch, model, tokenizer, batch, stops, spec, config.answer_tokens)
+        passed += sum(matches(AnswerCheck(exact=e.answer), a)
+                      for a, e in zip(answers, batch, strict=True))
+        if progress is not None:
+            progress(stage, min(i + size, len(examples)), len(examples))
     return passed / len(examples)
 
 
-def _generate(torch: Any, model: Any, tokenizer: Tokenizer, prompt: list[int],
-              stops: list[int], spec: AgentSpec, limit: int) -> str:
-    """Greedy decoding with the KV cache, until a stop token or `limit` tokens."""
-    out: list[int] = []
-    cache = None
-    step = torch.tensor([prompt])
-    for _ in range(limit):
-        result = model(input_ids=step, cache=cache, use_cache=True, logits_to_keep=1)
-        cache = result.cache
-        token = int(result.logits[0, -1].argmax())
-        if token in stops:
-            break
-        out.append(token)
-        step = torch.tensor([[token]])
-    text = tokenizer.decode(out, skip_special=True)
-    for stop in spec.generation.stop:
-        text = text.split(stop, 1)[0]
-    return text.strip()
+def _generate(torch: Any, model: Any, tokenizer: Tokenizer, batch: Sequence[_Encoded],
+              stops: list[int], spec: AgentSpec, limit: int) -> list[str]:
+    """Greedy answers to the batch's prompts, decoded together (left-padded: one pass over
+    the weights per token for the whole batch, not per prompt), each cut at its first stop."""
+    width = max(len(e.prompt) for e in batch)
+    pad = stops[0] if stops else 0
+    ids = torch.tensor([[pad] * (width - len(e.prompt)) + e.prompt for e in batch])
+    mask = torch.tensor([[0] * (width - len(e.prompt)) + [1] * len(e.prompt) for e in batch])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=limit,
+                             do_sample=False, eos_token_id=stops or None, pad_token_id=pad)
+    texts = []
+    for row in out[:, width:].tolist():
+        tokens = []
+        for token in row:
+            if token in stops:
+                break
+            tokens.append(token)
+        text = tokenizer.decode(tokens, skip_special=True)
+        for stop in spec.generation.stop:
+            text = text.split(stop, 1)[0]
+        texts.append(text.strip())
+    return texts
+
+
+def _token_counts(examples: Sequence[_Encoded]) -> dict[str, float]:
+    n = len(examples)
+    return {"prompt": round(sum(len(e.prompt) for e in examples) / n, 1),
+            "target": round(sum(len(e.target) for e in examples) / n, 1),
+            "longest": max(e.length for e in examples)}
 
 
 def _merged_tensors(model: Any, layers: Sequence[int]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from orion_fsm import AnswerCheck, EvaluationError, OrionError, load_answer_set
-from orion_fsm.evaluation import passes
+from orion_fsm.evaluation import matches, passes
 
 pytestmark = pytest.mark.anyio
 
@@ -43,8 +43,9 @@ def test_the_shipped_set_loads_with_every_category_and_agent() -> None:
     (["{not json"], "answers.jsonl:1: not JSON"),
     ([line(check=None)], "missing check"),
     ([line(agent="")], "must be non-empty texts"),
-    ([line(check={"any": ["Paris"], "regex": "Paris"})], "exactly one of any, regex"),
-    ([line(check={"contains": "Paris"})], "exactly one of any, regex"),
+    ([line(check={"any": ["Paris"], "regex": "Paris"})], "exactly one of any, exact, regex"),
+    ([line(check={"contains": "Paris"})], "exactly one of any, exact, regex"),
+    ([line(check={"exact": " "})], '"exact" must be a non-empty text'),
     ([line(check={"regex": "(unclosed"})], "not a valid regex"),
     ([line(check={"regex": 5})], "\"regex\" must be a text"),
     ([line(check={"any": []})], "non-empty list"),
@@ -86,11 +87,21 @@ def test_a_missing_answer_set_says_it_cannot_be_read(tmp_path: Path) -> None:
     (AnswerCheck(number=-3), "x = -3", True),
     (AnswerCheck(any=("yes",), none=("not an animal",)), "Yes, Tom is not an animal.", False),
     (AnswerCheck(any=("yes",), none=("not an animal",)), "Yes, Tom is an animal.", True),
+    (AnswerCheck(exact="Answer: Paris."), "answer:  PARIS", True),
+    (AnswerCheck(exact="Answer: Paris."), "Answer: Paris. It is in France.", False),
+    (AnswerCheck(exact="Answer: Paris."), "Paris", False),
+    (AnswerCheck(exact="Réponse : Léon."), "reponse : leon!", True),
     (AnswerCheck(regex=""), "", True),
     (AnswerCheck(regex="(?!)"), "anything at all", False),
 ])
 async def test_text_checks(check: AnswerCheck, text: str, expected: bool) -> None:
     assert await passes(check, text) is expected
+    assert matches(check, text) is expected  # the same check outside an event loop (the tune)
+
+
+def test_matches_refuses_a_check_that_runs_code() -> None:
+    with pytest.raises(EvaluationError, match="await passes"):
+        matches(AnswerCheck(python="assert f(1) == 1", function="f"), "def f(x): return x")
 
 
 ADD = AnswerCheck(python="assert f(2, 3) == 5\nassert f(-1, 1) == 0", function="add")

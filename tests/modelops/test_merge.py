@@ -132,6 +132,24 @@ def test_task_arithmetic_adds_a_task_vector_back_onto_its_base(tiny_pair: dict[s
                                    rtol=1e-5, atol=1e-6)
 
 
+def test_a_tuned_float_model_merged_onto_its_quantized_base_stays_float(
+        tiny_pair: dict[str, Path], tmp_path: Path) -> None:
+    # The first use of a merge: a base held in 4 bits and a tuned copy in float. Stored in the
+    # base's q4_1, the task vector would be rounded onto the 4-bit grid; it is kept in float.
+    base = quantize_model(tiny_pair["base"], tmp_path / "q" / "base.q4_1.gguf", "q4_1").path
+    tuned = tiny_pair["a"]  # f32
+    out = tmp_path / "out.gguf"
+    merge_models(recipe("task_arithmetic", base, tuned, base=base), out)
+    with open_gguf(tuned) as mt, open_gguf(out) as mm:
+        name = "blk.0.ffn_up.weight"
+        assert mm.tensors[name].type == mt.tensors[name].type == "f32"
+        np.testing.assert_allclose(mm.read(name), mt.read(name), rtol=1e-5, atol=1e-6)
+    # Asked for, the base's type is still what it gets.
+    merge_models(recipe("task_arithmetic", base, tuned, base=base, dtype="q4_1"), out)
+    with open_gguf(out) as mm:
+        assert mm.tensors["blk.0.ffn_up.weight"].type == "q4_1"
+
+
 def test_slerp_at_its_ends_gives_each_model(tiny_pair: dict[str, Path], tmp_path: Path) -> None:
     a, b = tiny_pair["a"], tiny_pair["b"]
     merge_models(recipe("slerp", a, b, t=0.0), tmp_path / "t0.gguf")

@@ -231,3 +231,33 @@ def test_the_cli_summary_names_the_variant_and_how_to_use_it(
     assert model.startswith(f"model: {tuned.cache / 'tuned'}")
     assert registry.endswith(f"--registry {out} run --agent {variant} PROMPT")
     assert variant in Registry.load(out).agents
+
+
+@pytest.mark.parametrize("first", [0, 2])
+def test_the_trained_loss_is_the_models_own_loss_on_the_target_tokens(
+        tmp_path: Path, first: int) -> None:
+    """The tune runs the frozen blocks below `first` once per example and the output head on
+    the target positions only: the loss it trains is still the one transformers computes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from orion_fsm.tuning._lora import _Encoded, _loss, _states_below
+
+    make_tiny_llama_gguf(tmp_path / "tiny.gguf", n_layers=4, n_embd=64, seed=3,
+                         llama_cpp_layout=True)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny.gguf",
+                                                 dtype=torch.float32)
+    batch = [_Encoded([5, 9, 14, 3], [7, 8], "a"), _Encoded([4, 6], [11, 12, 13], "b"),
+             _Encoded([2, 3, 4, 5, 6, 7], [9], "c")]
+    width = max(e.length for e in batch)
+    ids = torch.tensor([e.prompt + e.target + [0] * (width - e.length) for e in batch])
+    mask = torch.tensor([[1] * e.length + [0] * (width - e.length) for e in batch])
+    labels = torch.tensor([[-100] * len(e.prompt) + e.target + [-100] * (width - e.length)
+                           for e in batch])
+    with torch.no_grad():
+        direct = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        states = _states_below(torch, model, batch, first, size=2)
+        ours = _loss(torch, model, batch, states, first)
+    assert [len(s) for s in states] == [e.length for e in batch]
+    assert float(ours) == pytest.approx(float(direct), rel=1e-5)
+    assert len(model.model.layers) == 4  # the blocks are put back
