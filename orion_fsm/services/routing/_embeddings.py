@@ -146,11 +146,15 @@ class _SharedModel:
     load_s: float
     # One encode at a time per model: torch already spreads a batch over every core.
     lock: threading.Lock
+    precision: str  # "bfloat16" where the CPU computes it natively, else "float32"
 
     def encode(self, texts: list[str], cores: CoreShare | None = None) -> np.ndarray:
         import numpy as np
+        import torch
 
-        with self.lock, _cores_for_torch(cores):
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16,
+                                  enabled=self.precision == "bfloat16")
+        with self.lock, _cores_for_torch(cores), autocast:
             vectors = self.model.encode(
                 texts, batch_size=max(1, len(texts)), normalize_embeddings=True,
                 convert_to_numpy=True, show_progress_bar=False,
@@ -228,7 +232,21 @@ def _load(folder: Path) -> _SharedModel:
                  or model.get_sentence_embedding_dimension)
     dim = int(dimension() or 0)
     return _SharedModel(model=model, dim=dim, load_s=time.perf_counter() - started,
-                        lock=threading.Lock())
+                        lock=threading.Lock(),
+                        precision="bfloat16" if _native_bfloat16() else "float32")
+
+
+def _native_bfloat16() -> bool:
+    """Whether the CPU has bfloat16 dot products (AVX512-BF16 or AMX). There MiniLM under
+    bfloat16 autocast costs 0.58x the CPU of float32, its vectors at cosine >= 0.9999 to
+    float32's (160 library/ chunks, one run); elsewhere autocast would emulate it, slower."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
+    except OSError:  # not Linux: stay in float32
+        return False
+    flags = {flag for line in cpuinfo.splitlines() if line.startswith("flags")
+             for flag in line.partition(":")[2].split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def _quiet_load(factory: Any, folder: Path) -> Any:
@@ -537,6 +555,7 @@ class EmbeddingService:
             encode_ms=round(stats["encode_ms"], 3),
             window_wait_ms=round(stats["window_wait_ms"], 3),
             load_s=round(self._shared.load_s, 3) if self._shared else None,
+            precision=self._shared.precision if self._shared else None,
         )
         return stats
 

@@ -42,8 +42,13 @@ class DictStore:
 
 
 def direct(service: EmbeddingService, text: str) -> np.ndarray:
+    """`text` encoded alone, outside the service, at the precision the service chose."""
+    import torch
+
     assert service.model is not None
-    return np.asarray(service.model.encode([text], normalize_embeddings=True)[0])
+    bfloat16 = service.stats()["precision"] == "bfloat16"
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
+        return np.asarray(service.model.encode([text], normalize_embeddings=True)[0])
 
 
 async def test_concurrent_callers_each_get_their_own_vector_from_few_batches(
@@ -223,3 +228,17 @@ async def test_a_failing_store_is_a_miss_not_a_failure(model_dir: Path) -> None:
         vector = await service.embed("the store is down")
     np.testing.assert_allclose(vector, direct(service, "the store is down"), atol=1e-5)
     assert service.stats()["store_errors"] >= 3  # memory read, disk read, write
+
+
+async def test_vectors_agree_with_float32_whatever_precision_the_cpu_chose(
+    model_dir: Path,
+) -> None:
+    texts = ["How do I count the CPUs?", "une fonction qui inverse une chaîne",
+             "the capital of France", "def reverse(s): return s[::-1]"]
+    async with EmbeddingService(model_dir) as service:
+        vectors = await service.embed_many(texts)
+        assert service.stats()["precision"] in ("bfloat16", "float32")
+        assert service.model is not None
+        for text, vector in zip(texts, vectors, strict=True):
+            alone = np.asarray(service.model.encode([text], normalize_embeddings=True)[0])
+            assert float(alone @ vector) > 0.999
