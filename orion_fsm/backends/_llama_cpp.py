@@ -187,11 +187,12 @@ class LlamaRuntime:
         with self._lock:
             if self._stopping:
                 raise ModelLoadError(f"model {self.model_path} was closed; load it again")
-            slot = next((s for s in self._slots if not s.open), None)
+            # A slot given back without waiting (`abandon`) is free once its job has ended.
+            slot = next((s for s in self._slots if not s.open and s.job is None), None)
             if slot is None:
                 raise ModelLoadError(f"all {self.sequences} sequences of {self.model_path} are "
                                      "taken; raise the agent's `parallel` and reload it")
-            slot.open = True
+            slot.open, slot.closing = True, False
             self._open += 1
             return LlamaSequence(self, slot)
 
@@ -199,27 +200,25 @@ class LlamaRuntime:
     def closed(self) -> bool:
         return self._ctx is None
 
-    def _close_sequence(self, slot: _Slot) -> None:
-        """A slot is closed (its generation, if any, was ended); the last one frees all."""
+    def _close_sequence(self, slot: _Slot, *, wait: bool = True) -> None:
+        """A slot is closed: its generation, if any, is ended at the next step, and waited
+        for unless `wait` is False (a generation stuck in the runtime). After the last one the
+        decode thread stops and frees everything on its way out (waited for likewise)."""
         with self._lock:
-            slot.closing = True
-            while slot.job is not None:  # the loop ends it at its next step
-                self._wake.notify_all()
-                self._wake.wait(_WAIT_POLL_S)
-            slot.closing = False
             if not slot.open:
                 return
-            slot.open = False
+            slot.open, slot.closing = False, True
             self._open -= 1
             # Its KV cells stay: only the decode thread touches the context, and the next
             # generation on this sequence reuses or drops them.
             last = self._open == 0
             if last:
                 self._stopping = True
-                self._wake.notify_all()
-        if last:
+            self._wake.notify_all()
+            while wait and slot.job is not None:  # the loop ends it at its next step
+                self._wake.wait(_WAIT_POLL_S)
+        if last and wait:
             self._thread.join()
-            self._free()
 
     def _free(self) -> None:
         llama = self._llama
@@ -259,6 +258,14 @@ class LlamaRuntime:
                 self._wake.notify_all()
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        finally:
+            # Here, not in the last `close()`: a sequence given back while the thread was stuck
+            # in the runtime (`abandon`) has nobody waiting to free it.
+            self._free()
+
+    def _serve(self) -> None:
         llama = self._llama
         while True:
             with self._lock:
@@ -521,6 +528,14 @@ class LlamaSequence:
         if not self._closed:
             self._closed = True
             self._runtime._close_sequence(self._slot)
+
+    def abandon(self) -> None:
+        """Give the sequence back without waiting for its generation, stuck in the runtime
+        (the stall watchdog gave up on it): the decode thread ends it when its call returns,
+        and frees the runtime then if this was its last sequence. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._runtime._close_sequence(self._slot, wait=False)
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams, *,
                  on_event: Callable[[GenerationEvent], None], should_stop: Callable[[], bool],

@@ -211,6 +211,35 @@ def test_the_runtime_is_freed_with_its_last_sequence(tiny_files: tuple[Path, Pat
         runtime.open_sequence()
 
 
+def test_sequences_given_back_while_the_decode_thread_is_stuck_free_the_runtime_when_it_returns(
+    tiny_files: tuple[Path, Path],
+) -> None:
+    first = LlamaSequence.load(*tiny_files, context_length=128, sequences=2, threads=1)
+    runtime = first.runtime
+    second = runtime.open_sequence()
+    stuck = HeldGate()  # the decode step does not come back until `go`
+    streams = [s.open_stream(s.tokenizer.encode(p), GREEDY, cores=stuck)
+               for s, p in zip((first, second), PROMPTS, strict=False)]
+    waiting = [threading.Thread(target=drain, args=(s,)) for s in streams]
+    for thread in waiting:
+        thread.start()
+    assert stuck.entered.wait(10)
+    first.abandon()  # the stall watchdog gave up on both: nothing waits for the thread
+    second.abandon()
+    assert first.generating and second.generating
+    assert not runtime.closed and runtime._thread.is_alive()
+    with pytest.raises(ModelLoadError, match="closed"):
+        runtime.open_sequence()
+    stuck.go.set()  # the runtime call returns: the thread ends both jobs, stops, frees all
+    runtime._thread.join(10)
+    assert not runtime._thread.is_alive()
+    assert runtime.closed
+    for thread in waiting:
+        thread.join(10)
+        assert not thread.is_alive()
+    assert [s.outcome.finish_reason for s in streams] == ["cancelled", "cancelled"]
+
+
 def test_a_file_llama_cpp_cannot_read_is_a_model_load_error(tmp_path: Path,
                                                            tiny_files: tuple[Path, Path]) -> None:
     bad = tmp_path / "bad.gguf"
