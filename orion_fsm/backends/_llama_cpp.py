@@ -12,6 +12,7 @@ import importlib.util
 import logging
 import random
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,11 @@ _PROMPT_CHUNK: Final = 128  # prompt tokens of one sequence per step: the others
 _LAST_N_TOKENS: Final = 64  # window of the repetition penalty, as on ctransformers
 _COPY_GAIN: Final = 16  # a prefix copied from another sequence must save at least this many
 _WAIT_POLL_S: Final = 0.05
+# From idle, the first step waits while requests keep arriving (each this soon after the
+# last, for this long at most): a prompt's step is long, and one that just misses it waits
+# for all of it (concurrent requests reach the runtime a few ms apart through the engine).
+_GATHER_GAP_S: Final = 0.005
+_GATHER_MAX_S: Final = 0.025
 
 _backend_ready = threading.Lock()
 _backend_started = False
@@ -273,6 +279,8 @@ class LlamaRuntime:
                     self._wake.wait()
                 if self._stopping and not self._incoming and not self._active:
                     return
+                if not self._active:
+                    self._gather()
                 joining, self._incoming = self._incoming, []
             try:
                 for job in joining:
@@ -288,6 +296,19 @@ class LlamaRuntime:
                     if job.outcome is None:
                         self._fail(job, InferenceError(
                             f"model {self.model_path} failed to generate: {exc}"))
+
+    def _gather(self) -> None:
+        """Hold the first step from idle while more generations arrive (under the lock)."""
+        seen, last = len(self._incoming), time.monotonic()
+        end = last + _GATHER_MAX_S
+        # Every open sequence already in: nobody else can come.
+        while not self._stopping and seen < self._open:
+            left = min(last + _GATHER_GAP_S, end) - time.monotonic()
+            if left <= 0:
+                return
+            self._wake.wait(left)
+            if len(self._incoming) != seen:
+                seen, last = len(self._incoming), time.monotonic()
 
     def _start(self, job: _Job) -> None:
         """Reuse the KV cells of the longest prefix a sequence holds (its own, or copied from

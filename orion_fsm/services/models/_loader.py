@@ -701,10 +701,16 @@ class ModelLoader:
                             f"its {len(resident.quarantined)} slot(s) were abandoned by the "
                             "stall watchdog and the budget has no room for a new one"))
                     return None
-            with anyio.CancelScope(shield=True):
-                # llama_cpp: a new context (the last one was given up on) holds them all.
-                model = await anyio.to_thread.run_sync(self._load_blocking, prepared,
-                                                       resident.sequences)
+            runtime = self._runtimes.get(prepared.key)
+            if runtime is not None and not runtime.closed:
+                # A sequence of the context there is: nothing to load, no thread hop (a
+                # request that joins late misses the step its neighbours share).
+                model: SlotModel = runtime.open_sequence()
+            else:
+                with anyio.CancelScope(shield=True):
+                    # llama_cpp: a new context (the last one was given up on) holds them all.
+                    model = await anyio.to_thread.run_sync(self._load_blocking, prepared,
+                                                           resident.sequences)
         except ModelLoadError:
             if not resident.instances:
                 raise
