@@ -29,6 +29,7 @@ from ._generation import (
     GenerationEvent,
     GenerationOutcome,
     SamplingParams,
+    ScoreBuffers,
     TextEmitter,
     Threads,
     TokenScores,
@@ -180,6 +181,7 @@ class LlamaRuntime:
         self._active: list[_Job] = []
         self._open = 0
         self._stopping = False
+        self._scores = ScoreBuffers()  # the decode thread's
         self.steps = 0  # decode steps run (tests and the bench read them)
         self.batched_steps = 0  # steps that decoded for more than one sequence
         self._thread = threading.Thread(target=self._loop, name=f"llama-decode:{model_path.stem}",
@@ -430,7 +432,7 @@ class LlamaRuntime:
 
         logits = np.ctypeslib.as_array(llama.llama_get_logits_ith(self._ctx, index),
                                        shape=(self.n_vocab,))
-        scores = TokenScores.of(logits)  # before a sampler may rewrite the buffer
+        scores = TokenScores.of(logits, self._scores)  # before a sampler may rewrite it
         if job.masked is not None:
             token = job.masked.choose(logits)
         else:
