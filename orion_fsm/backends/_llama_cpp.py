@@ -86,6 +86,19 @@ def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
     return n
 
 
+def _caught_up(events: deque[GenerationEvent]) -> GenerationEvent:
+    """The events the loop queued, as one: a caller that fell behind the decode steps
+    catches up in one worker-thread hop instead of one per token."""
+    if len(events) == 1:
+        return events.popleft()
+    taken = list(events)
+    events.clear()
+    return GenerationEvent(tuple(i for e in taken for i in e.token_ids),
+                           "".join(e.text for e in taken),
+                           tuple(p for e in taken for p in e.logprobs),
+                           tuple(h for e in taken for h in e.entropies))
+
+
 @dataclass(eq=False)
 class _Job:
     """One generation in the decode loop; everything but `events`/`outcome` is the loop's."""
@@ -623,7 +636,7 @@ class LlamaStream:
             # stop, nothing more, and the outcome holds only what it was given.
             stopped = job.should_stop()
             if job.events and not stopped:
-                event = job.events.popleft()
+                event = _caught_up(job.events)
                 self._token_ids.extend(event.token_ids)
                 self._texts.append(event.text)
                 return event
