@@ -7,6 +7,7 @@ The behaviour every runtime shares is tested on both in test_ctransformers.py.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -153,6 +154,24 @@ def test_cancelling_one_sequence_leaves_the_others_running(slots: list[LlamaSequ
     again = slots[1].generate(slots[1].tokenizer.encode(PROMPTS[1]), GREEDY,
                               on_event=lambda e: None, should_stop=lambda: False)
     assert again.finish_reason == "length"
+
+
+def test_a_caller_that_fell_behind_takes_the_queued_tokens_as_one_event(
+    slots: list[LlamaSequence],
+) -> None:
+    sequence = slots[0]
+    stream = sequence.open_stream(sequence.tokenizer.encode(PROMPTS[0]),
+                                  SamplingParams(temperature=0, max_tokens=60))
+    first = stream.next_event()
+    while sequence.generating:  # the loop runs to the end while nobody reads
+        time.sleep(0.01)
+    rest = list(iter(stream.next_event, None))
+    outcome = stream.outcome
+    assert first is not None and len(rest) == 1  # one hop for all that was queued
+    assert outcome.finish_reason == "length"
+    assert first.token_ids + rest[0].token_ids == outcome.token_ids
+    assert first.text + rest[0].text == outcome.text
+    assert len(rest[0].logprobs) == len(rest[0].entropies) == len(rest[0].token_ids)
 
 
 def test_each_sequence_samples_with_its_own_parameters(
