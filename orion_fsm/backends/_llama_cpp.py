@@ -577,9 +577,9 @@ class LlamaSequence:
                  on_event: Callable[[GenerationEvent], None], should_stop: Callable[[], bool],
                  threads: Threads = None, cores: CoreGate | None = None) -> GenerationOutcome:
         """Generate from `prompt_ids`, streaming text deltas to `on_event`. Blocking; the
-        tokens come from the runtime's batched decode loop (see `LlamaStream`)."""
-        stream = self.open_stream(prompt_ids, params, should_stop=should_stop, threads=threads,
-                                  cores=cores)
+        tokens come from the runtime's batched decode loop (see `LlamaStream`), one event
+        per emitted chunk (no hop to save: `on_event` runs in this thread)."""
+        stream = self._stream(prompt_ids, params, should_stop, threads, cores, catch_up=False)
         try:
             while (event := stream.next_event()) is not None:
                 on_event(event)
@@ -591,12 +591,17 @@ class LlamaSequence:
                     should_stop: Callable[[], bool] | None = None, threads: Threads = None,
                     cores: CoreGate | None = None) -> LlamaStream:
         """The generation, pulled one event at a time; joins the decode loop at the first
-        `next_event()`."""
+        `next_event()`. A caller that fell behind gets what was queued as one event."""
+        return self._stream(prompt_ids, params, should_stop, threads, cores, catch_up=True)
+
+    def _stream(self, prompt_ids: Sequence[int], params: SamplingParams,
+                should_stop: Callable[[], bool] | None, threads: Threads,
+                cores: CoreGate | None, *, catch_up: bool) -> LlamaStream:
         prompt = checked_prompt(prompt_ids, self.tokenizer.vocab_size, self.context_length)
         if self._closed:
             raise InferenceError(f"model {self.model_path} was closed; load it again")
         return LlamaStream(self._runtime, self._slot, prompt, params, should_stop,
-                           threads=threads, cores=cores)
+                           threads=threads, cores=cores, catch_up=catch_up)
 
 
 class LlamaStream:
@@ -608,9 +613,11 @@ class LlamaStream:
 
     def __init__(self, runtime: LlamaRuntime, slot: _Slot, prompt: list[int],
                  params: SamplingParams, should_stop: Callable[[], bool] | None, *,
-                 threads: Threads = None, cores: CoreGate | None = None) -> None:
+                 threads: Threads = None, cores: CoreGate | None = None,
+                 catch_up: bool = True) -> None:
         self._runtime = runtime
         self._closed = False
+        self._catch_up = catch_up  # queued events as one (see `_caught_up`)
         stop = should_stop or (lambda: False)
         self._job = _Job(slot, prompt, params, lambda: self._closed or stop(), threads, cores,
                          TextEmitter(runtime.tokenizer, params.stop),
@@ -636,7 +643,7 @@ class LlamaStream:
             # stop, nothing more, and the outcome holds only what it was given.
             stopped = job.should_stop()
             if job.events and not stopped:
-                event = _caught_up(job.events)
+                event = _caught_up(job.events) if self._catch_up else job.events.popleft()
                 self._token_ids.extend(event.token_ids)
                 self._texts.append(event.text)
                 return event
