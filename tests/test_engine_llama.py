@@ -15,7 +15,7 @@ import anyio
 import numpy as np
 import pytest
 
-from orion_fsm import Engine, LoaderConfig, ModelLoader, Registry
+from orion_fsm import Engine, LoaderConfig, ModelLoader, Registry, RequestFailed
 from orion_fsm._exceptions import ConfigurationError, ModelLoadError
 from orion_fsm.backends import llama_cpp_available
 from orion_fsm.services.models import _loader
@@ -199,3 +199,54 @@ async def test_gemma3_a_non_llama_architecture_completes_a_text_end_to_end(
     assert model.model.startswith("gemma-3-270m-q4_k_m") and model.model.endswith("/llama_cpp")
     (record,) = read_trace_lines(trace)
     await assert_replays(record, registry=engine.registry)
+
+
+@needs_llama_cpp
+async def test_a_context_whose_every_sequence_stalled_is_replaced_and_freed_when_it_returns(
+    make_engine: MakeEngine, tiny_v3: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import llama_cpp
+
+    before = set(threading.enumerate())
+    decode, free = llama_cpp.llama_decode, llama_cpp.llama_free
+    returns = threading.Event()
+    contexts: list[Any] = []  # every context decoded on, in order
+    freed: list[Any] = []
+
+    def first_context_hangs(ctx: Any, batch: Any) -> int:
+        if not contexts:
+            contexts.append(ctx)
+        if ctx is contexts[0]:  # stuck in the runtime, as a C call can be
+            assert returns.wait(30)
+        elif ctx not in contexts:
+            contexts.append(ctx)
+        return int(decode(ctx, batch))
+
+    def recorded_free(ctx: Any) -> None:
+        freed.append(ctx)
+        free(ctx)
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", first_context_hangs)
+    monkeypatch.setattr(llama_cpp, "llama_free", recorded_free)
+    engine = make_engine(llama_registry(tiny_v3, parallel=2, stall_s=0.3), caches=False)
+    async with engine:
+        async def one(text: str) -> None:
+            with pytest.raises(RequestFailed, match="stalled"):
+                await engine.infer(text, max_tokens=4)
+
+        async with anyio.create_task_group() as tg:  # both sequences stall
+            tg.start_soon(one, "first question")
+            tg.start_soon(one, "second question")
+        assert engine.loader.stats.quarantined >= 2
+        # The next request is served by a sequence of a new context.
+        served = await engine.infer("third question", max_tokens=4)
+        assert served.ok and served.finish_reason == "length"
+        assert len(contexts) == 2 and freed == []  # the stuck one is not freed under its call
+        returns.set()  # the stuck call returns: its thread ends the jobs, stops and frees it
+        for _ in range(500):
+            if freed:
+                break
+            await anyio.sleep(0.01)
+        assert freed == [contexts[0]]
+    assert freed == contexts  # the engine's close freed the new one
+    await assert_no_thread_leaked(before)

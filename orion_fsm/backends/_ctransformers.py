@@ -25,6 +25,7 @@ from ._generation import (
     GenerationEvent,
     GenerationOutcome,
     SamplingParams,
+    ScoreBuffers,
     TextEmitter,
     Threads,
     TokenScores,
@@ -316,6 +317,7 @@ class _Generation:
         self._params = params
         self._should_stop = should_stop
         self._emitter = TextEmitter(model.tokenizer, params.stop)
+        self._scores = ScoreBuffers()  # pulled by one thread at a time
         self._generated: list[int] = []
         self._masked: MaskedSampler | None = None
 
@@ -365,7 +367,7 @@ class _Generation:
                 return (yield from self._finish("cancelled"))
             try:
                 # The model's own distribution (temperature 1), before any sampling rule.
-                scores = TokenScores.of(logits_view(llm))
+                scores = TokenScores.of(logits_view(llm), self._scores)
                 token = self._masked.choose(logits_view(llm)) if self._masked else int(
                     llm.sample(
                         # Greedy is top-k 1; temperature 0 itself would divide logits by zero.

@@ -12,6 +12,7 @@ import importlib.util
 import logging
 import random
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from ._generation import (
     GenerationEvent,
     GenerationOutcome,
     SamplingParams,
+    ScoreBuffers,
     TextEmitter,
     Threads,
     TokenScores,
@@ -43,6 +45,11 @@ _PROMPT_CHUNK: Final = 128  # prompt tokens of one sequence per step: the others
 _LAST_N_TOKENS: Final = 64  # window of the repetition penalty, as on ctransformers
 _COPY_GAIN: Final = 16  # a prefix copied from another sequence must save at least this many
 _WAIT_POLL_S: Final = 0.05
+# From idle, the first step waits while requests keep arriving (each this soon after the
+# last, for this long at most): a prompt's step is long, and one that just misses it waits
+# for all of it (concurrent requests reach the runtime a few ms apart through the engine).
+_GATHER_GAP_S: Final = 0.005
+_GATHER_MAX_S: Final = 0.025
 
 _backend_ready = threading.Lock()
 _backend_started = False
@@ -77,6 +84,19 @@ def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
     while n < limit and a[n] == b[n]:
         n += 1
     return n
+
+
+def _caught_up(events: deque[GenerationEvent]) -> GenerationEvent:
+    """The events the loop queued, as one: a caller that fell behind the decode steps
+    catches up in one worker-thread hop instead of one per token."""
+    if len(events) == 1:
+        return events.popleft()
+    taken = list(events)
+    events.clear()
+    return GenerationEvent(tuple(i for e in taken for i in e.token_ids),
+                           "".join(e.text for e in taken),
+                           tuple(p for e in taken for p in e.logprobs),
+                           tuple(h for e in taken for h in e.entropies))
 
 
 @dataclass(eq=False)
@@ -174,6 +194,7 @@ class LlamaRuntime:
         self._active: list[_Job] = []
         self._open = 0
         self._stopping = False
+        self._scores = ScoreBuffers()  # the decode thread's
         self.steps = 0  # decode steps run (tests and the bench read them)
         self.batched_steps = 0  # steps that decoded for more than one sequence
         self._thread = threading.Thread(target=self._loop, name=f"llama-decode:{model_path.stem}",
@@ -187,11 +208,12 @@ class LlamaRuntime:
         with self._lock:
             if self._stopping:
                 raise ModelLoadError(f"model {self.model_path} was closed; load it again")
-            slot = next((s for s in self._slots if not s.open), None)
+            # A slot given back without waiting (`abandon`) is free once its job has ended.
+            slot = next((s for s in self._slots if not s.open and s.job is None), None)
             if slot is None:
                 raise ModelLoadError(f"all {self.sequences} sequences of {self.model_path} are "
                                      "taken; raise the agent's `parallel` and reload it")
-            slot.open = True
+            slot.open, slot.closing = True, False
             self._open += 1
             return LlamaSequence(self, slot)
 
@@ -199,27 +221,25 @@ class LlamaRuntime:
     def closed(self) -> bool:
         return self._ctx is None
 
-    def _close_sequence(self, slot: _Slot) -> None:
-        """A slot is closed (its generation, if any, was ended); the last one frees all."""
+    def _close_sequence(self, slot: _Slot, *, wait: bool = True) -> None:
+        """A slot is closed: its generation, if any, is ended at the next step, and waited
+        for unless `wait` is False (a generation stuck in the runtime). After the last one the
+        decode thread stops and frees everything on its way out (waited for likewise)."""
         with self._lock:
-            slot.closing = True
-            while slot.job is not None:  # the loop ends it at its next step
-                self._wake.notify_all()
-                self._wake.wait(_WAIT_POLL_S)
-            slot.closing = False
             if not slot.open:
                 return
-            slot.open = False
+            slot.open, slot.closing = False, True
             self._open -= 1
             # Its KV cells stay: only the decode thread touches the context, and the next
             # generation on this sequence reuses or drops them.
             last = self._open == 0
             if last:
                 self._stopping = True
-                self._wake.notify_all()
-        if last:
+            self._wake.notify_all()
+            while wait and slot.job is not None:  # the loop ends it at its next step
+                self._wake.wait(_WAIT_POLL_S)
+        if last and wait:
             self._thread.join()
-            self._free()
 
     def _free(self) -> None:
         llama = self._llama
@@ -259,6 +279,14 @@ class LlamaRuntime:
                 self._wake.notify_all()
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        finally:
+            # Here, not in the last `close()`: a sequence given back while the thread was stuck
+            # in the runtime (`abandon`) has nobody waiting to free it.
+            self._free()
+
+    def _serve(self) -> None:
         llama = self._llama
         while True:
             with self._lock:
@@ -266,6 +294,8 @@ class LlamaRuntime:
                     self._wake.wait()
                 if self._stopping and not self._incoming and not self._active:
                     return
+                if not self._active:
+                    self._gather()
                 joining, self._incoming = self._incoming, []
             try:
                 for job in joining:
@@ -281,6 +311,19 @@ class LlamaRuntime:
                     if job.outcome is None:
                         self._fail(job, InferenceError(
                             f"model {self.model_path} failed to generate: {exc}"))
+
+    def _gather(self) -> None:
+        """Hold the first step from idle while more generations arrive (under the lock)."""
+        seen, last = len(self._incoming), time.monotonic()
+        end = last + _GATHER_MAX_S
+        # Every open sequence already in: nobody else can come.
+        while not self._stopping and seen < self._open:
+            left = min(last + _GATHER_GAP_S, end) - time.monotonic()
+            if left <= 0:
+                return
+            self._wake.wait(left)
+            if len(self._incoming) != seen:
+                seen, last = len(self._incoming), time.monotonic()
 
     def _start(self, job: _Job) -> None:
         """Reuse the KV cells of the longest prefix a sequence holds (its own, or copied from
@@ -402,7 +445,7 @@ class LlamaRuntime:
 
         logits = np.ctypeslib.as_array(llama.llama_get_logits_ith(self._ctx, index),
                                        shape=(self.n_vocab,))
-        scores = TokenScores.of(logits)  # before a sampler may rewrite the buffer
+        scores = TokenScores.of(logits, self._scores)  # before a sampler may rewrite it
         if job.masked is not None:
             token = job.masked.choose(logits)
         else:
@@ -522,13 +565,21 @@ class LlamaSequence:
             self._closed = True
             self._runtime._close_sequence(self._slot)
 
+    def abandon(self) -> None:
+        """Give the sequence back without waiting for its generation, stuck in the runtime
+        (the stall watchdog gave up on it): the decode thread ends it when its call returns,
+        and frees the runtime then if this was its last sequence. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._runtime._close_sequence(self._slot, wait=False)
+
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams, *,
                  on_event: Callable[[GenerationEvent], None], should_stop: Callable[[], bool],
                  threads: Threads = None, cores: CoreGate | None = None) -> GenerationOutcome:
         """Generate from `prompt_ids`, streaming text deltas to `on_event`. Blocking; the
-        tokens come from the runtime's batched decode loop (see `LlamaStream`)."""
-        stream = self.open_stream(prompt_ids, params, should_stop=should_stop, threads=threads,
-                                  cores=cores)
+        tokens come from the runtime's batched decode loop (see `LlamaStream`), one event
+        per emitted chunk (no hop to save: `on_event` runs in this thread)."""
+        stream = self._stream(prompt_ids, params, should_stop, threads, cores, catch_up=False)
         try:
             while (event := stream.next_event()) is not None:
                 on_event(event)
@@ -540,12 +591,17 @@ class LlamaSequence:
                     should_stop: Callable[[], bool] | None = None, threads: Threads = None,
                     cores: CoreGate | None = None) -> LlamaStream:
         """The generation, pulled one event at a time; joins the decode loop at the first
-        `next_event()`."""
+        `next_event()`. A caller that fell behind gets what was queued as one event."""
+        return self._stream(prompt_ids, params, should_stop, threads, cores, catch_up=True)
+
+    def _stream(self, prompt_ids: Sequence[int], params: SamplingParams,
+                should_stop: Callable[[], bool] | None, threads: Threads,
+                cores: CoreGate | None, *, catch_up: bool) -> LlamaStream:
         prompt = checked_prompt(prompt_ids, self.tokenizer.vocab_size, self.context_length)
         if self._closed:
             raise InferenceError(f"model {self.model_path} was closed; load it again")
         return LlamaStream(self._runtime, self._slot, prompt, params, should_stop,
-                           threads=threads, cores=cores)
+                           threads=threads, cores=cores, catch_up=catch_up)
 
 
 class LlamaStream:
@@ -557,9 +613,11 @@ class LlamaStream:
 
     def __init__(self, runtime: LlamaRuntime, slot: _Slot, prompt: list[int],
                  params: SamplingParams, should_stop: Callable[[], bool] | None, *,
-                 threads: Threads = None, cores: CoreGate | None = None) -> None:
+                 threads: Threads = None, cores: CoreGate | None = None,
+                 catch_up: bool = True) -> None:
         self._runtime = runtime
         self._closed = False
+        self._catch_up = catch_up  # queued events as one (see `_caught_up`)
         stop = should_stop or (lambda: False)
         self._job = _Job(slot, prompt, params, lambda: self._closed or stop(), threads, cores,
                          TextEmitter(runtime.tokenizer, params.stop),
@@ -585,7 +643,7 @@ class LlamaStream:
             # stop, nothing more, and the outcome holds only what it was given.
             stopped = job.should_stop()
             if job.events and not stopped:
-                event = job.events.popleft()
+                event = _caught_up(job.events) if self._catch_up else job.events.popleft()
                 self._token_ids.extend(event.token_ids)
                 self._texts.append(event.text)
                 return event

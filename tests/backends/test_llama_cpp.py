@@ -7,6 +7,7 @@ The behaviour every runtime shares is tested on both in test_ctransformers.py.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -155,6 +156,24 @@ def test_cancelling_one_sequence_leaves_the_others_running(slots: list[LlamaSequ
     assert again.finish_reason == "length"
 
 
+def test_a_caller_that_fell_behind_takes_the_queued_tokens_as_one_event(
+    slots: list[LlamaSequence],
+) -> None:
+    sequence = slots[0]
+    stream = sequence.open_stream(sequence.tokenizer.encode(PROMPTS[0]),
+                                  SamplingParams(temperature=0, max_tokens=60))
+    first = stream.next_event()
+    while sequence.generating:  # the loop runs to the end while nobody reads
+        time.sleep(0.01)
+    rest = list(iter(stream.next_event, None))
+    outcome = stream.outcome
+    assert first is not None and len(rest) == 1  # one hop for all that was queued
+    assert outcome.finish_reason == "length"
+    assert first.token_ids + rest[0].token_ids == outcome.token_ids
+    assert first.text + rest[0].text == outcome.text
+    assert len(rest[0].logprobs) == len(rest[0].entropies) == len(rest[0].token_ids)
+
+
 def test_each_sequence_samples_with_its_own_parameters(
     slots: list[LlamaSequence], tiny_files: tuple[Path, Path],
 ) -> None:
@@ -209,6 +228,35 @@ def test_the_runtime_is_freed_with_its_last_sequence(tiny_files: tuple[Path, Pat
     assert not runtime._thread.is_alive()
     with pytest.raises(ModelLoadError, match="closed"):
         runtime.open_sequence()
+
+
+def test_sequences_given_back_while_the_decode_thread_is_stuck_free_the_runtime_when_it_returns(
+    tiny_files: tuple[Path, Path],
+) -> None:
+    first = LlamaSequence.load(*tiny_files, context_length=128, sequences=2, threads=1)
+    runtime = first.runtime
+    second = runtime.open_sequence()
+    stuck = HeldGate()  # the decode step does not come back until `go`
+    streams = [s.open_stream(s.tokenizer.encode(p), GREEDY, cores=stuck)
+               for s, p in zip((first, second), PROMPTS, strict=False)]
+    waiting = [threading.Thread(target=drain, args=(s,)) for s in streams]
+    for thread in waiting:
+        thread.start()
+    assert stuck.entered.wait(10)
+    first.abandon()  # the stall watchdog gave up on both: nothing waits for the thread
+    second.abandon()
+    assert first.generating and second.generating
+    assert not runtime.closed and runtime._thread.is_alive()
+    with pytest.raises(ModelLoadError, match="closed"):
+        runtime.open_sequence()
+    stuck.go.set()  # the runtime call returns: the thread ends both jobs, stops, frees all
+    runtime._thread.join(10)
+    assert not runtime._thread.is_alive()
+    assert runtime.closed
+    for thread in waiting:
+        thread.join(10)
+        assert not thread.is_alive()
+    assert [s.outcome.finish_reason for s in streams] == ["cancelled", "cancelled"]
 
 
 def test_a_file_llama_cpp_cannot_read_is_a_model_load_error(tmp_path: Path,

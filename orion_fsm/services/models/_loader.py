@@ -290,6 +290,9 @@ class _Resident:
     token_s: float | None = None  # measured seconds per generated token (moving average)
     next_index: int = 1
     sequences: int = 1  # llama_cpp: sequences its context holds (the most slots it can have)
+    # llama_cpp: contexts whose every sequence stalled, given up on; counted until their
+    # decode thread comes back from the runtime and frees them.
+    wedged: list[LlamaRuntime] = field(default_factory=list)
 
     @property
     def instance_bytes(self) -> int:
@@ -300,7 +303,8 @@ class _Resident:
         if self.prepared.key.runtime == "llama_cpp":
             # One context for every slot: the weights once, a KV cache per sequence.
             estimate = self.prepared.estimate
-            return estimate.total_bytes + estimate.kv_cache_bytes * (self.sequences - 1)
+            context = estimate.total_bytes + estimate.kv_cache_bytes * (self.sequences - 1)
+            return context * (1 + sum(not r.closed for r in self.wedged))
         # ctransformers shares nothing between instances (measured: ~180 MB each for
         # SmolLM2 Q4_1 at 2048 tokens), so every instance counts in full.
         return self.instance_bytes * (len(self.instances) + self.creating + len(self.quarantined))
@@ -697,8 +701,16 @@ class ModelLoader:
                             f"its {len(resident.quarantined)} slot(s) were abandoned by the "
                             "stall watchdog and the budget has no room for a new one"))
                     return None
-            with anyio.CancelScope(shield=True):
-                model = await anyio.to_thread.run_sync(self._load_blocking, prepared)
+            runtime = self._runtimes.get(prepared.key)
+            if runtime is not None and not runtime.closed:
+                # A sequence of the context there is: nothing to load, no thread hop (a
+                # request that joins late misses the step its neighbours share).
+                model: SlotModel = runtime.open_sequence()
+            else:
+                with anyio.CancelScope(shield=True):
+                    # llama_cpp: a new context (the last one was given up on) holds them all.
+                    model = await anyio.to_thread.run_sync(self._load_blocking, prepared,
+                                                           resident.sequences)
         except ModelLoadError:
             if not resident.instances:
                 raise
@@ -800,6 +812,7 @@ class ModelLoader:
             self.stats.quarantined += 1
             _log.warning("slot_quarantined", extra={"model": resident.prepared.key.label,
                                                     "slot": instance.index})
+            self._give_up_wedged(resident)
         handed = False
         while resident.waiters and not handed:
             waiter = heapq.heappop(resident.waiters)
@@ -999,12 +1012,34 @@ class ModelLoader:
     async def _close_instances(self, resident: _Resident) -> None:
         live = [i.model for i in resident.instances]
         # A quarantined instance whose thread is still stuck cannot be closed (closing waits
-        # for it): it is dropped, and the runtime frees it when that thread lets go.
+        # for it): it is dropped (a llama.cpp sequence given back unwaited), and the runtime
+        # frees it when that thread lets go.
         live += [i.model for i in resident.quarantined if not i.model.generating]
+        stuck = [i.model for i in resident.quarantined if i.model.generating]
         resident.instances, resident.quarantined = [], []
         for model in live:
             await anyio.to_thread.run_sync(self._close, model)
+        for model in stuck:  # after the live ones: the last close would wait for the thread
+            if isinstance(model, LlamaSequence):
+                model.abandon()
         self._runtimes.pop(resident.prepared.key, None)
+
+    def _give_up_wedged(self, resident: _Resident) -> None:
+        """Every slot of a llama.cpp model stalled: its one decode thread is stuck in the
+        runtime. Its sequences are given back without waiting (the thread frees the context
+        when its call returns) and the next slot is a sequence of a new context."""
+        key = resident.prepared.key
+        runtime = self._runtimes.get(key)
+        if key.runtime != "llama_cpp" or runtime is None or resident.instances:
+            return
+        _log.warning("context_wedged", extra={"model": key.label,
+                                              "sequences": len(resident.quarantined)})
+        del self._runtimes[key]
+        resident.wedged.append(runtime)
+        for instance in resident.quarantined:
+            if isinstance(instance.model, LlamaSequence):
+                instance.model.abandon()
+        resident.quarantined.clear()
 
     async def _reap_quarantined(self) -> None:
         """Close quarantined instances whose stuck generation has ended: room for new slots."""
@@ -1013,7 +1048,9 @@ class ModelLoader:
             for instance in done:
                 resident.quarantined.remove(instance)
                 await anyio.to_thread.run_sync(self._close, instance.model)
-            if done:
+            freed = [r for r in resident.wedged if r.closed]
+            resident.wedged = [r for r in resident.wedged if not r.closed]
+            if done or freed:
                 self._signal_room()
 
     @staticmethod
