@@ -91,11 +91,11 @@ _JSON = st.recursive(
     max_leaves=6)
 _FIELDS = ["request_id", "trace_id", "request", "result", "phases", "transitions", "spans",
            "prompt_token_ids", "cache", "model", "sampling", "breakers", "clock", "streaming",
-           "started_at", "registry_digest", "redacted"]
+           "started_at", "registry_digest", "redacted", "virtual"]
 _NESTED = [("result", "state"), ("result", "total_ms"), ("result", "phases"),
            ("result", "token_ids"), ("result", "routing"), ("result", "tokens"),
            ("request", "messages"), ("request", "params"), ("cache", "l1_key"),
-           ("phases", 0), ("transitions", 0)]
+           ("phases", 0), ("transitions", 0), ("spans", 0)]
 
 
 @settings(max_examples=40, deadline=None,

@@ -398,7 +398,8 @@ def _shape_problem(record: dict[str, Any]) -> str | None:
             return f"{name} is not text"
     for name, kind in (("request", dict), ("result", dict), ("cache", dict | None),
                        ("model", dict | None), ("sampling", dict | None),
-                       ("breakers", dict | None), ("clock", dict | None)):
+                       ("breakers", dict | None), ("clock", dict | None),
+                       ("virtual", dict | None)):
         if name in record and not isinstance(record[name], kind):
             return f"{name} is a {type(record[name]).__name__}"
     for name in ("phases", "transitions", "spans", "prompt_token_ids"):
@@ -408,9 +409,16 @@ def _shape_problem(record: dict[str, Any]) -> str | None:
         if not (isinstance(phase, dict) and isinstance(phase.get("state"), str)
                 and _number(phase.get("start_ms", 0), 0) and _number(phase.get("ms", 0), 0)):
             return f"phases[{i}] is not a phase (state, start_ms, ms)"
-    for i, item in enumerate(record.get("transitions", [])):
-        if not isinstance(item, dict):
-            return f"transitions[{i}] is not an object"
+    for name in ("transitions", "spans"):
+        for i, item in enumerate(record.get(name, [])):
+            if not isinstance(item, dict):
+                return f"{name}[{i}] is not an object"
+    members = (record.get("virtual") or {}).get("members", [])
+    if not isinstance(members, list):
+        return "virtual.members is not a list"
+    for i, member in enumerate(members):
+        if not (isinstance(member, dict) and isinstance(member.get("agent"), str)):
+            return f"virtual.members[{i}] is not a member (agent, role, state)"
     result = record.get("result", {})
     if not isinstance(result.get("state", ""), str):
         return "result.state is not text"
