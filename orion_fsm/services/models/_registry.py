@@ -241,7 +241,7 @@ class VirtualSpec:
     strategy: str = "sections"  # sections | best
     weights: str = "fixed"  # fixed | router
     min_weight: float = 0.0
-    early_stop: str = "first_confident"  # first_confident | none
+    early_stop: str = "first_confident"  # first_confident | leader_first | none
     # Calibrated for SmolLM2-135M on eval/virtual.jsonl (python -m bench --only virtual).
     threshold: float = 0.3875
     early_stop_max_tokens: int = 96
