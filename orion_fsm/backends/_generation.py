@@ -193,7 +193,10 @@ class TokenScores:
         # A float64 copy (the runtime reuses its buffer; float32 sums round differently with
         # the buffer's alignment), floored: a masked (-inf) logit would make the entropy's
         # 0 x -inf a NaN.
-        shifted = np.maximum(logits.astype(np.float64) - float(logits.max()), -1e4)
+        # In place: one buffer fewer per token (~20 % of this, every token of every request).
+        shifted = logits.astype(np.float64)
+        shifted -= float(logits.max())
+        np.maximum(shifted, -1e4, out=shifted)
         weights = np.exp(shifted)
         total = float(weights.sum())
         lse = math.log(total)
