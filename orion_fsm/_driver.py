@@ -330,7 +330,7 @@ def _trace_record(d: Driving, state: RequestState, recorder: PhaseRecorder,
             "early_stop": state.early_stop,
             # leader_first: why and when each follower started (null: with the request).
             "joins": {r.role: {"why": r.join_why, "at_ms": r.join_ms}
-                      for r in state.members[1:] if r.join_why is not None},
+                      for r in state.members if r.join_why is not None},
             "fusion": state.fusion,
         }}),
     }

@@ -215,6 +215,23 @@ async def test_leader_first_starts_both_on_a_composite_request(
     assert record["virtual"]["joins"]["explanation"]["why"].startswith("composite request")
 
 
+async def test_leader_first_with_the_explanation_leading(
+    make_engine: MakeEngine, registry_doc: dict[str, Any], tmp_path: Path,
+) -> None:
+    doc = {**registry_doc, "virtual_agents": [
+        {**_virtual("code", "conversation"),
+         "early_stop": {"policy": "leader_first", "threshold": 0.0, "leader": "explanation"}}]}
+    doc["agents"][0]["generation"] = _STOPS_EARLY  # the explanation's agent: conversation
+    async with make_engine(doc) as engine:
+        result = await engine.infer("hello", agent="duo")
+    solution, explanation = result.members
+    assert (solution.state, explanation.state) == ("stopped", "done")
+    assert solution.tokens.input == 0
+    assert result.text == explanation.text.strip()
+    (record,) = _trace(tmp_path)
+    assert record["virtual"]["early_stop"]["by"] == "explanation"
+
+
 async def test_a_failing_member_follows_its_fallback_while_the_other_serves(
     make_engine: MakeEngine, registry_doc: dict[str, Any], tmp_path: Path,
 ) -> None:

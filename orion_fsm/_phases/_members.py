@@ -175,7 +175,7 @@ async def serving_virtual(services: Services,
                         attr.VIRTUAL_OUTCOMES: [f"{r.role}: {r.outcome}" for r in runs]})
     if spec.early_stop == "leader_first":
         state.notes[attr.VIRTUAL_JOINS] = [f"{r.role}: {r.join_why or 'never'}"
-                                           for r in runs[1:]]
+                                           for r in _followers(state)]
     if (verdict := state.early_stop) is not None:
         state.notes.update({attr.VIRTUAL_EARLY_STOP: f"{verdict['by']}: {verdict['why']}",
                             attr.VIRTUAL_EARLY_STOP_TAKEN: verdict["taken"]})
@@ -185,19 +185,30 @@ async def serving_virtual(services: Services,
 
 
 def _schedule(spec: VirtualSpec, state: RequestState, runs: list[MemberRun]) -> None:
-    """`leader_first`: the solution member starts alone (with the pool's cores), the others
-    wait for it, unless the request itself asks for both parts (the virtual agent's routing
-    patterns match it): a composite answer is long, so they start together."""
+    """`leader_first`: the leader (`early_stop.leader`'s member) starts alone (with the pool's
+    cores), the others wait for it, unless the request itself asks for both parts (the virtual
+    agent's routing patterns match it): a composite answer is long, so they start together."""
     if spec.early_stop != "leader_first" or len(runs) < 2:
         return
     text = next((m.content for m in reversed(state.request.messages) if m.role == "user"), "")
     head = text[:_MAX_CLAIM_CHARS]
     if any(re.search(p, head, re.IGNORECASE) for p in spec.routing.patterns):
-        for run in runs[1:]:
+        for run in _followers(state):
             run.join_why, run.join_ms = "composite request: started together", 0.0
         return
-    for run in runs[1:]:
+    for run in _followers(state):
         run.joined = anyio.Event()
+
+
+def _leader(state: RequestState) -> MemberRun:
+    """The member whose verdict decides under leader_first (the solution's by default)."""
+    role = state.virtual.leader if state.virtual is not None else ""
+    return next((r for r in state.members if r.role == role), state.members[0])
+
+
+def _followers(state: RequestState) -> list[MemberRun]:
+    leader = _leader(state)
+    return [r for r in state.members if r is not leader]
 
 
 async def _wait_for_leader(services: Services, parent: RequestState, run: MemberRun) -> None:
@@ -205,7 +216,7 @@ async def _wait_for_leader(services: Services, parent: RequestState, run: Member
     stop allows (its answer is then not simple). Its tokens arrive in a worker thread: the
     count is looked at every `_JOIN_POLL_S`, a fraction of a token's time."""
     assert run.joined is not None and parent.virtual is not None
-    leader, limit = parent.members[0], parent.virtual.early_stop_max_tokens
+    leader, limit = _leader(parent), parent.virtual.early_stop_max_tokens
     while not run.joined.is_set():
         if len(leader.state.token_ids) > limit:
             _join(parent, (services.clock.monotonic() - parent.started) * 1e3)
@@ -217,11 +228,11 @@ async def _wait_for_leader(services: Services, parent: RequestState, run: Member
 def _join(parent: RequestState, now_ms: float) -> None:
     """Let the waiting followers in. Why is read from the leader, not from who noticed
     first, so that a replay records the same reason."""
-    leader = parent.members[0]
+    leader = _leader(parent)
     limit = parent.virtual.early_stop_max_tokens if parent.virtual is not None else 0
     why = (f"leader past {limit} tokens" if len(leader.state.token_ids) > limit
            else f"leader {leader.outcome}")
-    for run in parent.members[1:]:
+    for run in _followers(parent):
         if run.joined is not None and not run.joined.is_set():
             run.join_why, run.join_ms = why, now_ms
             run.joined.set()
@@ -281,7 +292,7 @@ async def _serve_region(services: Services, parent: RequestState, run: MemberRun
             child.notes[attr.ERROR] = child.error or "failed"
             region(f"{role}_failed")
         stopped = parent.early_stop is not None and parent.early_stop["taken"]
-        if run is parent.members[0] and not stopped:
+        if run is _leader(parent) and not stopped:
             _join(parent, run.end_ms)  # the leader is over: whoever still waits starts now
 
 
@@ -328,8 +339,8 @@ def _maybe_stop_others(parent: RequestState, run: MemberRun,
     others = [r for r in parent.members if r is not run and r.outcome == "running"]
     if spec is None or parent.early_stop is not None or not others:
         return
-    if spec.early_stop == "leader_first" and run is not parent.members[0]:
-        return  # a follower never ends the solution
+    if spec.early_stop == "leader_first" and run is not _leader(parent):
+        return  # a follower never ends the leader
     verdict = parent.early_stop = early_stop_verdict(spec, run)
     if not verdict["taken"]:
         return
