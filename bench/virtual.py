@@ -25,7 +25,8 @@ SET_TOKENS = 128  # per member on the labelled set: simple answers stop well bef
 
 
 def _registry(*, policy: str = "none", threshold: float | None = None,
-              max_tokens: int | None = None, stops: bool = True) -> Any:
+              max_tokens: int | None = None, leader: str | None = None,
+              stops: bool = True) -> Any:
     from orion_fsm import Registry
 
     doc = json.loads((ROOT / "models.json").read_text(encoding="utf-8"))
@@ -39,6 +40,8 @@ def _registry(*, policy: str = "none", threshold: float | None = None,
         virtual["early_stop"]["threshold"] = threshold
     if max_tokens is not None:
         virtual["early_stop"]["max_tokens"] = max_tokens
+    if leader is not None:
+        virtual["early_stop"]["leader"] = leader
     return Registry.from_dict(doc)
 
 
@@ -93,9 +96,9 @@ def _labelled() -> list[dict[str, str]]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
-def _leader(result: Any) -> Any:
-    """The solution member: the one whose answer `leader_first` judges."""
-    done = [m for m in result.members if m.role == "solution" and m.state == "done"]
+def _leader(result: Any, role: str) -> Any:
+    """The member of `role`: the one whose answer `leader_first` judges when it leads."""
+    done = [m for m in result.members if m.role == role and m.state == "done"]
     return done[0] if done else None
 
 
@@ -119,10 +122,12 @@ def _rates(leaders: list[tuple[str, Any]], threshold: float,
     return rate("simple"), rate("complex")
 
 
-def _calibrate(runs: list[tuple[str, Any]], shipped: tuple[float, int]) -> dict[str, Any]:
+def _calibrate(runs: list[tuple[str, Any]], shipped: tuple[float, int],
+               role: str) -> dict[str, Any]:
     """The (threshold, max_tokens) stopping the most simple requests while stopping at most
-    10 % of complex ones (ties: the higher threshold, then the shorter answers)."""
-    leaders = [(label, _leader(result)) for label, result in runs]
+    10 % of complex ones (ties: the higher threshold, then the shorter answers), with the
+    member of `role` leading."""
+    leaders = [(label, _leader(result, role)) for label, result in runs]
     candidates = sorted({round(m.confidence - 5e-5, 4) for _, m in leaders
                          if m is not None and m.confidence is not None} | {1.0})
     best: tuple[float, float, int] = (-1.0, 1.0, _MAX_TOKENS_GRID[0])
@@ -132,7 +137,8 @@ def _calibrate(runs: list[tuple[str, Any]], shipped: tuple[float, int]) -> dict[
             if complex_ <= 0.10 and (simple, threshold, -max_tokens) > (
                     best[0], best[1], -best[2]):
                 best = (simple, threshold, max_tokens)
-    return {"threshold": best[1], "max_tokens": best[2], "dev_simple_rate": best[0],
+    return {"leader": role, "threshold": best[1], "max_tokens": best[2],
+            "dev_simple_rate": best[0],
             "dev_complex_rate": _rates(leaders, best[1], best[2])[1],
             "shipped_on_dev": dict(zip(("simple", "complex"), _rates(leaders, *shipped),
                                        strict=True)),
@@ -157,16 +163,21 @@ async def _early_stop(quick: bool) -> dict[str, Any]:
         await _wall(engine, "hello", "code+logic", 2)
         without = [(i, *await _wall(engine, i["text"], "code+logic", SET_TOKENS))
                    for i in items]
-    calibration = _calibrate([(i["label"], r) for i, _, r in without if i["split"] == "dev"],
-                             (shipped.threshold, shipped.early_stop_max_tokens))
-    held_out = _rates([(i["label"], _leader(r)) for i, _, r in without
+    dev = [(i["label"], r) for i, _, r in without if i["split"] == "dev"]
+    shipped_at = (shipped.threshold, shipped.early_stop_max_tokens)
+    # Either member may lead: the one whose answers separate simple from complex best.
+    by_role = {role: _calibrate(dev, shipped_at, role) for role in ("solution", "explanation")}
+    calibration = max(by_role.values(), key=lambda c: (c["dev_simple_rate"],
+                                                       -c["dev_complex_rate"]))
+    held_out = _rates([(i["label"], _leader(r, calibration["leader"])) for i, _, r in without
                        if i["split"] == "held_out"],
                       calibration["threshold"], calibration["max_tokens"])
     # Pass 2: leader_first at the values calibrated on the dev half (the shipped registry
     # holds the ones a full run calibrated).
     async with _engine(_registry(policy="leader_first",
                                  threshold=calibration["threshold"],
-                                 max_tokens=calibration["max_tokens"])) as engine:
+                                 max_tokens=calibration["max_tokens"],
+                                 leader=calibration["leader"])) as engine:
         await _wall(engine, "hello", "code+logic", 2)
         with_stop = [(i, *await _wall(engine, i["text"], "code+logic", SET_TOKENS))
                      for i in items]
@@ -185,9 +196,12 @@ async def _early_stop(quick: bool) -> dict[str, Any]:
         return sum(w for w, _ in chosen(runs, label))
 
     joins = Counter(str(m.joined_ms is not None) if m.state != "stopped" else "stopped"
-                    for _, _, r in with_stop for m in r.members[1:])
+                    for _, _, r in with_stop for m in r.members
+                    if m.role != calibration["leader"])
     return {"items": len(items), "shipped_threshold": shipped.threshold,
             "shipped_max_tokens": shipped.early_stop_max_tokens, "calibration": calibration,
+            "calibration_other_leader": next(c for c in by_role.values()
+                                             if c is not calibration),
             "held_out_predicted": dict(zip(("simple", "complex"), held_out, strict=True)),
             "simple_rate": rate("simple"), "complex_rate": rate("complex"),
             "held_out_simple_rate": rate("simple", "held_out"),
