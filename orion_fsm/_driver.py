@@ -257,6 +257,7 @@ def _members(state: RequestState, recorder: PhaseRecorder) -> tuple[MemberResult
         agents_tried=tuple(r.state.chain[: r.state.attempt + 1]),
         phases=tuple(PhaseTiming(p.state, p.start_ms, p.ms)
                      for p in recorder.region_phases(r.role)),
+        joined_ms=r.join_ms if r.joined is not None else None,
     ) for r in state.members)
 
 
@@ -327,6 +328,9 @@ def _trace_record(d: Driving, state: RequestState, recorder: PhaseRecorder,
                          else r.state.prepared.sha256}
                         for m, r in zip(result.members, state.members, strict=True)],
             "early_stop": state.early_stop,
+            # leader_first: why and when each follower started (null: with the request).
+            "joins": {r.role: {"why": r.join_why, "at_ms": r.join_ms}
+                      for r in state.members if r.join_why is not None},
             "fusion": state.fusion,
         }}),
     }

@@ -152,6 +152,9 @@ class MemberResult:
     error: str | None = None
     agents_tried: tuple[str, ...] = ()
     phases: tuple[PhaseTiming, ...] = ()  # its region's states
+    # leader_first: when this follower was let in to load (since the request started); None:
+    # it started with the request, or never did (the leader stopped early).
+    joined_ms: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         def ms(value: float | None) -> float | None:
@@ -167,7 +170,8 @@ class MemberResult:
                 "finish_reason": self.finish_reason, "error": self.error,
                 "agents_tried": list(self.agents_tried),
                 "phases": [{"state": p.state, "start_ms": round(p.start_ms, 3),
-                            "ms": round(p.ms, 3)} for p in self.phases]}
+                            "ms": round(p.ms, 3)} for p in self.phases],
+                "joined_ms": ms(self.joined_ms)}
 
 
 @dataclass(frozen=True, slots=True)

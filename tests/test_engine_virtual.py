@@ -146,6 +146,92 @@ async def test_an_unsure_first_answer_does_not_stop_the_other(
     assert "below 1.0" in early["why"] or "answer not finished" in early["why"]
 
 
+async def test_leader_first_stops_the_follower_before_it_loads(
+    make_engine: MakeEngine, registry_doc: dict[str, Any], tmp_path: Path,
+) -> None:
+    doc = {**registry_doc, "virtual_agents": [_virtual(policy="leader_first")]}
+    doc["agents"][0]["generation"] = _STOPS_EARLY
+    async with make_engine(doc) as engine:
+        result = await engine.infer("hello", agent="duo")
+        loaded = [s.model for s in engine.stats().models]
+    solution, explanation = result.members
+    assert (solution.state, explanation.state) == ("done", "stopped")
+    # The follower never rendered its prompt nor took a slot of its model.
+    assert explanation.tokens.input == 0 and explanation.joined_ms is None
+    assert loaded and not any("medium" in model for model in loaded)
+    (record,) = _trace(tmp_path)
+    assert record["virtual"]["early_stop"]["taken"] is True
+    assert record["virtual"]["joins"] == {}
+    parallel = next(p for p in record["phases"] if p["state"] == "serving_virtual")
+    assert parallel["attributes"]["orion.virtual.joins"] == ["explanation: never"]
+
+
+async def test_leader_first_lets_the_follower_in_when_the_leader_is_unsure(
+    make_engine: MakeEngine, registry_doc: dict[str, Any], tmp_path: Path,
+) -> None:
+    doc = {**registry_doc, "virtual_agents": [_virtual(policy="leader_first", threshold=1.0)]}
+    doc["agents"][0]["generation"] = _STOPS_EARLY
+    async with make_engine(doc) as engine:
+        result = await engine.infer("hello", agent="duo")
+    solution, explanation = result.members
+    assert (solution.state, explanation.state) == ("done", "done")
+    assert solution.total_ms is not None and explanation.joined_ms is not None
+    assert explanation.joined_ms >= solution.start_ms + solution.total_ms - 1e-6
+    assert explanation.tokens.output > 0 and result.text.startswith(solution.text.strip())
+    (record,) = _trace(tmp_path)
+    assert record["virtual"]["joins"]["explanation"]["why"] == "leader done"
+
+
+async def test_leader_first_lets_the_follower_in_once_the_leader_is_too_long(
+    make_engine: MakeEngine, registry_doc: dict[str, Any], tmp_path: Path,
+) -> None:
+    doc = {**registry_doc, "virtual_agents": [
+        {**_virtual(policy="leader_first"),
+         "early_stop": {"policy": "leader_first", "threshold": 0.0, "max_tokens": 4}}]}
+    doc["agents"][0]["generation"] = _LONG
+    async with make_engine(doc) as engine:
+        result = await engine.infer("hello", agent="duo")
+    solution, explanation = result.members
+    assert (solution.state, explanation.state) == ("done", "done")
+    assert solution.tokens.output > 4
+    (record,) = _trace(tmp_path)
+    assert record["virtual"]["joins"]["explanation"]["why"] == "leader past 4 tokens"
+    # Let in while the leader still generated: the follower never waited for its end.
+    assert explanation.joined_ms is not None and solution.total_ms is not None
+    assert explanation.joined_ms < solution.start_ms + solution.total_ms
+    assert not (record["virtual"]["early_stop"] or {}).get("taken")
+
+
+async def test_leader_first_starts_both_on_a_composite_request(
+    make_engine: MakeEngine, registry_doc: dict[str, Any], tmp_path: Path,
+) -> None:
+    doc = {**registry_doc, "virtual_agents": [_virtual(
+        policy="leader_first", routing={"patterns": [r"\bwrite\b.+\band explain\b"]})]}
+    async with make_engine(doc) as engine:
+        result = await engine.infer("write a loop and explain it", agent="duo")
+    assert [m.state for m in result.members] == ["done", "done"]
+    assert result.members[1].joined_ms is None
+    (record,) = _trace(tmp_path)
+    assert record["virtual"]["joins"]["explanation"]["why"].startswith("composite request")
+
+
+async def test_leader_first_with_the_explanation_leading(
+    make_engine: MakeEngine, registry_doc: dict[str, Any], tmp_path: Path,
+) -> None:
+    doc = {**registry_doc, "virtual_agents": [
+        {**_virtual("code", "conversation"),
+         "early_stop": {"policy": "leader_first", "threshold": 0.0, "leader": "explanation"}}]}
+    doc["agents"][0]["generation"] = _STOPS_EARLY  # the explanation's agent: conversation
+    async with make_engine(doc) as engine:
+        result = await engine.infer("hello", agent="duo")
+    solution, explanation = result.members
+    assert (solution.state, explanation.state) == ("stopped", "done")
+    assert solution.tokens.input == 0
+    assert result.text == explanation.text.strip()
+    (record,) = _trace(tmp_path)
+    assert record["virtual"]["early_stop"]["by"] == "explanation"
+
+
 async def test_a_failing_member_follows_its_fallback_while_the_other_serves(
     make_engine: MakeEngine, registry_doc: dict[str, Any], tmp_path: Path,
 ) -> None:

@@ -1,6 +1,7 @@
 """serving_virtual: a virtual agent's members answer at once, one region of the parallel state
 each (machines/request.scxml), each with its own attempt (breaker permit, slot lease) and its
-own fallback chain; the first member to finish confidently may end the other (early stop).
+own fallback chain; the first member to finish confidently may end the other (early stop), or,
+under `leader_first`, the solution starts alone and the others join once it cannot stop early.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 # Router scores are cosines a few hundredths apart: a softmax this sharp makes them count.
 _ROUTER_TEMPERATURE: Final = 0.1
 _MAX_CLAIM_CHARS: Final = 2048  # as the rule router: patterns see the head of the text
+_JOIN_POLL_S: Final = 0.01  # a follower looks at the leader's token count this often
 
 
 def claim_virtual(registry: Registry, text: str, decision: RoutingDecision) -> RoutingDecision:
@@ -100,6 +102,11 @@ class MemberRun:
     # What ended it from outside its phases (the deadline, a bug): raised again by
     # serving_virtual once both regions are over, never through the task group.
     raised: Exception | None = None
+    # leader_first: a follower loads once this is set (None: it starts with the request);
+    # why and when it was let in, or None while it waits.
+    joined: anyio.Event | None = None
+    join_why: str | None = None
+    join_ms: float | None = None
 
     @property
     def role(self) -> str:
@@ -130,6 +137,7 @@ async def serving_virtual(services: Services,
     now = services.clock.monotonic
     state.members = runs = [_member_run(services, state, m, weights[m.role])
                             for m in spec.members]
+    _schedule(spec, state, runs)
     send, receive = anyio.create_memory_object_stream[Region](math.inf)
     streamed = False
     ended = [anyio.Event() for _ in runs]
@@ -165,12 +173,69 @@ async def serving_virtual(services: Services,
     served = [r.member.agent for r in runs if r.outcome == "done"]
     state.notes.update({attr.VIRTUAL_SERVED: served,
                         attr.VIRTUAL_OUTCOMES: [f"{r.role}: {r.outcome}" for r in runs]})
+    if spec.early_stop == "leader_first":
+        state.notes[attr.VIRTUAL_JOINS] = [f"{r.role}: {r.join_why or 'never'}"
+                                           for r in _followers(state)]
     if (verdict := state.early_stop) is not None:
         state.notes.update({attr.VIRTUAL_EARLY_STOP: f"{verdict['by']}: {verdict['why']}",
                             attr.VIRTUAL_EARLY_STOP_TAKEN: verdict["taken"]})
         if verdict["confidence"] is not None:
             state.notes[attr.VIRTUAL_CONFIDENCE] = verdict["confidence"]
     yield Next("members_done")
+
+
+def _schedule(spec: VirtualSpec, state: RequestState, runs: list[MemberRun]) -> None:
+    """`leader_first`: the leader (`early_stop.leader`'s member) starts alone (with the pool's
+    cores), the others wait for it, unless the request itself asks for both parts (the virtual
+    agent's routing patterns match it): a composite answer is long, so they start together."""
+    if spec.early_stop != "leader_first" or len(runs) < 2:
+        return
+    text = next((m.content for m in reversed(state.request.messages) if m.role == "user"), "")
+    head = text[:_MAX_CLAIM_CHARS]
+    if any(re.search(p, head, re.IGNORECASE) for p in spec.routing.patterns):
+        for run in _followers(state):
+            run.join_why, run.join_ms = "composite request: started together", 0.0
+        return
+    for run in _followers(state):
+        run.joined = anyio.Event()
+
+
+def _leader(state: RequestState) -> MemberRun:
+    """The member whose verdict decides under leader_first (the solution's by default)."""
+    role = state.virtual.leader if state.virtual is not None else ""
+    return next((r for r in state.members if r.role == role), state.members[0])
+
+
+def _followers(state: RequestState) -> list[MemberRun]:
+    leader = _leader(state)
+    return [r for r in state.members if r is not leader]
+
+
+async def _wait_for_leader(services: Services, parent: RequestState, run: MemberRun) -> None:
+    """A follower's wait: until the leader is over or has written more tokens than an early
+    stop allows (its answer is then not simple). Its tokens arrive in a worker thread: the
+    count is looked at every `_JOIN_POLL_S`, a fraction of a token's time."""
+    assert run.joined is not None and parent.virtual is not None
+    leader, limit = _leader(parent), parent.virtual.early_stop_max_tokens
+    while not run.joined.is_set():
+        if len(leader.state.token_ids) > limit:
+            _join(parent, (services.clock.monotonic() - parent.started) * 1e3)
+            return
+        with anyio.move_on_after(_JOIN_POLL_S):
+            await run.joined.wait()
+
+
+def _join(parent: RequestState, now_ms: float) -> None:
+    """Let the waiting followers in. Why is read from the leader, not from who noticed
+    first, so that a replay records the same reason."""
+    leader = _leader(parent)
+    limit = parent.virtual.early_stop_max_tokens if parent.virtual is not None else 0
+    why = (f"leader past {limit} tokens" if len(leader.state.token_ids) > limit
+           else f"leader {leader.outcome}")
+    for run in _followers(parent):
+        if run.joined is not None and not run.joined.is_set():
+            run.join_why, run.join_ms = why, now_ms
+            run.joined.set()
 
 
 def _member_run(services: Services, state: RequestState, member: VirtualMember,
@@ -207,7 +272,7 @@ async def _serve_region(services: Services, parent: RequestState, run: MemberRun
 
     async with events:
         try:
-            await _attempts(services, run, region)
+            await _attempts(services, parent, run, region)
         except Exception as exc:
             # Not raised in the Engine's task group (it would end the Engine): the request
             # ends with it, so the other member need not go on.
@@ -226,12 +291,18 @@ async def _serve_region(services: Services, parent: RequestState, run: MemberRun
         else:
             child.notes[attr.ERROR] = child.error or "failed"
             region(f"{role}_failed")
+        stopped = parent.early_stop is not None and parent.early_stop["taken"]
+        if run is _leader(parent) and not stopped:
+            _join(parent, run.end_ms)  # the leader is over: whoever still waits starts now
 
 
-async def _attempts(services: Services, run: MemberRun, region: Callable[[str], None]) -> None:
+async def _attempts(services: Services, parent: RequestState, run: MemberRun,
+                    region: Callable[[str], None]) -> None:
     """The member's agent, then the next of its chain, until one serves or none is left."""
     child, role = run.state, run.role
     with run.scope:
+        if run.joined is not None:
+            await _wait_for_leader(services, parent, run)
         async with child.stack:
             while True:
                 # No scope of the driver's here: a member waits for its slot under the deadline.
@@ -268,6 +339,8 @@ def _maybe_stop_others(parent: RequestState, run: MemberRun,
     others = [r for r in parent.members if r is not run and r.outcome == "running"]
     if spec is None or parent.early_stop is not None or not others:
         return
+    if spec.early_stop == "leader_first" and run is not _leader(parent):
+        return  # a follower never ends the leader
     verdict = parent.early_stop = early_stop_verdict(spec, run)
     if not verdict["taken"]:
         return
@@ -283,7 +356,7 @@ def early_stop_verdict(spec: VirtualSpec, run: MemberRun) -> dict[str, Any]:
     confidence against the threshold, plus cheap structure checks."""
     confidence, tokens = run.confidence(), len(run.state.token_ids)
     text = run.text()
-    if spec.early_stop != "first_confident":
+    if spec.early_stop not in ("first_confident", "leader_first"):
         why = "early stop disabled"
     elif confidence is None:
         why = "no confidence: the model gave no logits"

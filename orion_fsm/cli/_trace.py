@@ -107,13 +107,14 @@ def waterfall(record: Mapping[str, Any], width: int = 60) -> str:
 
 _LANE_MARKS: Final = {"loading": "░", "generating": "█"}
 _ENDS: Final = {"done": "✓", "failed": "✗", "stopped": "■"}
+_WAITING: Final = "·"  # a follower waiting for the leader (leader_first)
 
 
 def lanes(members: Sequence[Mapping[str, Any]], total_ms: float, width: int,
           lead: int = _LABEL + _MS + 7) -> list[str]:
     """A virtual agent's regions side by side in time, one lane each on the request's scale
-    (`lead` columns before its bar): ░ loading, █ generating, then how the region ended
-    (✓ done, ✗ failed, ■ stopped)."""
+    (`lead` columns before its bar): · waiting for the leader, ░ loading, █ generating, then
+    how the region ended (✓ done, ✗ failed, ■ stopped)."""
     scale = width / total_ms if total_ms > 0 else 0.0
     lines = []
     for k, member in enumerate(members):
@@ -127,6 +128,11 @@ def lanes(members: Sequence[Mapping[str, Any]], total_ms: float, width: int,
             for i in range(left, right):
                 cells[i] = _LANE_MARKS.get(kind, "▒")
             last = right
+        if member.get("joined_ms") is not None:  # leader_first: waited for the leader
+            start = float(member.get("start_ms") or 0)
+            left = min(width - 1, int(start * scale))
+            for i in range(left, min(width, round(float(member["joined_ms"]) * scale))):
+                cells[i] = _WAITING
         state = str(member.get("state", "?"))
         if last < width:
             cells[last] = _ENDS.get(state, "?")

@@ -23,7 +23,7 @@ _DECISIONS: Final[Mapping[str, tuple[str, ...]]] = {
     "inferencing": ("orion.inference_error", *_ERRORS),
     "fallback": ("orion.fallback.from", "orion.fallback.to", *_ERRORS),
     "serving_virtual": ("orion.virtual.members", "orion.virtual.early_stop.taken",
-                        "orion.virtual.outcomes", *_ERRORS),
+                        "orion.virtual.outcomes", "orion.virtual.joins", *_ERRORS),
     "fusing": ("orion.virtual.used", *_ERRORS),
 }
 _PARALLEL: Final = "serving_virtual"  # the parallel state: its regions are compared apart

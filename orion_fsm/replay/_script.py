@@ -207,7 +207,10 @@ def _member_attempts(record: Mapping[str, Any]) -> list[RecordedAttempt]:
                     logprobs=tuple(float(v) for v in member.get("logprobs") or ()),
                     stopped=member.get("state") == "stopped")
                 ends = [agent for _, agent in done]
-                stopped = [str(m["agent"]) for m in members if m.get("state") == "stopped"]
+                # Only one that asked for a slot (its prompt was rendered): a leader_first
+                # follower stopped while it waited for the leader never did.
+                stopped = [str(m["agent"]) for m in members if m.get("state") == "stopped"
+                           and (m.get("tokens") or {}).get("input")]
                 if member.get("state") == "done" and stopped:
                     earlier = stopped[0]  # it stopped that one: once that one got as far
                 elif member.get("state") == "done" and ends.index(str(member["agent"])) > 0:

@@ -47,3 +47,28 @@ def test_run_and_trace_show_draw_each_region_as_a_lane(
                                                 "├", "└", "fusing"]
     assert rows[4].index("|") == rows[5].index("|") == rows[3].index("|")
     assert rows[3].split()[-1] == "members_done" and rows[-1].split()[-1] == "fused"
+
+
+def test_a_follower_waiting_for_its_leader_is_drawn_waiting(
+    registry_doc: dict[str, Any], write_registry: WriteRegistry, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # leader_first, and no answer is sure enough: the explanation starts once the solution
+    # has finished.
+    registry = write_registry({**registry_doc, "virtual_agents": [{
+        "id": "duo", "description": "two members",
+        "members": [{"agent": "conversation", "role": "solution", "weight": 0.7},
+                    {"agent": "code", "role": "explanation", "weight": 0.3}],
+        "early_stop": {"policy": "leader_first", "threshold": 1.0}}]})
+    trace = tmp_path / "t.jsonl"
+    assert main(["--registry", str(registry), "--cache-dir", str(tmp_path / "c"), "run",
+                 "hello", "--agent", "duo", "--router", "rules", "--max-tokens", "8",
+                 "--trace-file", str(trace)]) == 0
+    solution, explanation = _lanes(capsys.readouterr().out)
+    assert "·" not in solution.split("|")[1]
+    bar = explanation.split("|")[1]
+    assert bar.lstrip().startswith("·") and "█" in bar
+    assert bar.rindex("·") < bar.index("█")  # waited, then generated
+    assert main(["trace", "show", str(trace), "--width", "30"]) == 0
+    shown = _lanes(capsys.readouterr().out)
+    assert "·" in shown[1].split("|")[1]

@@ -85,3 +85,26 @@ async def test_a_member_that_answers_otherwise_is_named_by_its_region(
     report = await replay(edited, registry=Registry.from_dict(doc))
     assert report.first is not None and report.first.state == "explanation"
     assert "region explanation" in report.first.field
+
+
+@pytest.mark.parametrize(("threshold", "max_tokens", "generation", "joined"), [
+    (0.0, 96, {"max_tokens": 8, "temperature": 0, "top_k": 1, "stop": ["/"]}, None),
+    (1.0, 96, {"max_tokens": 8, "temperature": 0, "top_k": 1, "stop": ["/"]}, "leader done"),
+    (0.0, 4, {"max_tokens": 60, "temperature": 0, "top_k": 1}, "leader past 4 tokens"),
+], ids=["stopped-before-joining", "joined-at-leader-end", "joined-mid-leader"])
+async def test_a_leader_first_schedule_replays_with_its_joins(
+    make_engine: MakeEngine, registry_doc: dict[str, Any], recorded: Recorded,
+    threshold: float, max_tokens: int, generation: dict[str, Any], joined: str | None,
+) -> None:
+    doc = _with_virtual(registry_doc, policy="leader_first")
+    doc["virtual_agents"][0]["early_stop"].update(threshold=threshold, max_tokens=max_tokens)
+    doc["agents"][0]["generation"] = generation
+    async with make_engine(doc) as engine:
+        await engine.infer("hello", agent="duo")
+    (record,) = recorded()
+    assert (record["virtual"]["joins"].get("explanation") or {}).get("why") == joined
+    report = await assert_replays(record, registry=Registry.from_dict(doc))
+    assert report.replayed is not None
+    assert report.replayed["virtual"]["joins"].keys() == record["virtual"]["joins"].keys()
+    assert [m["state"] for m in report.replayed["virtual"]["members"]] == [
+        m["state"] for m in record["virtual"]["members"]]

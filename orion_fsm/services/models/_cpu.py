@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -112,6 +112,7 @@ class CpuAllotter:
         self._consumers = 0
         self.peak_in_use = 0  # most cores held at once (tests and the bench check it)
         self.grants = 0
+        self.grant_sizes: Counter[int] = Counter()  # calls per cores granted (the bench)
 
     def capacity(self) -> int:
         return max(1, self.cores - round(self._busy()))
@@ -151,6 +152,7 @@ class CpuAllotter:
             self._in_use += granted
             self.peak_in_use = max(self.peak_in_use, self._in_use)
             self.grants += 1
+            self.grant_sizes[granted] += 1
             return granted
 
     def _release(self, granted: int) -> None:

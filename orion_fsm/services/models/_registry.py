@@ -241,10 +241,11 @@ class VirtualSpec:
     strategy: str = "sections"  # sections | best
     weights: str = "fixed"  # fixed | router
     min_weight: float = 0.0
-    early_stop: str = "first_confident"  # first_confident | none
+    early_stop: str = "first_confident"  # first_confident | leader_first | none
     # Calibrated for SmolLM2-135M on eval/virtual.jsonl (python -m bench --only virtual).
     threshold: float = 0.3875
     early_stop_max_tokens: int = 96
+    leader: str = "solution"  # leader_first: the role whose member starts alone
     fallback: str | None = None
     routing: RoutingHints = RoutingHints()
 
@@ -432,6 +433,7 @@ def _virtual(raw: Mapping[str, Any]) -> VirtualSpec:
         early_stop=stop.get("policy", defaults.early_stop),
         threshold=float(stop.get("threshold", defaults.threshold)),
         early_stop_max_tokens=int(stop.get("max_tokens", defaults.early_stop_max_tokens)),
+        leader=stop.get("leader", defaults.leader),
         fallback=raw.get("fallback"),
         routing=_routing(raw.get("routing", {})),
     )

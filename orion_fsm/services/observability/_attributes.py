@@ -128,5 +128,7 @@ VIRTUAL_SERVED: Final = "orion.virtual.served"  # member agents that answered
 VIRTUAL_CONFIDENCE: Final = "orion.virtual.confidence"  # geometric mean token probability
 VIRTUAL_EARLY_STOP: Final = "orion.virtual.early_stop"  # why it was taken or not
 VIRTUAL_EARLY_STOP_TAKEN: Final = "orion.virtual.early_stop.taken"
+# leader_first: when each follower started ("role: why"; never: the leader's early stop)
+VIRTUAL_JOINS: Final = "orion.virtual.joins"
 VIRTUAL_STRATEGY: Final = "orion.virtual.strategy"
 VIRTUAL_USED: Final = "orion.virtual.used"  # member agents whose answers the text holds

@@ -33,6 +33,22 @@ def test_a_lone_consumer_takes_every_core_and_four_share_two() -> None:
         g.__exit__(None, None, None)
 
 
+def test_a_generation_left_alone_takes_every_core_at_its_next_call() -> None:
+    # A virtual agent's members share the two cores one each; once one has finished, the
+    # other's next runtime call computes on both.
+    pool = CpuAllotter(cores=2, busy=lambda: 0.0)
+    first, second = pool.consumer(), pool.consumer()
+    a, b = first.__enter__(), second.__enter__()
+    assert [a.acquire(), b.acquire()] == [1, 1]
+    a.release(1)
+    b.release(1)
+    first.__exit__(None, None, None)  # the first member's generation ended
+    assert b.acquire() == 2
+    b.release(2)
+    second.__exit__(None, None, None)
+    assert pool.grant_sizes == {1: 2, 2: 1}
+
+
 def test_other_processes_load_shrinks_the_pool() -> None:
     busy = [1.2]
     pool = CpuAllotter(cores=2, busy=lambda: busy[0])
