@@ -330,10 +330,11 @@ class EmbeddingService:
     came less than `join_ms` after the previous one, or `expect()` announced another), the
     batch waits longer, up to `window_ms` after its first text, for as long as texts keep
     coming `join_ms` apart or an announced one is on its way: a burst is encoded in one or two
-    batches, and a lone text never waits for the window. Time the event loop spent stalled
-    (a worker holding the GIL) does not count against the window: the texts due meanwhile
-    could not arrive. Vectors are read from and written to `store` (float16) by
-    `sha256(model_id \\0 text)`; without a store, a bounded in-memory one is used.
+    batches, and a lone text never waits for the window. Time the event loop was elsewhere
+    (frozen by a worker holding the GIL, or lagging on a busy machine) counts neither against
+    the window nor as a join gap: the texts due meanwhile could not arrive. Vectors are read
+    from and written to `store` (float16) by `sha256(model_id \\0 text)`; without a store, a
+    bounded in-memory one is used.
     Fresh vectors are returned exactly as encoded; stored ones come back as float32 within
     float16 rounding (cosine error < 1e-3).
     """
@@ -650,24 +651,30 @@ class EmbeddingService:
             return False  # a lone text: nothing suggests another is coming
         self._stats["windows"] += 1
         started = anyio.current_time()
-        stalled, resumed = 0.0, -math.inf
+        # Loop time the window could not use: a frozen or lagging loop (a worker holding the
+        # GIL, a busy machine) delays the texts due meanwhile, so it does not count as waiting.
+        # Measured by waiting in ticks: a tick that ends late is time the loop was elsewhere.
+        tick = self.join_s / 4
+        stalled = stalled_then = 0.0
+        since = self._arrivals[-1]
         while len(self._queue) < self.max_batch and not self._closing:
+            if self._arrivals[-1] != since:  # a text came: the join gap starts again
+                since, stalled_then = self._arrivals[-1], stalled
             end = first + self.window_s + stalled
             # Open until the window's end while an announced text is on its way; else until
-            # no text came for join_s (counted from the last stall's end, too).
+            # no text came for join_s of the loop's time.
             until = end if self._expected > 0 else min(
-                end, max(self._arrivals[-1], resumed) + self.join_s)
-            if until <= anyio.current_time():
+                end, since + self.join_s + stalled - stalled_then)
+            now = anyio.current_time()
+            if until <= now:
                 break
+            wait = min(until - now, tick)
             self._arrived = anyio.Event()
-            with anyio.move_on_after(until - anyio.current_time()):
+            with anyio.move_on_after(wait):
                 await self._arrived.wait()
-            late = anyio.current_time() - until
-            if late > self.join_s:
-                # The loop could not run meanwhile (a worker held the GIL): the texts due
-                # then are only arriving now, so the stall does not count as waiting.
+            late = anyio.current_time() - (now + wait)
+            if late > tick:
                 stalled += late
-                resumed = anyio.current_time()
         self._arrived = None
         self._stats["window_wait_ms"] += (anyio.current_time() - started) * 1e3
         return True
