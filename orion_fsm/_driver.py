@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from .services.observability._metrics import RequestMetrics
     from .services.observability._tracefile import TraceWriter
     from .services.resilience._admission import AdmissionController, TimeoutPolicy
+    from .services.routing._embeddings import EmbeddingService, ExpectedText
 
 _log = logging.getLogger("orion_fsm.engine")
 
@@ -51,6 +52,8 @@ class Driving:
     metrics: RequestMetrics | None = None  # recorded once per request, in _finish
     served: RecentRequests | None = None  # answers a rating can name (engine.feedback)
     in_flight: InFlight = field(default_factory=InFlight)  # what the Engine's exit cancels
+    # The router's embedding batcher, told of each admitted request it will embed.
+    embeddings: EmbeddingService | None = None
 
 
 class RequestRun:
@@ -86,15 +89,24 @@ class RequestRun:
                              notes=recorder.notes,
                              breakers_at_start=services.breakers.snapshot(),
                              priority=self._priority)
+        # Before the first await: a batch of routing texts gathering now waits for this one
+        # even when the event loop is late to run it (see EmbeddingService.expect).
+        expected = state.before_routing = self._announce()
+        if expected is not None:
+            stack.callback(expected.arrive)
         # A machine only once admitted: a thousand queued requests hold no machine.
         try:
             await d.admission.acquire(self._priority, request_id=request.id)
         except Overloaded as exc:  # refused at once, never queued
+            if expected is not None:
+                expected.arrive()
             state.fail("overloaded", exc.message)
             with d.machines.machine(listeners) as machine:
                 self._finish(state, recorder, machine, event="rejected")
             return
         except BaseException:
+            if expected is not None:
+                expected.arrive()
             state.fail("cancelled", "the caller cancelled the request while it was queued")
             with d.machines.machine(listeners) as machine:
                 self._finish(state, recorder, machine, event="abort")
@@ -129,6 +141,16 @@ class RequestRun:
                 raise
             else:
                 self._finish(state, recorder, machine)
+
+    def _announce(self) -> ExpectedText | None:
+        """Announce the request's text to the embedding batcher if the router will embed it
+        and admission lets the request in at once (a queued one may wait for seconds)."""
+        d = self._driving
+        admission = d.admission
+        if (d.embeddings is None or self.request.agent is not None or admission.queued
+                or admission.in_flight >= admission.max_in_flight):
+            return None
+        return d.embeddings.expect()
 
     async def _phases(self, state: RequestState, machine: Any,
                       recorder: PhaseRecorder) -> AsyncGenerator[str, None]:

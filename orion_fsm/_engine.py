@@ -363,7 +363,7 @@ class Engine:
                 services=services, machines=MachinePool(self._chart), tracer=self._tracer,
                 admission=self.admission, timeouts=self._timeout, traces=self._traces,
                 registry_source=self.registry.source, metrics=self._metrics,
-                served=self._served)
+                served=self._served, embeddings=self._routing_embeddings())
             self._exit_stack = stack.pop_all()
         return self
 
@@ -431,6 +431,13 @@ class Engine:
     def trace_stats(self) -> dict[str, int]:
         """Trace records written, dropped by a failing sink, and written in a repaired form."""
         return self._traces.stats()
+
+    def _routing_embeddings(self) -> EmbeddingService | None:
+        """The embedding service the router embeds each request's text with, if any."""
+        router = self.router
+        if isinstance(router, EmbeddingRouter) and router.embeddings.running:
+            return router.embeddings
+        return None
 
     def _running(self) -> Driving:
         if self._driving is None or self._closed:

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 async def routing(services: Services, state: RequestState) -> str:
     request = state.request
+    if state.before_routing is not None:
+        state.before_routing.arrive()  # its text comes now, or not at all
     text = next(m.content for m in reversed(request.messages) if m.role == "user")
     try:
         if request.agent is not None and request.agent in services.registry.virtual:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from ..services.resilience._breaker import BreakerBoard, BreakerPermit
     from ..services.resilience._guardrails import Guardrails
     from ..services.resilience._retry import Retries
+    from ..services.routing._embeddings import ExpectedText
     from ..services.routing._router import RoutingDecision
     from ._members import MemberRun
 
@@ -64,6 +65,8 @@ class RequestState:
     breakers_at_start: Mapping[str, Any] = field(default_factory=dict)
     priority: int = 0  # lower first, for a slot as for admission
     # routing
+    # Announced to the embedding batcher at admission; arrives as routing starts.
+    before_routing: ExpectedText | None = None
     decision: RoutingDecision | None = None
     chain: tuple[str, ...] = ()
     l1_key: str | None = None

@@ -7,6 +7,8 @@ detokenization that never splits a UTF-8 character.
 from __future__ import annotations
 
 import re
+import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -55,6 +57,13 @@ BYTE_TO_UNICODE: Final[Mapping[int, str]] = _bytes_to_unicode()
 UNICODE_TO_BYTE: Final[Mapping[str, int]] = {c: b for b, c in BYTE_TO_UNICODE.items()}
 
 
+# Parsed tokenizers by (file, inode, size, mtime): shared while a model holds one (a Tokenizer is
+# never changed once built, and `tokenizers` encodes from several threads at once).
+_PARSED: weakref.WeakValueDictionary[tuple[str, int, int, int], Tokenizer] = (
+    weakref.WeakValueDictionary())
+_PARSED_LOCK = threading.Lock()
+
+
 class Tokenizer:
     """A model's tokenizer. Special tokens written in text (`<|im_start|>`) encode to their ids."""
 
@@ -87,16 +96,30 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: Path) -> Tokenizer:
+        """The tokenizer of `path`, parsed once per version of the file while any model uses
+        it: `tokenizers` holds the GIL for the whole parse (~0.3 s for SmolLM2's 49k tokens,
+        the event loop frozen meanwhile), and a model's prepare and each of its slots ask."""
         import tokenizers  # see TYPE_CHECKING above
 
         try:
-            backend = tokenizers.Tokenizer.from_file(str(path))
-        except Exception as exc:  # tokenizers raises plain Exception for both I/O and JSON errors
-            raise ModelLoadError(
-                f"cannot read tokenizer {path}: {exc}; delete it and let ensure_converted() "
-                "rebuild it from the model file"
-            ) from exc
-        return cls(backend)
+            stat = path.stat()
+            version = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        except OSError:
+            version = None  # the parse below reports it
+        with _PARSED_LOCK:  # one parse of a file at a time: a second asker waits for it
+            if version is not None and (parsed := _PARSED.get(version)) is not None:
+                return parsed
+            try:
+                backend = tokenizers.Tokenizer.from_file(str(path))
+            except Exception as exc:  # tokenizers raises plain Exception for I/O and JSON
+                raise ModelLoadError(
+                    f"cannot read tokenizer {path}: {exc}; delete it and let "
+                    "ensure_converted() rebuild it from the model file"
+                ) from exc
+            parsed = cls(backend)
+            if version is not None:
+                _PARSED[version] = parsed
+            return parsed
 
     @classmethod
     def from_byte_level_bpe(

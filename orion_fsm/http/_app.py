@@ -192,6 +192,19 @@ def create_app(engine: Engine | EngineFactory, *, api_key: str | None = None,
                                      "capabilities": list(spec.capabilities),
                                      "context_length": spec.context_length,
                                      "fallback": spec.fallback}})
+        for virtual in served.registry.virtual.values():
+            # Requested by name like any agent: its members answer in parallel, then fused.
+            models.append({"id": virtual.id, "object": "model", "created": created,
+                           "owned_by": "orion-fsm",
+                           "orion": {"role": "virtual", "description": virtual.description,
+                                     "members": [{"agent": m.agent, "role": m.role,
+                                                  "weight": m.weight}
+                                                 for m in virtual.members],
+                                     "fusion": virtual.strategy, "weights": virtual.weights,
+                                     "early_stop": virtual.early_stop,
+                                     "context_length": served.registry.context_length(
+                                         virtual.id),
+                                     "fallback": virtual.fallback}})
         if served.embeddings is not None:
             models.append({"id": EMBEDDING_MODEL, "object": "model", "created": created,
                            "owned_by": "orion-fsm", "orion": {"role": "embeddings"}})

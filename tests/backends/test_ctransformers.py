@@ -392,6 +392,28 @@ def test_tokenizer_of_another_model_is_refused(tiny_path: Path, tmp_path: Path) 
         LoadedModel.load(tiny_path, tmp_path / "tokenizer.json", context_length=64)
 
 
+def test_the_slots_of_a_model_share_one_parse_of_its_tokenizer(tiny_path: Path) -> None:
+    # The parse holds the GIL (the event loop freezes meanwhile): once per file, not per slot.
+    first = LoadedModel.load(tiny_path, tiny_path.parent / "tokenizer.json", context_length=64)
+    second = LoadedModel.load(tiny_path, tiny_path.parent / "tokenizer.json", context_length=64)
+    try:
+        assert first.tokenizer is second.tokenizer
+        assert first.tokenizer is Tokenizer.from_file(tiny_path.parent / "tokenizer.json")
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_rewritten_tokenizer_file_is_parsed_again(tiny_path: Path, tmp_path: Path) -> None:
+    path = tmp_path / "tokenizer.json"
+    Tokenizer.from_byte_level_bpe(["a", "b"], [1, 1], []).save(path)
+    before = Tokenizer.from_file(path)
+    Tokenizer.from_byte_level_bpe(["a", "b", "ab"], [1, 1, 1], ["a b"]).save(path)
+    after = Tokenizer.from_file(path)
+    assert after is not before
+    assert (before.vocab_size, after.vocab_size) == (2, 3)
+
+
 # --- incremental detokenization (fast) -----------------------------------------------------
 
 

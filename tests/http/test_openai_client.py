@@ -105,6 +105,27 @@ def test_models_lists_the_agents_and_auto(live: Live) -> None:
     assert one.id == "code" and one.owned_by == "orion-fsm"
 
 
+def test_models_lists_virtual_agents_with_their_members(
+        make_server: MakeServer, registry_doc: dict[str, Any]) -> None:
+    duo = {"id": "duo", "description": "code then an explanation",
+           "members": [{"agent": "code", "role": "solution", "weight": 0.7},
+                       {"agent": "conversation", "role": "explanation", "weight": 0.3}]}
+    with make_server(doc={**registry_doc, "virtual_agents": [duo]}) as live, \
+            _openai(live) as api:
+        ids = [m.id for m in api.models.list()]
+        listed = api.models.retrieve("duo")
+        # What the listing offers can be asked for by that name.
+        chat = api.chat.completions.create(model="duo", messages=HELLO, max_tokens=2)
+    assert "duo" in ids and {"code", "conversation"} <= set(ids)
+    orion = (listed.model_extra or {})["orion"]
+    assert orion["role"] == "virtual" and orion["description"] == duo["description"]
+    assert orion["members"] == [{"agent": "code", "role": "solution", "weight": 0.7},
+                                {"agent": "conversation", "role": "explanation",
+                                 "weight": 0.3}]
+    assert orion["fusion"] == "sections" and orion["context_length"] > 0
+    assert chat.model == "duo"
+
+
 def test_errors_have_openai_types_statuses_and_the_field(live: Live) -> None:
     with _openai(live) as api:
         with pytest.raises(openai.NotFoundError) as missing:

@@ -21,7 +21,7 @@ import anyio
 from orion_fsm._exceptions import ConfigurationError, EmbeddingError, OrionError
 from orion_fsm._singleflight import SingleFlight
 from orion_fsm.services.models._registry import Registry
-from orion_fsm.services.routing._embeddings import EmbeddingService
+from orion_fsm.services.routing._embeddings import EmbeddingService, ExpectedText
 from orion_fsm.services.routing._router import RoutingDecision, RuleRouter
 
 if TYPE_CHECKING:
@@ -179,14 +179,22 @@ class EmbeddingRouter:
             self.registry.get(requested)  # unknown agent -> RegistryError naming the known ones
             return RoutingDecision(agent=requested, source="explicit", score=1.0)
         normalized = normalize_text(text)
-        try:
-            key = self._decision_key(normalized) if self.decision_cache is not None else None
-            cached = await self._cached(key)
-            if cached is not None:
-                return cached
-            decision = (await self._explain(normalized)).decision
-        except EmbeddingError as exc:
-            return await self._degraded(text, exc)
+        # Announced from here until queued (the cache lookups may await a disk): a batch
+        # gathering meanwhile waits for this text rather than closing just before it comes.
+        # Not before the agents' vectors exist: their batch would wait for a text that
+        # cannot come before they are encoded.
+        with (self.embeddings.expect() if self._index is not None
+              else contextlib.nullcontext()) as arriving:
+            try:
+                key = self._decision_key(normalized) if self.decision_cache is not None else None
+                cached = await self._cached(key)
+                if cached is not None:
+                    return cached
+                decision = (await self._explain(normalized, arriving)).decision
+            except EmbeddingError as exc:
+                if arriving is not None:
+                    arriving.arrive()
+                return await self._degraded(text, exc)
         if self.decision_cache is not None and key is not None:
             # Unrounded, unlike as_dict(): a cached decision equals the one it replays.
             value = {**decision.as_dict(), "score": decision.score, "margin": decision.margin}
@@ -227,11 +235,12 @@ class EmbeddingRouter:
             index.append(_AgentIndex(agent, tuple(texts), matrix, centroid))
         return tuple(index)
 
-    async def _explain(self, normalized: str) -> RouteExplanation:
+    async def _explain(self, normalized: str,
+                       arriving: ExpectedText | None = None) -> RouteExplanation:
         import numpy as np
 
         agents = await self._agents()
-        vector, batch = await self.embeddings.embed_batched(normalized)
+        vector, batch = await self.embeddings.embed_batched(normalized, arriving=arriving)
         scores: dict[str, float] = {}
         nearest: dict[str, str] = {}
         for entry in agents:

@@ -40,6 +40,7 @@ __all__ = [
     "EmbeddingError",
     "EmbeddingService",
     "EmbeddingStore",
+    "ExpectedText",
     "MemoryEmbeddingStore",
     "default_model_dir",
     "pack_vector",
@@ -312,6 +313,31 @@ class _Job:
         self.done.set()
 
 
+class ExpectedText:
+    """A text on its way to the service (a request admitted and not routed yet, or a text
+    the router is looking up in its caches): while it is, a gathering batch stays open for it
+    until the window's end. Over once, by `arrive()` or by leaving its `with` block."""
+
+    __slots__ = ("_on_its_way", "_service")
+
+    def __init__(self, service: EmbeddingService) -> None:
+        self._service = service
+        self._on_its_way = True
+
+    def arrive(self) -> None:
+        """On its way no more (it reached the router, or its request ended)."""
+        if self._on_its_way:
+            self._on_its_way = False
+            self._service._expected -= 1
+            self._service._signal_arrival()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.arrive()
+
+
 class EmbeddingService:
     """Sentence embeddings for every component of the process, micro-batched.
 
@@ -319,10 +345,13 @@ class EmbeddingService:
     service.aclose()`), or use `async with EmbeddingService() as service:`. Concurrent `embed()`
     calls are gathered for up to `max_wait_ms` (or `max_batch` texts) and encoded as one batch
     in a worker thread. While a burst is arriving (the batch holds several texts, or its text
-    came less than `join_ms` after the previous one), the batch waits longer, up to `window_ms`
-    after its first text, for as long as texts keep coming `join_ms` apart: a burst is encoded
-    in one or two batches, and a lone text never waits for the window. Vectors are read from
-    and written to `store` (float16) by `sha256(model_id \\0 text)`; without a store, a
+    came less than `join_ms` after the previous one, or `expect()` announced another), the
+    batch waits longer, up to `window_ms` after its first text, for as long as texts keep
+    coming `join_ms` apart or an announced one is on its way: a burst is encoded in one or two
+    batches, and a lone text never waits for the window. Time the event loop was elsewhere
+    (frozen by a worker holding the GIL, or lagging on a busy machine) counts neither against
+    the window nor as a join gap: the texts due meanwhile could not arrive. Vectors are read
+    from and written to `store` (float16) by `sha256(model_id \\0 text)`; without a store, a
     bounded in-memory one is used.
     Fresh vectors are returned exactly as encoded; stored ones come back as float32 within
     float16 rounding (cosine error < 1e-3).
@@ -360,6 +389,7 @@ class EmbeddingService:
         # Arrival times of the last two new texts: whether a burst is arriving.
         self._arrivals: deque[float] = deque([-math.inf, -math.inf], maxlen=2)
         self._arrived: anyio.Event | None = None
+        self._expected = 0  # texts announced by expect() and not arrived yet
         self.timeout_s = timeout_s
         self.clock: Clock = clock or SystemClock()
         self._model_id: str | None = None
@@ -467,24 +497,34 @@ class EmbeddingService:
 
     # --- requests ---------------------------------------------------------------------------
 
+    def expect(self) -> ExpectedText:
+        """Announce a text that is coming (the engine does it as it admits a request the
+        router will embed): a batch gathering meanwhile waits for it, up to the window's end,
+        even when the event loop delays it past `join_ms`."""
+        self._expected += 1
+        return ExpectedText(self)
+
     async def embed(self, text: str) -> np.ndarray:
         """The unit float32 vector of `text`."""
         return (await self.embed_many([text]))[0]
 
-    async def embed_batched(self, text: str) -> tuple[np.ndarray, EmbeddingBatch | None]:
+    async def embed_batched(self, text: str, *, arriving: ExpectedText | None = None,
+                            ) -> tuple[np.ndarray, EmbeddingBatch | None]:
         """The vector of `text` and the batch that encoded it (None: read from the store)."""
         batches: list[EmbeddingBatch | None] = []
-        vectors = await self.embed_many([text], batches=batches)
+        vectors = await self.embed_many([text], batches=batches, arriving=arriving)
         return vectors[0], batches[0]
 
     async def embed_many(self, texts: Sequence[str], *, remember: bool = True,
                          batches: list[EmbeddingBatch | None] | None = None,
-                         ) -> list[np.ndarray]:
+                         arriving: ExpectedText | None = None) -> list[np.ndarray]:
         """The vectors of `texts`, in order; misses are encoded together with other callers'.
 
         `remember=False` (bulk documents a caller keeps itself): the store is neither read
         nor written, so a corpus does not flood the cache of short texts. `batches`, if given,
         receives each text's EmbeddingBatch (None for a text read from the store).
+        `arriving`: the announcement of these texts (see `expect`), over once they are
+        queued or found, not before: a batch gathering meanwhile waits for them.
         """
         if self._load_error is not None:
             raise _fresh(self._load_error)
@@ -513,6 +553,8 @@ class EmbeddingService:
                 out[i] = vector
             else:
                 jobs.append((i, self._submit(keys[i], texts[i])))
+        if arriving is not None:
+            arriving.arrive()  # no await since the submits: the batcher sees both at once
         if jobs:
             try:
                 with anyio.fail_after(self.timeout_s):
@@ -586,8 +628,7 @@ class EmbeddingService:
             self._arrivals.append(job.enqueued_at)
             assert self._wakeup is not None and self._full is not None
             self._wakeup.set()
-            if self._arrived is not None:
-                self._arrived.set()
+            self._signal_arrival()
             if len(self._queue) >= self.max_batch:
                 self._full.set()
         else:
@@ -629,24 +670,46 @@ class EmbeddingService:
             return False  # a lone text: nothing suggests another is coming
         self._stats["windows"] += 1
         started = anyio.current_time()
+        # Loop time the window could not use: a frozen or lagging loop (a worker holding the
+        # GIL, a busy machine) delays the texts due meanwhile, so it does not count as waiting.
+        # Measured by waiting in ticks: a tick that ends late is time the loop was elsewhere.
+        tick = self.join_s / 4
+        stalled = stalled_then = 0.0
+        since = self._arrivals[-1]
         while len(self._queue) < self.max_batch and not self._closing:
-            # Open until the window's end, or until no text came for join_s.
-            until = min(first + self.window_s, self._arrivals[-1] + self.join_s)
-            if until <= anyio.current_time():
+            if self._arrivals[-1] != since:  # a text came: the join gap starts again
+                since, stalled_then = self._arrivals[-1], stalled
+            end = first + self.window_s + stalled
+            # Open until the window's end while an announced text is on its way; else until
+            # no text came for join_s of the loop's time.
+            until = end if self._expected > 0 else min(
+                end, since + self.join_s + stalled - stalled_then)
+            now = anyio.current_time()
+            if until <= now:
                 break
+            wait = min(until - now, tick)
             self._arrived = anyio.Event()
-            with anyio.move_on_after(until - anyio.current_time()):
+            with anyio.move_on_after(wait):
                 await self._arrived.wait()
+            late = anyio.current_time() - (now + wait)
+            if late > tick:
+                stalled += late
         self._arrived = None
         self._stats["window_wait_ms"] += (anyio.current_time() - started) * 1e3
         return True
 
     def _burst_arriving(self) -> bool:
-        """Several texts are queued, or the last came within join_s of the one before."""
+        """Several texts are queued, another is announced, or the last came within join_s
+        of the one before."""
         if self.window_s <= 0:
             return False
         previous, last = self._arrivals
-        return len(self._queue) > 1 or last - previous < self.join_s
+        return len(self._queue) > 1 or self._expected > 0 or last - previous < self.join_s
+
+    def _signal_arrival(self) -> None:
+        """A text arrived or an announced one will not come: a gathering batch looks again."""
+        if self._arrived is not None:
+            self._arrived.set()
 
     async def _ensure_model(self) -> _SharedModel:
         if self._shared is None:
