@@ -83,7 +83,8 @@ async def loading_agent(services: Services, state: RequestState) -> str:
             "larger context_length"), field="prompt")
         return "invalid"
     state.prompt_ids = tuple(ids)
-    state.sampling = sampling_params(agent, state.request.params, room, grammar_of(state))
+    state.sampling = sampling_params(agent, state.request.params, room, grammar_of(state),
+                                     scores=state.token_scores)
     state.notes[attr.MODEL_SHA256] = prepared.sha256
     try:
         # Queued by the request's start, not this attempt's: a retry or a fallback onto the

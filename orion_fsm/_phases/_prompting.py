@@ -51,7 +51,7 @@ def grammar_of(state: RequestState) -> Grammar | None:
 
 
 def sampling_params(agent: AgentSpec, params: GenerationParams, room: int,
-                    grammar: Grammar | None = None) -> SamplingParams:
+                    grammar: Grammar | None = None, *, scores: bool = False) -> SamplingParams:
     d = agent.generation
     stop = params.stop if params.stop is not None else d.stop
     return SamplingParams(
@@ -64,4 +64,5 @@ def sampling_params(agent: AgentSpec, params: GenerationParams, room: int,
         seed=d.seed if params.seed is None else params.seed,
         stop=tuple(stop),
         grammar=grammar,
+        scores=scores,
     )

@@ -105,7 +105,9 @@ async def _l1_lookup(services: Services, state: RequestState,
     key = state.l1_key = cache_key(
         "l1", _normalised(state.request.messages), agent.id, agent.system_prompt,
         dataclasses.asdict(agent.chat_template), services.registry.digest,
-        {k: v for k, v in dataclasses.asdict(sampling).items() if k != "grammar"},
+        # Neither the grammar (its digest is below) nor token scores change the text.
+        {k: v for k, v in dataclasses.asdict(sampling).items()
+         if k not in ("grammar", "scores")},
         prepared.sha256,
         # The output format, named by its grammar's digest and the tools it offers; absent
         # for free text, so plain requests keep their keys.

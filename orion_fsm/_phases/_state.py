@@ -86,6 +86,7 @@ class RequestState:
     prompt_ids: tuple[int, ...] = ()
     prompt_turns: tuple[tuple[str, str], ...] = ()  # what prompt_ids render (for feedback)
     sampling: SamplingParams | None = None
+    token_scores: bool = False  # each token's log-probability kept (a virtual member)
     # generation
     text_parts: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)

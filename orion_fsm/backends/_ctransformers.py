@@ -367,7 +367,8 @@ class _Generation:
                 return (yield from self._finish("cancelled"))
             try:
                 # The model's own distribution (temperature 1), before any sampling rule.
-                scores = TokenScores.of(logits_view(llm), self._scores)
+                scores = TokenScores.of(logits_view(llm), self._scores) if params.scores \
+                    else None
                 token = self._masked.choose(logits_view(llm)) if self._masked else int(
                     llm.sample(
                         # Greedy is top-k 1; temperature 0 itself would divide logits by zero.
@@ -388,7 +389,7 @@ class _Generation:
             if token in self._model.eos_token_ids:
                 return (yield from self._finish("stop"))
             self._generated.append(token)
-            if self._emitter.push(token, scores.of_token(token)):
+            if self._emitter.push(token, None if scores is None else scores.of_token(token)):
                 return (yield from self._finish("stop", flush=False))
             yield from self._drain()
             if self._masked is not None and self._masked.stopped:

@@ -48,6 +48,10 @@ class SamplingParams:
     seed: int = -1  # -1 = random
     stop: tuple[str, ...] = ()
     grammar: Grammar | None = None  # every token chosen under this grammar's mask
+    # Each token's log-probability and entropy in its events (a virtual member's early stop
+    # reads them). Off by default: the softmax over the vocabulary is ~0.4 ms of Python a
+    # token, and the decode slows by about three times that (ggml's threads wait on it).
+    scores: bool = False
 
 
 @dataclass(frozen=True)

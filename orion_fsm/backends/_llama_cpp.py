@@ -438,21 +438,23 @@ class LlamaRuntime:
             if gate is not None:
                 gate.release(granted)
 
-    def _sample(self, llama: Any, job: _Job, index: int) -> tuple[int, tuple[float, float]]:
+    def _sample(self, llama: Any, job: _Job,
+                index: int) -> tuple[int, tuple[float, float] | None]:
         """The token chosen for `job` from the batch's `index`-th logits, and its (logprob,
         entropy) under the model's own distribution (early stopping reads them)."""
         import numpy as np
 
         logits = np.ctypeslib.as_array(llama.llama_get_logits_ith(self._ctx, index),
                                        shape=(self.n_vocab,))
-        scores = TokenScores.of(logits, self._scores)  # before a sampler may rewrite it
+        # Before a sampler may rewrite the logits.
+        scores = TokenScores.of(logits, self._scores) if job.params.scores else None
         if job.masked is not None:
             token = job.masked.choose(logits)
         else:
             token = int(llama.llama_sampler_sample(job.sampler, self._ctx, index))
-        return token, scores.of_token(token)
+        return token, None if scores is None else scores.of_token(token)
 
-    def _advance(self, job: _Job, token: int, score: tuple[float, float]) -> None:
+    def _advance(self, job: _Job, token: int, score: tuple[float, float] | None) -> None:
         """A token was chosen for `job`: emit it, or end the generation."""
         if token in self.eos_token_ids or self._llama.llama_vocab_is_eog(self._vocab, token):
             self._end(job, "stop")

@@ -6,6 +6,7 @@ sequence of a llama.cpp context (when the `llama-cpp` extra is installed).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
 import threading
@@ -304,9 +305,21 @@ def test_eos_ids_cover_chatml_and_endoftext(tiny: SlotModel) -> None:
     assert tiny.context_length == 256
 
 
+def test_token_scores_come_with_each_token_only_when_asked(tiny: SlotModel) -> None:
+    plain, plain_events = run(tiny, GREEDY)
+    scored, scored_events = run(tiny, dataclasses.replace(GREEDY, scores=True))
+    assert plain.token_ids == scored.token_ids  # scoring never changes what is chosen
+    assert all(not e.logprobs and not e.entropies for e in plain_events)
+    for event in scored_events:
+        assert len(event.logprobs) == len(event.entropies) == len(event.token_ids)
+        assert all(lp <= 0 for lp in event.logprobs)
+        assert all(h >= 0 for h in event.entropies)
+
+
 def test_stream_pulls_the_same_generation_as_generate(tiny: SlotModel) -> None:
-    expected, expected_events = run(tiny, GREEDY)
-    stream = tiny.open_stream(tiny.tokenizer.encode(CHATML_PROMPT), GREEDY)
+    scored = dataclasses.replace(GREEDY, scores=True)
+    expected, expected_events = run(tiny, scored)
+    stream = tiny.open_stream(tiny.tokenizer.encode(CHATML_PROMPT), scored)
     events: list[GenerationEvent] = []
     # Each step on a fresh thread, as anyio.to_thread.run_sync may do.
     while True:

@@ -161,7 +161,7 @@ def test_a_caller_that_fell_behind_takes_the_queued_tokens_as_one_event(
 ) -> None:
     sequence = slots[0]
     stream = sequence.open_stream(sequence.tokenizer.encode(PROMPTS[0]),
-                                  SamplingParams(temperature=0, max_tokens=60))
+                                  SamplingParams(temperature=0, max_tokens=60, scores=True))
     first = stream.next_event()
     while sequence.generating:  # the loop runs to the end while nobody reads
         time.sleep(0.01)
