@@ -18,15 +18,21 @@ def _lanes(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.lstrip().startswith(("├", "└"))]
 
 
+def _duo(registry_doc: dict[str, Any], write_registry: WriteRegistry,
+         early_stop: dict[str, Any]) -> Path:
+    """A registry with `duo`: conversation writes the solution, code the explanation."""
+    return write_registry({**registry_doc, "virtual_agents": [{
+        "id": "duo", "description": "two members",
+        "members": [{"agent": "conversation", "role": "solution", "weight": 0.7},
+                    {"agent": "code", "role": "explanation", "weight": 0.3}],
+        "early_stop": early_stop}]})
+
+
 def test_run_and_trace_show_draw_each_region_as_a_lane(
     registry_doc: dict[str, Any], write_registry: WriteRegistry, tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    registry = write_registry({**registry_doc, "virtual_agents": [{
-        "id": "duo", "description": "two members",
-        "members": [{"agent": "conversation", "role": "solution", "weight": 0.7},
-                    {"agent": "code", "role": "explanation", "weight": 0.3}],
-        "early_stop": {"policy": "none"}}]})
+    registry = _duo(registry_doc, write_registry, {"policy": "none"})
     trace = tmp_path / "t.jsonl"
     assert main(["--registry", str(registry), "--cache-dir", str(tmp_path / "c"), "run",
                  "hello", "--agent", "duo", "--router", "rules", "--max-tokens", "4",
@@ -55,11 +61,7 @@ def test_a_follower_waiting_for_its_leader_is_drawn_waiting(
 ) -> None:
     # leader_first, and no answer is sure enough: the explanation starts once the solution
     # has finished.
-    registry = write_registry({**registry_doc, "virtual_agents": [{
-        "id": "duo", "description": "two members",
-        "members": [{"agent": "conversation", "role": "solution", "weight": 0.7},
-                    {"agent": "code", "role": "explanation", "weight": 0.3}],
-        "early_stop": {"policy": "leader_first", "threshold": 1.0}}]})
+    registry = _duo(registry_doc, write_registry, {"policy": "leader_first", "threshold": 1.0})
     trace = tmp_path / "t.jsonl"
     assert main(["--registry", str(registry), "--cache-dir", str(tmp_path / "c"), "run",
                  "hello", "--agent", "duo", "--router", "rules", "--max-tokens", "8",
