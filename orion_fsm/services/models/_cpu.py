@@ -18,6 +18,8 @@ __all__ = ["CpuAllotter", "CpuSnapshot", "usable_cores"]
 
 _SAMPLE_S: Final = 0.5  # a load reading is reused this long: /proc/stat costs ~50 µs
 _WAIT_POLL_S: Final = 0.05  # a waiter looks again this often (the pool shrinks on its own)
+_STALE_GAP: Final = 4  # a reading over more than this many sample_s averages a quiet gap...
+_STALE_RECHECK_S: Final = 0.1  # ...and is checked again this soon (100 Hz jiffies: ±0.05 core)
 
 
 def usable_cores() -> int:
@@ -41,16 +43,21 @@ class CpuSnapshot:
 
 class _ExternalLoad:
     """Cores other processes keep busy: the machine's busy time minus this process's, over
-    the time between two readings (psutil), read at most every `sample_s`."""
+    the time between two readings (psutil), read at most every `sample_s`.
 
-    def __init__(self, sample_s: float) -> None:
-        import psutil  # here, not at module level: keeps `import orion_fsm` cheap
+    A reading taken after a long quiet gap averages the whole gap (another process's burst
+    that has ended weighs in it as much as the present), so it is checked again soon
+    (`_STALE_RECHECK_S`) instead of standing for a whole `sample_s`: a request arriving just
+    after another process's burst ran its first half second on one core."""
 
-        self._psutil = psutil
-        self._process = psutil.Process()
+    def __init__(self, sample_s: float, read: Callable[[], tuple[float, float]] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._sample_s = sample_s
+        self._read = read or _psutil_reader()
+        self._clock = clock
         self._lock = threading.Lock()
-        self._previous = self._read()
+        self._previous = (clock(), *self._read())
+        self._due = self._previous[0] + sample_s
         # Until two readings are 0.5 s apart, the 1-minute load average stands in: nothing of
         # ours runs yet, and a first chunk on every core of a busy machine would crawl.
         try:
@@ -58,23 +65,35 @@ class _ExternalLoad:
         except (AttributeError, OSError):
             self.busy = 0.0
 
-    def _read(self) -> tuple[float, float, float]:
-        machine = self._psutil.cpu_times()
-        busy = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
-        own = self._process.cpu_times()
-        return time.monotonic(), busy, own.user + own.system
-
     def cores(self) -> float:
         with self._lock:
-            at, busy, own = self._previous
-            if time.monotonic() - at < self._sample_s:
+            at = self._clock()
+            if at < self._due:
                 return self.busy
-            now = self._read()
-            wall = now[0] - at
+            now = (at, *self._read())
+            before, busy, own = self._previous
+            wall = at - before
             if wall > 0:
                 self.busy = max(0.0, ((now[1] - busy) - (now[2] - own)) / wall)
             self._previous = now
+            stale = wall > _STALE_GAP * self._sample_s
+            self._due = at + (_STALE_RECHECK_S if stale else self._sample_s)
             return self.busy
+
+
+def _psutil_reader() -> Callable[[], tuple[float, float]]:
+    """(machine busy CPU-s, this process's CPU-s), from psutil."""
+    import psutil  # here, not at module level: keeps `import orion_fsm` cheap
+
+    process = psutil.Process()
+
+    def read() -> tuple[float, float]:
+        machine = psutil.cpu_times()
+        own = process.cpu_times()
+        return (sum(machine) - machine.idle - getattr(machine, "iowait", 0.0),
+                own.user + own.system)
+
+    return read
 
 
 class _Consumer:

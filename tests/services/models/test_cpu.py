@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 from orion_fsm import CpuAllotter, Engine
-from orion_fsm.services.models._cpu import usable_cores
+from orion_fsm.services.models._cpu import _ExternalLoad, usable_cores
 from tests.conftest import agent
 
 pytestmark = pytest.mark.anyio
@@ -86,6 +86,28 @@ def test_a_call_waits_for_a_free_core_and_gets_it_in_arrival_order() -> None:
             t.join(5)
     assert order == ["second", "third"]
     assert pool.peak_in_use == 1
+
+
+def test_a_reading_over_a_quiet_gap_is_checked_again_soon() -> None:
+    # Another process kept 2 cores busy for the first 2 s of a 4 s gap, then stopped.
+    now = [0.0]
+    machine = [0.0]
+
+    def read() -> tuple[float, float]:
+        return machine[0], 0.0  # (machine busy CPU-s, ours)
+
+    load = _ExternalLoad(0.5, read=read, clock=lambda: now[0])
+    now[0], machine[0] = 4.0, 4.0
+    assert load.cores() == pytest.approx(1.0)  # the gap's average: the past burst weighs in
+    now[0] = 4.05
+    assert load.cores() == pytest.approx(1.0)  # not due yet
+    now[0] = 4.11  # 0.11 s later, not 0.5 s: nothing ran meanwhile
+    assert load.cores() == pytest.approx(0.0)
+    # A reading over an ordinary interval stands for the whole sample period.
+    now[0], machine[0] = 4.61, 4.5
+    assert load.cores() == pytest.approx(1.0)
+    now[0] = 4.75
+    assert load.cores() == pytest.approx(1.0)
 
 
 def test_usable_cores_follow_the_process_affinity() -> None:
