@@ -24,6 +24,7 @@ from ._generation import (
     CoreGate,
     GenerationEvent,
     GenerationOutcome,
+    PulledStream,
     SamplingParams,
     ScoreBuffers,
     TextEmitter,
@@ -243,7 +244,7 @@ class LoadedModel:
             self._lock.release()
 
 
-class GenerationStream:
+class GenerationStream(PulledStream):
     """A generation pulled event by event, for callers that hop threads per step.
 
     `next_event()` blocks (run it in a worker thread) and returns None once finished, when
@@ -261,13 +262,11 @@ class GenerationStream:
         threads: Threads = None,
         cores: CoreGate | None = None,
     ) -> None:
+        super().__init__()
         self._closed = False
         stop = should_stop or (lambda: False)
         self._steps = model._steps(prompt, params, lambda: self._closed or stop(), threads,
                                    cores)
-        self._outcome: GenerationOutcome | None = None
-        self._token_ids: list[int] = []
-        self._texts: list[str] = []
 
     def next_event(self) -> GenerationEvent | None:
         if self._outcome is not None:
@@ -277,23 +276,12 @@ class GenerationStream:
         except StopIteration as done:
             self._outcome = done.value
             return None
-        self._token_ids.extend(event.token_ids)
-        self._texts.append(event.text)
-        return event
-
-    @property
-    def outcome(self) -> GenerationOutcome:
-        if self._outcome is None:
-            raise InferenceError("the generation has not finished; call next_event() until None")
-        return self._outcome
+        return self._handed(event)
 
     def close(self) -> None:
         self._closed = True
         self._steps.close()
-        if self._outcome is None:
-            self._outcome = GenerationOutcome(
-                tuple(self._token_ids), "".join(self._texts), "cancelled"
-            )
+        self._cancelled()
 
 
 class _Generation:

@@ -26,6 +26,7 @@ __all__ = [
     "CoreGate",
     "GenerationEvent",
     "GenerationOutcome",
+    "PulledStream",
     "SamplingParams",
     "ScoreBuffers",
     "TextEmitter",
@@ -109,6 +110,34 @@ def checked_prompt(prompt_ids: Sequence[int], vocab_size: int, context_length: i
             f"{context_length}; shorten it or load the model with a longer context"
         )
     return list(prompt_ids)
+
+
+class PulledStream:
+    """What every runtime's pulled stream shares: the events it handed out, its outcome once
+    it ended (`outcome` raises before), and the "cancelled" outcome an early close leaves."""
+
+    def __init__(self) -> None:
+        self._outcome: GenerationOutcome | None = None
+        self._token_ids: list[int] = []
+        self._texts: list[str] = []
+
+    @property
+    def outcome(self) -> GenerationOutcome:
+        if self._outcome is None:
+            raise InferenceError("the generation has not finished; call next_event() until None")
+        return self._outcome
+
+    def _handed(self, event: GenerationEvent) -> GenerationEvent:
+        """`event`, counted in what a cancelled outcome holds."""
+        self._token_ids.extend(event.token_ids)
+        self._texts.append(event.text)
+        return event
+
+    def _cancelled(self) -> None:
+        """Closed before its end: the outcome is what it handed out, "cancelled"."""
+        if self._outcome is None:
+            self._outcome = GenerationOutcome(tuple(self._token_ids), "".join(self._texts),
+                                              "cancelled")
 
 
 class TextEmitter:

@@ -28,6 +28,7 @@ from ._generation import (
     CoreGate,
     GenerationEvent,
     GenerationOutcome,
+    PulledStream,
     SamplingParams,
     ScoreBuffers,
     TextEmitter,
@@ -606,7 +607,7 @@ class LlamaSequence:
                            threads=threads, cores=cores, catch_up=catch_up)
 
 
-class LlamaStream:
+class LlamaStream(PulledStream):
     """A generation in the runtime's decode loop, pulled event by event.
 
     `next_event()` blocks (run it in a worker thread) and returns None once finished, when
@@ -617,6 +618,7 @@ class LlamaStream:
                  params: SamplingParams, should_stop: Callable[[], bool] | None, *,
                  threads: Threads = None, cores: CoreGate | None = None,
                  catch_up: bool = True) -> None:
+        super().__init__()
         self._runtime = runtime
         self._closed = False
         self._catch_up = catch_up  # queued events as one (see `_caught_up`)
@@ -625,9 +627,6 @@ class LlamaStream:
                          TextEmitter(runtime.tokenizer, params.stop),
                          threading.Condition(runtime._lock))
         self._submitted = False
-        self._outcome: GenerationOutcome | None = None
-        self._token_ids: list[int] = []
-        self._texts: list[str] = []
 
     def next_event(self) -> GenerationEvent | None:
         if self._outcome is not None:
@@ -645,10 +644,8 @@ class LlamaStream:
             # stop, nothing more, and the outcome holds only what it was given.
             stopped = job.should_stop()
             if job.events and not stopped:
-                event = _caught_up(job.events) if self._catch_up else job.events.popleft()
-                self._token_ids.extend(event.token_ids)
-                self._texts.append(event.text)
-                return event
+                return self._handed(
+                    _caught_up(job.events) if self._catch_up else job.events.popleft())
             outcome = job.outcome
         if stopped:  # the loop ends the job at its next step
             self.close()
@@ -659,16 +656,8 @@ class LlamaStream:
             raise job.error
         return None
 
-    @property
-    def outcome(self) -> GenerationOutcome:
-        if self._outcome is None:
-            raise InferenceError("the generation has not finished; call next_event() until None")
-        return self._outcome
-
     def close(self) -> None:
         self._closed = True  # the loop ends the job at its next step
         if self._submitted:
             self._runtime._let_go(self._job)
-        if self._outcome is None:
-            self._outcome = GenerationOutcome(tuple(self._token_ids), "".join(self._texts),
-                                              "cancelled")
+        self._cancelled()
