@@ -66,14 +66,11 @@ def _runtime_library() -> str:
 
 def _x86_build() -> str | None:
     """ctransformers' build for this x86 CPU on Linux; None lets ctransformers decide."""
+    from orion_fsm.services.models._cpu import cpu_flags
+
     if platform.system() != "Linux" or platform.machine() != "x86_64":
         return None
-    try:
-        with open("/proc/cpuinfo") as f:
-            line = next((x for x in f if x.startswith("flags")), "")
-    except OSError:
-        return None
-    flags = set(line.partition(":")[2].split())
+    flags = cpu_flags()
     if not flags:
         return None
     if "avx2" in flags:

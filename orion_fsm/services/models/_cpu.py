@@ -5,6 +5,7 @@ exceed the usable cores, whatever runs at once; other processes' load shrinks th
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -14,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["CpuAllotter", "CpuSnapshot", "usable_cores"]
+__all__ = ["CpuAllotter", "CpuSnapshot", "cpu_flags", "usable_cores"]
 
 _SAMPLE_S: Final = 0.5  # a load reading is reused this long: /proc/stat costs ~50 µs
 _WAIT_POLL_S: Final = 0.05  # a waiter looks again this often (the pool shrinks on its own)
@@ -28,6 +29,18 @@ def usable_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # no affinity on macOS / Windows
         return max(1, os.cpu_count() or 1)
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (`avx2`, `avx512_bf16` …) from /proc/cpuinfo; empty where
+    there is none (not Linux): callers then keep their portable choice."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            line = next((x for x in f if x.startswith("flags")), "")
+    except OSError:
+        return frozenset()
+    return frozenset(line.partition(":")[2].split())
 
 
 @dataclass(frozen=True, slots=True)

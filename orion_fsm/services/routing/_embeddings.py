@@ -241,13 +241,9 @@ def _native_bfloat16() -> bool:
     """Whether the CPU has bfloat16 dot products (AVX512-BF16 or AMX). There MiniLM under
     bfloat16 autocast costs 0.58x the CPU of float32, its vectors at cosine >= 0.9999 to
     float32's (160 library/ chunks, one run); elsewhere autocast would emulate it, slower."""
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
-    except OSError:  # not Linux: stay in float32
-        return False
-    flags = {flag for line in cpuinfo.splitlines() if line.startswith("flags")
-             for flag in line.partition(":")[2].split()}
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    from orion_fsm.services.models._cpu import cpu_flags
+
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def _quiet_load(factory: Any, folder: Path) -> Any:
