@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -85,13 +86,17 @@ async def _engine_run(engine: Any, questions: list[str]) -> dict[str, Any]:
                 pass
         results.append(stream.result)
 
+    grants_before = Counter(engine.cores.grant_sizes)
     started = time.perf_counter()
     async with anyio.create_task_group() as tg:
         for q in questions:
             tg.start_soon(one, q)
     wall = time.perf_counter() - started
-    return _figures([r.tokens.output for r in results], [r.ttft_ms / 1e3 for r in results],
-                    wall, sum(r.ok for r in results))
+    figures = _figures([r.tokens.output for r in results], [r.ttft_ms / 1e3 for r in results],
+                       wall, sum(r.ok for r in results))
+    # Runtime calls by cores granted: on a quiet machine a lone stream gets them all.
+    figures["calls_by_cores"] = dict(sorted((engine.cores.grant_sizes - grants_before).items()))
+    return figures
 
 
 def _figures(tokens: list[int], ttfts: list[float], wall: float, ok: int) -> dict[str, Any]:

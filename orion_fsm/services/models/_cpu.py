@@ -5,6 +5,7 @@ exceed the usable cores, whatever runs at once; other processes' load shrinks th
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
@@ -59,14 +60,18 @@ class _ExternalLoad:
     the time between two readings (psutil), read at most every `sample_s`.
 
     A reading taken after a long quiet gap averages the whole gap (another process's burst
-    that has ended weighs in it as much as the present), so it is checked again soon
-    (`_STALE_RECHECK_S`) instead of standing for a whole `sample_s`: a request arriving just
-    after another process's burst ran its first half second on one core."""
+    that has ended weighs in it as much as the present): it is capped by the threads other
+    processes have runnable at that instant (`running`), and checked again soon
+    (`_STALE_RECHECK_S`) instead of standing for a whole `sample_s`. A request arriving just
+    after another process's burst ran its first half second on one core, then its first
+    0.1 s."""
 
     def __init__(self, sample_s: float, read: Callable[[], tuple[float, float]] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 running: Callable[[], int | None] | None = None) -> None:
         self._sample_s = sample_s
         self._read = read or _psutil_reader()
+        self._running = running or (_others_running if read is None else lambda: None)
         self._clock = clock
         self._lock = threading.Lock()
         self._previous = (clock(), *self._read())
@@ -86,10 +91,13 @@ class _ExternalLoad:
             now = (at, *self._read())
             before, busy, own = self._previous
             wall = at - before
+            stale = wall > _STALE_GAP * self._sample_s
             if wall > 0:
                 self.busy = max(0.0, ((now[1] - busy) - (now[2] - own)) / wall)
+                others = self._running() if stale else None
+                if others is not None:
+                    self.busy = min(self.busy, float(others))
             self._previous = now
-            stale = wall > _STALE_GAP * self._sample_s
             self._due = at + (_STALE_RECHECK_S if stale else self._sample_s)
             return self.busy
 
@@ -107,6 +115,24 @@ def _psutil_reader() -> Callable[[], tuple[float, float]]:
                 own.user + own.system)
 
     return read
+
+
+def _others_running() -> int | None:
+    """Threads of other processes runnable at this instant: the kernel's running count minus
+    this process's threads in state R (Linux; None elsewhere). Read only after a quiet gap:
+    it lists every thread of ours (~0.2 ms)."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            running = next(int(line.split()[1]) for line in f
+                           if line.startswith(b"procs_running"))
+        own = 0
+        for task in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError), open(f"/proc/self/task/{task}/stat", "rb") as f:
+                # The state follows the command name, which may itself hold ") ".
+                own += f.read().rpartition(b") ")[2][:1] == b"R"
+    except (OSError, StopIteration, ValueError):
+        return None
+    return max(0, running - own)
 
 
 class _Consumer:

@@ -110,6 +110,40 @@ def test_a_reading_over_a_quiet_gap_is_checked_again_soon() -> None:
     assert load.cores() == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize(("running_now", "expected"), [(0, 0.0), (1, 1.0), (5, 2.0), (None, 2.0)])
+def test_a_reading_over_a_quiet_gap_is_capped_by_what_runs_now(
+        running_now: int | None, expected: float) -> None:
+    # Another process kept 2 cores busy for the first 4 s of a 4 s gap: the average says 2,
+    # but what other processes have runnable at this instant bounds it (None: not known).
+    now, machine = [0.0], [0.0]
+    load = _ExternalLoad(0.5, read=lambda: (machine[0], 0.0), clock=lambda: now[0],
+                         running=lambda: running_now)
+    now[0], machine[0] = 4.0, 8.0
+    assert load.cores() == pytest.approx(expected)
+    # An ordinary interval is the average alone.
+    now[0], machine[0] = 4.6, 8.6
+    assert load.cores() == pytest.approx(1.0)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads Linux's /proc")
+def test_another_process_spinning_counts_as_running_now() -> None:
+    import subprocess
+    import sys
+
+    from orion_fsm.services.models._cpu import _others_running
+
+    spinner = subprocess.Popen([sys.executable, "-c", "print(flush=True)\nwhile True: pass"],
+                               stdout=subprocess.PIPE)
+    try:
+        assert spinner.stdout is not None
+        spinner.stdout.readline()  # started: from here on it only spins
+        # A spinning process is runnable at every instant, whatever else the machine runs.
+        assert all((_others_running() or 0) >= 1 for _ in range(20))
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
 def test_usable_cores_follow_the_process_affinity() -> None:
     assert 1 <= usable_cores() <= (len(__import__("os").sched_getaffinity(0)))
 
