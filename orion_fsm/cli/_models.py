@@ -85,7 +85,8 @@ def _add_tune(msub: Any) -> None:
     tune.add_argument("--max-tokens", type=int, default=d.max_tokens,
                       help=f"leave out longer examples (default {d.max_tokens})")
     tune.add_argument("--threads", type=int, default=d.threads,
-                      help=f"torch threads (default {d.threads})")
+                      help="torch threads (default: the cores other processes leave free, "
+                      "read again at every step)")
     tune.add_argument("--seed", type=int, default=d.seed)
     tune.add_argument("--output", help="registry file the variant is added to (default: "
                       "models.user.json in the cache dir, a copy of --registry the first time)")

@@ -79,6 +79,15 @@ def test_the_held_out_loss_falls_and_the_answer_check_improves(tuned: Tuned) -> 
     assert report["train_examples"] == 48 and report["held_out_examples"] == 12
 
 
+def test_each_training_step_took_the_cores_the_machine_left_free(tuned: Tuned) -> None:
+    from orion_fsm.services.models._cpu import usable_cores
+
+    # No --threads: torch's threads follow the core pool's capacity, step by step.
+    by_threads = {int(k): v for k, v in tuned.report["steps_by_threads"].items()}
+    assert sum(by_threads.values()) == tuned.report["epochs_run"] * 6  # 48 examples, batch 8
+    assert set(by_threads) <= set(range(1, usable_cores() + 1))
+
+
 def test_the_variant_is_registered_beside_the_cache_and_the_base_registry_is_untouched(
         tuned: Tuned) -> None:
     assert tuned.registry.read_bytes() == tuned.registry_bytes
