@@ -272,21 +272,6 @@ def _list_files(paths: Sequence[str | Path], suffixes: tuple[str, ...]
     return files
 
 
-def _embedding_text(heading: str, text: str) -> str:
-    return f"{heading}\n{text}"[:_EMBED_CHARS]
-
-
-def _indexed(heading: str, text: str) -> tuple[str, str]:
-    """The two columns FTS5 indexes for a chunk (the same on insert and delete): its words
-    without stop words, which queries never search for and which make a quarter of the
-    index (library/: 3.43 MB with them, 2.58 MB without, the same recall)."""
-    return _content_words(heading), _content_words(text)
-
-
-def _content_words(text: str) -> str:
-    return " ".join(w for w in _WORD.findall(text.lower()) if w not in _STOPWORDS)
-
-
 def _quantizer(db: sqlite3.Connection) -> ProductQuantizer | None:
     row = db.execute("SELECT groups, centroids FROM codebook WHERE id = 0").fetchone()
     return None if row is None else ProductQuantizer.from_bytes(row[1], groups=row[0])
@@ -300,6 +285,21 @@ def _decode(quantizer: ProductQuantizer | None, blobs: Sequence[bytes]) -> np.nd
         return unpack_int8(blobs)
     codes = np.frombuffer(b"".join(blobs), dtype=np.uint8).reshape(len(blobs), -1)
     return quantizer.decode(codes)
+
+
+def _embedding_text(heading: str, text: str) -> str:
+    return f"{heading}\n{text}"[:_EMBED_CHARS]
+
+
+def _indexed(heading: str, text: str) -> tuple[str, str]:
+    """The two columns FTS5 indexes for a chunk (the same on insert and delete): its words
+    without stop words, which queries never search for and which make a quarter of the
+    index (library/: 3.43 MB with them, 2.58 MB without, the same recall)."""
+    return _content_words(heading), _content_words(text)
+
+
+def _content_words(text: str) -> str:
+    return " ".join(w for w in _WORD.findall(text.lower()) if w not in _STOPWORDS)
 
 
 def _fts_query(terms: Sequence[str]) -> str:
