@@ -124,6 +124,9 @@ async def _measure(folder: Path, quick: bool) -> dict[str, Any]:
                                         else embed_s * stats.chunks / max(1, stats.embedded))
         out["embeddings_complete_extrapolated"] = stats.embedded != stats.chunks
         out["rss_growth_mb"] = (_rss() - rss_before) / 2**20
+        # Every file SQLite keeps while the store is open (database, -wal, -shm).
+        out["disk_bytes_open"] = sum(p.stat().st_size for p in (folder / "pydocs").glob("*")
+                                     if p.is_file())
         held_out = questions[1::2]
         for mode in ("lexical", "semantic", "fused"):
             report = await evaluate_context(store, questions, top_k=5, mode=mode)  # type: ignore[arg-type]
@@ -220,6 +223,10 @@ def bench_context(quick: bool = False) -> dict[str, Any]:
         out["sigkill"] = _sigkill_during_add(folder)
     disk_ratio = out.get("disk_bytes_complete", out["disk_bytes"]) / out["raw_bytes"]
     out["disk_over_raw"] = disk_ratio
+    # The vectors still missing at the cap, counted as for the closed store.
+    out["disk_open_over_raw"] = (out["disk_bytes_open"] + out.get("disk_bytes_complete", 0)
+                                 - (out["disk_bytes"] if "disk_bytes_complete" in out else 0)
+                                 ) / out["raw_bytes"]
     out["checks"] = [
         check(f"lexical index searchable after adding library/ (s, load "
               f"{out['load_avg_1min_after_add']:.1f})", out["lexical_ready_s"],
@@ -235,6 +242,8 @@ def bench_context(quick: bool = False) -> dict[str, Any]:
               out["rss_growth_mb"] <= 1024),
         check("store on disk / raw text" + (" (vectors missing counted)" if
               "disk_bytes_complete" in out else ""), disk_ratio, "<= 1.0", disk_ratio <= 1.0),
+        check("store on disk while open (database, -wal, -shm) / raw text",
+              out["disk_open_over_raw"], "<= 1.0", out["disk_open_over_raw"] <= 1.0),
         check("reopen + first search (s)", out["reopen_s"], "<= 1", out["reopen_s"] <= 1),
         check("recall@5 BM25 only", out["recall_at_5_lexical"], "report", True),
         check("recall@5 embeddings only", out["recall_at_5_semantic"], "report", True),

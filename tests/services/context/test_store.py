@@ -235,20 +235,6 @@ async def test_a_document_is_stored_once_and_chunks_are_spans_of_it(tmp_path: Pa
     assert not columns & {"text", "body"}  # chunks hold offsets, not text
 
 
-def test_int8_vectors_keep_the_direction_of_float_ones() -> None:
-    import numpy as np
-
-    from orion_fsm.services.context._store import _pack_int8, _unpack_int8
-
-    rng = np.random.default_rng(7)
-    vectors = rng.normal(size=(50, 384)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    packed = [_pack_int8(v) for v in vectors]
-    assert {len(p) for p in packed} == {384 + 4}  # a quarter of float32, half of float16
-    back = _unpack_int8(packed)
-    assert np.all(np.sum(back * vectors, axis=1) > 0.999)
-
-
 @pytest.mark.anyio
 async def test_a_store_of_an_older_schema_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
     (tmp_path / "old").mkdir()
