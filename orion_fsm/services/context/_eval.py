@@ -1,5 +1,7 @@
 """Retrieval quality of a context store on labelled questions: recall@k, where a hit is a
-top-k chunk that contains the expected answer text (case and line breaks aside)."""
+top-k chunk that contains the expected answer text (case and line breaks aside), or, for a
+qualified answer `module.name`, a chunk of that module's documentation that defines or cites
+`name` (the reST of `random` defines `choice(seq)`, never writes `random.choice`)."""
 
 from __future__ import annotations
 
@@ -14,9 +16,14 @@ from orion_fsm._exceptions import ContextError
 
 from ._store import ContextStore, SearchMode
 
-__all__ = ["ContextEval", "ContextQuestion", "evaluate_context", "load_questions"]
+__all__ = ["ContextEval", "ContextQuestion", "evaluate_context", "holds_answer",
+           "load_questions"]
 
 _SPACE = re.compile(r"\s+")
+_QUALIFIED = re.compile(r"^([A-Za-z_][\w.]*)\.([A-Za-z_]\w*)$")
+# The module a chunk documents: named in its document's title, or by a directive it holds.
+_TITLE_MODULE = re.compile(r":mod:`([\w.]+)`")
+_MODULE_DIRECTIVE = re.compile(r"^\s*\.\. (?:py:)?(?:current)?module:: ([\w.]+)", re.MULTILINE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +40,7 @@ class ContextEval:
     top_k: int
     questions: int
     hits: int
+    strict_hits: int  # hits by the answer text alone (no module-qualified match)
     misses: tuple[ContextQuestion, ...]
     search_ms: tuple[float, ...]  # one per question
 
@@ -40,14 +48,40 @@ class ContextEval:
     def recall(self) -> float:
         return self.hits / self.questions if self.questions else 0.0
 
+    @property
+    def strict_recall(self) -> float:
+        return self.strict_hits / self.questions if self.questions else 0.0
+
     def as_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "top_k": self.top_k, "questions": self.questions,
                 "hits": self.hits, "recall": round(self.recall, 4),
+                "strict_hits": self.strict_hits,
+                "strict_recall": round(self.strict_recall, 4),
                 "misses": [{"query": m.query, "answer": m.answer} for m in self.misses]}
 
 
 def _normal(text: str) -> str:
     return _SPACE.sub(" ", text).strip().lower()
+
+
+def holds_answer(heading: str, text: str, answer: str, *, strict: bool = False) -> bool:
+    """Whether a chunk (its section heading and text) answers: it contains the answer text;
+    or (unless `strict`), for an answer `module.name`, the chunk documents that module (its
+    title's `:mod:` or a `module`/`currentmodule` directive in it) and defines `name` (a
+    directive `.. kind:: name`) or cites it as code (`name(`, `:role:`name``)."""
+    if _normal(answer) in _normal(f"{heading}\n{text}"):
+        return True
+    qualified = None if strict else _QUALIFIED.match(answer.strip())
+    if qualified is None:
+        return False
+    module, name = qualified.groups()
+    title = heading.split(" > ", 1)[0]
+    if module not in {*_TITLE_MODULE.findall(title), *_MODULE_DIRECTIVE.findall(text)}:
+        return False
+    name = re.escape(name)
+    cited = re.compile(rf"\.\. [\w:]+:: (?:{re.escape(module)}\.)?{name}\b"
+                       rf"|(?<![\w.]){name}\(|`~?(?:{re.escape(module)}\.)?{name}(?:\(\))?`")
+    return cited.search(text) is not None
 
 
 def load_questions(path: str | Path) -> list[ContextQuestion]:
@@ -73,13 +107,15 @@ async def evaluate_context(store: ContextStore, questions: Sequence[ContextQuest
     import time
 
     misses = []
+    strict_hits = 0
     timings = []
     for q in questions:
         started = time.perf_counter()
         hits = await store.search(q.query, top_k, mode=mode)
         timings.append((time.perf_counter() - started) * 1e3)
-        answer = _normal(q.answer)
-        if not any(answer in _normal(f"{h.heading}\n{h.text}") for h in hits):
+        strict_hits += any(holds_answer(h.heading, h.text, q.answer, strict=True)
+                           for h in hits)
+        if not any(holds_answer(h.heading, h.text, q.answer) for h in hits):
             misses.append(q)
     return ContextEval(mode, top_k, len(questions), len(questions) - len(misses),
-                       tuple(misses), tuple(timings))
+                       strict_hits, tuple(misses), tuple(timings))

@@ -44,6 +44,7 @@ from ._chunker import (
     normalise,
     simhash,
 )
+from ._gist import gist
 from ._quantize import ProductQuantizer, pack_int8, unpack_int8
 
 if TYPE_CHECKING:
@@ -80,7 +81,11 @@ _PAGE_SIZE: Final = 2048
 # The write-ahead log is cut back to this after a checkpoint (it otherwise keeps the size
 # of the largest transaction): the store's files stay near the database's own size.
 _WAL_LIMIT: Final = 1 << 20
-_RRF_K: Final = 60  # reciprocal rank fusion's constant (Cormack et al., 2009)
+# Reciprocal rank fusion's constant (Cormack et al. use 60). Small, so that each ranker's
+# own first results lead the fused list: on library/ most misses were a chunk one ranker put
+# in its top 3 and the other missed, outranked by chunks both put around rank 10 (dev half
+# of eval/context_questions.jsonl, gist vectors: k=60 27/34, k=0.5 29/34).
+_RRF_K: Final = 0.5
 # Kept over a convex combination of min-max normalised scores (Bruch et al., 2023): on all
 # library/ vectors, lexical weights 0.2-0.8 moved recall@5 by one question either way, and
 # while few vectors exist their scores, normalised to [0, 1], outweigh BM25's ranking.
@@ -92,9 +97,12 @@ _EMBED_BATCH: Final = 8
 # similar lengths and the model pads them little (padding is computed like text).
 _EMBED_WINDOW: Final = 256
 # MiniLM reads 256 word pieces at most (it was trained on 128) and its cost grows with length:
-# the heading and the start of a chunk say what it is about. reST runs ~3.4 characters a word
-# piece, so 440 characters are ~128 of them: 40 CPU-ms a chunk on one thread, against 72 for
-# 640 characters (~190) and 79 for whole chunks cut at 256 (160 library/ chunks, in one run).
+# a chunk's gist (heading, each definition's signature and first sentence, then its text)
+# says what it is about, where its first characters are often the end of the previous
+# definition (library/ dev half, embeddings only: 25-26/34 on the first 440 characters, 27/34
+# on the gist). reST runs ~3.4 characters a word piece, so 440 characters are ~128 of them:
+# 40 CPU-ms a chunk on one thread, against 72 for 640 characters (~190) and 79 for whole
+# chunks cut at 256 (160 library/ chunks, in one run).
 _EMBED_CHARS: Final = 440
 _EMBED_RETRY_S: Final = 5.0
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -288,7 +296,7 @@ def _decode(quantizer: ProductQuantizer | None, blobs: Sequence[bytes]) -> np.nd
 
 
 def _embedding_text(heading: str, text: str) -> str:
-    return f"{heading}\n{text}"[:_EMBED_CHARS]
+    return gist(heading, text, _EMBED_CHARS)
 
 
 def _indexed(heading: str, text: str) -> tuple[str, str]:

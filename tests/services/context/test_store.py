@@ -94,7 +94,7 @@ async def test_fusion_finds_by_meaning_what_bm25_cannot(tmp_path: Path) -> None:
         both = await store.search("sqlite index", top_k=2)
         assert both[0].document == "db.md"
         assert both[0].lexical_rank == 1 and both[0].semantic_rank == 1
-        assert both[0].score == pytest.approx(2 / 61)
+        assert both[0].score == pytest.approx(2 / 1.5)  # 1 / (k + rank) from each, k = 0.5
         await store.aclose()
         tg.cancel_scope.cancel()
 
@@ -287,3 +287,27 @@ async def test_int8_vectors_take_little_more_than_their_bytes_on_disk(
     db.close()
     assert embedded > 100
     assert size / embedded < 1.25 * (384 + 4)
+
+
+@pytest.mark.anyio
+async def test_a_rankers_first_result_outranks_a_chunk_both_rank_lower(tmp_path: Path) -> None:
+    from orion_fsm.services.context import _store
+
+    async with await open_store(tmp_path / "s", embeddings=ConceptEmbedder()) as store:
+        for name, text in DOCS.items():
+            await store.add(text, name=name)
+        ids = {h.document: h.chunk_id for h in await store.chunks(list(range(1, 20)))}
+
+        def bm25(terms: Sequence[str], limit: int) -> list[tuple[int, float]]:
+            return [(ids["sea.md"], 3.0), (ids["fruit.md"], 2.0), (ids["db.md"], 1.0)]
+
+        async def nearest(query: str, limit: int) -> list[tuple[int, float]]:
+            return [(ids["cars.md"], 0.9), (ids["sea.md"], 0.8), (ids["db.md"], 0.7)]
+
+        store._bm25 = bm25  # type: ignore[method-assign]
+        store._nearest = nearest  # type: ignore[method-assign]
+        found = [h.document for h in await store.search("anything", top_k=4)]
+    # The embeddings' first result (found by them alone) comes before the chunk both rankers
+    # put third: with the classic k = 60 that agreement would have outranked it.
+    assert found == ["sea.md", "cars.md", "db.md", "fruit.md"]
+    assert _store._RRF_K < 1
