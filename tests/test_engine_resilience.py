@@ -116,6 +116,27 @@ async def test_a_request_past_its_deadline_ends_in_error_and_frees_the_model(
     assert after.state == "success"
 
 
+async def test_a_stream_past_its_deadline_ends_in_timeout_not_a_stall(
+    make_engine: MakeEngine,
+) -> None:
+    # Each token's wait has one scope for the stall limit and the deadline: the deadline's
+    # expiry must read as the request's timeout, after the tokens that came in time.
+    async with make_engine(timeout_s=0.3) as engine:
+        await engine.infer("hello", agent="long", max_tokens=1, cache=False)
+        stream = engine.stream("hello", agent="long", max_tokens=4000, cache=False)
+        texts: list[str] = []
+        with pytest.raises(RequestFailed) as info:
+            async with stream:
+                async for text in stream:
+                    texts.append(text)
+        after = await engine.infer("hello", agent="long", max_tokens=2, cache=False)
+    assert info.value.reason == "timeout" and texts
+    result = info.value.result
+    assert isinstance(result, Result) and 0 < result.tokens.output < 4000
+    assert "stalled" not in str(result.as_dict())
+    assert after.state == "success"
+
+
 async def test_a_hung_generation_times_out_and_leaks_no_thread(make_engine: MakeEngine) -> None:
     hang = faulty_loader(1.0, kinds=("hang",), only=("medium",))
     threads_before = set(threading.enumerate())
