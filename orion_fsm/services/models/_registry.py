@@ -246,6 +246,9 @@ class VirtualSpec:
     threshold: float = 0.3875
     early_stop_max_tokens: int = 96
     leader: str = "solution"  # leader_first: the role whose member starts alone
+    # leader_first: the followers join as soon as the leader opens a code block within its
+    # first `code_within` tokens (a composite answer shows itself early); 0: never for this.
+    code_within: int = 0
     fallback: str | None = None
     routing: RoutingHints = RoutingHints()
 
@@ -434,6 +437,7 @@ def _virtual(raw: Mapping[str, Any]) -> VirtualSpec:
         threshold=float(stop.get("threshold", defaults.threshold)),
         early_stop_max_tokens=int(stop.get("max_tokens", defaults.early_stop_max_tokens)),
         leader=stop.get("leader", defaults.leader),
+        code_within=int(stop.get("code_within", defaults.code_within)),
         fallback=raw.get("fallback"),
         routing=_routing(raw.get("routing", {})),
     )
