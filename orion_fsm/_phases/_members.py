@@ -382,10 +382,12 @@ def early_stop_verdict(spec: VirtualSpec, run: MemberRun, *,
     confidence against the threshold, plus cheap structure checks. `waiting`: under
     leader_first, no follower has started, i.e. the leader's answer never showed itself not
     simple (a code block early, too many tokens): an answer cut at the caller's max_tokens
-    then counts as finished, since a follower's would be cut as well."""
+    then counts as finished, even inside a code block it opened late, since a follower's
+    answer would be cut as well."""
     confidence, tokens = run.confidence(), len(run.state.token_ids)
     text, finish = run.text(), run.state.finish_reason
-    finished = finish == "stop" or (waiting and finish == "length")
+    cut = waiting and finish == "length"
+    finished = finish == "stop" or cut
     if spec.early_stop not in ("first_confident", "leader_first"):
         why = "early stop disabled"
     elif confidence is None:
@@ -394,7 +396,7 @@ def early_stop_verdict(spec: VirtualSpec, run: MemberRun, *,
         why = f"answer not finished ({finish})"
     elif tokens > spec.early_stop_max_tokens:
         why = f"{tokens} tokens: longer than {spec.early_stop_max_tokens}"
-    elif text.count("```") % 2:
+    elif text.count("```") % 2 and not cut:  # cut inside a block: it was opened late
         why = "an unclosed code block"
     elif not text:
         why = "an empty answer"
@@ -402,7 +404,7 @@ def early_stop_verdict(spec: VirtualSpec, run: MemberRun, *,
         why = f"confidence {confidence:.3f} below {spec.threshold}"
     else:
         why = f"confidence {confidence:.3f} at least {spec.threshold}"
-    if finish == "length" and finished:
+    if cut:
         why += f", cut at {tokens} tokens before any follower started"
     return {"by": run.role, "agent": run.state.agent_id, "taken": why.startswith("confidence")
             and confidence is not None and confidence >= spec.threshold,
