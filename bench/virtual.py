@@ -184,6 +184,10 @@ def _calibrate(runs: list[tuple[str, bool, Any]], shipped: Rule, role: str) -> d
     return {"leader": role, "threshold": rule.threshold, "max_tokens": rule.max_tokens,
             "code_within": rule.code_within, "dev_simple_rate": best[0],
             "dev_complex_rate": _rates(leaders, rule)[1],
+            # The leader's mean answer length on the dev simple requests.
+            "dev_simple_tokens": sum(m.tokens.output for lab, _, m in leaders
+                                     if lab == "simple" and m is not None)
+            / max(1, sum(1 for lab, _, m in leaders if lab == "simple" and m is not None)),
             "shipped_on_dev": dict(zip(("simple", "complex"), _rates(leaders, shipped),
                                        strict=True)),
             "leaders": {label: sorted(
@@ -241,11 +245,18 @@ async def _early_stop(quick: bool) -> dict[str, Any]:
                    for i in items]
     dev = [(i["label"], _composite(shipped, i["text"]), r) for i, _, r in without
            if i["split"] == "dev"]
-    # Either member may lead: the one whose answers separate simple from complex best.
+    # Either member may lead. Both meeting the targets on the dev half: the one with the
+    # shorter answers to simple requests (its answer alone is the wall of a stopped one);
+    # otherwise the one stopping more simple requests, then fewer complex ones.
     by_role = {role: _calibrate(dev, shipped_rule, role)
                for role in ("solution", "explanation")}
-    calibration = max(by_role.values(), key=lambda c: (c["dev_simple_rate"],
-                                                       -c["dev_complex_rate"]))
+
+    def preference(c: dict[str, Any]) -> tuple[bool, float, float, float]:
+        meets = c["dev_simple_rate"] >= 0.7 and c["dev_complex_rate"] <= 0.1
+        return (meets, -c["dev_simple_tokens"] if meets else 0.0, c["dev_simple_rate"],
+                -c["dev_complex_rate"])
+
+    calibration = max(by_role.values(), key=preference)
     rule = Rule(calibration["threshold"], calibration["max_tokens"],
                 calibration["code_within"])
     held_out = _rates([(i["label"], _composite(shipped, i["text"]),
