@@ -280,7 +280,18 @@ def _members(state: RequestState, recorder: PhaseRecorder) -> tuple[MemberResult
         phases=tuple(PhaseTiming(p.state, p.start_ms, p.ms)
                      for p in recorder.region_phases(r.role)),
         joined_ms=r.join_ms if r.joined is not None else None,
+        code_at=r.state.code_at, **_verdict(state, r.role),
     ) for r in state.members)
+
+
+def _verdict(state: RequestState, role: str) -> dict[str, Any]:
+    """The early-stop verdict, on the member whose answer it judged."""
+    verdict = state.early_stop
+    if (verdict is None or verdict["by"] != role or state.virtual is None
+            or state.virtual.early_stop == "none"):
+        return {}
+    return {"verdict": f"{'taken' if verdict['taken'] else 'not taken'}: {verdict['why']}",
+            "verdict_ms": verdict["at_ms"]}
 
 
 def _slot_fields(state: RequestState) -> dict[str, Any]:

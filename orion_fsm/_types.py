@@ -155,6 +155,11 @@ class MemberResult:
     # leader_first: when this follower was let in to load (since the request started); None:
     # it started with the request, or never did (the leader stopped early).
     joined_ms: float | None = None
+    code_at: int | None = None  # its answer's tokens when it opened a code block (```)
+    # The member whose answer was judged for early stop: the verdict ("taken: why" or "not
+    # taken: why") and when it was made (ms since the request started).
+    verdict: str | None = None
+    verdict_ms: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         def ms(value: float | None) -> float | None:
@@ -171,7 +176,8 @@ class MemberResult:
                 "agents_tried": list(self.agents_tried),
                 "phases": [{"state": p.state, "start_ms": round(p.start_ms, 3),
                             "ms": round(p.ms, 3)} for p in self.phases],
-                "joined_ms": ms(self.joined_ms)}
+                "joined_ms": ms(self.joined_ms), "code_at": self.code_at,
+                "verdict": self.verdict, "verdict_ms": ms(self.verdict_ms)}
 
 
 @dataclass(frozen=True, slots=True)

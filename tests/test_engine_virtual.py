@@ -202,6 +202,85 @@ async def test_leader_first_lets_the_follower_in_once_the_leader_is_too_long(
     assert not (record["virtual"]["early_stop"] or {}).get("taken")
 
 
+async def test_leader_first_lets_the_follower_in_when_the_leader_opens_a_code_block(
+    make_engine: MakeEngine, registry_doc: dict[str, Any], tmp_path: Path,
+) -> None:
+    # The medium model's greedy answer to "```" runs into a fence of tildes (CommonMark's
+    # other fence) after a few tokens: a composite answer showing itself early.
+    doc = {**registry_doc, "virtual_agents": [
+        {**_virtual("code", "conversation"),
+         "early_stop": {"policy": "leader_first", "threshold": 0.0, "code_within": 32}}]}
+    doc["agents"][1]["generation"] = {"max_tokens": 40, "temperature": 0, "top_k": 1}
+    async with make_engine(doc) as engine:
+        result = await engine.infer("```", agent="duo")
+    solution, explanation = result.members
+    assert (solution.state, explanation.state) == ("done", "done")
+    assert solution.code_at is not None and solution.code_at <= 32
+    (record,) = _trace(tmp_path)
+    assert record["virtual"]["joins"]["explanation"]["why"] == (
+        f"leader opened a code block at token {solution.code_at}")
+    assert record["virtual"]["members"][0]["code_at"] == solution.code_at
+    assert explanation.joined_ms is not None and explanation.tokens.output > 0
+    assert solution.verdict is not None and solution.verdict.startswith("not taken")
+    assert not record["virtual"]["early_stop"]["taken"]
+
+
+async def test_leader_first_without_code_within_waits_for_the_leaders_end(
+    make_engine: MakeEngine, registry_doc: dict[str, Any], tmp_path: Path,
+) -> None:
+    doc = {**registry_doc, "virtual_agents": [
+        {**_virtual("code", "conversation"),
+         "early_stop": {"policy": "leader_first", "threshold": 1.0}}]}
+    doc["agents"][1]["generation"] = {"max_tokens": 40, "temperature": 0, "top_k": 1}
+    async with make_engine(doc) as engine:
+        result = await engine.infer("```", agent="duo")
+    solution, explanation = result.members
+    assert solution.code_at is not None  # seen, but not a reason to join here
+    assert explanation.joined_ms is not None
+    (record,) = _trace(tmp_path)
+    assert record["virtual"]["joins"]["explanation"]["why"] == "leader done"
+
+
+async def test_leader_first_ends_the_request_with_an_answer_cut_at_max_tokens(
+    make_engine: MakeEngine, registry_doc: dict[str, Any], tmp_path: Path, spans: Any,
+) -> None:
+    # No follower started (no fence, within early_stop.max_tokens): the leader's answer,
+    # cut at the caller's max_tokens, ends the request; a follower's would be cut as well.
+    doc = {**registry_doc, "virtual_agents": [
+        {**_virtual(), "early_stop": {"policy": "leader_first", "threshold": 0.0,
+                                      "code_within": 32}}]}
+    doc["agents"][0]["generation"] = {"max_tokens": 6, "temperature": 0, "top_k": 1}
+    async with make_engine(doc) as engine:
+        result = await engine.infer("hello", agent="duo")
+    solution, explanation = result.members
+    assert (solution.state, explanation.state) == ("done", "stopped")
+    assert solution.finish_reason == "length" and explanation.tokens.input == 0
+    (record,) = _trace(tmp_path)
+    early = record["virtual"]["early_stop"]
+    assert early["taken"] is True and early["at_token"] == 6
+    assert early["why"].endswith("cut at 6 tokens before any follower started")
+    assert early["at_ms"] == pytest.approx(solution.start_ms + (solution.total_ms or 0),
+                                           abs=1e-2)
+    assert solution.verdict == f"taken: {early['why']}"
+    assert solution.verdict_ms == pytest.approx(early["at_ms"], abs=1e-2)
+    parallel = next(s for s in spans[1].get_finished_spans() if s.name == "serving_virtual")
+    assert parallel.attributes["orion.virtual.early_stop.at_token"] == 6
+    assert parallel.attributes["orion.virtual.early_stop.at_ms"] == early["at_ms"]
+
+
+async def test_first_confident_does_not_stop_on_an_answer_cut_at_max_tokens(
+    make_engine: MakeEngine, registry_doc: dict[str, Any], tmp_path: Path,
+) -> None:
+    doc = {**registry_doc, "virtual_agents": [_virtual(policy="first_confident")]}
+    for agent_doc in doc["agents"][:2]:
+        agent_doc["generation"] = {"max_tokens": 6, "temperature": 0, "top_k": 1}
+    async with make_engine(doc) as engine:
+        result = await engine.infer("hello", agent="duo")
+    assert [m.state for m in result.members] == ["done", "done"]
+    (record,) = _trace(tmp_path)
+    assert record["virtual"]["early_stop"]["why"] == "answer not finished (length)"
+
+
 async def test_leader_first_starts_both_on_a_composite_request(
     make_engine: MakeEngine, registry_doc: dict[str, Any], tmp_path: Path,
 ) -> None:
@@ -366,6 +445,8 @@ def test_the_shipped_registry_has_code_plus_logic() -> None:
      "$.virtual_agents[0].members", "share the role"),
     ({"id": "code"}, "$.virtual_agents[0].id", "duplicate agent id"),
     ({"fallback": "nope"}, "$.virtual_agents[0].fallback", "not an agent"),
+    ({"early_stop": {"policy": "leader_first", "code_within": -1}},
+     "$.virtual_agents[0].early_stop.code_within", "an integer ≥ 0"),
 ])
 def test_a_bad_virtual_agent_is_refused_with_its_path(
     registry_doc: dict[str, Any], change: dict[str, Any], path: str, message: str,

@@ -83,4 +83,5 @@ def _clear_output(state: RequestState) -> None:
     state.token_ids.clear()
     state.logprobs.clear()
     state.entropies.clear()
+    state.code_at = None
     state.first_token_at = None

@@ -125,10 +125,21 @@ class _Recorder:
         if event.text:
             state.text_parts.append(event.text)
             state.emitted_chars += len(event.text)
+            if state.token_scores and state.code_at is None and _opens_code(state.text_parts):
+                state.code_at = len(state.token_ids)
             if self.repetition.feed(event.text):
                 state.stopped_for = "repetition"
                 state.notes[attr.GUARD_REPETITION] = self.repetition.reason
                 state.stop.set()
+
+
+def _opens_code(parts: list[str]) -> bool:
+    """The newest text holds a code fence (CommonMark: three backticks or three tildes). A
+    fence may come split over events: the last few parts hold it whole."""
+    if "`" not in parts[-1] and "~" not in parts[-1]:
+        return False
+    tail = "".join(parts[-3:])
+    return "```" in tail or "~~~" in tail
 
 
 _PROMPT_CHUNK = 64  # prompt tokens per runtime call (the backend's chunk)

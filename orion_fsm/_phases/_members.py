@@ -178,7 +178,12 @@ async def serving_virtual(services: Services,
                                            for r in _followers(state)]
     if (verdict := state.early_stop) is not None:
         state.notes.update({attr.VIRTUAL_EARLY_STOP: f"{verdict['by']}: {verdict['why']}",
-                            attr.VIRTUAL_EARLY_STOP_TAKEN: verdict["taken"]})
+                            attr.VIRTUAL_EARLY_STOP_TAKEN: verdict["taken"],
+                            attr.VIRTUAL_EARLY_STOP_AT_TOKEN: verdict["at_token"]})
+        if verdict["at_ms"] is not None:
+            state.notes[attr.VIRTUAL_EARLY_STOP_AT_MS] = verdict["at_ms"]
+        if verdict["code_at"] is not None:
+            state.notes[attr.VIRTUAL_CODE_AT] = verdict["code_at"]
         if verdict["confidence"] is not None:
             state.notes[attr.VIRTUAL_CONFIDENCE] = verdict["confidence"]
     yield Next("members_done")
@@ -212,30 +217,48 @@ def _followers(state: RequestState) -> list[MemberRun]:
 
 
 async def _wait_for_leader(services: Services, parent: RequestState, run: MemberRun) -> None:
-    """A follower's wait: until the leader is over or has written more tokens than an early
-    stop allows (its answer is then not simple). Its tokens arrive in a worker thread: the
-    count is looked at every `_JOIN_POLL_S`, a fraction of a token's time."""
-    assert run.joined is not None and parent.virtual is not None
-    leader, limit = _leader(parent), parent.virtual.early_stop_max_tokens
+    """A follower's wait: until the leader is over or its answer shows it is not simple (more
+    tokens than an early stop allows, or a code block opened early). Its tokens arrive in a
+    worker thread: they are looked at every `_JOIN_POLL_S`, a fraction of a token's time."""
+    assert run.joined is not None
     while not run.joined.is_set():
-        if len(leader.state.token_ids) > limit:
+        if _not_simple(parent) is not None:
             _join(parent, (services.clock.monotonic() - parent.started) * 1e3)
             return
         with anyio.move_on_after(_JOIN_POLL_S):
             await run.joined.wait()
 
 
+def _not_simple(parent: RequestState) -> str | None:
+    """Why the leader's answer so far is not a simple one (None: it may still be). Read from
+    its tokens, not from when a follower noticed, so that a replay finds the same reason."""
+    spec, leader = parent.virtual, _leader(parent)
+    if spec is None:
+        return None
+    code_at = leader.state.code_at
+    if spec.code_within and code_at is not None and code_at <= spec.code_within:
+        return f"leader opened a code block at token {code_at}"
+    if len(leader.state.token_ids) > spec.early_stop_max_tokens:
+        return f"leader past {spec.early_stop_max_tokens} tokens"
+    return None
+
+
 def _join(parent: RequestState, now_ms: float) -> None:
-    """Let the waiting followers in. Why is read from the leader, not from who noticed
-    first, so that a replay records the same reason."""
-    leader = _leader(parent)
-    limit = parent.virtual.early_stop_max_tokens if parent.virtual is not None else 0
-    why = (f"leader past {limit} tokens" if len(leader.state.token_ids) > limit
-           else f"leader {leader.outcome}")
+    """Let the waiting followers in."""
+    why = _not_simple(parent) or f"leader {_leader(parent).outcome}"
     for run in _followers(parent):
         if run.joined is not None and not run.joined.is_set():
             run.join_why, run.join_ms = why, now_ms
             run.joined.set()
+
+
+def _waiting(parent: RequestState) -> bool:
+    """leader_first: no follower had a reason to start before the leader's end (none came
+    with the request, the leader's answer never showed itself not simple). Read from its
+    tokens, not from whether a follower has noticed yet, so that a replay decides the same."""
+    followers = _followers(parent)
+    return (bool(followers) and all(r.joined is not None for r in followers)
+            and _not_simple(parent) is None)
 
 
 def _member_run(services: Services, state: RequestState, member: VirtualMember,
@@ -342,7 +365,8 @@ def _maybe_stop_others(parent: RequestState, run: MemberRun,
         return
     if spec.early_stop == "leader_first" and run is not _leader(parent):
         return  # a follower never ends the leader
-    verdict = parent.early_stop = early_stop_verdict(spec, run)
+    verdict = parent.early_stop = early_stop_verdict(spec, run, waiting=_waiting(parent))
+    verdict["at_ms"] = None if run.end_ms is None else round(run.end_ms, 3)
     if not verdict["taken"]:
         return
     events.send_nowait(Region(others[0].role, "early_stop", {
@@ -352,20 +376,27 @@ def _maybe_stop_others(parent: RequestState, run: MemberRun,
         other.scope.cancel()
 
 
-def early_stop_verdict(spec: VirtualSpec, run: MemberRun) -> dict[str, Any]:
+def early_stop_verdict(spec: VirtualSpec, run: MemberRun, *,
+                       waiting: bool = False) -> dict[str, Any]:
     """Whether `run`'s answer is simple and sure enough to skip the other members: its
-    confidence against the threshold, plus cheap structure checks."""
+    confidence against the threshold, plus cheap structure checks. `waiting`: under
+    leader_first, no follower has started, i.e. the leader's answer never showed itself not
+    simple (a code block early, too many tokens): an answer cut at the caller's max_tokens
+    then counts as finished, even inside a code block it opened late, since a follower's
+    answer would be cut as well."""
     confidence, tokens = run.confidence(), len(run.state.token_ids)
-    text = run.text()
+    text, finish = run.text(), run.state.finish_reason
+    cut = waiting and finish == "length"
+    finished = finish == "stop" or cut
     if spec.early_stop not in ("first_confident", "leader_first"):
         why = "early stop disabled"
     elif confidence is None:
         why = "no confidence: the model gave no logits"
-    elif run.state.finish_reason != "stop":
-        why = f"answer not finished ({run.state.finish_reason})"
+    elif not finished:
+        why = f"answer not finished ({finish})"
     elif tokens > spec.early_stop_max_tokens:
         why = f"{tokens} tokens: longer than {spec.early_stop_max_tokens}"
-    elif text.count("```") % 2:
+    elif text.count("```") % 2 and not cut:  # cut inside a block: it was opened late
         why = "an unclosed code block"
     elif not text:
         why = "an empty answer"
@@ -373,8 +404,13 @@ def early_stop_verdict(spec: VirtualSpec, run: MemberRun) -> dict[str, Any]:
         why = f"confidence {confidence:.3f} below {spec.threshold}"
     else:
         why = f"confidence {confidence:.3f} at least {spec.threshold}"
+    if cut:
+        why += f", cut at {tokens} tokens before any follower started"
     return {"by": run.role, "agent": run.state.agent_id, "taken": why.startswith("confidence")
             and confidence is not None and confidence >= spec.threshold,
             "confidence": None if confidence is None else round(confidence, 4),
             "entropy": None if (h := run.entropy()) is None else round(h, 4),
-            "threshold": spec.threshold, "tokens": tokens, "why": why}
+            "threshold": spec.threshold, "tokens": tokens, "code_at": run.state.code_at,
+            # When it was decided: the judged answer's length, and ms since the request
+            # started (set by the caller: the member's end).
+            "at_token": tokens, "at_ms": None, "why": why}

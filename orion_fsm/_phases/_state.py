@@ -95,6 +95,9 @@ class RequestState:
     # per generated token: its log-probability and its distribution's entropy (nats)
     logprobs: list[float] = field(default_factory=list)
     entropies: list[float] = field(default_factory=list)
+    # a virtual member's answer: how many tokens it had when it opened a code block (``` in
+    # its text), a structure fact its early stop reads while the answer is still coming
+    code_at: int | None = None
     finish_reason: str | None = None
     # Set to stop the generation (caller gone, deadline, runaway repetition); read by the
     # worker thread between tokens.

@@ -138,7 +138,8 @@ def _virtual_row(spec: VirtualSpec) -> dict[str, Any]:
             "fusion": {"strategy": spec.strategy, "weights": spec.weights,
                        "min_weight": spec.min_weight},
             "early_stop": {"policy": spec.early_stop, "threshold": spec.threshold,
-                           "max_tokens": spec.early_stop_max_tokens},
+                           "max_tokens": spec.early_stop_max_tokens, "leader": spec.leader,
+                           "code_within": spec.code_within},
             "fallback": spec.fallback, "routing": {"patterns": list(spec.routing.patterns)}}
 
 

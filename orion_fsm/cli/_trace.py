@@ -108,13 +108,15 @@ def waterfall(record: Mapping[str, Any], width: int = 60) -> str:
 _LANE_MARKS: Final = {"loading": "░", "generating": "█"}
 _ENDS: Final = {"done": "✓", "failed": "✗", "stopped": "■"}
 _WAITING: Final = "·"  # a follower waiting for the leader (leader_first)
+_VERDICT: Final = "◆"  # where the early-stop verdict was taken
 
 
 def lanes(members: Sequence[Mapping[str, Any]], total_ms: float, width: int,
           lead: int = _LABEL + _MS + 7) -> list[str]:
     """A virtual agent's regions side by side in time, one lane each on the request's scale
     (`lead` columns before its bar): · waiting for the leader, ░ loading, █ generating, then
-    how the region ended (✓ done, ✗ failed, ■ stopped)."""
+    how the region ended (✓ done, ✗ failed, ■ stopped); ◆ where the early-stop verdict was
+    taken, explained on a line below its lane."""
     scale = width / total_ms if total_ms > 0 else 0.0
     lines = []
     for k, member in enumerate(members):
@@ -136,6 +138,10 @@ def lanes(members: Sequence[Mapping[str, Any]], total_ms: float, width: int,
         state = str(member.get("state", "?"))
         if last < width:
             cells[last] = _ENDS.get(state, "?")
+        if member.get("verdict_ms") is not None:  # where its early-stop verdict was taken
+            at = min(width - 1, int(float(member["verdict_ms"]) * scale))
+            if cells[at] not in _ENDS.values():
+                cells[at] = _VERDICT
         confidence = member.get("confidence")
         sure = "" if confidence is None else f" · confidence {float(confidence):.3f}"
         used = " · in answer" if member.get("used") else ""
@@ -147,6 +153,12 @@ def lanes(members: Sequence[Mapping[str, Any]], total_ms: float, width: int,
                      f" · weight {float(member.get('weight', 0)):.2f}{sure}{used}")
         if member.get("error"):
             lines.append(f"{'':<{lead}}{member['error']}")
+        if member.get("verdict"):
+            decided = member.get("verdict_ms")
+            when = "" if decided is None else f" at {float(decided):.0f} ms"
+            lines.append(f"{'':<{lead}}◆ early stop{when}, "
+                         f"{(member.get('tokens') or {}).get('output', 0)} tokens: "
+                         f"{member['verdict']}")
     return lines
 
 

@@ -216,15 +216,29 @@ class _ReplayRuntime:
         return self._logits.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
 
 
+def _first_fence(text: str) -> int | None:
+    """Where the first code fence of `text` ends (None: it has none)."""
+    found = [i for i in (text.find("```"), text.find("~~~")) if i >= 0]
+    return min(found) + 3 if found else None
+
+
 class _RecordedStream:
     """The recorded ids, one event per token, when no tokenizer can decode them. The recorded
     text rides on the last event: a guard reading the text (repetition) then stops the
-    generation where the recorded one stopped, after the last recorded token."""
+    generation where the recorded one stopped, after the last recorded token. A virtual
+    member's text up to its first code fence rides on the token that opened it, so that its
+    early stop sees the fence where the recorded one did."""
 
     def __init__(self, output: RecordedOutput, max_tokens: int) -> None:
         ids = output.token_ids[:max_tokens]
         scores = output.logprobs
-        self._events = [GenerationEvent((token,), output.text if i == len(ids) - 1 else "",
+        texts = [""] * len(ids)
+        if ids:
+            texts[-1] = output.text
+        fence = _first_fence(output.text)
+        if output.code_at is not None and fence is not None and 0 < output.code_at < len(ids):
+            texts[output.code_at - 1], texts[-1] = output.text[:fence], output.text[fence:]
+        self._events = [GenerationEvent((token,), texts[i],
                                         (scores[i],) if i < len(scores) else ())
                         for i, token in enumerate(ids)]
         reason = output.finish_reason or "stop"

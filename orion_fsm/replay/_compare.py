@@ -23,9 +23,12 @@ _DECISIONS: Final[Mapping[str, tuple[str, ...]]] = {
     "inferencing": ("orion.inference_error", *_ERRORS),
     "fallback": ("orion.fallback.from", "orion.fallback.to", *_ERRORS),
     "serving_virtual": ("orion.virtual.members", "orion.virtual.early_stop.taken",
+                        "orion.virtual.early_stop.at_token", "orion.virtual.code_at",
                         "orion.virtual.outcomes", "orion.virtual.joins", *_ERRORS),
     "fusing": ("orion.virtual.used", *_ERRORS),
 }
+# Decisions that records written before them lack: not compared on such a record.
+_ADDED_LATER: Final = frozenset({"orion.virtual.early_stop.at_token", "orion.virtual.code_at"})
 _PARALLEL: Final = "serving_virtual"  # the parallel state: its regions are compared apart
 _SHOWN_CHARS: Final = 160
 
@@ -191,7 +194,12 @@ def phase_divergence(recorded: Mapping[str, Any],
     state = str(recorded.get("state"))
     r_attrs: Mapping[str, Any] = recorded.get("attributes") or {}
     p_attrs: Mapping[str, Any] = replayed.get("attributes") or {}
+    # A verdict recorded without when it was taken: a record from before these existed.
+    older = ("orion.virtual.early_stop.taken" in r_attrs
+             and "orion.virtual.early_stop.at_token" not in r_attrs)
     for name in _DECISIONS.get(state, _ERRORS):
+        if older and name in _ADDED_LATER:
+            continue
         if r_attrs.get(name) != p_attrs.get(name):
             return Divergence(state, name, r_attrs.get(name), p_attrs.get(name))
     return None

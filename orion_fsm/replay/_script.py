@@ -40,6 +40,9 @@ class RecordedOutput:
     abort: bool = False  # the request was aborted (cancelled, timed out) once it was emitted
     logprobs: tuple[float, ...] = ()  # a virtual member's: each id's log-probability
     stopped: bool = False  # a virtual member the other's early stop ended, after the above
+    # a virtual member's: its tokens when its text opened a code block (the recorded text,
+    # served whole without a tokenizer, opens it at that token again)
+    code_at: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +208,9 @@ def _member_attempts(record: Mapping[str, Any]) -> list[RecordedAttempt]:
                     text=str(member.get("text") or ""),
                     finish_reason=member.get("finish_reason"),
                     logprobs=tuple(float(v) for v in member.get("logprobs") or ()),
-                    stopped=member.get("state") == "stopped")
+                    stopped=member.get("state") == "stopped",
+                    code_at=member["code_at"] if isinstance(member.get("code_at"), int)
+                    else None)
                 ends = [agent for _, agent in done]
                 # Only one that asked for a slot (its prompt was rendered): a leader_first
                 # follower stopped while it waited for the leader never did.

@@ -75,3 +75,26 @@ def test_a_follower_waiting_for_its_leader_is_drawn_waiting(
     assert main(["trace", "show", str(trace), "--width", "30"]) == 0
     shown = _lanes(capsys.readouterr().out)
     assert "·" in shown[1].split("|")[1]
+
+
+def test_the_early_stop_verdict_is_drawn_where_it_was_taken(
+    registry_doc: dict[str, Any], write_registry: WriteRegistry, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # leader_first, the leader cut at 6 tokens before the follower started: the verdict
+    # ends the request, drawn on the leader's lane and explained below it.
+    registry = _duo(registry_doc, write_registry,
+                    {"policy": "leader_first", "threshold": 0.0, "code_within": 32})
+    trace = tmp_path / "t.jsonl"
+    assert main(["--registry", str(registry), "--cache-dir", str(tmp_path / "c"), "run",
+                 "hello", "--agent", "duo", "--router", "rules", "--max-tokens", "6",
+                 "--trace-file", str(trace)]) == 0
+    run = capsys.readouterr().out
+    verdict = [line.strip() for line in run.splitlines() if "◆ early stop" in line]
+    assert len(verdict) == 1 and verdict[0].startswith("◆ early stop at ")
+    assert verdict[0].endswith("6 tokens: taken: confidence "
+                               + verdict[0].split("taken: confidence ")[1])
+    assert "cut at 6 tokens before any follower started" in verdict[0]
+    assert main(["trace", "show", str(trace), "--width", "30"]) == 0
+    shown = capsys.readouterr().out
+    assert [line.strip() for line in shown.splitlines() if "◆ early stop" in line] == verdict

@@ -108,3 +108,30 @@ async def test_a_leader_first_schedule_replays_with_its_joins(
     assert report.replayed["virtual"]["joins"].keys() == record["virtual"]["joins"].keys()
     assert [m["state"] for m in report.replayed["virtual"]["members"]] == [
         m["state"] for m in record["virtual"]["members"]]
+
+
+@pytest.mark.parametrize(("prompt", "solution", "max_tokens", "joined"), [
+    ("```", "code", 40, "leader opened a code block at token"),
+    ("hello", "conversation", 6, None),
+], ids=["joined-on-a-code-block", "stopped-when-cut-before-any-follower"])
+async def test_a_leader_first_verdict_replays_with_when_it_was_taken(
+    make_engine: MakeEngine, registry_doc: dict[str, Any], recorded: Recorded,
+    prompt: str, solution: str, max_tokens: int, joined: str | None,
+) -> None:
+    doc = _with_virtual(registry_doc, solution=solution, policy="leader_first")
+    doc["virtual_agents"][0]["members"][1]["agent"] = (
+        "conversation" if solution == "code" else "code")
+    doc["virtual_agents"][0]["early_stop"]["code_within"] = 32
+    leader = next(a for a in doc["agents"] if a["id"] == solution)
+    leader["generation"] = {"max_tokens": max_tokens, "temperature": 0, "top_k": 1}
+    async with make_engine(doc) as engine:
+        await engine.infer(prompt, agent="duo")
+    (record,) = recorded()
+    why = (record["virtual"]["joins"].get("explanation") or {}).get("why")
+    assert (why is None) if joined is None else why.startswith(joined)
+    report = await assert_replays(record, registry=Registry.from_dict(doc))
+    assert report.replayed is not None
+    replayed, original = report.replayed["virtual"], record["virtual"]
+    assert replayed["joins"].keys() == original["joins"].keys()
+    for key in ("taken", "at_token", "code_at"):
+        assert replayed["early_stop"][key] == original["early_stop"][key]

@@ -242,10 +242,14 @@ class VirtualSpec:
     weights: str = "fixed"  # fixed | router
     min_weight: float = 0.0
     early_stop: str = "first_confident"  # first_confident | leader_first | none
-    # Calibrated for SmolLM2-135M on eval/virtual.jsonl (python -m bench --only virtual).
+    # first_confident's values, calibrated for SmolLM2-135M on eval/virtual.jsonl (the
+    # shipped code+logic is leader_first, calibrated by python -m bench --only virtual).
     threshold: float = 0.3875
     early_stop_max_tokens: int = 96
     leader: str = "solution"  # leader_first: the role whose member starts alone
+    # leader_first: the followers join as soon as the leader opens a code block within its
+    # first `code_within` tokens (a composite answer shows itself early); 0: never for this.
+    code_within: int = 0
     fallback: str | None = None
     routing: RoutingHints = RoutingHints()
 
@@ -434,6 +438,7 @@ def _virtual(raw: Mapping[str, Any]) -> VirtualSpec:
         threshold=float(stop.get("threshold", defaults.threshold)),
         early_stop_max_tokens=int(stop.get("max_tokens", defaults.early_stop_max_tokens)),
         leader=stop.get("leader", defaults.leader),
+        code_within=int(stop.get("code_within", defaults.code_within)),
         fallback=raw.get("fallback"),
         routing=_routing(raw.get("routing", {})),
     )

@@ -128,6 +128,10 @@ VIRTUAL_SERVED: Final = "orion.virtual.served"  # member agents that answered
 VIRTUAL_CONFIDENCE: Final = "orion.virtual.confidence"  # geometric mean token probability
 VIRTUAL_EARLY_STOP: Final = "orion.virtual.early_stop"  # why it was taken or not
 VIRTUAL_EARLY_STOP_TAKEN: Final = "orion.virtual.early_stop.taken"
+# when the verdict was taken: the judged answer's tokens, ms since the request started
+VIRTUAL_EARLY_STOP_AT_TOKEN: Final = "orion.virtual.early_stop.at_token"
+VIRTUAL_EARLY_STOP_AT_MS: Final = "orion.virtual.early_stop.at_ms"
+VIRTUAL_CODE_AT: Final = "orion.virtual.code_at"  # the judged answer's first code fence (token)
 # leader_first: when each follower started ("role: why"; never: the leader's early stop)
 VIRTUAL_JOINS: Final = "orion.virtual.joins"
 VIRTUAL_STRATEGY: Final = "orion.virtual.strategy"
