@@ -269,7 +269,7 @@ def llama_cpp(quick: bool = False) -> dict[str, Any]:
     figures: dict[str, Any] = {"usable_cores": len(os.sched_getaffinity(0))}
     binary, why_not = _server_binary()
     model = resolve_package_file(*MODEL_FILE)
-    rounds = 2 if quick else 3
+    rounds = 3 if quick else 5  # single requests are short (0.6 s): the median of 5 steadies
     print("  [llama_cpp] llama-server and the engine on llama_cpp and ctransformers, turn "
           "by turn ...", file=sys.stderr, flush=True)
     with contextlib.ExitStack() as stack:

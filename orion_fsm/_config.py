@@ -24,6 +24,7 @@ __all__ = [
     "DEFAULT_MAX_QUEUE",
     "DEFAULT_MEMORY_INTERVAL_S",
     "DEFAULT_SHUTDOWN_GRACE_S",
+    "DEFAULT_STREAM_INTERVAL_MS",
     "DEFAULT_TIMEOUT_S",
     "DEFAULT_TRACE_KEEP",
     "DEFAULT_TRACE_MAX_BYTES",
@@ -136,6 +137,10 @@ DEFAULT_MAX_IN_FLIGHT: Final = 64  # requests running at once
 DEFAULT_MAX_QUEUE: Final = 1024  # requests waiting for a slot; past it: Overloaded
 # Routing embeddings of a burst wait up to this for one another (a lone request never waits).
 DEFAULT_BATCH_WINDOW_MS: Final = 50.0
+# A stream hands out text at most this often after its first token (what was made meanwhile
+# comes as one chunk): each chunk costs the event loop a wake-up and a worker-thread hop, CPU
+# ggml's threads need on a 2-core machine (README, llama_cpp figures). 0: every token at once.
+DEFAULT_STREAM_INTERVAL_MS: Final = 20.0
 PRIORITY_RANGE: Final = (-1000, 1000)  # infer/stream `priority=`, lower served first
 DEFAULT_MEMORY_INTERVAL_S: Final = 30.0  # between two samples of the memory monitor
 

@@ -27,6 +27,7 @@ from ._config import (
     DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_MAX_QUEUE,
     DEFAULT_MEMORY_INTERVAL_S,
+    DEFAULT_STREAM_INTERVAL_MS,
     DEFAULT_TIMEOUT_S,
     PRIORITY_RANGE,
     caches_dir,
@@ -36,7 +37,13 @@ from ._config import (
     resolve_cache_dir,
 )
 from ._driver import Driving, RequestRun
-from ._exceptions import EmbeddingError, FeedbackError, OrionError, RequestFailed
+from ._exceptions import (
+    ConfigurationError,
+    EmbeddingError,
+    FeedbackError,
+    OrionError,
+    RequestFailed,
+)
 from ._machine import MachinePool, request_chart
 from ._phases import Services
 from ._seams import ContextSource, Loader, Router
@@ -242,7 +249,11 @@ class Engine:
         context_capacity_tokens: int | None = None,
         feedback: str | Path | Literal[False] | None = None,
         batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS,
+        stream_interval_ms: float = DEFAULT_STREAM_INTERVAL_MS,
     ) -> None:
+        if not stream_interval_ms >= 0:
+            raise ConfigurationError("stream_interval_ms", stream_interval_ms, "0 or more")
+        self._stream_interval_s = stream_interval_ms / 1000
         self.registry = registry if isinstance(registry, Registry) else Registry.load(registry)
         require_runtimes(self.registry.agents.values())
         self.clock: Clock = clock or SystemClock()
@@ -358,7 +369,8 @@ class Engine:
                 registry=self.registry, router=self.router, loader=self.loader,
                 caches=self.caches, breakers=self.breakers, guardrails=self.guardrails,
                 clock=self.clock, l1_flights=SingleFlight(), background=task_group.start_soon,
-                cores=self.cores, retries=self.retries, contexts=self._contexts)
+                cores=self.cores, retries=self.retries, contexts=self._contexts,
+                stream_interval_s=self._stream_interval_s)
             self._driving = Driving(
                 services=services, machines=MachinePool(self._chart), tracer=self._tracer,
                 admission=self.admission, timeouts=self._timeout, traces=self._traces,

@@ -69,7 +69,7 @@ class Model(Protocol):
 
     def open_stream(self, prompt_ids: Sequence[int], params: SamplingParams, *,
                     should_stop: Callable[[], bool] | None = None, threads: Threads = None,
-                    cores: CoreGate | None = None) -> Stream: ...
+                    cores: CoreGate | None = None, interval_s: float = 0.0) -> Stream: ...
 
 
 class Prepared(Protocol):

@@ -116,6 +116,8 @@ def make_engine(
         kwargs.setdefault("cache_dir", tmp_path / "cache")
         kwargs.setdefault("threads", 1)  # tiny models: one thread is faster and steadier
         kwargs.setdefault("embeddings", False)  # rule routing: no 7 s embedding model load
+        # A chunk per token, whatever the machine's speed: tests count and cut chunks.
+        kwargs.setdefault("stream_interval_ms", 0.0)
         kwargs.setdefault("tracer_provider", spans[0])
         return Engine(registry=Registry.from_dict(doc or registry_doc), **kwargs)
 

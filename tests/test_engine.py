@@ -11,7 +11,7 @@ import anyio
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from orion_fsm import Engine, Message, OrionError, RequestFailed, Result
+from orion_fsm import ConfigurationError, Engine, Message, OrionError, RequestFailed, Result
 from orion_fsm.services.observability._tracefile import TRACE_VERSION
 from tests.conftest import agent, assert_no_thread_leaked, read_trace_lines
 
@@ -59,6 +59,24 @@ async def test_stream_yields_the_same_text_as_the_result(make_engine: MakeEngine
         result = stream.result
     assert "".join(chunks) == result.text
     assert result.state == "success"
+
+
+async def test_a_stream_interval_groups_the_chunks_not_the_text(
+        make_engine: MakeEngine) -> None:
+    chunks: dict[float, list[str]] = {}
+    for interval_ms in (0.0, 150.0):
+        async with make_engine(stream_interval_ms=interval_ms) as engine:
+            expected = await engine.infer("hello", agent="long", max_tokens=64, cache=False)
+            stream = engine.stream("hello", agent="long", max_tokens=64, cache=False)
+            chunks[interval_ms] = [chunk async for chunk in stream]
+        assert "".join(chunks[interval_ms]) == stream.result.text == expected.text
+    # What the tiny model made within 150 ms comes as one chunk.
+    assert len(chunks[150.0]) < len(chunks[0.0])
+
+
+def test_a_negative_stream_interval_is_refused(make_engine: MakeEngine) -> None:
+    with pytest.raises(ConfigurationError, match="stream_interval_ms"):
+        make_engine(stream_interval_ms=-1)
 
 
 async def test_explicit_agent_wins_over_rules(make_engine: MakeEngine) -> None:

@@ -263,7 +263,8 @@ async def _stream_tokens(run: _Run) -> AsyncGenerator[str, None]:
     """One worker-thread hop per chunk: the consumer sees each token as it is made."""
     state = run.state
     stream = run.lease.model.open_stream(state.prompt_ids, run.sampling,
-                                         should_stop=state.stop.is_set, cores=run.cores)
+                                         should_stop=state.stop.is_set, cores=run.cores,
+                                         interval_s=run.services.stream_interval_s)
     stalled = False
     try:
         while (event := await _in_worker(run, stream.next_event, one_chunk=True)) is not None:

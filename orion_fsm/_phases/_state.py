@@ -50,6 +50,8 @@ class Services:
     cores: CpuAllotter | None = None
     # Context stores by name, for requests that name one (None: retrieval is off).
     contexts: ContextSource | None = None
+    # A stream's chunks come at most this often after its first (Engine(stream_interval_ms=)).
+    stream_interval_s: float = 0.0
 
 
 @dataclass(eq=False, slots=True)

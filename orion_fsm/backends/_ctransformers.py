@@ -10,6 +10,7 @@ import functools
 import platform
 import random
 import threading
+import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -31,6 +32,7 @@ from ._generation import (
     Threads,
     TokenScores,
     checked_prompt,
+    merged,
 )
 from ._tokenizer import Tokenizer
 
@@ -208,13 +210,15 @@ class LoadedModel:
         should_stop: Callable[[], bool] | None = None,
         threads: Threads = None,
         cores: CoreGate | None = None,
+        interval_s: float = 0.0,
     ) -> GenerationStream:
-        """The same generation, pulled one event at a time (see `GenerationStream`).
+        """The same generation, pulled one event at a time (see `GenerationStream`); after
+        the first event, one at most every `interval_s` (see `PulledStream`).
 
         Does not block: the model is taken by the first `next_event()` call.
         """
         return GenerationStream(self, self._checked(prompt_ids), params, should_stop,
-                                threads=threads, cores=cores)
+                                threads=threads, cores=cores, interval_s=interval_s)
 
     def _checked(self, prompt_ids: Sequence[int]) -> list[int]:
         return checked_prompt(prompt_ids, self.tokenizer.vocab_size, self.context_length)
@@ -258,8 +262,9 @@ class GenerationStream(PulledStream):
         *,
         threads: Threads = None,
         cores: CoreGate | None = None,
+        interval_s: float = 0.0,
     ) -> None:
-        super().__init__()
+        super().__init__(interval_s)
         self._closed = False
         stop = should_stop or (lambda: False)
         self._steps = model._steps(prompt, params, lambda: self._closed or stop(), threads,
@@ -268,12 +273,16 @@ class GenerationStream(PulledStream):
     def next_event(self) -> GenerationEvent | None:
         if self._outcome is not None:
             return None
+        until = self._hold_until()
+        events: list[GenerationEvent] = []
         try:
-            event = next(self._steps)
+            events.append(next(self._steps))
+            # The steps run in this thread: an interval's worth of them, in one hand-out.
+            while until is not None and time.monotonic() < until:
+                events.append(next(self._steps))
         except StopIteration as done:
             self._outcome = done.value
-            return None
-        return self._handed(event)
+        return self._handed(merged(events)) if events else None
 
     def close(self) -> None:
         self._closed = True

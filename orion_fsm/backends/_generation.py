@@ -8,6 +8,7 @@ into the events callers see, so both emit exactly the same text for the same ids
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -33,6 +34,7 @@ __all__ = [
     "Threads",
     "TokenScores",
     "checked_prompt",
+    "merged",
 ]
 
 # ChatML's end of turn and GPT-2's end of text: ends of a generation whatever the runtime says.
@@ -112,14 +114,38 @@ def checked_prompt(prompt_ids: Sequence[int], vocab_size: int, context_length: i
     return list(prompt_ids)
 
 
+def merged(events: Sequence[GenerationEvent]) -> GenerationEvent:
+    """Consecutive events as one (a caller that fell behind, or an interval's worth)."""
+    if len(events) == 1:
+        return events[0]
+    return GenerationEvent(tuple(i for e in events for i in e.token_ids),
+                           "".join(e.text for e in events),
+                           tuple(p for e in events for p in e.logprobs),
+                           tuple(h for e in events for h in e.entropies))
+
+
 class PulledStream:
     """What every runtime's pulled stream shares: the events it handed out, its outcome once
-    it ended (`outcome` raises before), and the "cancelled" outcome an early close leaves."""
+    it ended (`outcome` raises before), and the "cancelled" outcome an early close leaves.
 
-    def __init__(self) -> None:
+    `interval_s`: after the first event (never delayed), an event is handed out at most this
+    often, holding what was made meanwhile: each hand-out costs the caller a worker-thread hop
+    and an event-loop wake-up, CPU the model's own threads need on a small machine (see the
+    README's llama_cpp figures). 0: every event at once.
+    """
+
+    def __init__(self, interval_s: float = 0.0) -> None:
         self._outcome: GenerationOutcome | None = None
         self._token_ids: list[int] = []
         self._texts: list[str] = []
+        self._interval_s = interval_s
+        self._handed_at: float | None = None
+
+    def _hold_until(self) -> float | None:
+        """When the next event may be handed out (`time.monotonic`); None: at once."""
+        if self._interval_s <= 0 or self._handed_at is None:
+            return None
+        return self._handed_at + self._interval_s
 
     @property
     def outcome(self) -> GenerationOutcome:
@@ -131,6 +157,7 @@ class PulledStream:
         """`event`, counted in what a cancelled outcome holds."""
         self._token_ids.extend(event.token_ids)
         self._texts.append(event.text)
+        self._handed_at = time.monotonic()
         return event
 
     def _cancelled(self) -> None:

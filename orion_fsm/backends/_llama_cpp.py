@@ -35,6 +35,7 @@ from ._generation import (
     Threads,
     TokenScores,
     checked_prompt,
+    merged,
 )
 from ._tokenizer import Tokenizer
 
@@ -87,19 +88,6 @@ def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
     return n
 
 
-def _caught_up(events: deque[GenerationEvent]) -> GenerationEvent:
-    """The events the loop queued, as one: a caller that fell behind the decode steps
-    catches up in one worker-thread hop instead of one per token."""
-    if len(events) == 1:
-        return events.popleft()
-    taken = list(events)
-    events.clear()
-    return GenerationEvent(tuple(i for e in taken for i in e.token_ids),
-                           "".join(e.text for e in taken),
-                           tuple(p for e in taken for p in e.logprobs),
-                           tuple(h for e in taken for h in e.entropies))
-
-
 @dataclass(eq=False)
 class _Job:
     """One generation in the decode loop; everything but `events`/`outcome` is the loop's."""
@@ -122,6 +110,9 @@ class _Job:
     events: deque[GenerationEvent] = field(default_factory=deque)
     outcome: GenerationOutcome | None = None
     error: Exception | None = None
+    # The reader waits for the next event: the loop wakes it per token. False while it holds
+    # an interval (or is busy elsewhere): tokens queue without a wake-up, the end still wakes.
+    waiting: bool = False
 
 
 @dataclass(eq=False)
@@ -477,7 +468,8 @@ class LlamaRuntime:
         if events:
             with self._lock:
                 job.events.extend(events)
-                job.done.notify_all()
+                if job.waiting:
+                    job.done.notify_all()
 
     def _end(self, job: _Job, reason: str, *, flush: bool = True) -> None:
         if flush:  # no stop string completed: a held-back partial match is ordinary text
@@ -592,19 +584,23 @@ class LlamaSequence:
 
     def open_stream(self, prompt_ids: Sequence[int], params: SamplingParams, *,
                     should_stop: Callable[[], bool] | None = None, threads: Threads = None,
-                    cores: CoreGate | None = None) -> LlamaStream:
+                    cores: CoreGate | None = None, interval_s: float = 0.0) -> LlamaStream:
         """The generation, pulled one event at a time; joins the decode loop at the first
-        `next_event()`. A caller that fell behind gets what was queued as one event."""
-        return self._stream(prompt_ids, params, should_stop, threads, cores, catch_up=True)
+        `next_event()`. A caller that fell behind gets what was queued as one event, and
+        after the first event one at most every `interval_s` (see `PulledStream`)."""
+        return self._stream(prompt_ids, params, should_stop, threads, cores, catch_up=True,
+                            interval_s=interval_s)
 
     def _stream(self, prompt_ids: Sequence[int], params: SamplingParams,
                 should_stop: Callable[[], bool] | None, threads: Threads,
-                cores: CoreGate | None, *, catch_up: bool) -> LlamaStream:
+                cores: CoreGate | None, *, catch_up: bool,
+                interval_s: float = 0.0) -> LlamaStream:
         prompt = checked_prompt(prompt_ids, self.tokenizer.vocab_size, self.context_length)
         if self._closed:
             raise InferenceError(f"model {self.model_path} was closed; load it again")
         return LlamaStream(self._runtime, self._slot, prompt, params, should_stop,
-                           threads=threads, cores=cores, catch_up=catch_up)
+                           threads=threads, cores=cores, catch_up=catch_up,
+                           interval_s=interval_s)
 
 
 class LlamaStream(PulledStream):
@@ -617,11 +613,11 @@ class LlamaStream(PulledStream):
     def __init__(self, runtime: LlamaRuntime, slot: _Slot, prompt: list[int],
                  params: SamplingParams, should_stop: Callable[[], bool] | None, *,
                  threads: Threads = None, cores: CoreGate | None = None,
-                 catch_up: bool = True) -> None:
-        super().__init__()
+                 catch_up: bool = True, interval_s: float = 0.0) -> None:
+        super().__init__(interval_s)
         self._runtime = runtime
         self._closed = False
-        self._catch_up = catch_up  # queued events as one (see `_caught_up`)
+        self._catch_up = catch_up  # queued events as one (a reader that fell behind)
         stop = should_stop or (lambda: False)
         self._job = _Job(slot, prompt, params, lambda: self._closed or stop(), threads, cores,
                          TextEmitter(runtime.tokenizer, params.stop),
@@ -638,14 +634,23 @@ class LlamaStream(PulledStream):
                 self._outcome = GenerationOutcome((), "", "cancelled")
                 return None
         with job.done:
+            until = self._hold_until()
+            while (until is not None and job.outcome is None
+                   and (left := until - time.monotonic()) > 0):
+                job.done.wait(left)  # woken early only by the end
+            job.waiting = True
             while not job.events and job.outcome is None:
                 job.done.wait()
+            job.waiting = False
             # The loop may run ahead of the caller (even to its end): once the caller asks to
             # stop, nothing more, and the outcome holds only what it was given.
             stopped = job.should_stop()
             if job.events and not stopped:
-                return self._handed(
-                    _caught_up(job.events) if self._catch_up else job.events.popleft())
+                if not self._catch_up:
+                    return self._handed(job.events.popleft())
+                event = merged(job.events)
+                job.events.clear()
+                return self._handed(event)
             outcome = job.outcome
         if stopped:  # the loop ends the job at its next step
             self.close()

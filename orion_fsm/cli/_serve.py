@@ -47,6 +47,10 @@ def add_parser(sub: Any) -> None:
     serve.add_argument("--batch-window-ms", type=float,
                        help="how long a burst's routing embeddings wait for one another; a lone "
                        "request never waits (default: the engine's, 50; 0 turns it off)")
+    serve.add_argument("--stream-interval-ms", type=float,
+                       help="a stream sends text at most this often after its first token, "
+                       "what was made meanwhile as one chunk (default: the engine's, 20; 0: "
+                       "every token at once)")
     serve.add_argument("--grace", type=int, default=DEFAULT_SHUTDOWN_GRACE_S,
                        help="on SIGTERM, seconds in-flight requests get to finish before they "
                        f"are cancelled (default: {DEFAULT_SHUTDOWN_GRACE_S})")
@@ -64,6 +68,7 @@ def _serve(args: argparse.Namespace) -> int:
                                               ("max_queue", args.max_queue),
                                               ("timeout_s", args.timeout),
                                               ("batch_window_ms", args.batch_window_ms),
+                                              ("stream_interval_ms", args.stream_interval_ms),
                                               ("threads", args.threads)) if value is not None}
 
     def engine(meter_provider: MeterProvider) -> Engine:

@@ -354,7 +354,8 @@ class ReplayModel:
 
     def open_stream(self, prompt_ids: Sequence[int], params: SamplingParams, *,
                     should_stop: Callable[[], bool] | None = None, threads: Threads = None,
-                    cores: CoreGate | None = None) -> _ReplayStream:
+                    cores: CoreGate | None = None, interval_s: float = 0.0) -> _ReplayStream:
+        # `interval_s` only groups events: the recorded ones are served as they were.
         return self._open(prompt_ids, params, aborter=self._aborter, should_stop=should_stop)
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams, *,

@@ -147,11 +147,11 @@ class FaultyModel(LoadedModel):
 
     def open_stream(self, prompt_ids: Sequence[int], params: SamplingParams, *,
                     should_stop: Callable[[], bool] | None = None, threads: Threads = None,
-                    cores: CoreGate | None = None) -> GenerationStream:
+                    cores: CoreGate | None = None, interval_s: float = 0.0) -> GenerationStream:
         kind = self.plan.draw(_GENERATION_KINDS)
         if kind is None:
             return self.inner.open_stream(prompt_ids, params, should_stop=should_stop,
-                                          threads=threads, cores=cores)
+                                          threads=threads, cores=cores, interval_s=interval_s)
         if kind in ("raise", "hang") and self.plan.after_tokens:
             return _LateFaultStream(kind, self, prompt_ids, params, should_stop)
         return _FaultyStream(kind, self, should_stop)

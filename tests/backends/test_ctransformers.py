@@ -347,6 +347,22 @@ def test_stream_pulls_the_same_generation_as_generate(tiny: SlotModel) -> None:
     assert stream.outcome == expected
 
 
+def test_a_stream_interval_groups_the_tokens_made_meanwhile(tiny: SlotModel) -> None:
+    expected, _ = run(tiny, GREEDY)
+    stream = tiny.open_stream(tiny.tokenizer.encode(CHATML_PROMPT), GREEDY, interval_s=0.2)
+    events: list[GenerationEvent] = []
+    handed: list[float] = []
+    while (event := stream.next_event()) is not None:
+        events.append(event)
+        handed.append(time.monotonic())
+    assert tuple(i for e in events for i in e.token_ids) == expected.token_ids
+    assert "".join(e.text for e in events) == expected.text and stream.outcome == expected
+    # After the first, each hand-out waited out the interval since the previous (less the
+    # moment between a hand-out and this loop's clock reading); the end comes at once.
+    assert len(events) < len(expected.token_ids)
+    assert all(b - a >= 0.15 for a, b in itertools.pairwise(handed[:-1]))
+
+
 def test_closing_a_stream_cancels_it_and_frees_the_model(tiny: SlotModel) -> None:
     stream = tiny.open_stream(tiny.tokenizer.encode(CHATML_PROMPT), GREEDY)
     first = stream.next_event()

@@ -201,7 +201,7 @@ async def workload(workload_registry: Registry, tmp_path: Path) -> list[dict[str
         workload_registry, router=router, trace_path=trace, cache_dir=tmp_path / "cache",
         embeddings=False, loader=StallingLoader(tmp_path / "cache", threads=1, load_model=load),
         breakers=BreakerConfig(window_size=2, minimum_calls=2), timeout_s=TIMEOUT_S,
-        admission=admission)
+        admission=admission, stream_interval_ms=0)  # a chunk per token: a caller leaves after 3
     async with engine:
         ends = await run_workload(engine, router, admission)
     assert ends == {"success": 2, "L1": 1, "fallback": 4, "invalid": 3, "exhausted": 1,
