@@ -14,10 +14,10 @@ import itertools
 import logging
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 import anyio
 from anyio.abc import TaskStatus
@@ -28,7 +28,6 @@ from orion_fsm._exceptions import ConfigurationError, InsufficientMemory, ModelL
 from orion_fsm._singleflight import SingleFlight
 from orion_fsm.backends import (
     LLAMA_CPP_EXTRA,
-    ConvertedModel,
     LlamaRuntime,
     LlamaSequence,
     LoadedModel,
@@ -39,22 +38,29 @@ from orion_fsm.backends import (
     llama_cpp_available,
     read_gguf_header,
 )
-from orion_fsm.backends._shards import MANIFEST_FILENAME, is_manifest
+from orion_fsm.backends._shards import is_manifest
 from orion_fsm.services.models._cpu import usable_cores
+from orion_fsm.services.models._loader_values import (
+    LoaderConfig,
+    LoaderStats,
+    LoadInfo,
+    ModelKey,
+    PreparedModel,
+    ResidentModel,
+    SlotStats,
+    mb,
+)
 from orion_fsm.services.models._pressure import PressureGauge, PressureLevel
 from orion_fsm.services.models._registry import AgentSpec, ModelSource
 from orion_fsm.services.models._sharded import ShardedLoad
+from orion_fsm.services.models._slots import Instance, ModelLease, Resident, Waiter
 from orion_fsm.services.models._tiers import (
-    DEFAULT_VARIANT,
     MB,
-    MemoryEstimate,
-    RamTier,
     VariantChoice,
     choose_variant,
     estimate_model_memory,
     tier_for,
 )
-from orion_fsm.services.observability import _attributes as attr
 
 if TYPE_CHECKING:
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -89,278 +95,9 @@ _LLAMA_SLOTS_PER_CORE: Final = 4
 
 
 @dataclass(frozen=True, slots=True)
-class ModelKey:
-    """One loaded instance: agents with the same file, variant and context share it."""
-
-    source: Path
-    context_length: int
-    model_type: str
-    variant: str = DEFAULT_VARIANT
-    runtime: str = "ctransformers"  # | "llama_cpp"
-
-    @property
-    def label(self) -> str:
-        # A sharded model is named by its folder: every manifest is manifest.json.
-        name = self.source.parent.name if self.source.name == MANIFEST_FILENAME \
-            else self.source.stem
-        label = f"{name}:{self.variant}@{self.context_length}"
-        return label if self.runtime == "ctransformers" else f"{label}/{self.runtime}"
-
-
-@dataclass(frozen=True, slots=True)
-class PreparedModel:
-    """A model ready to load: files converted for the runtime, its tokenizer, its estimate."""
-
-    key: ModelKey
-    files: ConvertedModel
-    tokenizer: Tokenizer
-    estimate: MemoryEstimate
-    shards: int = 0  # parts a sharded model was assembled from (0: a single file)
-
-    @property
-    def sha256(self) -> str:
-        """The source file's digest: what cache keys and traces name the model by."""
-        return self.files.source_sha256
-
-
-@dataclass(frozen=True, slots=True)
-class LoadInfo:
-    """What one `acquire` found or did, for the loading span."""
-
-    model: str
-    variant: str
-    loaded_now: bool  # this request waited for a load (its own or one already running)
-    load_ms: float  # time it waited for that load; 0 when the model was resident
-    estimate_mb: float
-    unloaded: tuple[str, ...]  # models unloaded to make room for this load
-    preloaded: bool  # the load was started ahead of time by a preload
-    slot: int = 0  # which instance of the model serves the request
-    slot_wait_ms: float = 0.0  # time waiting for a free slot (queued behind other requests)
-    reused_tokens: int = 0  # prompt tokens the slot's context already held (not evaluated)
-    parallel: int = 1  # slots the model may have
-    shards: int = 0  # parts the model was assembled from (0: a single file)
-
-    def span_attributes(self) -> dict[str, Any]:
-        return {
-            attr.MODEL: self.model,
-            attr.MODEL_VARIANT: self.variant,
-            attr.MODEL_LOADED_NOW: self.loaded_now,
-            attr.MODEL_LOAD_MS: round(self.load_ms, 3),
-            attr.MODEL_ESTIMATE_MB: round(self.estimate_mb, 1),
-            attr.MODEL_UNLOADED: list(self.unloaded),
-            attr.MODEL_PRELOADED: self.preloaded,
-            attr.SLOT: self.slot,
-            attr.SLOT_WAIT_MS: round(self.slot_wait_ms, 3),
-            attr.SLOT_REUSED_TOKENS: self.reused_tokens,
-            attr.SLOT_PARALLEL: self.parallel,
-            attr.MODEL_SHARDS: self.shards,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class ResidentModel:
-    """A loaded model as the memory monitor and the CLI see it."""
-
-    key: ModelKey
-    estimate_bytes: int
-    pins: int
-    idle_s: float  # 0 while a request holds it
-    keep_alive_s: float
-
-    @property
-    def label(self) -> str:
-        return self.key.label
-
-    @property
-    def variant(self) -> str:
-        return self.key.variant
-
-
-@dataclass(frozen=True, slots=True)
-class SlotStats:
-    """One resident model's slots as `Engine.stats()` reports them."""
-
-    model: str
-    parallel: int  # the most slots it may have
-    slots: int  # instances loaded and usable
-    running: int  # slots generating
-    queued: int  # requests waiting for a slot
-    quarantined: int  # slots abandoned by the stall watchdog, not yet freed
-
-
-@dataclass(frozen=True, slots=True)
-class LoaderConfig:
-    """Limits and policies; None picks the default for the machine's RAM tier."""
-
-    memory_budget_mb: float | None = None  # None: budget_fraction of the available RAM
-    budget_fraction: float = 0.5
-    max_loaded_models: int | None = None
-    keep_alive_s: float | None = None  # an agent's own `keep_alive_s` wins
-    quantization: str | None = None  # a variant name or q4 | q8 | f16 | ...
-    overhead_mb: float = 16.0  # per model, beyond weights and KV cache
-    tier: RamTier | None = None  # None: from psutil's total RAM
-    predictive_preload: bool = True
-    preload_min_share: float = 0.4  # of the observed successors of the agent just used
-    usage_window: int = 256  # recent acquires the prediction learns from
-    sweep_interval_s: float = 1.0  # real time between idle checks of the background task
-    # How long a load waits for requests to release the models that fill the budget before
-    # it is refused (0: refuse at once). A model too big for the budget is refused at once.
-    room_wait_s: float = 10.0
-
-    def __post_init__(self) -> None:
-        problems = [
-            (name, value, rule) for name, value, rule, ok in (
-                ("memory_budget_mb", self.memory_budget_mb, "positive or None",
-                 self.memory_budget_mb is None or self.memory_budget_mb > 0),
-                ("budget_fraction", self.budget_fraction, "in (0, 1]",
-                 0 < self.budget_fraction <= 1),
-                ("max_loaded_models", self.max_loaded_models, "at least 1 or None",
-                 self.max_loaded_models is None or self.max_loaded_models >= 1),
-                ("keep_alive_s", self.keep_alive_s, "at least 0 or None",
-                 self.keep_alive_s is None or self.keep_alive_s >= 0),
-                ("overhead_mb", self.overhead_mb, "at least 0", self.overhead_mb >= 0),
-                ("sweep_interval_s", self.sweep_interval_s, "positive",
-                 self.sweep_interval_s > 0),
-                ("room_wait_s", self.room_wait_s, "at least 0", self.room_wait_s >= 0),
-            ) if not ok
-        ]
-        if problems:
-            name, value, rule = problems[0]  # one at a time, like every ConfigurationError
-            raise ConfigurationError(f"LoaderConfig.{name}", value, rule)
-
-
-@dataclass(slots=True)
-class LoaderStats:
-    loads: int = 0
-    unloads: int = 0
-    evictions: int = 0  # unloads to make room
-    idle_unloads: int = 0  # keep-alive expiries and pressure relief
-    refusals: int = 0  # InsufficientMemory raised
-    room_waits: int = 0  # times a load waited for requests to release models
-    preloads: int = 0
-    preload_hits: int = 0  # a request found the model a preload had loaded
-    slots_added: int = 0  # instances loaded beyond a model's first
-    quarantined: int = 0  # slots the stall watchdog abandoned
-    slot_waits: int = 0  # requests that queued for a slot
-
-
-@dataclass(eq=False)
-class _Instance:
-    """One slot: an instance of the model with its own runtime context (KV cache), so one
-    generation at a time; its context keeps the ids it last evaluated (prefix reuse)."""
-
-    index: int
-    model: SlotModel
-    last_used: float
-    busy: bool = False
-    quarantined: bool = False
-
-
-@dataclass(eq=False)
-class _Waiter:
-    priority: int
-    since: float  # when the request first asked (the loader's clock): older ones first
-    seq: int
-    event: anyio.Event
-    instance: _Instance | None = None  # handed over by a release; None: look again
-    woken: bool = False
-    abandoned: bool = False
-
-    def __lt__(self, other: _Waiter) -> bool:
-        return (self.priority, self.since, self.seq) < (other.priority, other.since, other.seq)
-
-
-@dataclass(eq=False)
-class _Resident:
-    """A model's weights file, resident as one or more instances (slots)."""
-
-    prepared: PreparedModel
-    instances: list[_Instance]
-    last_used: float
-    keep_alive_s: float
-    parallel: int = 1  # the most instances it may have
-    pins: int = 0
-    preloaded: bool = False  # loaded by a preload and not used yet
-    creating: int = 0  # instances being loaded
-    # Instances abandoned by the stall watchdog: their thread may still be stuck in the
-    # runtime, so they are never used again, and counted until that thread lets go.
-    quarantined: list[_Instance] = field(default_factory=list)
-    waiters: list[_Waiter] = field(default_factory=list)  # a heap: priority, then age
-    queued: int = 0
-    token_s: float | None = None  # measured seconds per generated token (moving average)
-    next_index: int = 1
-    sequences: int = 1  # llama_cpp: sequences its context holds (the most slots it can have)
-    # llama_cpp: contexts whose every sequence stalled, given up on; counted until their
-    # decode thread comes back from the runtime and frees them.
-    wedged: list[LlamaRuntime] = field(default_factory=list)
-
-    @property
-    def instance_bytes(self) -> int:
-        return self.prepared.estimate.total_bytes
-
-    @property
-    def estimate_bytes(self) -> int:
-        if self.prepared.key.runtime == "llama_cpp":
-            # One context for every slot: the weights once, a KV cache per sequence.
-            estimate = self.prepared.estimate
-            context = estimate.total_bytes + estimate.kv_cache_bytes * (self.sequences - 1)
-            return context * (1 + sum(not r.closed for r in self.wedged))
-        # ctransformers shares nothing between instances (measured: ~180 MB each for
-        # SmolLM2 Q4_1 at 2048 tokens), so every instance counts in full.
-        return self.instance_bytes * (len(self.instances) + self.creating + len(self.quarantined))
-
-    @property
-    def running(self) -> int:
-        return sum(i.busy for i in self.instances)
-
-
-@dataclass(frozen=True, slots=True)
 class _Loaded:
     unloaded: tuple[str, ...]
     preloaded: bool
-
-
-class ModelLease:
-    """A pinned model and one of its slots, held by one request until `release()`."""
-
-    __slots__ = ("_instance", "_on_release", "_released", "_resident", "load_info", "stall_s")
-
-    def __init__(self, resident: _Resident, instance: _Instance, load_info: LoadInfo,
-                 stall_s: float, on_release: Callable[[_Resident, _Instance], None]) -> None:
-        self._resident = resident
-        self._instance = instance
-        self._released = False
-        self._on_release = on_release
-        self.load_info = load_info
-        self.stall_s = stall_s  # no token for this long: the generation is abandoned
-
-    @property
-    def model(self) -> SlotModel:
-        return self._instance.model
-
-    @property
-    def prepared(self) -> PreparedModel:
-        return self._resident.prepared
-
-    def quarantine(self) -> None:
-        """Never use this slot again: a generation was abandoned in it (see `_Resident`)."""
-        instance, resident = self._instance, self._resident
-        if not instance.quarantined:
-            instance.quarantined = True
-            resident.instances.remove(instance)
-            resident.quarantined.append(instance)
-
-    def record_generation(self, tokens: int, seconds: float) -> None:
-        """How long tokens took (after the first): what the default `stall_s` is made of."""
-        if tokens > 0 and seconds > 0:
-            per = seconds / tokens
-            old = self._resident.token_s
-            self._resident.token_s = per if old is None else 0.8 * old + 0.2 * per
-
-    def release(self) -> None:
-        if not self._released:
-            self._released = True
-            self._on_release(self._resident, self._instance)
 
 
 class _UsageModel:
@@ -431,7 +168,7 @@ class ModelLoader:
                                 else config.budget_fraction * memory.available)
         self.max_loaded_models = config.max_loaded_models or self.tier.max_loaded_models
         self._prepared: dict[ModelKey, PreparedModel] = {}
-        self._residents: dict[ModelKey, _Resident] = {}
+        self._residents: dict[ModelKey, Resident] = {}
         self._reserved: dict[ModelKey, int] = {}  # loads under way, counted against the limits
         self._preparing: SingleFlight[PreparedModel] = SingleFlight()
         self._loading: SingleFlight[_Loaded] = SingleFlight()
@@ -558,7 +295,7 @@ class ModelLoader:
         fit = self.budget_bytes // max(1, estimate.total_bytes)
         return max(1, min(2 * usable_cores(), fit))
 
-    def stall_s_for(self, agent: AgentSpec, resident: _Resident) -> float:
+    def stall_s_for(self, agent: AgentSpec, resident: Resident) -> float:
         """The agent's `stall_s`, else 20 x the measured time per token, at least 5 s."""
         if agent.stall_s is not None:
             return agent.stall_s
@@ -642,8 +379,8 @@ class ModelLoader:
         return [SlotStats(r.prepared.key.label, r.parallel, len(r.instances), r.running,
                           r.queued, len(r.quarantined)) for r in self._residents.values()]
 
-    async def _take_slot(self, resident: _Resident, prompt_ids: Sequence[int],
-                         priority: int, since: float) -> tuple[_Instance, bool]:
+    async def _take_slot(self, resident: Resident, prompt_ids: Sequence[int],
+                         priority: int, since: float) -> tuple[Instance, bool]:
         """A slot for the request, and whether it had to queue (or load one) for it."""
         queued = False
         while True:
@@ -665,10 +402,10 @@ class ModelLoader:
             if instance is not None:
                 return instance, queued
 
-    async def _wait_for_slot(self, resident: _Resident, priority: int,
-                             since: float) -> _Instance | None:
+    async def _wait_for_slot(self, resident: Resident, priority: int,
+                             since: float) -> Instance | None:
         """Queue until a release hands this request a slot (or wakes it to look again)."""
-        waiter = _Waiter(priority, since, next(self._seq), anyio.Event())
+        waiter = Waiter(priority, since, next(self._seq), anyio.Event())
         heapq.heappush(resident.waiters, waiter)
         resident.queued += 1
         try:
@@ -683,7 +420,7 @@ class ModelLoader:
             raise
         return waiter.instance
 
-    async def _add_slot(self, resident: _Resident) -> _Instance | None:
+    async def _add_slot(self, resident: Resident) -> Instance | None:
         """Load one more instance for a request that found every slot busy; None when the
         budget has no room for it (the request then waits for a slot)."""
         prepared = resident.prepared
@@ -717,7 +454,7 @@ class ModelLoader:
             return None  # serve with the slots there are
         finally:
             resident.creating -= 1
-        instance = _Instance(resident.next_index, model, self.clock.monotonic(), busy=True)
+        instance = Instance(resident.next_index, model, self.clock.monotonic(), busy=True)
         resident.next_index += 1
         resident.instances.append(instance)
         self.stats.slots_added += 1
@@ -789,7 +526,7 @@ class ModelLoader:
 
     # --- internals --------------------------------------------------------------------------
 
-    def _by_recency(self) -> list[_Resident]:
+    def _by_recency(self) -> list[Resident]:
         return sorted(self._residents.values(), key=lambda s: s.last_used)
 
     def _pressure(self) -> PressureLevel:
@@ -802,7 +539,7 @@ class ModelLoader:
             return False
         return key not in self._residents and not self._loading.in_flight(key)
 
-    def _released(self, resident: _Resident, instance: _Instance, *, pinned: bool = True) -> None:
+    def _released(self, resident: Resident, instance: Instance, *, pinned: bool = True) -> None:
         """A request let go of a slot: hand it to the first waiter, or free it."""
         now = self.clock.monotonic()
         resident.last_used = instance.last_used = now
@@ -830,7 +567,7 @@ class ModelLoader:
             instance.busy = False
         self._after_release(resident)
 
-    def _after_release(self, resident: _Resident) -> None:
+    def _after_release(self, resident: Resident) -> None:
         if resident.pins == 0:
             self._signal_room()
         if resident.pins == 0 and resident.keep_alive_s <= 0:
@@ -858,8 +595,8 @@ class ModelLoader:
         self.stats.refusals += 1
         est = prepared.estimate
         return InsufficientMemory(
-            f"model {prepared.key.label} needs about {_mb(est.total_bytes)} (weights "
-            f"{_mb(est.weights_bytes)} + KV cache {_mb(est.kv_cache_bytes)} for "
+            f"model {prepared.key.label} needs about {mb(est.total_bytes)} (weights "
+            f"{mb(est.weights_bytes)} + KV cache {mb(est.kv_cache_bytes)} for "
             f"{prepared.key.context_length} tokens); {why}",
             needed_bytes=prepared.estimate.total_bytes, budget_bytes=self.budget_bytes)
 
@@ -870,8 +607,8 @@ class ModelLoader:
         held_count = len(held) + len(self._reserved)
         if held_bytes + need <= self.budget_bytes and held_count < self.max_loaded_models:
             return None
-        return (f"the {held_count} model(s) in use by requests hold {_mb(held_bytes)} of the "
-                f"{_mb(self.budget_bytes)} budget, with at most {self.max_loaded_models} "
+        return (f"the {held_count} model(s) in use by requests hold {mb(held_bytes)} of the "
+                f"{mb(self.budget_bytes)} budget, with at most {self.max_loaded_models} "
                 "model(s) loaded")
 
     async def _admit(self, prepared: PreparedModel, *, wait_s: float) -> list[str]:
@@ -883,7 +620,7 @@ class ModelLoader:
         need = prepared.estimate.total_bytes
         if need > self.budget_bytes:
             raise self._refuse(prepared, (
-                f"the memory budget is {_mb(self.budget_bytes)}: use a smaller quantization "
+                f"the memory budget is {mb(self.budget_bytes)}: use a smaller quantization "
                 "variant or context_length, or raise memory_budget_mb"))
         if self._admission is None:
             self._admission = anyio.Lock()
@@ -908,7 +645,7 @@ class ModelLoader:
             with anyio.move_on_after(remaining):
                 await self._room_freed.wait()
 
-    async def _evict_for(self, need: int, *, keep: _Resident | None = None,
+    async def _evict_for(self, need: int, *, keep: Resident | None = None,
                          count_models: bool = True) -> list[str] | None:
         """Unload idle models (never `keep`), least recently used first, until `need` fits;
         None if the idle ones ran out (requests pinned them while this awaited)."""
@@ -950,7 +687,7 @@ class ModelLoader:
             raise
         del self._reserved[key]
         now = self.clock.monotonic()
-        self._residents[key] = _Resident(prepared, [_Instance(0, model, now)], last_used=now,
+        self._residents[key] = Resident(prepared, [Instance(0, model, now)], last_used=now,
                                  keep_alive_s=self.keep_alive_for(agent), preloaded=preload,
                                  sequences=sequences)
         self.stats.loads += 1
@@ -992,7 +729,7 @@ class ModelLoader:
         except Exception as exc:  # the runtime raises plain errors on bad files
             raise ModelLoadError(f"cannot load {prepared.key.source}: {exc}") from exc
 
-    async def _unload(self, resident: _Resident, *, idle: bool) -> bool:
+    async def _unload(self, resident: Resident, *, idle: bool) -> bool:
         key = resident.prepared.key
         # Checked and removed with no await in between: nobody can pin it after this.
         if resident.pins > 0 or self._residents.get(key) is not resident:
@@ -1009,7 +746,7 @@ class ModelLoader:
                                            "reason": "idle" if idle else "evicted"})
         return True
 
-    async def _close_instances(self, resident: _Resident) -> None:
+    async def _close_instances(self, resident: Resident) -> None:
         live = [i.model for i in resident.instances]
         # A quarantined instance whose thread is still stuck cannot be closed (closing waits
         # for it): it is dropped (a llama.cpp sequence given back unwaited), and the runtime
@@ -1024,7 +761,7 @@ class ModelLoader:
                 model.abandon()
         self._runtimes.pop(resident.prepared.key, None)
 
-    def _give_up_wedged(self, resident: _Resident) -> None:
+    def _give_up_wedged(self, resident: Resident) -> None:
         """Every slot of a llama.cpp model stalled: its one decode thread is stuck in the
         runtime. Its sequences are given back without waiting (the thread frees the context
         when its call returns) and the next slot is a sequence of a new context."""
@@ -1075,10 +812,6 @@ def _reused(cached: Sequence[int], prompt: Sequence[int]) -> int:
     while n < limit and cached[n] == prompt[n]:
         n += 1
     return n
-
-
-def _mb(n: int) -> str:
-    return f"{n / MB:.0f} MB" if n >= 10 * MB else f"{n / MB:.1f} MB"
 
 
 def _read_through(path: Path) -> Iterator[tuple[int, int]]:
