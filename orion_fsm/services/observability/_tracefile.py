@@ -405,6 +405,9 @@ def _shape_problem(record: dict[str, Any]) -> str | None:
     for name in ("phases", "transitions", "spans", "prompt_token_ids"):
         if not isinstance(record.get(name, []), list):
             return f"{name} is not a list"
+    redacted = record.get("redacted", [])
+    if not (isinstance(redacted, list) and all(isinstance(n, str) for n in redacted)):
+        return "redacted is not a list of field names"
     for i, phase in enumerate(record.get("phases", [])):
         if not (isinstance(phase, dict) and isinstance(phase.get("state"), str)
                 and _number(phase.get("start_ms", 0), 0) and _number(phase.get("ms", 0), 0)):
