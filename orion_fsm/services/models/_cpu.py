@@ -71,6 +71,7 @@ class _ExternalLoad:
                  running: Callable[[], int | None] | None = None) -> None:
         self._sample_s = sample_s
         self._read = read or _psutil_reader()
+        # A reader given without `running` (tests of the average alone): no instant reading.
         self._running = running or (_others_running if read is None else lambda: None)
         self._clock = clock
         self._lock = threading.Lock()
