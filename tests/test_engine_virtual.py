@@ -225,6 +225,29 @@ async def test_leader_first_lets_the_follower_in_when_the_leader_opens_a_code_bl
     assert not record["virtual"]["early_stop"]["taken"]
 
 
+async def test_leader_first_gives_its_verdict_after_a_follower_already_answered(
+    make_engine: MakeEngine, registry_doc: dict[str, Any], tmp_path: Path,
+) -> None:
+    # The follower (its model already loaded), let in at the leader's early code fence,
+    # answers one token and is done long before the leader's 200: the leader's verdict is
+    # still given when it ends.
+    doc = {**registry_doc, "virtual_agents": [
+        {**_virtual("code", "conversation"),
+         "early_stop": {"policy": "leader_first", "threshold": 0.0, "code_within": 32}}]}
+    doc["agents"][1]["generation"] = _LONG
+    doc["agents"][0]["generation"] = {"max_tokens": 1, "temperature": 0, "top_k": 1}
+    async with make_engine(doc) as engine:
+        await engine.infer("hello", agent="conversation")
+        result = await engine.infer("```", agent="duo")
+    solution, explanation = result.members
+    assert (solution.state, explanation.state) == ("done", "done")
+    assert explanation.joined_ms is not None and explanation.tokens.output == 1
+    assert solution.verdict is not None and solution.verdict.startswith("not taken")
+    record = _trace(tmp_path)[-1]
+    assert record["virtual"]["early_stop"]["by"] == "solution"
+    assert not record["virtual"]["early_stop"]["taken"]
+
+
 async def test_leader_first_without_code_within_waits_for_the_leaders_end(
     make_engine: MakeEngine, registry_doc: dict[str, Any], tmp_path: Path,
 ) -> None:

@@ -131,6 +131,8 @@ class _Recorder:
                 state.stopped_for = "repetition"
                 state.notes[attr.GUARD_REPETITION] = self.repetition.reason
                 state.stop.set()
+        if state.on_tokens is not None:
+            state.on_tokens()
 
 
 def _opens_code(parts: list[str]) -> bool:

@@ -6,9 +6,11 @@ under `leader_first`, the solution starts alone and the others join once it cann
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
+import threading
 from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass, field
@@ -31,7 +33,6 @@ if TYPE_CHECKING:
 # Router scores are cosines a few hundredths apart: a softmax this sharp makes them count.
 _ROUTER_TEMPERATURE: Final = 0.1
 _MAX_CLAIM_CHARS: Final = 2048  # as the rule router: patterns see the head of the text
-_JOIN_POLL_S: Final = 0.01  # a follower looks at the leader's token count this often
 
 
 def claim_virtual(registry: Registry, text: str, decision: RoutingDecision) -> RoutingDecision:
@@ -137,7 +138,7 @@ async def serving_virtual(services: Services,
     now = services.clock.monotonic
     state.members = runs = [_member_run(services, state, m, weights[m.role])
                             for m in spec.members]
-    _schedule(spec, state, runs)
+    _schedule(services, spec, state, runs)
     send, receive = anyio.create_memory_object_stream[Region](math.inf)
     streamed = False
     ended = [anyio.Event() for _ in runs]
@@ -189,7 +190,8 @@ async def serving_virtual(services: Services,
     yield Next("members_done")
 
 
-def _schedule(spec: VirtualSpec, state: RequestState, runs: list[MemberRun]) -> None:
+def _schedule(services: Services, spec: VirtualSpec, state: RequestState,
+              runs: list[MemberRun]) -> None:
     """`leader_first`: the leader (`early_stop.leader`'s member) starts alone (with the pool's
     cores), the others wait for it, unless the request itself asks for both parts (the virtual
     agent's routing patterns match it): a composite answer is long, so they start together."""
@@ -203,6 +205,7 @@ def _schedule(spec: VirtualSpec, state: RequestState, runs: list[MemberRun]) -> 
         return
     for run in _followers(state):
         run.joined = anyio.Event()
+    _leader(state).state.on_tokens = _join_when_not_simple(services, state)
 
 
 def _leader(state: RequestState) -> MemberRun:
@@ -216,17 +219,28 @@ def _followers(state: RequestState) -> list[MemberRun]:
     return [r for r in state.members if r is not leader]
 
 
-async def _wait_for_leader(services: Services, parent: RequestState, run: MemberRun) -> None:
-    """A follower's wait: until the leader is over or its answer shows it is not simple (more
-    tokens than an early stop allows, or a code block opened early). Its tokens arrive in a
-    worker thread: they are looked at every `_JOIN_POLL_S`, a fraction of a token's time."""
-    assert run.joined is not None
-    while not run.joined.is_set():
-        if _not_simple(parent) is not None:
-            _join(parent, (services.clock.monotonic() - parent.started) * 1e3)
+def _join_when_not_simple(services: Services, parent: RequestState) -> Callable[[], None]:
+    """The leader's hook after each chunk, in the thread generating it: the first chunk that
+    shows its answer is not simple (more tokens than an early stop allows, or a code block
+    opened early) lets the followers in. No follower polls: a wake-up every few ms preempts
+    one of ggml's threads, which the other then waits for at its barrier."""
+    loop_thread, loop = threading.get_ident(), anyio.lowlevel.current_token()
+    told = False
+
+    def hook() -> None:
+        nonlocal told
+        if told or _not_simple(parent) is None:
             return
-        with anyio.move_on_after(_JOIN_POLL_S):
-            await run.joined.wait()
+        told = True
+        now_ms = (services.clock.monotonic() - parent.started) * 1e3
+        if threading.get_ident() == loop_thread:
+            _join(parent, now_ms)
+            return
+        # The request may be over and its event loop gone: then nobody waits to be let in.
+        with contextlib.suppress(RuntimeError):
+            anyio.from_thread.run_sync(_join, parent, now_ms, token=loop)
+
+    return hook
 
 
 def _not_simple(parent: RequestState) -> str | None:
@@ -326,7 +340,7 @@ async def _attempts(services: Services, parent: RequestState, run: MemberRun,
     child, role = run.state, run.role
     with run.scope:
         if run.joined is not None:
-            await _wait_for_leader(services, parent, run)
+            await run.joined.wait()  # until the leader is over or shows it is not simple
         async with child.stack:
             while True:
                 # No scope of the driver's here: a member waits for its slot under the deadline.
@@ -358,15 +372,21 @@ async def _attempts(services: Services, parent: RequestState, run: MemberRun,
 def _maybe_stop_others(parent: RequestState, run: MemberRun,
                        events: MemoryObjectSendStream[Region]) -> None:
     """The first member to finish decides: a confident, well-formed answer ends the others
-    (their generations see the stop event, their slots are freed)."""
+    (their generations see the stop event, their slots are freed). Under leader_first the
+    leader's verdict is always given, also when a follower it let in has already answered."""
     spec = parent.virtual
     others = [r for r in parent.members if r is not run and r.outcome == "running"]
-    if spec is None or parent.early_stop is not None or not others:
+    if spec is None or parent.early_stop is not None:
         return
-    if spec.early_stop == "leader_first" and run is not _leader(parent):
+    leader_first = spec.early_stop == "leader_first"
+    if leader_first and run is not _leader(parent):
         return  # a follower never ends the leader
+    if not others and not leader_first:
+        return
     verdict = parent.early_stop = early_stop_verdict(spec, run, waiting=_waiting(parent))
     verdict["at_ms"] = None if run.end_ms is None else round(run.end_ms, 3)
+    if verdict["taken"] and not others:
+        verdict.update(taken=False, why=verdict["why"] + ", but every follower had answered")
     if not verdict["taken"]:
         return
     events.send_nowait(Region(others[0].role, "early_stop", {
