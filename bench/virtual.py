@@ -74,14 +74,15 @@ async def _parallelism(repeats: int) -> dict[str, Any]:
         async with _engine(_registry(stops=False), **kwargs) as engine:
             await _wall(engine, PROMPT, "code+logic", 4)  # two slots loaded before timing
             together, apart = [], []
-            grants_before = Counter(engine.cores.grant_sizes) if engine.cores else Counter()
+            grants: Counter[int] = Counter()
             for _ in range(repeats):
+                before = Counter(engine.cores.grant_sizes) if engine.cores else Counter()
                 wall, result = await _wall(engine, PROMPT, "code+logic", TOKENS)
                 together.append(wall)
+                if engine.cores:  # the parallel runs' calls only, not the sequential ones'
+                    grants += engine.cores.grant_sizes - before
                 tokens = [m.tokens.output for m in result.members]
                 members_s = [round((m.total_ms or 0) / 1e3, 2) for m in result.members]
-                grants = (dict(engine.cores.grant_sizes - grants_before) if engine.cores
-                          else None)
                 code_s, code = await _wall(engine, PROMPT, "code", TOKENS)
                 logic_s, logic = await _wall(engine, PROMPT, "logic", TOKENS)
                 apart.append(code_s + logic_s)
@@ -93,7 +94,8 @@ async def _parallelism(repeats: int) -> dict[str, Any]:
                               "sequential_member_s": apart_s,
                               # Runtime calls of the parallel run by cores granted: a member
                               # left alone takes both cores (when the pool has two).
-                              "parallel_grants_by_cores": grants,
+                              "parallel_grants_by_cores": dict(grants) if engine.cores
+                              else None,
                               # Cores the pool saw busy outside the engine (others' work).
                               "external_busy_cores": None if cores is None
                               else round(cores.external_busy, 2)}
