@@ -265,3 +265,25 @@ def test_a_file_llama_cpp_cannot_read_is_a_model_load_error(tmp_path: Path,
     bad.write_bytes(b"GGUF" + b"\0" * 64)
     with pytest.raises(ModelLoadError, match="could not load"):
         LlamaSequence.load(bad, tiny_files[1], context_length=64)
+
+
+@pytest.mark.parametrize(("preset", "expected"), [
+    ({}, "ACTIVE 300000"),
+    # A user's own choice of either is kept, and the other is not set beside it.
+    ({"OMP_WAIT_POLICY": "PASSIVE"}, "PASSIVE None"),
+    ({"GOMP_SPINCOUNT": "10"}, "None 10"),
+])
+def test_openmp_keeps_spinning_at_barriers_when_threads_outnumber_cores(
+        preset: dict[str, str], expected: str) -> None:
+    """Loading llama.cpp sets how libgomp waits (read once, when it loads) in a fresh
+    process: with more OpenMP threads than cores it would otherwise sleep at every barrier."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    code = ("import os; from orion_fsm.backends._llama_cpp import _llama; _llama(); "
+            "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))")
+    out = subprocess.run([sys.executable, "-c", code], env={**env, **preset},
+                         capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip().splitlines()[-1] == expected
