@@ -17,7 +17,14 @@ from ._convert import (
     resolve_package_file,
 )
 from ._ctransformers import GenerationStream, LoadedModel
-from ._generation import CoreGate, GenerationEvent, GenerationOutcome, SamplingParams, Threads
+from ._generation import (
+    CoreGate,
+    GenerationEvent,
+    GenerationOutcome,
+    SamplingParams,
+    Threads,
+    reused_prefix,
+)
 from ._llama_cpp import (
     LLAMA_CPP_EXTRA,
     LlamaRuntime,
@@ -57,4 +64,5 @@ __all__ = [
     "llama_cpp_available",
     "read_gguf_header",
     "resolve_package_file",
+    "reused_prefix",
 ]

@@ -35,6 +35,7 @@ __all__ = [
     "TokenScores",
     "checked_prompt",
     "merged",
+    "reused_prefix",
 ]
 
 # ChatML's end of turn and GPT-2's end of text: ends of a generation whatever the runtime says.
@@ -94,6 +95,16 @@ class CoreGate(Protocol):
     def acquire(self, share: int = 1) -> int: ...
 
     def release(self, granted: int) -> None: ...
+
+
+def reused_prefix(cached: Sequence[int], prompt: Sequence[int]) -> int:
+    """Prompt tokens a context holding `cached` need not evaluate again: their common prefix,
+    less the prompt's last token, which is always evaluated for its logits (both runtimes)."""
+    limit = min(len(cached), len(prompt) - 1)
+    n = 0
+    while n < limit and cached[n] == prompt[n]:
+        n += 1
+    return n
 
 
 def checked_prompt(prompt_ids: Sequence[int], vocab_size: int, context_length: int) -> list[int]:

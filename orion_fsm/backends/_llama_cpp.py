@@ -38,6 +38,7 @@ from ._generation import (
     TokenScores,
     checked_prompt,
     merged,
+    reused_prefix,
 )
 from ._tokenizer import Tokenizer
 
@@ -91,14 +92,6 @@ def _llama() -> Any:
             llama.llama_backend_init()
             _backend_started = True
     return llama
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
-    n = 0
-    limit = min(limit, len(a), len(b))
-    while n < limit and a[n] == b[n]:
-        n += 1
-    return n
 
 
 @dataclass(eq=False)
@@ -334,10 +327,8 @@ class LlamaRuntime:
         """Reuse the KV cells of the longest prefix a sequence holds (its own, or copied from
         another's), drop the rest of its own, and set up its sampler."""
         llama, slot, prompt = self._llama, job.seq, job.prompt
-        # The last prompt token is always evaluated: its logits give the first token.
-        limit = len(prompt) - 1
-        own = _common_prefix(slot.cached, prompt, limit)
-        donor, shared = max(((s, _common_prefix(s.cached, prompt, limit))
+        own = reused_prefix(slot.cached, prompt)
+        donor, shared = max(((s, reused_prefix(s.cached, prompt))
                              for s in self._slots if s is not slot),
                             key=lambda x: x[1], default=(None, 0))
         if donor is not None and shared >= own + _COPY_GAIN:

@@ -37,6 +37,7 @@ from orion_fsm.backends import (
     ensure_tokenizer,
     llama_cpp_available,
     read_gguf_header,
+    reused_prefix,
 )
 from orion_fsm.backends._shards import is_manifest
 from orion_fsm.services.models._cpu import usable_cores
@@ -344,7 +345,7 @@ class ModelLoader:
             unloaded=() if flight is None else flight.unloaded,
             preloaded=resident.preloaded or (flight is not None and flight.preloaded),
             slot=instance.index, slot_wait_ms=waited,
-            reused_tokens=_reused(instance.model.cached_ids, prompt_ids),
+            reused_tokens=reused_prefix(instance.model.cached_ids, prompt_ids),
             parallel=resident.parallel, shards=prepared.shards,
         )
         if resident.preloaded:
@@ -388,7 +389,7 @@ class ModelLoader:
             if free and not resident.queued:
                 # The longest shared prefix; among equals, the least recently used, so a
                 # conversation's slot is the last to be taken by strangers.
-                best = max(free, key=lambda i: (_reused(i.model.cached_ids, prompt_ids),
+                best = max(free, key=lambda i: (reused_prefix(i.model.cached_ids, prompt_ids),
                                                 -i.last_used))
                 best.busy = True
                 return best, queued
@@ -802,16 +803,6 @@ def require_runtimes(agents: Iterable[AgentSpec]) -> None:
         if agent.runtime == "llama_cpp" and not llama_cpp_available():
             raise ConfigurationError(f"agent {agent.id!r}: runtime", agent.runtime,
                                      f"installed first ({LLAMA_CPP_EXTRA})")
-
-
-def _reused(cached: Sequence[int], prompt: Sequence[int]) -> int:
-    """Prompt tokens a context holding `cached` skips: the common prefix, less the last prompt
-    token, which is always evaluated for its logits (as ctransformers does)."""
-    limit = min(len(cached), len(prompt) - 1)
-    n = 0
-    while n < limit and cached[n] == prompt[n]:
-        n += 1
-    return n
 
 
 def _read_through(path: Path) -> Iterator[tuple[int, int]]:
