@@ -202,15 +202,21 @@ async def test_leader_first_lets_the_follower_in_once_the_leader_is_too_long(
     assert not (record["virtual"]["early_stop"] or {}).get("taken")
 
 
-async def test_leader_first_lets_the_follower_in_when_the_leader_opens_a_code_block(
-    make_engine: MakeEngine, registry_doc: dict[str, Any], tmp_path: Path,
-) -> None:
-    # The medium model's greedy answer to "```" runs into a fence of tildes (CommonMark's
-    # other fence) after a few tokens: a composite answer showing itself early.
+def _code_leads(registry_doc: dict[str, Any], generation: dict[str, Any]) -> dict[str, Any]:
+    """`duo` led by the code agent under leader_first, a follower let in at a code block within
+    32 tokens. The medium model's greedy answer to "```" runs into a fence of tildes
+    (CommonMark's other fence) after a few tokens: a composite answer showing itself early."""
     doc = {**registry_doc, "virtual_agents": [
         {**_virtual("code", "conversation"),
          "early_stop": {"policy": "leader_first", "threshold": 0.0, "code_within": 32}}]}
-    doc["agents"][1]["generation"] = {"max_tokens": 40, "temperature": 0, "top_k": 1}
+    doc["agents"][1]["generation"] = generation
+    return doc
+
+
+async def test_leader_first_lets_the_follower_in_when_the_leader_opens_a_code_block(
+    make_engine: MakeEngine, registry_doc: dict[str, Any], tmp_path: Path,
+) -> None:
+    doc = _code_leads(registry_doc, {"max_tokens": 40, "temperature": 0, "top_k": 1})
     async with make_engine(doc) as engine:
         result = await engine.infer("```", agent="duo")
     solution, explanation = result.members
@@ -231,10 +237,7 @@ async def test_leader_first_gives_its_verdict_after_a_follower_already_answered(
     # The follower (its model already loaded), let in at the leader's early code fence,
     # answers one token and is done long before the leader's 200: the leader's verdict is
     # still given when it ends.
-    doc = {**registry_doc, "virtual_agents": [
-        {**_virtual("code", "conversation"),
-         "early_stop": {"policy": "leader_first", "threshold": 0.0, "code_within": 32}}]}
-    doc["agents"][1]["generation"] = _LONG
+    doc = _code_leads(registry_doc, _LONG)
     doc["agents"][0]["generation"] = {"max_tokens": 1, "temperature": 0, "top_k": 1}
     async with make_engine(doc) as engine:
         await engine.infer("hello", agent="conversation")
