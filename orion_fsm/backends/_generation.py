@@ -53,8 +53,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     grammar: Grammar | None = None  # every token chosen under this grammar's mask
     # Each token's log-probability and entropy in its events (a virtual member's early stop
-    # reads them). Off by default: the softmax over the vocabulary is ~0.4 ms of Python a
-    # token, and the decode slows by about three times that (ggml's threads wait on it).
+    # reads them). Off by default: the softmax over SmolLM2's 49,152 logits is ~0.12 ms of
+    # numpy a token on a quiet machine (~0.4 ms measured loaded), and a generation about
+    # twice that slower (ggml's threads wait on it: 128 tokens 1.155 s against 1.122 s).
     scores: bool = False
 
 
