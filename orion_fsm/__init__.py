@@ -82,7 +82,8 @@ from .services.context._eval import (
     evaluate_context,
     load_questions,
 )
-from .services.context._store import AddResult, ContextHit, ContextStats, ContextStore
+from .services.context._store import ContextStore
+from .services.context._store_values import AddResult, ContextHit, ContextStats
 from .services.feedback._store import (
     SCORE_RANGE as FEEDBACK_SCORE_RANGE,
 )

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from anyio.abc import TaskStatus
 
     from .backends import CoreGate, GenerationEvent, GenerationOutcome, SamplingParams, Threads
-    from .services.context._store import ContextHit
+    from .services.context._store_values import ContextHit
     from .services.models._loader import LoaderStats, LoadInfo, ModelKey, SlotStats
     from .services.models._registry import AgentSpec
     from .services.routing._router import RoutingDecision

@@ -191,7 +191,7 @@ def test_every_special_token_of_smollm2_is_refused_not_only_the_chatml_ones(
 def test_a_retrieved_passage_spelling_a_special_token_is_left_out_of_the_prompt(
         code_tokenizer: Tokenizer, where: str) -> None:
     from orion_fsm._phases._retrieving import fit_context
-    from orion_fsm.services.context._store import ContextHit
+    from orion_fsm.services.context._store_values import ContextHit
     from orion_fsm.services.models._registry import Registry
 
     registry = Registry.from_dict({"version": 1, "default_agent": "coder", "agents": [

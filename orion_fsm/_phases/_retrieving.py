@@ -15,7 +15,7 @@ from ._state import RequestState, Services
 
 if TYPE_CHECKING:
     from .._seams import Prepared
-    from ..services.context._store import ContextHit
+    from ..services.context._store_values import ContextHit
     from ..services.models._registry import AgentSpec
 
 

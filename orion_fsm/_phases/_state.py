@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from .._seams import ContextSource, Lease, Loader, Prepared, Router
     from .._singleflight import SingleFlight
     from ..services.caches._cacheset import CacheSet
-    from ..services.context._store import ContextHit
+    from ..services.context._store_values import ContextHit
     from ..services.models._cpu import CpuAllotter
     from ..services.models._loader import LoadInfo
     from ..services.models._registry import AgentSpec, Registry, VirtualSpec

@@ -32,7 +32,7 @@ from orion_fsm.backends import (
 )
 from orion_fsm.backends._convert import TOKENIZER_FILENAME, ConvertedModel
 from orion_fsm.services.caches._cacheset import CacheSet
-from orion_fsm.services.context._store import ContextHit
+from orion_fsm.services.context._store_values import ContextHit
 from orion_fsm.services.models._loader import (
     LoaderStats,
     LoadInfo,

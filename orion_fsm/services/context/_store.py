@@ -4,7 +4,7 @@ found again by BM25 (SQLite FTS5) and MiniLM embeddings fused by reciprocal rank
 One SQLite file per store (WAL; one transaction per document, so a killed process leaves a
 document in or out). A document's text is stored once, zlib-compressed as a whole; chunks are
 offsets into it; the FTS5 index is contentless; vectors are int8 with a scale per vector until
-the store holds enough to learn a product quantizer from, then 48-byte codes (`_quantize`).
+the store holds enough to learn a product quantizer from, then 48-byte codes (`_vectors`).
 Blocking work runs in worker threads; vectors are computed in the background by `run()` and
 join when ready.
 """
@@ -12,13 +12,11 @@ join when ready.
 from __future__ import annotations
 
 import hashlib
-import re
 import threading
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, Self
@@ -45,7 +43,10 @@ from ._chunker import (
     simhash,
 )
 from ._gist import gist
-from ._quantize import ProductQuantizer, pack_int8, unpack_int8
+from ._lexical import WORD, fts_match, indexed_columns, query_terms
+from ._quantize import pack_int8
+from ._store_values import AddResult, ContextHit, ContextStats
+from ._vectors import Vectors, decode, learn_codebook, nearest, read_all, read_codebook
 
 if TYPE_CHECKING:
     # Imported where used: sqlite3 and numpy would slow `import orion_fsm` down.
@@ -54,9 +55,6 @@ if TYPE_CHECKING:
     import numpy as np
 
 __all__ = [
-    "AddResult",
-    "ContextHit",
-    "ContextStats",
     "ContextStore",
     "SearchMode",
     "default_capacity_tokens",
@@ -71,10 +69,6 @@ _SCHEMA_VERSION: Final = "3"
 # store; only removing a document reads chunks by document, scanning 7,400 rows in ~1 ms):
 # opening a schema 2 store adds the one, drops the other and learns the codebook.
 _MIGRATES: Final = frozenset({"2"})
-# Vectors stay int8 (388 bytes) until the store holds this many, then a product quantizer is
-# learnt on them and every vector becomes `dim / _PQ_DIMS` one-byte codes, in one transaction.
-_PQ_TRAIN: Final = 2048
-_PQ_DIMS: Final = 8  # dimensions a code stands for: 384 -> 48 bytes a vector
 # 2 KiB pages: a compressed document's last overflow page wastes half a page on average
 # (library/, 317 documents: 4 KiB pages 5.38 MB, 2 KiB 5.23 MB, 1 KiB 5.27 MB).
 _PAGE_SIZE: Final = 2048
@@ -105,16 +99,6 @@ _EMBED_WINDOW: Final = 256
 # chunks cut at 256 (160 library/ chunks, in one run).
 _EMBED_CHARS: Final = 440
 _EMBED_RETRY_S: Final = 5.0
-_WORD = re.compile(r"\w+", re.UNICODE)
-# Words that match nearly every chunk: they only slow BM25 down and add noise to "why".
-_STOPWORDS: Final = frozenset((
-    "a", "an", "and", "are", "as", "at", "be", "been", "but", "by", "can", "could", "do",
-    "does", "did", "for", "from", "had", "has", "have", "how", "i", "if", "in", "into", "is",
-    "it", "its", "me", "my", "of", "on", "or", "our", "should", "so", "than", "that", "the",
-    "their", "them", "then", "there", "these", "they", "this", "to", "was", "we", "were",
-    "what", "when", "where", "which", "while", "who", "why", "will", "with", "would", "you",
-    "your", "about", "also", "any",
-))
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS documents(
@@ -155,114 +139,6 @@ def default_capacity_tokens(ram_bytes: int | None = None) -> int:
     return 524_288 if gib < 8 else 1_048_576 if gib < 16 else 2_097_152
 
 
-@dataclass(frozen=True, slots=True)
-class AddResult:
-    """What adding one document did."""
-
-    document_id: int
-    name: str
-    tokens_added: int
-    chunks: int
-    duplicates: int  # chunks dropped as exact or near duplicates of chunks already held
-    unchanged: bool = False  # the same name with the same content was already there
-    evicted: tuple[str, ...] = ()  # least recently used documents removed to make room
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"document_id": self.document_id, "name": self.name,
-                "tokens_added": self.tokens_added, "chunks": self.chunks,
-                "duplicates": self.duplicates, "unchanged": self.unchanged,
-                "evicted": list(self.evicted)}
-
-
-@dataclass(frozen=True, slots=True)
-class ContextHit:
-    """A chunk found by a search, with why it was found."""
-
-    chunk_id: int
-    document_id: int
-    document: str
-    position: int  # the chunk's place in its document
-    heading: str
-    text: str
-    tokens: int
-    score: float  # the fused (or single-ranker) score: higher is better
-    lexical_rank: int | None = None  # 1-based rank in BM25, None if BM25 did not find it
-    semantic_rank: int | None = None
-    similarity: float | None = None  # cosine with the query
-    matched_terms: tuple[str, ...] = ()
-
-    @property
-    def why(self) -> str:
-        parts = []
-        if self.lexical_rank is not None:
-            terms = ", ".join(self.matched_terms) or "stemmed terms"
-            parts.append(f"BM25 #{self.lexical_rank} ({terms})")
-        if self.semantic_rank is not None:
-            parts.append(f"embedding #{self.semantic_rank} (cosine {self.similarity:.2f})")
-        return "; ".join(parts) or "no ranker"
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ContextHit:
-        """Back from `as_dict()` (a trace record's retrieved chunks)."""
-        return cls(int(d["chunk_id"]), int(d["document_id"]), str(d["document"]),
-                   int(d["position"]), str(d.get("heading") or ""), str(d.get("text") or ""),
-                   int(d.get("tokens") or 0), float(d.get("score") or 0.0),
-                   d.get("lexical_rank"), d.get("semantic_rank"), d.get("similarity"),
-                   tuple(d.get("matched_terms") or ()))
-
-    def as_dict(self, *, text: bool = True) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "chunk_id": self.chunk_id, "document_id": self.document_id,
-            "document": self.document, "position": self.position, "heading": self.heading,
-            "tokens": self.tokens, "score": round(self.score, 6),
-            "lexical_rank": self.lexical_rank, "semantic_rank": self.semantic_rank,
-            "similarity": None if self.similarity is None else round(self.similarity, 4),
-            "matched_terms": list(self.matched_terms), "why": self.why}
-        if text:
-            out["text"] = self.text
-        return out
-
-
-@dataclass(frozen=True, slots=True)
-class ContextStats:
-    """How much a store holds and how ready its indexes are."""
-
-    name: str
-    path: Path
-    documents: int
-    chunks: int
-    tokens: int
-    capacity_tokens: int
-    embedded: int  # chunks with a vector
-    raw_bytes: int  # of the documents' text as added
-    disk_bytes: int  # the store's files (database and write-ahead log)
-    embeddings: str  # "ready", "pending", "off" or the reason they failed
-    tokenizer: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "path": str(self.path), "documents": self.documents,
-                "chunks": self.chunks, "tokens": self.tokens,
-                "capacity_tokens": self.capacity_tokens, "embedded": self.embedded,
-                "raw_bytes": self.raw_bytes, "disk_bytes": self.disk_bytes,
-                "embeddings": self.embeddings, "tokenizer": self.tokenizer}
-
-
-@dataclass(slots=True)
-class _Vectors:
-    """The store's vectors in memory for a brute-force cosine search. int8 on disk, float32
-    here: numpy has no fast float16 or int8 product (7,400 x 384 on the loaded 2-core
-    machine: 107 ms in float16, ~11 ms in float32 with the top-k partition)."""
-
-    ids: Any = None  # np.ndarray[int64]
-    matrix: Any = None  # np.ndarray[float32], one unit row per id
-    removed: set[int] = field(default_factory=set)
-
-
-def _terms(query: str) -> list[str]:
-    words = [w for w in _WORD.findall(query.lower()) if w not in _STOPWORDS]
-    return list(dict.fromkeys(words)) or list(dict.fromkeys(_WORD.findall(query.lower())))
-
-
 def _list_files(paths: Sequence[str | Path], suffixes: tuple[str, ...]
                 ) -> list[tuple[Path, str, int]]:
     """(file, document name, size) of each file given and each file under the folders."""
@@ -280,39 +156,8 @@ def _list_files(paths: Sequence[str | Path], suffixes: tuple[str, ...]
     return files
 
 
-def _quantizer(db: sqlite3.Connection) -> ProductQuantizer | None:
-    row = db.execute("SELECT groups, centroids FROM codebook WHERE id = 0").fetchone()
-    return None if row is None else ProductQuantizer.from_bytes(row[1], groups=row[0])
-
-
-def _decode(quantizer: ProductQuantizer | None, blobs: Sequence[bytes]) -> np.ndarray:
-    """Stored vectors as unit float32 rows: int8 ones, or codes of `quantizer`."""
-    import numpy as np
-
-    if quantizer is None:
-        return unpack_int8(blobs)
-    codes = np.frombuffer(b"".join(blobs), dtype=np.uint8).reshape(len(blobs), -1)
-    return quantizer.decode(codes)
-
-
 def _embedding_text(heading: str, text: str) -> str:
     return gist(heading, text, _EMBED_CHARS)
-
-
-def _indexed(heading: str, text: str) -> tuple[str, str]:
-    """The two columns FTS5 indexes for a chunk (the same on insert and delete): its words
-    without stop words, which queries never search for and which make a quarter of the
-    index (library/: 3.43 MB with them, 2.58 MB without, the same recall)."""
-    return _content_words(heading), _content_words(text)
-
-
-def _content_words(text: str) -> str:
-    return " ".join(w for w in _WORD.findall(text.lower()) if w not in _STOPWORDS)
-
-
-def _fts_query(terms: Sequence[str]) -> str:
-    # Every term quoted: FTS5 operators and punctuation in user text are plain words here.
-    return " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
 
 
 class ContextStore:
@@ -345,7 +190,7 @@ class ContextStore:
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._dups = DuplicateFilter()
-        self._vectors = _Vectors()
+        self._vectors = Vectors()
         self._vectors_loaded = False
         self._limiter = anyio.CapacityLimiter(1)  # one writer thread; SQLite serialises anyway
         self._read_limiter = anyio.CapacityLimiter(2)
@@ -435,7 +280,7 @@ class ContextStore:
         a store with enough int8 vectors gets their codes now, as if they had just arrived."""
         db.execute("BEGIN IMMEDIATE")
         try:
-            self._learn_codebook(db)
+            learn_codebook(db)
             db.execute("DROP INDEX IF EXISTS chunks_by_doc")
             db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (_SCHEMA_VERSION,))
             db.execute("COMMIT")
@@ -570,7 +415,7 @@ class ContextStore:
                     chunk_id = cur.lastrowid
                     assert chunk_id is not None
                     db.execute("INSERT INTO fts(rowid, heading, body) VALUES (?, ?, ?)",
-                               (chunk_id, *_indexed(chunk.heading, chunk.text)))
+                               (chunk_id, *indexed_columns(chunk.heading, chunk.text)))
                     added.append((chunk_id, key, sim))
                 db.execute("COMMIT")
             except BaseException:
@@ -636,7 +481,7 @@ class ContextStore:
                 ).fetchall():
             # A contentless FTS5 table forgets a row only when given the text it indexed.
             db.execute("INSERT INTO fts(fts, rowid, heading, body) VALUES ('delete', ?, ?, ?)",
-                       (chunk_id, *_indexed(headings[section], text[start:stop])))
+                       (chunk_id, *indexed_columns(headings[section], text[start:stop])))
             self._dups.discard(chunk_id)
             self._vectors.removed.add(chunk_id)
         db.execute("DELETE FROM vectors WHERE chunk IN (SELECT id FROM chunks WHERE doc = ?)",
@@ -706,7 +551,7 @@ class ContextStore:
         lexical: list[tuple[int, float]] = []
         semantic: list[tuple[int, float]] = []
         if mode != "semantic":
-            lexical = await anyio.to_thread.run_sync(self._bm25, _terms(query), pool,
+            lexical = await anyio.to_thread.run_sync(self._bm25, query_terms(query), pool,
                                                      limiter=self._read_limiter)
         if mode != "lexical" and self.embeddings is not None and self._embed_error is None:
             semantic = await self._nearest(query, pool)
@@ -720,7 +565,7 @@ class ContextStore:
         lex_rank = {c: r for r, (c, _) in enumerate(lexical, 1)}
         sem = {c: (r, s) for r, (c, s) in enumerate(semantic, 1)}
         return await anyio.to_thread.run_sync(self._hits, best, fused, lex_rank, sem,
-                                              _terms(query), limiter=self._read_limiter)
+                                              query_terms(query), limiter=self._read_limiter)
 
     def _bm25(self, terms: Sequence[str], limit: int) -> list[tuple[int, float]]:
         if not terms:
@@ -730,7 +575,7 @@ class ContextStore:
             # on the dev half of eval/context_questions.jsonl: 2.0 → 3.0 found 2 more).
             return [(row[0], -row[1]) for row in self._rdb().execute(
                 "SELECT rowid, bm25(fts, 3.0, 1.0) AS score FROM fts WHERE fts MATCH ? "
-                "ORDER BY score LIMIT ?", (_fts_query(terms), limit))]
+                "ORDER BY score LIMIT ?", (fts_match(terms), limit))]
 
     async def _nearest(self, query: str, limit: int) -> list[tuple[int, float]]:
         if not self._vectors_loaded:
@@ -746,51 +591,16 @@ class ContextStore:
             return []
         except EmbeddingError:
             return []  # busy: this search is lexical only
-        return await anyio.to_thread.run_sync(self._cosine_top, q, limit,
+        return await anyio.to_thread.run_sync(nearest, self._vectors, q, limit,
                                               limiter=self._read_limiter)
-
-    def _cosine_top(self, q: np.ndarray, limit: int) -> list[tuple[int, float]]:
-        import numpy as np
-
-        vectors = self._vectors
-        ids, matrix = vectors.ids, vectors.matrix
-        n = min(len(ids), len(matrix))  # a batch being appended meanwhile waits for the next
-        scores = matrix[:n] @ q.astype(np.float32)
-        want = min(n, limit + len(vectors.removed))
-        top = np.argpartition(-scores, want - 1)[:want] if want < n else np.arange(n)
-        order = top[np.argsort(-scores[top])]
-        out: list[tuple[int, float]] = []
-        for i in order:
-            chunk_id = int(ids[i])
-            if chunk_id not in vectors.removed:
-                out.append((chunk_id, float(scores[i])))
-                if len(out) == limit:
-                    break
-        return out
 
     def _load_vectors(self) -> None:
         with self._vec_lock:
             if self._vectors_loaded:
                 return
             with self._read_lock:
-                self._vectors.ids, self._vectors.matrix = self._read_vectors(self._rdb())
+                self._vectors.ids, self._vectors.matrix = read_all(self._rdb())
             self._vectors_loaded = True
-
-    @staticmethod
-    def _read_vectors(db: sqlite3.Connection) -> tuple[Any, Any]:
-        """(ids, unit float32 rows) of every stored vector, or (None, None) if none."""
-        import numpy as np
-
-        db.execute("BEGIN")  # the codebook and the codes it decodes, from one snapshot
-        try:
-            quantizer = _quantizer(db)
-            rows = db.execute("SELECT chunk, vector FROM vectors ORDER BY chunk").fetchall()
-        finally:
-            db.execute("COMMIT")
-        if not rows:
-            return None, None
-        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        return ids, _decode(quantizer, [r[1] for r in rows])
 
     def _hits(self, best: Sequence[int], fused: dict[int, float], lex_rank: dict[int, int],
               sem: dict[int, tuple[int, float]], terms: Sequence[str]) -> list[ContextHit]:
@@ -810,7 +620,7 @@ class ContextStore:
                 continue  # removed between ranking and reading
             doc_text, headings = texts[row[1]]
             heading, text = headings[row[4]], doc_text[row[5]:row[6]]
-            words = set(_WORD.findall((heading + " " + text).lower()))
+            words = set(WORD.findall((heading + " " + text).lower()))
             rank, similarity = sem.get(chunk_id, (None, None))
             hits.append(ContextHit(chunk_id, row[1], row[2], row[3], heading, text, row[7],
                             fused[chunk_id], lex_rank.get(chunk_id), rank, similarity,
@@ -953,7 +763,7 @@ class ContextStore:
             db = self._db()
             db.execute("BEGIN IMMEDIATE")
             try:
-                quantizer = _quantizer(db)
+                quantizer = read_codebook(db)
                 packed = ([pack_int8(v) for v in vectors] if quantizer is None
                           else [c.tobytes() for c in quantizer.encode(np.stack(vectors))])
                 # A chunk removed while its vector was computed gets none.
@@ -961,7 +771,7 @@ class ContextStore:
                     "INSERT OR REPLACE INTO vectors(chunk, vector) SELECT ?, ? "
                     "WHERE EXISTS (SELECT 1 FROM chunks WHERE id = ?)",
                     [(i, p, i) for i, p in zip(ids, packed, strict=True)])
-                learnt = quantizer is None and self._learn_codebook(db)
+                learnt = quantizer is None and learn_codebook(db)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -972,39 +782,12 @@ class ContextStore:
                 return
             v = self._vectors
             if learnt:  # every row changed: read back what a reopened store would read
-                v.ids, v.matrix = self._read_vectors(db)
+                v.ids, v.matrix = read_all(db)
                 return
             new_ids = np.asarray(ids, dtype=np.int64)
-            rows = _decode(quantizer, packed)
+            rows = decode(quantizer, packed)
             v.ids = new_ids if v.ids is None else np.concatenate([v.ids, new_ids])
             v.matrix = rows if v.matrix is None else np.concatenate([v.matrix, rows])
-
-    @staticmethod
-    def _learn_codebook(db: sqlite3.Connection) -> bool:
-        """Inside a transaction, once the store holds `_PQ_TRAIN` int8 vectors (and none is
-        coded yet): learn the product quantizer on them and replace each by its codes."""
-        import numpy as np
-
-        first = db.execute("SELECT vector FROM vectors LIMIT 1").fetchone()
-        if first is None or not ProductQuantizer.fits(len(first[0]) - 4, _PQ_DIMS):
-            return False
-        if db.execute("SELECT count(*) FROM vectors").fetchone()[0] < _PQ_TRAIN:
-            return False
-        rows = db.execute("SELECT chunk, vector FROM vectors ORDER BY chunk").fetchall()
-        floats = unpack_int8([r[1] for r in rows])
-        # A store migrated with many vectors learns from a sample spread over all of them.
-        sample = floats[np.linspace(0, len(floats) - 1, min(len(floats), 2 * _PQ_TRAIN),
-                                    dtype=np.intp)]
-        quantizer = ProductQuantizer.train(sample, dims_per_group=_PQ_DIMS)
-        codes = quantizer.encode(floats)
-        db.execute("INSERT INTO codebook(id, groups, centroids) VALUES (0, ?, ?)",
-                   (quantizer.groups, quantizer.to_bytes()))
-        # Deleted and inserted again in id order rather than updated in place: the rows
-        # shrink eightfold and would leave their pages mostly empty.
-        db.execute("DELETE FROM vectors")
-        db.executemany("INSERT INTO vectors(chunk, vector) VALUES (?, ?)",
-                       [(r[0], c.tobytes()) for r, c in zip(rows, codes, strict=True)])
-        return True
 
     def _compact(self, db: sqlite3.Connection) -> None:
         """Outside a transaction: free pages back to the file system and the write-ahead log

@@ -15,7 +15,8 @@ from anyio.abc import TaskGroup, TaskStatus
 from orion_fsm._exceptions import ContextError
 
 from ._chunker import ChunkingConfig, Encoder
-from ._store import ContextHit, ContextStore
+from ._store import ContextStore
+from ._store_values import ContextHit
 
 if TYPE_CHECKING:
     from ._store import TextEmbedder

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from orion_fsm import ChunkingConfig, ContextStore
-from orion_fsm.services.context import _store
+from orion_fsm.services.context import _store, _vectors
 from tests.services.context.conftest import WordTokenizer
 
 SMALL = ChunkingConfig(max_tokens=60, overlap_tokens=10, min_tokens=5)
@@ -75,7 +75,7 @@ def table(folder: Path, sql: str) -> list[tuple[object, ...]]:
 @pytest.mark.anyio
 async def test_vectors_become_product_codes_once_the_store_holds_enough(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_store, "_PQ_TRAIN", TRAIN)
+    monkeypatch.setattr(_vectors, "PQ_TRAIN", TRAIN)
     probes = await fill(tmp_path / "s", write_docs(tmp_path / "docs"))
     assert table(tmp_path / "s", "SELECT groups FROM codebook") == [(48,)]
     sizes = table(tmp_path / "s", "SELECT length(vector), count(*) FROM vectors "
@@ -91,7 +91,7 @@ async def test_vectors_become_product_codes_once_the_store_holds_enough(
 @pytest.mark.anyio
 async def test_a_small_store_keeps_int8_vectors_and_searches_them(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_store, "_PQ_TRAIN", 10_000)
+    monkeypatch.setattr(_vectors, "PQ_TRAIN", 10_000)
     probes = await fill(tmp_path / "s", write_docs(tmp_path / "docs"))
     assert table(tmp_path / "s", "SELECT count(*) FROM codebook") == [(0,)]
     assert table(tmp_path / "s", "SELECT DISTINCT length(vector) FROM vectors") == [(388,)]
@@ -103,7 +103,7 @@ async def test_a_small_store_keeps_int8_vectors_and_searches_them(
 @pytest.mark.anyio
 async def test_the_log_is_folded_back_once_adding_and_embedding_are_done(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_store, "_PQ_TRAIN", TRAIN)
+    monkeypatch.setattr(_vectors, "PQ_TRAIN", TRAIN)
     docs = write_docs(tmp_path / "docs")
     async with anyio.create_task_group() as tg:
         store = await open_store(tmp_path / "s")
@@ -122,7 +122,7 @@ async def test_the_log_is_folded_back_once_adding_and_embedding_are_done(
 @pytest.mark.anyio
 async def test_removing_documents_gives_their_pages_back_and_an_empty_store_its_codebook(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_store, "_PQ_TRAIN", TRAIN)
+    monkeypatch.setattr(_vectors, "PQ_TRAIN", TRAIN)
     await fill(tmp_path / "s", write_docs(tmp_path / "docs"))
     full = (tmp_path / "s" / "store.sqlite3").stat().st_size
     async with await open_store(tmp_path / "s") as store:
@@ -141,14 +141,14 @@ async def test_removing_documents_gives_their_pages_back_and_an_empty_store_its_
 @pytest.mark.anyio
 async def test_a_schema_2_store_is_migrated_and_its_vectors_coded(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_store, "_PQ_TRAIN", 10_000)
+    monkeypatch.setattr(_vectors, "PQ_TRAIN", 10_000)
     probes = await fill(tmp_path / "s", write_docs(tmp_path / "docs"))
     db = sqlite3.connect(tmp_path / "s" / "store.sqlite3")
     db.execute("DROP TABLE codebook")  # what schema 2 was
     db.execute("UPDATE meta SET value = '2' WHERE key = 'schema'")
     db.commit()
     db.close()
-    monkeypatch.setattr(_store, "_PQ_TRAIN", TRAIN)
+    monkeypatch.setattr(_vectors, "PQ_TRAIN", TRAIN)
     async with await open_store(tmp_path / "s") as store:
         for text, chunk_id in probes:
             assert (await store.search(text, 3, mode="semantic"))[0].chunk_id == chunk_id
