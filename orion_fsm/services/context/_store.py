@@ -30,6 +30,7 @@ from orion_fsm._exceptions import (
     EmbeddingError,
     EmbeddingUnavailable,
 )
+from orion_fsm.services.models._heap import release_freed_heap
 
 from ._chunker import (
     Chunk,
@@ -673,6 +674,9 @@ class ContextStore:
             if not window:
                 if not self._idle.is_set():  # the vectors just written: the log folded in
                     await anyio.to_thread.run_sync(self._compact_sync, limiter=self._limiter)
+                    # A pass's thousands of batches leave their tensors in the heap (library/:
+                    # 220 of 976 MB of RSS growth handed back).
+                    await anyio.to_thread.run_sync(release_freed_heap, limiter=self._limiter)
                 self._idle.set()
                 await self._wait()
                 continue

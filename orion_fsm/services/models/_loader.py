@@ -8,7 +8,6 @@ its keep-alive, and a model a request holds (`ModelLease`) is never unloaded und
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import heapq
 import itertools
 import logging
@@ -41,6 +40,7 @@ from orion_fsm.backends import (
 )
 from orion_fsm.backends._shards import is_manifest
 from orion_fsm.services.models._cpu import usable_cores
+from orion_fsm.services.models._heap import release_freed_heap
 from orion_fsm.services.models._loader_values import (
     LoaderConfig,
     LoaderStats,
@@ -117,16 +117,6 @@ class _UsageModel:
         if seen < 3:  # too few observations to call it a pattern
             return []
         return [b for b, n in after.most_common() if n / seen >= min_share]
-
-
-def _release_freed_heap() -> None:
-    # glibc keeps the runtime's freed vocabulary and buffers in its heap, so RSS only fell
-    # by ~75 % after unloading SmolLM2; malloc_trim hands them back to the OS (~100 %).
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return
-    trim(0)
 
 
 class ModelLoader:
@@ -794,7 +784,9 @@ class ModelLoader:
     @staticmethod
     def _close(model: SlotModel) -> None:
         model.close()
-        _release_freed_heap()
+        # glibc kept the runtime's freed vocabulary and buffers: RSS only fell by ~75 %
+        # after unloading SmolLM2 without this (~100 % with it).
+        release_freed_heap()
 
 
 def require_runtimes(agents: Iterable[AgentSpec]) -> None:
