@@ -33,7 +33,11 @@ _COMMANDS = (_run, _serve, _models, _route, _cache, _context, _mem, _breakers, _
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="orion-fsm", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="orion-fsm",
+        description="Serve local language models through a per-request state machine: answer "
+        "prompts, serve them over HTTP, and inspect models, caches, context stores and traces.",
+        epilog="`orion-fsm COMMAND --help` describes a command.")
     parser.add_argument("--registry", help="models.json to use (default: the packaged one)")
     parser.add_argument("--cache-dir", help="where converted models and the L1/L2/L3 caches "
                         "are kept (default: $ORION_FSM_CACHE or ~/.cache/orion-fsm)")
