@@ -30,6 +30,7 @@ __all__ = [
     "DEFAULT_TRACE_MAX_BYTES",
     "DEFAULT_TRACE_PATH",
     "FEEDBACK_FILE_ENV",
+    "MAX_CONTEXT_TOP_K",
     "PRIORITY_RANGE",
     "SERVER_ENV",
     "TRACE_FILE_ENV",
@@ -160,3 +161,4 @@ DEFAULT_STALL_FLOOR_S: Final = 5.0
 STALL_TOKENS_FACTOR: Final = 20
 
 DEFAULT_CONTEXT_TOP_K: Final = 8  # chunks retrieved per request; as many as fit go in
+MAX_CONTEXT_TOP_K: Final = 64  # a request's context_top_k: beyond, no window holds them

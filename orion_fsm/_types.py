@@ -60,6 +60,7 @@ class Request:
     refused: tuple[str, str] | None = None
     session_id: str | None = None  # a turn of this Session (history trimmed to fit)
     context: str | None = None  # a context store to retrieve from (the `retrieving` phase)
+    context_top_k: int | None = None  # chunks to retrieve; None: DEFAULT_CONTEXT_TOP_K
 
     def as_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -82,6 +83,8 @@ class Request:
             doc["refused"] = {"field": self.refused[0], "message": self.refused[1]}
         if self.context is not None:  # absent otherwise: older traces keep their shape
             doc["context"] = self.context
+        if self.context_top_k is not None:
+            doc["context_top_k"] = self.context_top_k
         return doc
 
 

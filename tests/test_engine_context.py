@@ -95,3 +95,33 @@ async def test_a_context_request_replays_from_its_trace_without_the_store(
     assert report.replayed is not None
     assert report.replayed["context"]["used"] == record["context"]["used"]
     assert report.replayed["prompt_token_ids"] == record["prompt_token_ids"]
+
+
+async def test_context_top_k_bounds_the_chunks_retrieved_and_replays(
+        make_engine: MakeEngine, tmp_path: Path) -> None:
+    async with make_engine() as engine:
+        await fill(engine)
+        result = await engine.infer("log entry sea", context="docs", agent="long",
+                                    max_tokens=4, context_top_k=2)
+    (record,) = read_trace_lines(tmp_path / "traces" / "test.jsonl")
+    assert record["request"]["context_top_k"] == 2
+    assert len(record["context"]["retrieved"]) == 2
+    assert len(result.citations) <= 2
+    report = await assert_replays(record, registry=engine.registry)
+    assert report.replayed is not None
+    assert report.replayed["request"]["context_top_k"] == 2
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"context": "docs", "context_top_k": 0}, "context_top_k must be between 1 and 64, got 0"),
+    ({"context": "docs", "context_top_k": "3"}, "context_top_k must be an integer, got str"),
+    ({"context_top_k": 3}, "context_top_k counts the chunks of a context store"),
+])
+async def test_a_bad_context_top_k_is_refused_naming_it(
+        make_engine: MakeEngine, options: dict[str, Any], message: str) -> None:
+    async with make_engine() as engine:
+        with pytest.raises(RequestFailed, match=message) as caught:
+            await engine.infer("hello", agent="long", **options)
+    assert caught.value.result is not None
+    assert caught.value.result.error_reason == "invalid"
+    assert [p.state for p in caught.value.result.phases][-1] == "validating"

@@ -32,7 +32,8 @@ async def retrieving(services: Services, state: RequestState) -> str:
         return "invalid"
     query = next(m.content for m in reversed(request.messages) if m.role == "user")
     try:
-        hits = await services.contexts.retrieve(request.context, query, DEFAULT_CONTEXT_TOP_K)
+        hits = await services.contexts.retrieve(
+            request.context, query, request.context_top_k or DEFAULT_CONTEXT_TOP_K)
     except ContextError as exc:
         state.fail("invalid", exc.message, field="context")
         return "invalid"

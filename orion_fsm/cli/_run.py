@@ -32,6 +32,9 @@ def add_parser(sub: Any) -> None:
     run.add_argument("--context", metavar="NAME",
                      help="answer from this context store (`orion-fsm context add`): its best "
                      "chunks go into the prompt and are cited")
+    run.add_argument("--context-top-k", type=int, metavar="K",
+                     help="chunks to retrieve with --context (default 8, as many as fit go in): "
+                     "fewer make a shorter prompt, read sooner")
     run.add_argument("--router", choices=("embedding", "rules"), default="embedding",
                      help="how to pick the agent when --agent is not given (default: embedding)")
     run.add_argument("--trace-file", default=os.environ.get(TRACE_FILE_ENV),
@@ -121,7 +124,8 @@ async def _run(args: argparse.Namespace) -> int:
     params: dict[str, Any] = {"agent": args.agent, "max_tokens": args.max_tokens,
                               "temperature": args.temperature, "seed": args.seed,
                               "stop": args.stop or None, "system": args.system,
-                              **format_request(args), "context": args.context}
+                              **format_request(args), "context": args.context,
+                              "context_top_k": args.context_top_k}
     async with engine:
         try:
             if args.json:

@@ -172,7 +172,8 @@ async def _send(engine: Engine, record: Mapping[str, Any], params: GenerationPar
                                "tools": request.get("tools"),
                                "tool_choice": request.get("tool_choice"),
                                "session_id": request.get("session_id"),
-                               "context": request.get("context")}
+                               "context": request.get("context"),
+                               "context_top_k": request.get("context_top_k")}
     with anyio.CancelScope() as scope:
         aborter.scope = scope
         try:

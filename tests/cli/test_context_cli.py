@@ -100,3 +100,15 @@ def test_run_with_context_prints_the_citations(cli: Callable[..., int], docs: Pa
     result = out_json(capsys)
     assert [p["state"] for p in result["phases"]][2] == "retrieving"
     assert result["citations"][0]["document"] == "docs/fuel.md"
+
+
+def test_run_context_top_k_bounds_the_citations(cli: Callable[..., int], docs: Path,
+                                                tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli("context", "add", str(docs), "--store", "lh", "--lexical-only") == 0
+    capsys.readouterr()
+    assert cli("run", "How long does the paraffin last?", "--context", "lh", "--agent", "long",
+               "--router", "rules", "--max-tokens", "4", "--json", "--context-top-k", "1",
+               "--trace-file", str(tmp_path / "t.jsonl")) == 0
+    result = out_json(capsys)
+    assert [c["document"] for c in result["citations"]] == ["docs/fuel.md"]
