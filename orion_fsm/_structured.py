@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from ._exceptions import GrammarError, OutputRejected, ValidationError
+from ._types import TOOL_CALL_CLOSE as _CALL_CLOSE
+from ._types import TOOL_CALL_OPEN as _CALL_OPEN
 from ._types import Message, Request, ToolCall
 from .backends import Grammar, MaskStats, compile_grammar
 
 FORMAT_TYPES: Final = ("text", "json_object", "json_schema", "regex", "grammar")
 TOOL_CHOICES: Final = ("auto", "none", "required")
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_CALL_OPEN, _CALL_CLOSE = "<tool_call>\n", "\n</tool_call>"
 # Compact JSON inside a Lark grammar too: no whitespace runs for a small model to loop in.
 _COMPACT: Final = {"whitespace_flexible": False}
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 FinalState = Literal["success", "error"]
 
@@ -88,6 +88,11 @@ class Request:
         return doc
 
 
+# The Hermes / Qwen2.5 tool-call tags, which _structured.py's grammar makes the model write.
+TOOL_CALL_OPEN: Final = "<tool_call>\n"
+TOOL_CALL_CLOSE: Final = "\n</tool_call>"
+
+
 @dataclass(frozen=True, slots=True)
 class ToolCall:
     """A call the model chose to make: a tool's name and arguments valid under its schema."""
@@ -95,6 +100,13 @@ class ToolCall:
     id: str
     name: str
     arguments: Mapping[str, Any]
+
+    def as_text(self) -> str:
+        """The call as the model writes it (compact JSON in `<tool_call>` tags): how an
+        assistant turn that called a tool goes back into a conversation's history."""
+        body = json.dumps({"name": self.name, "arguments": dict(self.arguments)},
+                          ensure_ascii=False, separators=(",", ":"))
+        return f"{TOOL_CALL_OPEN}{body}{TOOL_CALL_CLOSE}"
 
     def as_dict(self) -> dict[str, Any]:
         """OpenAI's shape: arguments as a JSON string."""

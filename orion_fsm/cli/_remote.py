@@ -14,11 +14,13 @@ from typing import TYPE_CHECKING, Any, Final
 from orion_fsm import (
     API_KEY_ENV,
     SERVER_ENV,
+    Citation,
     OrionError,
     PhaseTiming,
     RequestFailed,
     Result,
     TokenUsage,
+    ToolCall,
 )
 
 if TYPE_CHECKING:
@@ -35,8 +37,13 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
                         help=f"the server's API key (default: ${API_KEY_ENV})")
 
 
-def result_from(doc: dict[str, Any], text: str) -> Result:
-    """A Result from the `orion` object of a response (its `as_dict()` without the text)."""
+def result_from(doc: dict[str, Any], text: str | None) -> Result:
+    """A Result from the `orion` object of a response (its `as_dict()` without the text;
+    None: the answer was a tool call, whose text is the call as the model wrote it)."""
+    calls = tuple(ToolCall(c["id"], c["function"]["name"], json.loads(c["function"]["arguments"]))
+                  for c in doc.get("tool_calls") or ())
+    if text is None:
+        text = "".join(call.as_text() for call in calls)
     return Result(
         request_id=doc["request_id"], trace_id=doc["trace_id"], state=doc["state"], text=text,
         agent=doc["agent"], requested_agent=doc["requested_agent"], fallback=doc["fallback"],
@@ -45,7 +52,9 @@ def result_from(doc: dict[str, Any], text: str) -> Result:
         tokens=TokenUsage(doc["tokens"]["input"], doc["tokens"]["output"]),
         ttft_ms=doc["ttft_ms"], total_ms=doc["total_ms"], finish_reason=doc["finish_reason"],
         error=doc["error"], error_reason=doc["error_reason"], routing=doc["routing"],
-        cache=doc["cache"])
+        cache=doc["cache"], error_field=doc.get("error_field"), parsed=doc.get("parsed"),
+        tool_calls=calls,
+        citations=tuple(Citation(**c) for c in doc.get("citations") or ()))
 
 
 def _failed(doc: dict[str, Any], text: str = "") -> RequestFailed:
@@ -105,12 +114,15 @@ class Remote:
                 for event in _events([line]):
                     if "error" in event:
                         raise _failed(event, "".join(parts))
-                    text = event["choices"][0]["delta"].get("content") or ""
+                    delta = event["choices"][0].get("delta") or {}
+                    if delta.get("tool_calls"):
+                        continue  # the Result at the end carries the call
+                    text = delta.get("content") or ""
                     if text:
                         parts.append(text)
                         yield text
                     if "orion" in event:
-                        yield result_from(event["orion"], "".join(parts))
+                        yield result_from(event["orion"], "".join(parts) or None)
 
 
 @asynccontextmanager

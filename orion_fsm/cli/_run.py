@@ -95,7 +95,9 @@ async def _remote(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"model": args.agent or "auto", "messages": messages}
     body.update({k: v for k, v in (("max_tokens", args.max_tokens),
                                    ("temperature", args.temperature), ("seed", args.seed),
-                                   ("stop", args.stop)) if v is not None})
+                                   ("stop", args.stop), ("context", args.context),
+                                   ("context_top_k", args.context_top_k)) if v is not None})
+    body.update(format_request(args))
     async with connect(args) as server:
         try:
             if args.json:

@@ -156,7 +156,8 @@ def create_app(engine: Engine | EngineFactory, *, api_key: str | None = None,
         spec: Generation = chat_request(doc) if kind == "chat" else completion_request(doc)
         if spec.stream:
             return event_stream(kind, served.stream(spec.prompt, agent=spec.agent,
-                                                    **spec.params), spec.model)
+                                                    **spec.params), spec.model,
+                                whole=spec.tools)
         return completion(kind, lambda: served.infer(spec.prompt, agent=spec.agent,
                                                      **spec.params))
 

@@ -10,14 +10,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from orion_fsm import RequestFailed, Result
+from orion_fsm import RequestFailed, Result, ToolCall
 
 AUTO: Final = "auto"  # the model id that lets the router pick the agent
 EMBEDDING_MODEL: Final = "all-MiniLM-L6-v2"
 RETRY_AFTER_S: Final = 1
 # OpenAI parameters the engine does not take but clients send: accepted and ignored.
 _IGNORED: Final = frozenset({"user", "stream_options", "n", "presence_penalty",
-                             "frequency_penalty", "logit_bias", "response_format", "metadata",
+                             "frequency_penalty", "logit_bias", "metadata",
                              "store", "service_tier", "parallel_tool_calls", "suffix", "echo",
                              "best_of", "logprobs", "top_logprobs"})
 # Engine field names that OpenAI spells differently.
@@ -77,6 +77,7 @@ class Generation:
     model: str  # as the client named it
     stream: bool
     params: dict[str, Any] = field(default_factory=dict)
+    tools: bool = False  # tools were offered: a streamed answer may be a call, sent whole
 
 
 def parse_json(body: bytes) -> dict[str, Any]:
@@ -156,9 +157,40 @@ def chat_request(doc: Mapping[str, Any]) -> Generation:
                            param=f"messages[{i}]")
         role = message.get("role")
         role = "system" if role == "developer" else role  # OpenAI's newer name for it
-        prompt.append({"role": str(role),
-                       "content": _text(message.get("content"), f"messages[{i}].content")})
-    return Generation(prompt, agent, model, _stream(doc), _params(doc))
+        calls = message.get("tool_calls") if role == "assistant" else None
+        content = (_call_text(calls, f"messages[{i}].tool_calls") if calls
+                   else _text(message.get("content"), f"messages[{i}].content"))
+        prompt.append({"role": str(role), "content": content})
+    tools = doc.get("tools")
+    params = {**_params(doc), **_extensions(doc), "tools": tools,
+              "tool_choice": doc.get("tool_choice")}
+    return Generation(prompt, agent, model, _stream(doc), params, tools=bool(tools))
+
+
+def _call_text(calls: object, where: str) -> str:
+    """An assistant turn that called a tool, back as the text the model wrote for it (the
+    engine's `<tool_call>` convention): the history a client sends reads as it was said."""
+    if not (isinstance(calls, list) and len(calls) == 1 and isinstance(calls[0], dict)):
+        raise ApiError(400, f"{where} must be a list of one tool call (one call per answer)",
+                       param=where)
+    function = calls[0].get("function")
+    name = function.get("name") if isinstance(function, dict) else None
+    arguments = function.get("arguments") if isinstance(function, dict) else None
+    try:
+        parsed = json.loads(arguments) if isinstance(arguments, str) else None
+    except ValueError:
+        parsed = None
+    if not isinstance(name, str) or not isinstance(parsed, dict):
+        raise ApiError(400, f"{where}[0].function must have a name and JSON object arguments "
+                       "(as the server returned them)", param=where)
+    return ToolCall(str(calls[0].get("id") or ""), name, parsed).as_text()
+
+
+def _extensions(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """What OpenAI's API does not have and the engine does, as top-level body fields (the
+    openai client's `extra_body`): the output format, and a context store to answer from."""
+    return {"response_format": doc.get("response_format"), "context": doc.get("context"),
+            "context_top_k": doc.get("context_top_k")}
 
 
 def completion_request(doc: Mapping[str, Any]) -> Generation:
@@ -169,7 +201,7 @@ def completion_request(doc: Mapping[str, Any]) -> Generation:
     if not isinstance(prompt, str):
         raise ApiError(400, "prompt must be a string (one prompt per request)", param="prompt")
     return Generation([{"role": "user", "content": prompt}], agent, model, _stream(doc),
-                      _params(doc))
+                      {**_params(doc), **_extensions(doc)})
 
 
 def embedding_inputs(doc: Mapping[str, Any]) -> tuple[list[str], str]:
@@ -201,7 +233,16 @@ def orion_object(result: Result) -> dict[str, Any]:
 
 
 def _finish_reason(result: Result) -> str:
+    if result.tool_calls:
+        return "tool_calls"
     return "length" if result.finish_reason == "length" else "stop"
+
+
+def _message(result: Result) -> dict[str, Any]:
+    if result.tool_calls:
+        return {"role": "assistant", "content": None,
+                "tool_calls": [call.as_dict() for call in result.tool_calls]}
+    return {"role": "assistant", "content": result.text}
 
 
 def _usage(result: Result) -> dict[str, int]:
@@ -217,7 +258,7 @@ def completion_body(kind: str, result: Result, created: int) -> dict[str, Any]:
     choice: dict[str, Any] = {"index": 0, "finish_reason": _finish_reason(result),
                               "logprobs": None}
     if kind == "chat":
-        choice["message"] = {"role": "assistant", "content": result.text}
+        choice["message"] = _message(result)
     else:
         choice["text"] = result.text
     return {"id": response_id(kind, result.request_id),
@@ -250,6 +291,17 @@ class Chunks:
             return self._event({"index": 0, "delta": delta, "finish_reason": None,
                                 "logprobs": None})
         return self._event({"index": 0, "text": text, "finish_reason": None, "logprobs": None})
+
+    def calls(self, result: Result) -> bytes:
+        """A chat answer held back until it ended (tools were offered): its tool call as one
+        delta in OpenAI's shape, or its text as one content delta."""
+        if not result.tool_calls:
+            return self.text(result.text)
+        self._first = False
+        calls = [{"index": i, **call.as_dict()} for i, call in enumerate(result.tool_calls)]
+        return self._event({"index": 0, "delta": {"role": "assistant", "content": None,
+                                                  "tool_calls": calls},
+                            "finish_reason": None, "logprobs": None})
 
     def end(self, result: Result) -> bytes:
         """The last chunk (finish reason, usage, our extras) and the `[DONE]` sentinel."""

@@ -77,8 +77,11 @@ def completion(kind: str, run: Callable[[], Awaitable[Any]]) -> Watched:
     return Watched(answer)
 
 
-def event_stream(kind: str, stream: ResponseStream, model: str) -> Watched:
-    """A streamed chat or text completion: Server-Sent Events from the first text on."""
+def event_stream(kind: str, stream: ResponseStream, model: str, *,
+                 whole: bool = False) -> Watched:
+    """A streamed chat or text completion: Server-Sent Events from the first text on.
+    `whole` (tools were offered) holds the answer back until it ends: only then is it known
+    to be a tool call, which OpenAI's clients expect as `tool_calls`, not as text."""
 
     async def answer(send: Send) -> None:
         chunks = Chunks(kind, stream.request_id, model, int(time.time()))
@@ -88,6 +91,8 @@ def event_stream(kind: str, stream: ResponseStream, model: str) -> Watched:
         async with aclosing(stream):
             try:
                 async for text in stream:
+                    if whole:
+                        continue
                     if not started:
                         await _start_events(send, {"x-orion-request-id": stream.request_id})
                         started = True
@@ -100,7 +105,9 @@ def event_stream(kind: str, stream: ResponseStream, model: str) -> Watched:
                     return
                 body = Chunks.error(failure(exc))
             else:
-                body = chunks.end(result)
+                # Held back: the whole answer first (which opens the message), then the end.
+                body = chunks.calls(result) if whole else b""
+                body += chunks.end(result)
                 if not started:  # nothing generated: still a stream, with its last chunk
                     await _start_events(send, result_headers(result))
         await send({"type": "http.response.body", "body": body, "more_body": False})

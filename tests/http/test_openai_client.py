@@ -277,3 +277,84 @@ def test_embeddings_with_the_openai_client_use_the_shared_minilm(make_server: Ma
     assert floats["data"][0]["embedding"] == pytest.approx(vectors.data[0].embedding, abs=1e-3)
     assert vectors.usage.prompt_tokens > 2
     assert "all-MiniLM-L6-v2" in ids
+
+
+# --- structured output, tool calls and context stores over HTTP -----------------------------
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+          "properties": {"name": {"type": "string", "maxLength": 12},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 120}}}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city"],
+                   "properties": {"city": {"type": "string", "maxLength": 10}}}}}
+
+
+def test_response_format_is_enforced_not_ignored(live: Live) -> None:
+    with _openai(live) as api:
+        completion = api.chat.completions.create(
+            model="long", messages=HELLO, max_tokens=200, temperature=0.9, seed=3,
+            response_format={"type": "json_schema", "json_schema": {  # type: ignore[arg-type]
+                "name": "person", "schema": PERSON, "strict": True}})
+    content = completion.choices[0].message.content
+    assert content is not None
+    value = json.loads(content)
+    assert set(value) == {"name", "age"} and 0 <= value["age"] <= 120
+    assert (completion.model_extra or {})["orion"]["parsed"] == value
+
+
+def test_a_tool_call_comes_back_in_openais_shape_and_the_next_turn_takes_it(
+        live: Live) -> None:
+    with _openai(live) as api:
+        completion = api.chat.completions.create(
+            model="long", messages=HELLO, max_tokens=200, tools=[WEATHER],  # type: ignore[list-item]
+            tool_choice="required")
+        choice = completion.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        (call,) = choice.message.tool_calls or ()
+        assert call.type == "function" and call.function.name == "get_weather"
+        assert set(json.loads(call.function.arguments)) == {"city"}
+        # The caller runs the tool and sends its result back, as with OpenAI's API.
+        turn = api.chat.completions.create(
+            model="long", max_tokens=4, tools=[WEATHER],  # type: ignore[list-item]
+            messages=[*HELLO, choice.message.model_dump(exclude_none=True),  # type: ignore[list-item]
+                      {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 21}'}],
+            tool_choice="none")
+    assert turn.choices[0].message.content is not None
+    record = wait_for_trace(live.trace_path, (turn.model_extra or {})["orion"]["request_id"])
+    said = [m["content"] for m in record["request"]["messages"]]
+    assert said[1].startswith("<tool_call>\n") and '"get_weather"' in said[1]
+    assert said[2] == '{"temp": 21}'
+
+
+def test_a_streamed_tool_call_arrives_as_tool_call_deltas(live: Live) -> None:
+    with _openai(live) as api:
+        stream = api.chat.completions.create(
+            model="long", messages=HELLO, max_tokens=200, tools=[WEATHER],  # type: ignore[list-item]
+            tool_choice="required", stream=True)
+        chunks = list(stream)
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert not any(d.content for d in deltas)  # the call's text is not sent as content
+    (call,) = [t for d in deltas for t in d.tool_calls or ()]
+    assert call.function is not None and call.function.name == "get_weather"
+    assert set(json.loads(call.function.arguments or "")) == {"city"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_bad_formats_and_unknown_stores_are_400_naming_the_field(live: Live) -> None:
+    with _openai(live) as api:
+        with pytest.raises(openai.BadRequestError) as bad_format:
+            api.chat.completions.create(model="long", messages=HELLO,
+                                        response_format={"type": "yaml"})  # type: ignore[arg-type,typeddict-item]
+        with pytest.raises(openai.BadRequestError) as no_store:
+            api.chat.completions.create(model="long", messages=HELLO,
+                                        extra_body={"context": "nope"})
+        with pytest.raises(openai.BadRequestError) as bad_call:
+            api.chat.completions.create(model="long", messages=[
+                *HELLO, {"role": "assistant", "tool_calls": [  # type: ignore[list-item]
+                    {"id": "x", "type": "function",
+                     "function": {"name": "f", "arguments": "not json"}}]}])
+    assert bad_format.value.body["param"] == "response_format.type"  # type: ignore[index]
+    assert no_store.value.body["param"] == "context"  # type: ignore[index]
+    assert "no context store named 'nope'" in no_store.value.message
+    assert bad_call.value.body["param"] == "messages[1].tool_calls"  # type: ignore[index]

@@ -86,6 +86,12 @@ def test_cli_commands_ask_the_running_server(
         caches = json.loads(capsys.readouterr().out)
         assert main(["run", "hello", "--agent", "nobody"]) == 1
         refused = capsys.readouterr().err
+        # Output formats and context stores go to the server too, not dropped on the way.
+        assert main(["run", "hello", "--agent", "long", "--regex", "[a-z]{3}",
+                     "--max-tokens", "8", "--json"]) == 0
+        formatted = json.loads(capsys.readouterr().out)
+        assert main(["run", "hello", "--context", "nope"]) == 1
+        no_store = capsys.readouterr().err
         process.terminate()
         assert process.wait(60) == 0
     assert ran["state"] == "success" and ran["agent"] == "conversation"
@@ -97,9 +103,11 @@ def test_cli_commands_ask_the_running_server(
     assert serving["state"] == "closed"
     assert set(caches["levels"]) == {"l1", "l2", "l3"}
     assert "error (invalid)" in refused and "unknown agent 'nobody'" in refused
+    assert re.fullmatch("[a-z]{3}", formatted["text"])
+    assert "no context store named 'nope'" in no_store
     records = read_trace_lines(trace)
     assert ran["trace_id"] in {r["trace_id"] for r in records}
-    assert len(records) == 3  # one line per request that came over HTTP
+    assert len(records) == 5  # one line per request that came over HTTP
 
 
 def test_a_server_nobody_runs_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]
