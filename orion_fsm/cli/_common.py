@@ -119,6 +119,27 @@ class CommandLoop:
     async def ask(self, prompt: str) -> None:
         raise NotImplementedError
 
+    # --- what the next prompts ask for -------------------------------------------------------
+
+    response_format: dict[str, Any] | None = None
+    context: str | None = None  # a context store prompts retrieve from
+
+    async def schema(self, arg: str) -> bool:
+        if not arg:
+            shown = "free text" if self.response_format is None else json.dumps(
+                self.response_format, ensure_ascii=False)
+            self.say(f"answers are {shown}")
+        elif arg == "off":
+            self.response_format = None
+            self.say("answers are free text again")
+        elif arg == "json":
+            self.response_format = {"type": "json_object"}
+            self.say("answers are JSON objects")
+        else:
+            self.response_format = schema_format(arg)  # unreadable -> the error, kept as was
+            self.say(f"answers follow the JSON schema in {arg}")
+        return True
+
     # --- one answer: Ctrl-C cancels it; then its footer ------------------------------------
 
     results: list[Result]

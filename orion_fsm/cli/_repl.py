@@ -8,7 +8,6 @@ keeps the conversation; slash commands look into the engine (/agents /stats /cac
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections import Counter
@@ -31,7 +30,7 @@ from orion_fsm import (
 )
 from orion_fsm.replay import replay
 
-from ._common import CommandLoop, Progress, schema_format
+from ._common import CommandLoop, Progress
 from ._remote import add_server_options, connect
 from ._repl_remote import RemoteSession
 from ._replay import report_lines
@@ -98,7 +97,7 @@ class Session(CommandLoop):
         self.asked = False
         self.conversation = engine.session(agent=self.agent)
         self._commands: dict[str, Callable[[str], Awaitable[bool]]] = {
-            "/agents": self._agents, "/agent": self._agent, "/schema": self._schema,
+            "/agents": self._agents, "/agent": self._agent, "/schema": self.schema,
             "/stats": self._stats, "/new": self._new,
             "/cache": self._cache, "/mem": self._mem, "/breakers": self._breakers,
             "/trace": self._trace, "/replay": self._replay, "/help": self._help,
@@ -148,22 +147,6 @@ class Session(CommandLoop):
             self.say(f"{mark} {spec.id:<16} {spec.role}{default}{fallback}")
         if self.agent is None:
             self.say("  prompts are routed; /agent NAME sends them to one agent")
-        return True
-
-    async def _schema(self, arg: str) -> bool:
-        if not arg:
-            shown = "free text" if self.response_format is None else json.dumps(
-                self.response_format, ensure_ascii=False)
-            self.say(f"answers are {shown}")
-        elif arg == "off":
-            self.response_format = None
-            self.say("answers are free text again")
-        elif arg == "json":
-            self.response_format = {"type": "json_object"}
-            self.say("answers are JSON objects")
-        else:
-            self.response_format = schema_format(arg)  # unreadable -> the error, kept as was
-            self.say(f"answers follow the JSON schema in {arg}")
         return True
 
     async def _context(self, name: str) -> bool:

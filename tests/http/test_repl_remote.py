@@ -59,3 +59,20 @@ async def test_a_remote_session_rates_the_last_answer_on_the_server(
     (record,) = FeedbackStore(default_feedback_path()).records()
     assert record.request_id == session.results[0].request_id
     assert record.correction == "Hello there!" and record.input == "hello"
+
+
+async def test_a_remote_session_sends_schema_and_context_to_the_server(
+        live: Live, registry_doc: dict[str, Any], write_registry: Callable[..., Path]) -> None:
+    args = argparse.Namespace(server=live.url, api_key=None, agent="long", max_tokens=200,
+                              temperature=None, cache_dir=None,
+                              registry=str(write_registry(registry_doc)))
+    out = io.StringIO()
+    async with connect(args) as server:
+        session = RemoteSession(server, args, out, help_text=_HELP, footer=_footer)
+        for line in ["/schema json", "hello", "/schema off", "/context nope", "hello"]:
+            assert await session.handle(line)
+    shown = out.getvalue()
+    (answered,) = session.results[:1]
+    assert isinstance(answered.parsed, dict)  # the server enforced the format
+    assert "prompts now retrieve from nope on the server" in shown
+    assert "no context store named 'nope'" in shown  # the server checked the name
