@@ -15,11 +15,6 @@ from orion_fsm import RequestFailed, Result, ToolCall
 AUTO: Final = "auto"  # the model id that lets the router pick the agent
 EMBEDDING_MODEL: Final = "all-MiniLM-L6-v2"
 RETRY_AFTER_S: Final = 1
-# OpenAI parameters the engine does not take but clients send: accepted and ignored.
-_IGNORED: Final = frozenset({"user", "stream_options", "n", "presence_penalty",
-                             "frequency_penalty", "logit_bias", "metadata",
-                             "store", "service_tier", "parallel_tool_calls", "suffix", "echo",
-                             "best_of", "logprobs", "top_logprobs"})
 # Engine field names that OpenAI spells differently.
 _PARAM_NAMES: Final = {"agent": "model"}
 
@@ -117,6 +112,8 @@ def _text(content: object, where: str) -> str:
 
 
 def _params(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """The sampling fields the engine takes. Fields it does not (`user`, `metadata`,
+    `logit_bias`, penalties, ...) are accepted and ignored, as OpenAI-compatible servers do."""
     n = doc.get("n")
     if n not in (None, 1):
         raise ApiError(400, f"n must be 1 (one choice per request), got {n!r}", param="n")
