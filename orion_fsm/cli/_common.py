@@ -124,6 +124,21 @@ class CommandLoop:
     response_format: dict[str, Any] | None = None
     context: str | None = None  # a context store prompts retrieve from
 
+    async def context_command(self, name: str) -> bool:
+        if not name:
+            self.say(f"prompts retrieve from {self.context!r}" if self.context
+                     else "no context store: /context NAME answers from one")
+        elif name == "off":
+            self.context = None
+            self.say("prompts no longer retrieve from a context store")
+        else:
+            await self.use_store(name)
+        return True
+
+    async def use_store(self, name: str) -> None:
+        """Retrieve from store `name` from the next prompt on."""
+        raise NotImplementedError
+
     async def schema(self, arg: str) -> bool:
         if not arg:
             shown = "free text" if self.response_format is None else json.dumps(

@@ -101,7 +101,7 @@ class Session(CommandLoop):
             "/stats": self._stats, "/new": self._new,
             "/cache": self._cache, "/mem": self._mem, "/breakers": self._breakers,
             "/trace": self._trace, "/replay": self._replay, "/help": self._help,
-            "/context": self._context, "/memory": self._memory,
+            "/context": self.context_command, "/memory": self._memory,
             "/good": self.good, "/bad": self.bad, "/fix": self.fix,
             "/quit": self._quit, "/exit": self._quit,
         }
@@ -149,19 +149,11 @@ class Session(CommandLoop):
             self.say("  prompts are routed; /agent NAME sends them to one agent")
         return True
 
-    async def _context(self, name: str) -> bool:
-        if not name:
-            self.say(f"prompts retrieve from {self.context!r}" if self.context
-                     else "no context store: /context NAME answers from one")
-        elif name == "off":
-            self.context = None
-            self.say("prompts no longer retrieve from a context store")
-        else:
-            stats = await (await self.engine.context(name, create=False)).stats()
-            self.context = name
-            self.say(f"prompts now retrieve from {name} ({stats.documents} documents, "
-                     f"{stats.tokens} tokens)")
-        return True
+    async def use_store(self, name: str) -> None:
+        stats = await (await self.engine.context(name, create=False)).stats()
+        self.context = name
+        self.say(f"prompts now retrieve from {name} ({stats.documents} documents, "
+                 f"{stats.tokens} tokens)")
 
     async def _agent(self, name: str) -> bool:
         if not name:

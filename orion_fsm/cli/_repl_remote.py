@@ -37,7 +37,7 @@ class RemoteSession(CommandLoop):
         self._help_text, self._footer = help_text, footer
         self._commands: dict[str, Callable[[str], Awaitable[bool]]] = {
             "/agents": self._agents, "/agent": self._agent, "/stats": self._stats,
-            "/schema": self.schema, "/context": self._context,
+            "/schema": self.schema, "/context": self.context_command,
             "/cache": self._cache, "/mem": self._mem, "/breakers": self._breakers,
             "/trace": self._trace, "/replay": self._replay, "/help": self._help,
             "/good": self.good, "/bad": self.bad, "/fix": self.fix,
@@ -72,17 +72,10 @@ class RemoteSession(CommandLoop):
 
     # --- commands -------------------------------------------------------------------------
 
-    async def _context(self, name: str) -> bool:
-        if not name:
-            self.say(f"prompts retrieve from {self.context!r}" if self.context
-                     else "no context store: /context NAME answers from one")
-        elif name == "off":
-            self.context = None
-            self.say("prompts no longer retrieve from a context store")
-        else:  # the server names a store it does not have at the first prompt
-            self.context = name
-            self.say(f"prompts now retrieve from {name} on the server")
-        return True
+    async def use_store(self, name: str) -> None:
+        # The server names a store it does not have at the first prompt.
+        self.context = name
+        self.say(f"prompts now retrieve from {name} on the server")
 
     async def _help(self, _: str) -> bool:
         self.say(self._help_text)
