@@ -82,6 +82,7 @@ from .services.context._eval import (
     evaluate_context,
     load_questions,
 )
+from .services.context._rerank import Reranker
 from .services.context._store import ContextStore
 from .services.context._store_values import AddResult, ContextHit, ContextStats
 from .services.feedback._store import (
@@ -203,6 +204,7 @@ __all__ = [
     "RegistryError",
     "Request",
     "RequestFailed",
+    "Reranker",
     "ResponseStream",
     "Result",
     "Retries",

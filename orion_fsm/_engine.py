@@ -6,6 +6,7 @@ loaded model; nothing outlives the block. Works under asyncio and trio (anyio).
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
@@ -60,6 +61,7 @@ from .services.context._memory import (
     session_store_name,
     summarised_turns,
 )
+from .services.context._rerank import Reranker, rerank_model
 from .services.context._store import ContextStore
 from .services.context._stores import ContextStores
 from .services.feedback._store import (
@@ -260,6 +262,7 @@ class Engine:
         frequent_patterns: Sequence[str] = FREQUENT_PATTERNS,
         contexts: Mapping[str, str | Path] | ContextSource | Literal[False] | None = None,
         context_capacity_tokens: int | None = None,
+        rerank: bool | str | Path = False,
         feedback: str | Path | Literal[False] | None = None,
         batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS,
         stream_interval_ms: float = DEFAULT_STREAM_INTERVAL_MS,
@@ -312,11 +315,15 @@ class Engine:
         # given); another ContextSource (replay) serves recorded chunks instead.
         self._stores: ContextStores | None = None
         self._contexts: ContextSource | None = None
+        # rerank: a small LM rereads the best chunks of each retrieval (see _rerank.py).
+        scorer = rerank_model(rerank)
         if isinstance(contexts, Mapping) or contexts is None:
             self._stores = ContextStores(
                 contexts_dir(root), tokenizer=self._store_tokenizer,
                 embeddings=self.embeddings, paths=contexts,
-                capacity_tokens=context_capacity_tokens)
+                capacity_tokens=context_capacity_tokens,
+                reranker=None if scorer is None else functools.partial(
+                    Reranker.open, model=scorer, cpu=self.cores))
             self._contexts = self._stores
         elif contexts is not False:
             self._contexts = contexts
@@ -414,6 +421,12 @@ class Engine:
         """Stores count tokens with the default agent's tokenizer (its model's sha256)."""
         prepared = await self.loader.prepare(self.registry.get(self.registry.default_agent))
         return prepared.tokenizer, prepared.sha256
+
+    async def reranker(self) -> Reranker | None:
+        """The reranker retrieval uses (`Engine(rerank=...)`), opened on first use and closed
+        with the Engine; None when this Engine does not rerank."""
+        self._running()
+        return None if self._stores is None else await self._stores.reranker()
 
     async def context(self, name: str, *, create: bool = True) -> ContextStore:
         """The context store `name` (created empty unless `create=False`), open while the

@@ -14,7 +14,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from orion_fsm import Engine, RequestFailed
+from orion_fsm.backends import llama_cpp_available
 from orion_fsm.services.observability import _attributes as attr
+from orion_fsm.testing import make_tiny_llama_gguf
 from orion_fsm.testing.replay import assert_replays
 from tests.conftest import agent, read_trace_lines
 
@@ -125,3 +127,30 @@ async def test_a_bad_context_top_k_is_refused_naming_it(
     assert caught.value.result is not None
     assert caught.value.result.error_reason == "invalid"
     assert [p.state for p in caught.value.result.phases][-1] == "validating"
+
+
+@pytest.mark.skipif(not llama_cpp_available(), reason="the reranker runs on llama.cpp")
+async def test_a_reranking_engine_records_the_reranked_chunks_and_replays_them(
+        make_engine: MakeEngine, tmp_path: Path,
+        spans: tuple[TracerProvider, InMemorySpanExporter]) -> None:
+    scorer = make_tiny_llama_gguf(tmp_path / "scorer.gguf", seed=11, llama_cpp_layout=True,
+                                  tied_embeddings=False)
+    async with make_engine(rerank=scorer) as engine:
+        await fill(engine)
+        result = await engine.infer("log entry sea", context="docs", agent="long",
+                                    max_tokens=4, context_top_k=3)
+        reranker = await engine.reranker()
+    assert reranker is not None and reranker.model == scorer
+    (record,) = read_trace_lines(tmp_path / "traces" / "test.jsonl")
+    retrieved = record["context"]["retrieved"]
+    assert len(retrieved) == 3  # the best 3 of the reranker's 12
+    assert len({h["rerank_rank"] for h in retrieved}) == 3
+    assert all(h["likelihood"] < 0 and "reranker #" in h["why"] for h in retrieved)
+    assert [c.chunk_id for c in result.citations] == record["context"]["used"]
+    (retrieving,) = [s for s in spans[1].get_finished_spans()
+                     if s.attributes and attr.CONTEXT_RERANKED in s.attributes]
+    assert retrieving.attributes[attr.CONTEXT_RERANKED] is True  # type: ignore[index]
+    shutil.rmtree(tmp_path / "cache" / "contexts")
+    report = await assert_replays(record, registry=engine.registry)  # no store, no scorer
+    assert report.replayed is not None
+    assert report.replayed["context"]["retrieved"] == retrieved

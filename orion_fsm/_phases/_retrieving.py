@@ -39,6 +39,7 @@ async def retrieving(services: Services, state: RequestState) -> str:
         return "invalid"
     state.retrieved = tuple(hits)
     state.notes[attr.CONTEXT_RETRIEVED] = [str(h.chunk_id) for h in hits]
+    state.notes[attr.CONTEXT_RERANKED] = any(h.rerank_rank is not None for h in hits)
     return "retrieved"
 
 

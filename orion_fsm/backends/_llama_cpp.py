@@ -7,6 +7,7 @@ those joining) in one `llama_batch`. `LlamaSequence` is one slot, a `Model` like
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import importlib.util
 import logging
@@ -67,6 +68,17 @@ _GATHER_MAX_S: Final = 0.025
 _OPENMP_ENV: Final = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "300000"}
 _backend_ready = threading.Lock()
 _backend_started = False
+# llama-cpp-python 0.3.36 reads ggml's log levels by an older enum, in which 3 meant an error;
+# it is WARN now (DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5), so every load printed warnings
+# such as "control-looking token" to stderr. Only errors are printed; the callback is kept
+# referenced for as long as llama.cpp may call it.
+_GGML_LOG_ERROR: Final = 4
+_log_callback: Any = None
+
+
+def _log(level: int, text: bytes, _: Any) -> None:
+    if level == _GGML_LOG_ERROR:
+        sys.stderr.write(text.decode("utf-8", "replace"))
 
 
 def llama_cpp_available() -> bool:
@@ -88,7 +100,10 @@ def _llama() -> Any:
         ) from exc
     with _backend_ready:
         if not _backend_started:
+            global _log_callback
             logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+            _log_callback = llama.llama_log_callback(_log)
+            llama.llama_log_set(_log_callback, ctypes.c_void_p(0))
             llama.llama_backend_init()
             _backend_started = True
     return llama

@@ -65,6 +65,13 @@ def _read_file(path: str, what: str) -> str:
         raise OrionError(f"cannot read the {what} {path}: {exc.strerror}") from None
 
 
+def add_rerank_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rerank", action="store_true",
+                        help="context retrieval: a small LM (Gemma 3 270M on llama.cpp) rereads "
+                        "the best 12 chunks and ranks them by how likely the question is after "
+                        "each; better recall, ~0.4 s a chunk")
+
+
 def schema_format(path: str) -> dict[str, Any]:
     """OpenAI's json_schema response_format around the schema in `path`."""
     return {"type": "json_schema", "json_schema": {

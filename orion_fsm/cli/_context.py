@@ -13,6 +13,8 @@ import anyio
 
 from orion_fsm import ContextStore, Engine, OrionError, evaluate_context, load_questions
 
+from ._common import add_rerank_option
+
 _DEFAULT_STORE = "default"
 _MODES = ("fused", "lexical", "semantic")
 
@@ -40,6 +42,7 @@ def add_parser(sub: Any) -> None:
     search.add_argument("--top-k", type=int, default=5)
     search.add_argument("--mode", choices=_MODES, default="fused")
     search.add_argument("--json", action="store_true")
+    add_rerank_option(search)
     stats = command("stats", "documents, chunks, tokens, capacity, embeddings, disk")
     stats.add_argument("--json", action="store_true")
     rm = command("rm", "remove a document (by name or id)")
@@ -52,17 +55,20 @@ def add_parser(sub: Any) -> None:
     ev.add_argument("--top-k", type=int, default=5)
     ev.add_argument("--mode", choices=_MODES, default="fused")
     ev.add_argument("--json", action="store_true")
+    add_rerank_option(ev)
     context.set_defaults(handler=lambda args: anyio.run(_context, args))
 
 
 async def _context(args: argparse.Namespace) -> int:
     semantic = not args.lexical_only and getattr(args, "mode", "fused") != "lexical"
     engine = Engine(registry=args.registry, cache_dir=args.cache_dir, trace_path=False,
-                    warm_up=False, embeddings=None if semantic else False)
+                    warm_up=False, embeddings=None if semantic else False,
+                    rerank=getattr(args, "rerank", False))
     failure: OrionError | None = None
     async with engine:
         try:
             store = await engine.context(args.store, create=args.context_command == "add")
+            args.reranker = await engine.reranker()
             return await _HANDLERS[args.context_command](store, args)
         except OrionError as exc:
             failure = exc  # raised outside the engine's block: one line, not a group
@@ -101,7 +107,7 @@ async def _add(store: ContextStore, args: argparse.Namespace) -> int:
 
 
 async def _search(store: ContextStore, args: argparse.Namespace) -> int:
-    hits = await store.search(args.query, args.top_k, mode=args.mode)
+    hits = await store.search(args.query, args.top_k, mode=args.mode, reranker=args.reranker)
     if args.json:
         print(json.dumps([h.as_dict() for h in hits], ensure_ascii=False, indent=2))
         return 0
@@ -150,11 +156,12 @@ async def _eval(store: ContextStore, args: argparse.Namespace) -> int:
     questions = load_questions(args.file)
     if store.embeddings is not None and args.mode != "lexical":
         await store.wait_embedded()
-    report = await evaluate_context(store, questions, top_k=args.top_k, mode=args.mode)
+    report = await evaluate_context(store, questions, top_k=args.top_k, mode=args.mode,
+                                    reranker=args.reranker)
     if args.json:
         print(json.dumps(report.as_dict(), ensure_ascii=False, indent=2))
         return 0
-    print(f"recall@{args.top_k} ({args.mode}): {report.recall:.3f} "
+    print(f"recall@{args.top_k} ({report.mode}): {report.recall:.3f} "
           f"({report.hits}/{report.questions})")
     for miss in report.misses:
         print(f"  miss: {miss.query!r} (expected {miss.answer!r})")

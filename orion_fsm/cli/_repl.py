@@ -30,7 +30,7 @@ from orion_fsm import (
 )
 from orion_fsm.replay import replay
 
-from ._common import CommandLoop, Progress
+from ._common import CommandLoop, Progress, add_rerank_option
 from ._remote import add_server_options, connect
 from ._repl_remote import RemoteSession
 from ._replay import report_lines
@@ -74,6 +74,7 @@ def add_parser(sub: Any) -> None:
                       "$XDG_STATE_HOME/orion-fsm/traces/orion-fsm.jsonl)")
     repl.add_argument("--history", help="history file (default: repl-history in the cache dir)")
     add_server_options(repl)
+    add_rerank_option(repl)
     # prompt_toolkit runs on asyncio only.
     repl.set_defaults(handler=lambda args: anyio.run(_repl, args, backend="asyncio"))
 
@@ -329,7 +330,7 @@ async def _repl(args: argparse.Namespace) -> int:
         return 0
     progress = Progress(enabled=sys.stderr.isatty())
     engine = Engine(registry=args.registry, trace_path=args.trace_file, progress=progress,
-                    cache_dir=args.cache_dir,
+                    cache_dir=args.cache_dir, rerank=args.rerank,
                     embeddings=None if args.router == "embedding" else False)
     async with engine:
         await _loop(prompts, Session(engine, args, sys.stdout))

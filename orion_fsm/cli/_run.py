@@ -12,7 +12,7 @@ import anyio
 
 from orion_fsm import TRACE_FILE_ENV, Engine, RequestFailed, Result
 
-from ._common import Progress, add_format_options, format_request
+from ._common import Progress, add_format_options, add_rerank_option, format_request
 from ._remote import add_server_options, connect
 from ._trace import lanes
 
@@ -35,6 +35,7 @@ def add_parser(sub: Any) -> None:
     run.add_argument("--context-top-k", type=int, metavar="K",
                      help="chunks to retrieve with --context (default 8, as many as fit go in): "
                      "fewer make a shorter prompt, read sooner")
+    add_rerank_option(run)
     run.add_argument("--router", choices=("embedding", "rules"), default="embedding",
                      help="how to pick the agent when --agent is not given (default: embedding)")
     run.add_argument("--trace-file", default=os.environ.get(TRACE_FILE_ENV),
@@ -122,6 +123,7 @@ async def _run(args: argparse.Namespace) -> int:
     # A one-shot command: no warm-up of embeddings nobody else will use.
     engine = Engine(registry=args.registry, trace_path=args.trace_file, progress=progress,
                     embeddings=None if args.router == "embedding" else False, warm_up=False,
+                    rerank=args.rerank,
                     cache_dir=args.cache_dir)
     params: dict[str, Any] = {"agent": args.agent, "max_tokens": args.max_tokens,
                               "temperature": args.temperature, "seed": args.seed,

@@ -21,6 +21,8 @@ from orion_fsm import (
     Engine,
 )
 
+from ._common import add_rerank_option
+
 
 def add_parser(sub: Any) -> None:
     serve = sub.add_parser("serve", help="serve the engine over HTTP (OpenAI-compatible API, "
@@ -55,6 +57,7 @@ def add_parser(sub: Any) -> None:
                        help="on SIGTERM, seconds in-flight requests get to finish before they "
                        f"are cancelled (default: {DEFAULT_SHUTDOWN_GRACE_S})")
     serve.add_argument("--threads", type=int, help="ggml threads per model")
+    add_rerank_option(serve)
     serve.add_argument("--access-log", action="store_true", help="log every HTTP request")
     serve.set_defaults(handler=_serve)
 
@@ -74,7 +77,8 @@ def _serve(args: argparse.Namespace) -> int:
     def engine(meter_provider: MeterProvider) -> Engine:
         return Engine(registry=args.registry, trace_path=args.trace_file,
                       cache_dir=args.cache_dir, meter_provider=meter_provider,
-                      embeddings=None if args.router == "embedding" else False, **limits)
+                      embeddings=None if args.router == "embedding" else False,
+                      rerank=args.rerank, **limits)
 
     app = create_app(engine, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
     sock = bind(args.host, args.port)

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from orion_fsm.backends import llama_cpp_available
 from orion_fsm.cli import main
 
 WriteRegistry = Callable[[dict[str, Any]], Path]
@@ -112,3 +113,19 @@ def test_run_context_top_k_bounds_the_citations(cli: Callable[..., int], docs: P
                "--trace-file", str(tmp_path / "t.jsonl")) == 0
     result = out_json(capsys)
     assert [c["document"] for c in result["citations"]] == ["docs/fuel.md"]
+
+
+@pytest.mark.skipif(not llama_cpp_available(), reason="the reranker runs on llama.cpp")
+def test_search_and_eval_rerank_with_gemma(cli: Callable[..., int], docs: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli("context", "add", str(docs), "--store", "lh", "--lexical-only") == 0
+    capsys.readouterr()
+    assert cli("context", "search", "How long does the paraffin last?", "--store", "lh",
+               "--lexical-only", "--rerank", "--json") == 0
+    hits = out_json(capsys)
+    assert hits and all(h["rerank_rank"] >= 1 and h["likelihood"] < 0 for h in hits)
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"query": "How long does the paraffin last?", "answer": "eleven"}\n')
+    assert cli("context", "eval", str(questions), "--store", "lh", "--lexical-only",
+               "--rerank") == 0
+    assert "recall@5 (fused+rerank): 1.000 (1/1)" in capsys.readouterr().out

@@ -10,11 +10,14 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orion_fsm._exceptions import ContextError
 
 from ._store import ContextStore, SearchMode
+
+if TYPE_CHECKING:
+    from ._rerank import Reranker
 
 __all__ = ["ContextEval", "ContextQuestion", "evaluate_context", "holds_answer",
            "load_questions"]
@@ -103,7 +106,8 @@ def load_questions(path: str | Path) -> list[ContextQuestion]:
 
 
 async def evaluate_context(store: ContextStore, questions: Sequence[ContextQuestion], *,
-                           top_k: int = 5, mode: SearchMode = "fused") -> ContextEval:
+                           top_k: int = 5, mode: SearchMode = "fused",
+                           reranker: Reranker | None = None) -> ContextEval:
     import time
 
     misses = []
@@ -111,11 +115,12 @@ async def evaluate_context(store: ContextStore, questions: Sequence[ContextQuest
     timings = []
     for q in questions:
         started = time.perf_counter()
-        hits = await store.search(q.query, top_k, mode=mode)
+        hits = await store.search(q.query, top_k, mode=mode, reranker=reranker)
         timings.append((time.perf_counter() - started) * 1e3)
         strict_hits += any(holds_answer(h.heading, h.text, q.answer, strict=True)
                            for h in hits)
         if not any(holds_answer(h.heading, h.text, q.answer) for h in hits):
             misses.append(q)
-    return ContextEval(mode, top_k, len(questions), len(questions) - len(misses),
+    return ContextEval(mode if reranker is None else f"{mode}+rerank", top_k, len(questions),
+                       len(questions) - len(misses),
                        strict_hits, tuple(misses), tuple(timings))

@@ -11,6 +11,7 @@ join when ready.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import threading
 import time
@@ -54,6 +55,8 @@ if TYPE_CHECKING:
     import sqlite3
 
     import numpy as np
+
+    from ._rerank import Reranker
 
 __all__ = [
     "ContextStore",
@@ -155,6 +158,19 @@ def _list_files(paths: Sequence[str | Path], suffixes: tuple[str, ...]
         else:
             raise ContextError(f"no file or folder at {path}: check the path")
     return files
+
+
+async def _reranked(reranker: Reranker, query: str, hits: list[ContextHit]
+                    ) -> list[ContextHit]:
+    """`hits` (best first) in the order of their two ranks fused, as the search fuses its
+    rankers: the search's own and the reranker's likelihood of the question."""
+    likelihoods = await reranker.likelihoods(query, [(h.heading, h.text) for h in hits])
+    order = sorted(range(len(hits)), key=lambda i: -likelihoods[i])
+    rank = {i: r for r, i in enumerate(order, 1)}
+    scored = [dataclasses.replace(h, score=1.0 / (_RRF_K + i + 1) + 1.0 / (_RRF_K + rank[i]),
+                                  rerank_rank=rank[i], likelihood=likelihoods[i])
+              for i, h in enumerate(hits)]
+    return sorted(scored, key=lambda h: -h.score)
 
 
 def _embedding_text(heading: str, text: str) -> str:
@@ -542,10 +558,11 @@ class ContextStore:
 
     # --- searching --------------------------------------------------------------------------
 
-    async def search(self, query: str, top_k: int = 5, *,
-                     mode: SearchMode = "fused") -> list[ContextHit]:
+    async def search(self, query: str, top_k: int = 5, *, mode: SearchMode = "fused",
+                     reranker: Reranker | None = None) -> list[ContextHit]:
         """The `top_k` best chunks for `query`: BM25 and embedding ranks fused (RRF); BM25
-        alone while vectors are not computed yet (or `mode="lexical"`)."""
+        alone while vectors are not computed yet (or `mode="lexical"`). A `reranker` reads
+        the best `reranker.candidates` and its ranking is fused in (RRF again)."""
         if top_k < 1:
             raise ContextError(f"top_k must be at least 1, got {top_k}")
         pool = max(50, top_k * 10)
@@ -560,13 +577,17 @@ class ContextStore:
         for ranking in (lexical, semantic):
             for rank, (chunk_id, _) in enumerate(ranking, 1):
                 fused[chunk_id] = fused.get(chunk_id, 0.0) + 1.0 / (_RRF_K + rank)
-        best = sorted(fused, key=lambda c: -fused[c])[:top_k]
+        wanted = top_k if reranker is None else max(top_k, reranker.candidates)
+        best = sorted(fused, key=lambda c: -fused[c])[:wanted]
         if not best:
             return []
         lex_rank = {c: r for r, (c, _) in enumerate(lexical, 1)}
         sem = {c: (r, s) for r, (c, s) in enumerate(semantic, 1)}
-        return await anyio.to_thread.run_sync(self._hits, best, fused, lex_rank, sem,
+        hits = await anyio.to_thread.run_sync(self._hits, best, fused, lex_rank, sem,
                                               query_terms(query), limiter=self._read_limiter)
+        if reranker is None:
+            return hits
+        return (await _reranked(reranker, query, hits))[:top_k]
 
     def _bm25(self, terms: Sequence[str], limit: int) -> list[tuple[int, float]]:
         if not terms:

@@ -46,6 +46,8 @@ class ContextHit:
     semantic_rank: int | None = None
     similarity: float | None = None  # cosine with the query
     matched_terms: tuple[str, ...] = ()
+    rerank_rank: int | None = None  # 1-based rank by the reranker's likelihood, if reranked
+    likelihood: float | None = None  # mean log-probability of the question after the chunk
 
     @property
     def why(self) -> str:
@@ -55,6 +57,8 @@ class ContextHit:
             parts.append(f"BM25 #{self.lexical_rank} ({terms})")
         if self.semantic_rank is not None:
             parts.append(f"embedding #{self.semantic_rank} (cosine {self.similarity:.2f})")
+        if self.rerank_rank is not None:
+            parts.append(f"reranker #{self.rerank_rank} (log-likelihood {self.likelihood:.2f})")
         return "; ".join(parts) or "no ranker"
 
     @classmethod
@@ -64,7 +68,8 @@ class ContextHit:
                    int(d["position"]), str(d.get("heading") or ""), str(d.get("text") or ""),
                    int(d.get("tokens") or 0), float(d.get("score") or 0.0),
                    d.get("lexical_rank"), d.get("semantic_rank"), d.get("similarity"),
-                   tuple(d.get("matched_terms") or ()))
+                   tuple(d.get("matched_terms") or ()), d.get("rerank_rank"),
+                   d.get("likelihood"))
 
     def as_dict(self, *, text: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -74,6 +79,9 @@ class ContextHit:
             "lexical_rank": self.lexical_rank, "semantic_rank": self.semantic_rank,
             "similarity": None if self.similarity is None else round(self.similarity, 4),
             "matched_terms": list(self.matched_terms), "why": self.why}
+        if self.rerank_rank is not None:  # absent otherwise: older traces keep their shape
+            out["rerank_rank"] = self.rerank_rank
+            out["likelihood"] = None if self.likelihood is None else round(self.likelihood, 4)
         if text:
             out["text"] = self.text
         return out

@@ -19,6 +19,7 @@ from ._store import ContextStore
 from ._store_values import ContextHit
 
 if TYPE_CHECKING:
+    from ._rerank import Reranker
     from ._store import TextEmbedder
 
 __all__ = ["ContextStores", "TokenizerSource"]
@@ -42,8 +43,13 @@ class ContextStores:
                  embeddings: TextEmbedder | None,
                  paths: Mapping[str, str | Path] | None = None,
                  capacity_tokens: int | None = None,
-                 chunking: ChunkingConfig | None = None) -> None:
+                 chunking: ChunkingConfig | None = None,
+                 reranker: Callable[[], Awaitable[Reranker]] | None = None) -> None:
         self.root = root
+        # Opens the reranker on the first retrieval that needs it (its model: ~0.3 s, 0.3 GB).
+        self._open_reranker = reranker
+        self._reranker: Reranker | None = None
+        self._reranker_lock = anyio.Lock()
         self._tokenizer = tokenizer
         self._embeddings = embeddings
         self._paths = {check_store_name(n): Path(p).expanduser() for n, p in
@@ -86,6 +92,9 @@ class ContextStores:
         stores, self._open = list(self._open.values()), {}
         for store in stores:
             await store.aclose()
+        reranker, self._reranker = self._reranker, None
+        if reranker is not None:
+            await reranker.aclose()
 
     async def get(self, name: str, *, create: bool = True) -> ContextStore:
         """The open store `name`; created empty if missing and `create`."""
@@ -110,5 +119,20 @@ class ContextStores:
             self._open[name] = store
             return store
 
+    @property
+    def reranks(self) -> bool:
+        """Whether retrieval reranks (the Engine was given `rerank=`)."""
+        return self._open_reranker is not None
+
     async def retrieve(self, store: str, query: str, top_k: int) -> Sequence[ContextHit]:
-        return await (await self.get(store, create=False)).search(query, top_k)
+        opened = await self.get(store, create=False)
+        return await opened.search(query, top_k, reranker=await self.reranker())
+
+    async def reranker(self) -> Reranker | None:
+        """The reranker, opened on first use; None when the Engine does not rerank."""
+        if self._open_reranker is None or self._reranker is not None:
+            return self._reranker
+        async with self._reranker_lock:
+            if self._reranker is None:
+                self._reranker = await self._open_reranker()
+        return self._reranker

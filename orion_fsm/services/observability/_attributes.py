@@ -115,6 +115,7 @@ PREFILLED_TOKENS: Final = "orion.prefilled_tokens"
 # Retrieval from a context store (the `retrieving` phase and the prompt it feeds).
 CONTEXT_STORE: Final = "orion.context.store"
 CONTEXT_RETRIEVED: Final = "orion.context.retrieved"  # chunk ids found, best first
+CONTEXT_RERANKED: Final = "orion.context.reranked"  # a model reread and reordered them
 CONTEXT_CHUNKS: Final = "orion.context.chunks"  # chunk ids put into the prompt
 CONTEXT_DOCUMENTS: Final = "orion.context.documents"
 CONTEXT_TOKENS: Final = "orion.context.tokens"
