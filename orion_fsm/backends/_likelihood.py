@@ -32,6 +32,9 @@ class LikelihoodScorer:
     def __init__(self, model_path: Path, *, context_length: int = _CONTEXT,
                  threads: int = 1) -> None:
         llama = self._llama = _llama()
+        # Held by a score and by close(): a search cancelled mid-score leaves its thread
+        # running, and the Engine's exit must not free the context under it.
+        self._lock = threading.Lock()
         self.model_path = model_path
         self.context_length = context_length
         self._threads = threads
@@ -64,7 +67,6 @@ class LikelihoodScorer:
         except BaseException:
             self.close()
             raise
-        self._lock = threading.Lock()
 
     def tokenize(self, text: str) -> list[int]:
         """`text` in the model's own vocabulary (no BOS, special tokens read as text)."""
@@ -121,6 +123,10 @@ class LikelihoodScorer:
         return float(total / len(continuation))
 
     def close(self) -> None:
+        with self._lock:
+            self._free()
+
+    def _free(self) -> None:
         llama = self._llama
         if self._batch is not None:
             llama.llama_batch_free(self._batch)
