@@ -19,7 +19,7 @@ import numpy as np
 from orion_fsm._exceptions import ModelLoadError
 
 from ._generation import CoreGate
-from ._llama_cpp import _llama
+from ._llama_cpp import _llama, free_native, load_model
 
 __all__ = ["LikelihoodScorer"]
 
@@ -38,12 +38,7 @@ class LikelihoodScorer:
         self.model_path = model_path
         self.context_length = context_length
         self._threads = threads
-        mparams = llama.llama_model_default_params()
-        mparams.n_gpu_layers = 0
-        model = llama.llama_model_load_from_file(str(model_path).encode(), mparams)
-        if not model:
-            raise ModelLoadError(f"llama.cpp could not load {model_path}; check that it is a "
-                                 "GGUF model of an architecture this llama.cpp knows")
+        model = load_model(llama, model_path)
         self._model: Any = model
         self._ctx: Any = None
         self._batch: Any = None
@@ -127,16 +122,8 @@ class LikelihoodScorer:
             self._free()
 
     def _free(self) -> None:
-        llama = self._llama
-        if self._batch is not None:
-            llama.llama_batch_free(self._batch)
-            self._batch = None
-        if self._ctx is not None:
-            llama.llama_free(self._ctx)
-            self._ctx = None
-        if self._model is not None:
-            llama.llama_model_free(self._model)
-            self._model = None
+        free_native(self._llama, self._batch, self._ctx, self._model)
+        self._batch = self._ctx = self._model = None
 
     def __enter__(self) -> LikelihoodScorer:
         return self

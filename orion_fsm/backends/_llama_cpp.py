@@ -109,6 +109,27 @@ def _llama() -> Any:
     return llama
 
 
+def load_model(llama: Any, model_path: Path) -> Any:
+    """A llama.cpp model on the CPU; ModelLoadError naming the file when llama.cpp refuses it."""
+    mparams = llama.llama_model_default_params()
+    mparams.n_gpu_layers = 0
+    model = llama.llama_model_load_from_file(str(model_path).encode(), mparams)
+    if not model:
+        raise ModelLoadError(f"llama.cpp could not load {model_path}; check that it is a "
+                             "GGUF model of an architecture this llama.cpp knows")
+    return model
+
+
+def free_native(llama: Any, batch: Any, ctx: Any, model: Any) -> None:
+    """Free what llama.cpp allocated, the batch and context before their model."""
+    if batch is not None:
+        llama.llama_batch_free(batch)
+    if ctx is not None:
+        llama.llama_free(ctx)
+    if model is not None:
+        llama.llama_model_free(model)
+
+
 @dataclass(eq=False)
 class _Job:
     """One generation in the decode loop; everything but `events`/`outcome` is the loop's."""
@@ -162,12 +183,7 @@ class LlamaRuntime:
         self.context_length = context_length
         self.sequences = sequences
         self._threads = threads or usable_cores()
-        mparams = llama.llama_model_default_params()
-        mparams.n_gpu_layers = 0
-        model = llama.llama_model_load_from_file(str(model_path).encode(), mparams)
-        if not model:
-            raise ModelLoadError(f"llama.cpp could not load {model_path}; check that it is a "
-                                 "GGUF model of an architecture this llama.cpp knows")
+        model = load_model(llama, model_path)
         self._model = model
         self._ctx: Any = None
         self._batch: Any = None
@@ -255,16 +271,8 @@ class LlamaRuntime:
             self._thread.join()
 
     def _free(self) -> None:
-        llama = self._llama
-        if self._batch is not None:
-            llama.llama_batch_free(self._batch)
-            self._batch = None
-        if self._ctx is not None:
-            llama.llama_free(self._ctx)
-            self._ctx = None
-        if self._model is not None:
-            llama.llama_model_free(self._model)
-            self._model = None
+        free_native(self._llama, self._batch, self._ctx, self._model)
+        self._batch = self._ctx = self._model = None
 
     # --- jobs -------------------------------------------------------------------------------
 
