@@ -14,7 +14,6 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from orion_fsm import Engine, RequestFailed
-from orion_fsm.backends import llama_cpp_available
 from orion_fsm.services.observability import _attributes as attr
 from orion_fsm.testing import make_tiny_llama_gguf
 from orion_fsm.testing.replay import assert_replays
@@ -129,7 +128,6 @@ async def test_a_bad_context_top_k_is_refused_naming_it(
     assert [p.state for p in caught.value.result.phases][-1] == "validating"
 
 
-@pytest.mark.skipif(not llama_cpp_available(), reason="the reranker runs on llama.cpp")
 async def test_a_reranking_engine_records_the_reranked_chunks_and_replays_them(
         make_engine: MakeEngine, tmp_path: Path,
         spans: tuple[TracerProvider, InMemorySpanExporter]) -> None:

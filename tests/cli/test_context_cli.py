@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from orion_fsm.backends import llama_cpp_available
 from orion_fsm.cli import main
 
 WriteRegistry = Callable[[dict[str, Any]], Path]
@@ -115,7 +114,6 @@ def test_run_context_top_k_bounds_the_citations(cli: Callable[..., int], docs: P
     assert [c["document"] for c in result["citations"]] == ["docs/fuel.md"]
 
 
-@pytest.mark.skipif(not llama_cpp_available(), reason="the reranker runs on llama.cpp")
 def test_search_and_eval_rerank_with_gemma(cli: Callable[..., int], docs: Path, tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     assert cli("context", "add", str(docs), "--store", "lh", "--lexical-only") == 0

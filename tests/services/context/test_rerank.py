@@ -1,6 +1,7 @@
 """Reranking by query likelihood: the score a llama.cpp model gives (checked against the
 model's full logits), the search that fuses it in, and the settings that refuse what cannot
-run. On a tiny random llama.cpp model: its likelihoods are arbitrary but exact."""
+run. On a tiny random llama.cpp model: its likelihoods are arbitrary but exact. The
+reranker runs on llama.cpp, which `make test` installs (the llama-cpp extra)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,9 @@ import numpy as np
 import pytest
 
 from orion_fsm import ConfigurationError, ContextStore, Engine, Reranker
-from orion_fsm.backends import llama_cpp_available
 from orion_fsm.backends._likelihood import LikelihoodScorer
 from orion_fsm.testing import make_tiny_llama_gguf
 from tests.services.context.conftest import WordTokenizer
-
-pytestmark = pytest.mark.skipif(not llama_cpp_available(),
-                                reason="the reranker runs on llama.cpp (the llama-cpp extra)")
 
 DOCS = {
     "lamp.md": "# Lamp\n\nThe keeper lights the lamp at dusk and trims the wick at midnight.\n",
