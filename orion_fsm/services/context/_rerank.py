@@ -12,6 +12,7 @@ The model is Gemma 3 270M on llama.cpp by default (a base model: it scores text 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -24,6 +25,7 @@ from orion_fsm.backends import LLAMA_CPP_EXTRA, llama_cpp_available, resolve_pac
 
 if TYPE_CHECKING:
     from orion_fsm.backends._likelihood import LikelihoodScorer
+    from orion_fsm.services.context._store_values import ContextHit
     from orion_fsm.services.models._cpu import CpuAllotter
 
 __all__ = ["DEFAULT_RERANK_CANDIDATES", "Reranker", "rerank_model"]
@@ -105,6 +107,18 @@ class Reranker:
         return [await anyio.to_thread.run_sync(self._score, f"Passage: {heading}\n{text}",
                                                asked)
                 for heading, text in passages]
+
+    async def rerank(self, question: str, hits: Sequence[ContextHit], *, rrf_k: float
+                     ) -> list[ContextHit]:
+        """`hits` (the search's order) in the order of their two ranks fused by reciprocal
+        rank with `rrf_k`, as the search fuses its own: its rank and the likelihood's."""
+        likelihoods = await self.likelihoods(question, [(h.heading, h.text) for h in hits])
+        order = sorted(range(len(hits)), key=lambda i: -likelihoods[i])
+        rank = {i: r for r, i in enumerate(order, 1)}
+        scored = [dataclasses.replace(h, score=1.0 / (rrf_k + i + 1) + 1.0 / (rrf_k + rank[i]),
+                                      rerank_rank=rank[i], likelihood=likelihoods[i])
+                  for i, h in enumerate(hits)]
+        return sorted(scored, key=lambda h: -h.score)
 
     def _score(self, passage: str, asked: list[int]) -> float:
         prefix = [*self._scorer.tokenize(passage)[:_PASSAGE_TOKENS], *self._tail]

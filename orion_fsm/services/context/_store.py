@@ -11,7 +11,6 @@ join when ready.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import threading
 import time
@@ -158,19 +157,6 @@ def _list_files(paths: Sequence[str | Path], suffixes: tuple[str, ...]
         else:
             raise ContextError(f"no file or folder at {path}: check the path")
     return files
-
-
-async def _reranked(reranker: Reranker, query: str, hits: list[ContextHit]
-                    ) -> list[ContextHit]:
-    """`hits` (best first) in the order of their two ranks fused, as the search fuses its
-    rankers: the search's own and the reranker's likelihood of the question."""
-    likelihoods = await reranker.likelihoods(query, [(h.heading, h.text) for h in hits])
-    order = sorted(range(len(hits)), key=lambda i: -likelihoods[i])
-    rank = {i: r for r, i in enumerate(order, 1)}
-    scored = [dataclasses.replace(h, score=1.0 / (_RRF_K + i + 1) + 1.0 / (_RRF_K + rank[i]),
-                                  rerank_rank=rank[i], likelihood=likelihoods[i])
-              for i, h in enumerate(hits)]
-    return sorted(scored, key=lambda h: -h.score)
 
 
 def _embedding_text(heading: str, text: str) -> str:
@@ -587,7 +573,7 @@ class ContextStore:
                                               query_terms(query), limiter=self._read_limiter)
         if reranker is None:
             return hits
-        return (await _reranked(reranker, query, hits))[:top_k]
+        return (await reranker.rerank(query, hits, rrf_k=_RRF_K))[:top_k]
 
     def _bm25(self, terms: Sequence[str], limit: int) -> list[tuple[int, float]]:
         if not terms:
