@@ -60,7 +60,7 @@ def rerank_model(choice: bool | str | Path) -> Path | None:
 
 class Reranker:
     """A scoring model, opened in a worker thread, and the rule that fuses its ranking with
-    the search's. `async with Reranker.open(cache_dir) as reranker:`."""
+    the search's. `async with await Reranker.open() as reranker:`."""
 
     def __init__(self, scorer: LikelihoodScorer, *,
                  candidates: int = DEFAULT_RERANK_CANDIDATES,

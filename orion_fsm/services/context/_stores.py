@@ -119,11 +119,6 @@ class ContextStores:
             self._open[name] = store
             return store
 
-    @property
-    def reranks(self) -> bool:
-        """Whether retrieval reranks (the Engine was given `rerank=`)."""
-        return self._open_reranker is not None
-
     async def retrieve(self, store: str, query: str, top_k: int) -> Sequence[ContextHit]:
         opened = await self.get(store, create=False)
         return await opened.search(query, top_k, reranker=await self.reranker())
