@@ -35,11 +35,12 @@ def add_parser(sub: Any) -> None:
                     "eval/README.md) and score the answers per agent, temperature and category. "
                     "Without --agents each question goes to the agent it is labelled with.")
     ev.add_argument("file", metavar="FILE")
-    ev.add_argument("--agents", metavar="A,B", help="agents that answer every question "
-                    "(default: each question's labelled agent)")
+    ev.add_argument("--agents", metavar="A,B", help="agents that answer every question, "
+                    "virtual ones (code+logic) included (default: each question's labelled "
+                    "agent)")
     ev.add_argument("--temperatures", metavar="T,T", default="default",
                     help="comma-separated temperatures; 'default' is each agent's registry "
-                    "default (the default)")
+                    "default, a virtual agent's members' own (the default)")
     add_sampling_options(ev)
     ev.add_argument("--json", action="store_true", help="print the report (with every answer) "
                     "as one JSON object")
@@ -146,7 +147,7 @@ def tally_text(tally: Tally) -> str:
 
 
 def score_lines(score: AgentScore, label: str | None = None) -> list[str]:
-    lines = [f"{label or score.agent} @ temperature {score.temperature:g}: "
+    lines = [f"{label or score.agent} @ {score.setting}: "
              f"{tally_text(score.overall)}"]
     lines += [f"    {name:<14} {tally_text(t)}" for name, t in score.categories.items()]
     return lines

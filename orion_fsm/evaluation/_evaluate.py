@@ -57,7 +57,7 @@ class Answer:
     category: str
     agent: str  # the agent asked
     served_by: str | None  # the agent that answered (another one after a fallback)
-    temperature: float
+    temperature: float | None  # None: a virtual agent's members at their own defaults
     seed: int
     passed: bool
     text: str
@@ -76,9 +76,15 @@ class AgentScore:
     """One agent at one temperature: overall and per category."""
 
     agent: str
-    temperature: float
+    temperature: float | None  # None: a virtual agent's members at their own defaults
     overall: Tally
     categories: Mapping[str, Tally]
+
+    @property
+    def setting(self) -> str:
+        """The temperature it was measured at, in words."""
+        return ("its members' default temperatures" if self.temperature is None
+                else f"temperature {self.temperature:g}")
 
     def as_dict(self) -> dict[str, Any]:
         return {"agent": self.agent, "temperature": self.temperature,
@@ -102,9 +108,10 @@ class AnswerReport:
         found = [s for s in self.scores if s.agent == agent
                  and (temperature is None or s.temperature == temperature)]
         if len(found) != 1:
-            measured = ", ".join(f"{s.agent}@{s.temperature:g}" for s in self.scores)
-            raise EvaluationError(f"no single score for agent {agent!r} at temperature "
-                                  f"{temperature}; measured: {measured}")
+            measured = ", ".join(f"{s.agent} at {s.setting}" for s in self.scores)
+            at = "any temperature" if temperature is None else f"temperature {temperature:g}"
+            raise EvaluationError(f"no single score for agent {agent!r} at {at}; measured: "
+                                  f"{measured}")
         return found[0]
 
     def as_dict(self) -> dict[str, Any]:
@@ -141,7 +148,7 @@ def compare(a: AgentScore, b: AgentScore) -> Comparison:
 class _Ask:
     question: AnswerQuestion
     agent: str
-    temperature: float
+    temperature: float | None
     seed: int
 
 
@@ -157,13 +164,17 @@ def _plan(engine: Engine, questions: Sequence[AnswerQuestion], agents: Sequence[
     if samples < 1:
         raise EvaluationError(f"samples must be at least 1; got {samples}")
     asked = list(dict.fromkeys(agents if agents is not None else (q.agent for q in questions)))
-    unknown = [a for a in asked if a not in engine.registry.agents]
+    registry = engine.registry
+    known = [*registry.agents, *registry.virtual]
+    unknown = [a for a in asked if a not in known]
     if unknown:
         raise EvaluationError(f"unknown agent(s) {', '.join(unknown)}; the registry has "
-                              f"{', '.join(engine.registry.agents)}")
+                              f"{', '.join(known)}")
     plan = []
     for agent in asked:
-        default = engine.registry.get(agent).generation.temperature
+        # A virtual agent has no temperature of its own: by default each member keeps its.
+        default = (None if agent in registry.virtual
+                   else registry.get(agent).generation.temperature)
         mine = [q for q in questions if agents is not None or q.agent == agent]
         for temperature in dict.fromkeys(default if t is None else float(t) for t in wanted):
             # Greedy decoding ignores the seed: one sample says all there is.

@@ -55,6 +55,22 @@ def test_eval_prints_accuracy_per_agent_temperature_and_category(
     assert len(read_trace_lines(tmp_path / "trace.jsonl")) == 9
 
 
+def test_eval_scores_a_virtual_agent_at_its_members_defaults(
+        registry_doc: dict[str, Any], write_registry: WriteRegistry, answers: Path,
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    registry = write_registry({**registry_doc, "virtual_agents": [{
+        "id": "duo", "description": "two members",
+        "members": [{"agent": "conversation", "role": "solution", "weight": 0.6},
+                    {"agent": "code", "role": "explanation", "weight": 0.4}],
+        "early_stop": {"policy": "none"}}]})
+    assert main(["--registry", str(registry), "--cache-dir", str(tmp_path / "c"), "eval",
+                 str(answers), "--agents", "duo,conversation",
+                 "--trace-file", str(tmp_path / "trace.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert "duo @ its members' default temperatures: " in out
+    assert "conversation @ temperature 0: " in out
+
+
 def test_eval_json_holds_every_score_and_answer(cli: Callable[..., int], answers: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     assert cli("eval", str(answers), "--agents", "code,conversation", "--categories", "easy",

@@ -115,3 +115,31 @@ async def test_a_question_labelled_with_an_unknown_agent_is_refused(
     async with make_engine() as engine:
         with pytest.raises(EvaluationError, match="unknown agent\\(s\\) logic"):
             await evaluate_answers(engine, [question("x", "c", ANY, "logic")])
+
+
+async def test_a_virtual_agent_is_scored_like_its_members_on_the_same_questions(
+        make_engine: Callable[..., Engine], registry_doc: dict[str, Any],
+        tmp_path: Path) -> None:
+    doc = {**registry_doc, "virtual_agents": [{
+        "id": "duo", "description": "two members",
+        "members": [{"agent": "conversation", "role": "solution", "weight": 0.6},
+                    {"agent": "code", "role": "explanation", "weight": 0.4}],
+        "early_stop": {"policy": "none"}}]}
+    async with make_engine(doc) as engine:
+        report = await evaluate_answers(engine, QUESTIONS[:3],
+                                        agents=["duo", "conversation", "code"],
+                                        temperatures=[None, 0])
+    # Its default is each member's own temperature: no single number stands for it.
+    assert [(s.agent, s.temperature) for s in report.scores] == [
+        ("duo", None), ("duo", 0.0), ("conversation", 0.0), ("code", 0.0)]
+    duo = report.score("duo", 0)
+    assert (duo.overall.correct, duo.overall.total) == (2, 3)
+    assert report.scores[0].setting == "its members' default temperatures"
+    fused = [a for a in report.answers if a.agent == "duo"]
+    assert all(a.served_by == "duo" and a.error is None for a in fused)
+    # The fused answer holds both members' greedy answers, the solution's first.
+    by_agent = {(a.agent, a.question_id): a.text for a in report.answers if a.temperature == 0}
+    assert by_agent[("duo", "a1")] == "\n\n".join(
+        t.strip() for t in (by_agent[("conversation", "a1")], by_agent[("code", "a1")]))
+    records = read_trace_lines(tmp_path / "traces" / "test.jsonl")
+    assert len(records) == len(report.answers)
