@@ -75,4 +75,74 @@ def bench_answers(quick: bool = False) -> dict[str, Any]:
             "agents": table, "checks": checks}
 
 
-BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {"answers": bench_answers}
+def _no_early_stop() -> Any:
+    """The default registry with code+logic's early stop off: both members always answer."""
+    from orion_fsm import Registry
+
+    doc = json.loads((ROOT / "models.json").read_text(encoding="utf-8"))
+    virtual = next(v for v in doc["virtual_agents"] if v["id"] == VIRTUAL)
+    virtual["early_stop"]["policy"] = "none"
+    return Registry.from_dict(doc)
+
+
+VIRTUAL = "code+logic"
+
+
+def bench_virtual_answers(quick: bool = False) -> dict[str, Any]:
+    """Issue 12's answer quality: code+logic (as shipped, and with early stop off, i.e. always
+    the fusion of both answers) against its members alone, on the questions labelled for
+    either member (code, arithmetic, logic), greedy: one deterministic answer each, so the
+    comparison is of the agents, not of sampling luck."""
+    questions = [q for q in load_answer_set(ANSWERS) if q.agent in ("code", "logic")]
+    if quick:
+        questions = questions[::3]
+
+    async def scored(registry: Any, agents: list[str]) -> Any:
+        async with Engine(registry=registry, trace_path=False, embeddings=False,
+                          warm_up=False) as engine:
+            # One at a time: a virtual request already takes both cores.
+            return await evaluate_answers(engine, questions, agents=agents, temperatures=[0],
+                                          max_tokens=MAX_TOKENS, concurrency=1)
+
+    async def main() -> tuple[Any, Any, float]:
+        started = time.perf_counter()
+        shipped = await scored(None, [VIRTUAL, "code", "logic"])
+        fused = await scored(_no_early_stop(), [VIRTUAL])
+        return shipped, fused, time.perf_counter() - started
+
+    shipped, fused, elapsed = anyio.run(main)
+    configs = {f"{VIRTUAL} (leader_first early stop, as shipped)": shipped.score(VIRTUAL),
+               f"{VIRTUAL} (no early stop: fusion of both)": fused.score(VIRTUAL),
+               "code alone": shipped.score("code"), "logic alone": shipped.score("logic")}
+    passed = {label: {a.question_id: a.passed for a in (fused if "fusion" in label
+                                                        else shipped).answers
+                      if a.agent == score.agent} for label, score in configs.items()}
+    best_member = max(configs["code alone"], configs["logic alone"],
+                      key=lambda s: s.overall.accuracy)
+    best_label = "code alone" if best_member is configs["code alone"] else "logic alone"
+    table, checks = {}, []
+    for label, score in configs.items():
+        row: dict[str, Any] = {
+            "accuracy": round(score.overall.accuracy, 4),
+            "ci95": [round(x, 4) for x in score.overall.interval], "n": score.overall.total,
+            "failed": score.overall.failed,
+            "categories": {c: round(t.accuracy, 4) for c, t in score.categories.items()}}
+        if score.agent == VIRTUAL:
+            versus = compare(best_member, score)
+            mine, theirs = passed[label], passed[best_label]
+            row |= {f"minus_{best_label.replace(' ', '_')}": round(versus.difference, 4),
+                    "ci95_of_difference": [round(versus.low, 4), round(versus.high, 4)],
+                    # Paired, question by question: right where the member was wrong, and
+                    # the reverse.
+                    "gained": sum(mine[q] and not theirs[q] for q in mine),
+                    "lost": sum(theirs[q] and not mine[q] for q in mine)}
+            checks.append(check(f"{label}: accuracy minus {best_label}'s", versus.difference,
+                                "not significantly below 0 (Newcombe 95 %)",
+                                versus.verdict != "worse"))
+        table[label] = row
+    return {"questions": len(questions), "temperature": 0, "max_tokens": MAX_TOKENS,
+            "elapsed_s": round(elapsed, 1), "configurations": table, "checks": checks}
+
+
+BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {"answers": bench_answers,
+                                                        "virtual_answers": bench_virtual_answers}
