@@ -179,13 +179,20 @@ def _tool_prompt(tools: Sequence[Mapping[str, Any]]) -> str:
 
 
 def prompt_messages(messages: Sequence[Message], system_prompt: str | None,
-                    fmt: OutputFormat | None) -> list[tuple[str, str]]:
+                    fmt: OutputFormat | None, instruction: str | None = None
+                    ) -> list[tuple[str, str]]:
     """(role, content) turns for the chat template: the agent's system prompt with the tools
-    offered, and tool results as user turns wrapped in <tool_response> (Qwen2.5's way)."""
+    offered, and tool results as user turns wrapped in <tool_response> (Qwen2.5's way).
+    `instruction` (a virtual member's part of the answer) ends the system turn."""
     turns = [(m.role, m.content) if m.role != "tool" else
              ("user", f"<tool_response>\n{m.content}\n</tool_response>") for m in messages]
     if system_prompt and not any(role == "system" for role, _ in turns):
         turns.insert(0, ("system", system_prompt))
+    if instruction:
+        if turns and turns[0][0] == "system":
+            turns[0] = ("system", f"{turns[0][1]} {instruction}")
+        else:
+            turns.insert(0, ("system", instruction))
     tool_prompt = fmt.tool_prompt if fmt is not None else None
     if tool_prompt is None:
         return turns

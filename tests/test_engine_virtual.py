@@ -481,3 +481,30 @@ def test_a_bad_virtual_agent_is_refused_with_its_path(
     with pytest.raises(RegistryError, match=message) as caught:
         Registry.from_dict(doc)
     assert caught.value.json_path == path
+
+
+async def test_a_members_instruction_ends_its_system_turn_whoever_serves_it(
+    make_engine: MakeEngine, registry_doc: dict[str, Any],
+) -> None:
+    plain = {**registry_doc, "virtual_agents": [_virtual()]}
+    told = _virtual()
+    told["members"][0]["instruction"] = "Give only the result; the other member explains it."
+    instructed = {**registry_doc, "virtual_agents": [told]}
+    async with make_engine(plain) as engine:
+        before = await engine.infer("hello", agent="duo", system="Be brief.")
+    async with make_engine(instructed) as engine:
+        after = await engine.infer("hello", agent="duo", system="Be brief.")
+        spec = engine.registry.virtual["duo"]
+    assert [m.instruction for m in spec.members] == [told["members"][0]["instruction"], None]
+    # The solution's prompt grew by the instruction (after the caller's own system text);
+    # the explanation member, told nothing, saw the same prompt as before.
+    assert after.members[0].tokens.input > before.members[0].tokens.input + 8
+    assert after.members[1].tokens.input == before.members[1].tokens.input
+    assert after.members[1].text == before.members[1].text
+
+
+def test_a_members_instruction_must_not_be_empty(registry_doc: dict[str, Any]) -> None:
+    told = _virtual()
+    told["members"][1]["instruction"] = ""
+    with pytest.raises(RegistryError, match="instruction"):
+        Registry.from_dict({**registry_doc, "virtual_agents": [told]})

@@ -69,7 +69,8 @@ async def loading_agent(services: Services, state: RequestState) -> str:
         state.notes.update({attr.CONTEXT_CHUNKS: [str(h.chunk_id) for h in used],
                             attr.CONTEXT_DOCUMENTS: list(dict.fromkeys(h.document for h in used)),
                             attr.CONTEXT_TOKENS: sum(h.tokens for h in used)})
-    turns = prompt_messages(messages, agent.system_prompt, state.output_format)
+    turns = prompt_messages(messages, agent.system_prompt, state.output_format,
+                            state.instruction)
     state.prompt_turns = tuple(turns)
     prompt = agent.chat_template.render(turns)
     ids = await prompt_token_ids(services, prompt, prepared, state.notes)

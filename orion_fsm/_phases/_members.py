@@ -285,6 +285,7 @@ def _member_run(services: Services, state: RequestState, member: VirtualMember,
         breakers_at_start=state.breakers_at_start, priority=state.priority)
     child.chain = services.registry.fallback_chain(member.agent)
     child.token_scores = True  # early stop and the member's confidence read them
+    child.instruction = member.instruction
     return MemberRun(member, child, weight)
 
 

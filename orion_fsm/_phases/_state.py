@@ -89,6 +89,7 @@ class RequestState:
     prompt_turns: tuple[tuple[str, str], ...] = ()  # what prompt_ids render (for feedback)
     sampling: SamplingParams | None = None
     token_scores: bool = False  # each token's log-probability kept (a virtual member)
+    instruction: str | None = None  # a virtual member's part of the answer (its system turn)
     # Called after each generated chunk is recorded, in the thread that generates it (a
     # virtual leader's: its followers join the moment its answer shows it is not simple).
     on_tokens: Callable[[], None] | None = None

@@ -133,8 +133,8 @@ def _agent_row(spec: AgentSpec) -> dict[str, Any]:
 
 def _virtual_row(spec: VirtualSpec) -> dict[str, Any]:
     return {"id": spec.id, "virtual": True, "description": spec.description,
-            "members": [{"agent": m.agent, "role": m.role, "weight": round(m.weight, 4)}
-                        for m in spec.members],
+            "members": [{"agent": m.agent, "role": m.role, "weight": round(m.weight, 4),
+                         "instruction": m.instruction} for m in spec.members],
             "fusion": {"strategy": spec.strategy, "weights": spec.weights,
                        "min_weight": spec.min_weight},
             "early_stop": {"policy": spec.early_stop, "threshold": spec.threshold,

@@ -137,6 +137,9 @@ class VirtualMember:
     agent: str
     role: str  # "solution" | "explanation": the region of the parallel state it runs in
     weight: float  # fixed weight, normalised over the members
+    # Its part of the answer, told to its model (appended to the serving agent's system
+    # prompt); None: it answers the request in full.
+    instruction: str | None = None
 
 
 @dataclass(frozen=True)
@@ -329,7 +332,8 @@ def _virtual(raw: Mapping[str, Any]) -> VirtualSpec:
     return VirtualSpec(
         id=raw["id"],
         description=raw["description"],
-        members=tuple(VirtualMember(m["agent"], m["role"], float(m.get("weight", 0.5)) / total)
+        members=tuple(VirtualMember(m["agent"], m["role"], float(m.get("weight", 0.5)) / total,
+                                    m.get("instruction"))
                       for m in members),
         strategy=fusion.get("strategy", defaults.strategy),
         weights=fusion.get("weights", defaults.weights),
