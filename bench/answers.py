@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 
 from bench._common import check
+from bench.virtual import _registry
 from orion_fsm import Engine, compare, evaluate_answers, load_answer_set
 
 ROOT = Path(__file__).parent.parent
@@ -75,16 +76,6 @@ def bench_answers(quick: bool = False) -> dict[str, Any]:
             "agents": table, "checks": checks}
 
 
-def _no_early_stop() -> Any:
-    """The default registry with code+logic's early stop off: both members always answer."""
-    from orion_fsm import Registry
-
-    doc = json.loads((ROOT / "models.json").read_text(encoding="utf-8"))
-    virtual = next(v for v in doc["virtual_agents"] if v["id"] == VIRTUAL)
-    virtual["early_stop"]["policy"] = "none"
-    return Registry.from_dict(doc)
-
-
 VIRTUAL = "code+logic"
 
 
@@ -107,16 +98,17 @@ def bench_virtual_answers(quick: bool = False) -> dict[str, Any]:
     async def main() -> tuple[Any, Any, float]:
         started = time.perf_counter()
         shipped = await scored(None, [VIRTUAL, "code", "logic"])
-        fused = await scored(_no_early_stop(), [VIRTUAL])
+        # The default registry with early stop off: both members always answer.
+        fused = await scored(_registry(policy="none"), [VIRTUAL])
         return shipped, fused, time.perf_counter() - started
 
     shipped, fused, elapsed = anyio.run(main)
-    configs = {f"{VIRTUAL} (leader_first early stop, as shipped)": shipped.score(VIRTUAL),
-               f"{VIRTUAL} (no early stop: fusion of both)": fused.score(VIRTUAL),
-               "code alone": shipped.score("code"), "logic alone": shipped.score("logic")}
-    passed = {label: {a.question_id: a.passed for a in (fused if "fusion" in label
-                                                        else shipped).answers
-                      if a.agent == score.agent} for label, score in configs.items()}
+    runs = {f"{VIRTUAL} (leader_first early stop, as shipped)": (shipped, VIRTUAL),
+            f"{VIRTUAL} (no early stop: fusion of both)": (fused, VIRTUAL),
+            "code alone": (shipped, "code"), "logic alone": (shipped, "logic")}
+    configs = {label: report.score(agent) for label, (report, agent) in runs.items()}
+    passed = {label: {a.question_id: a.passed for a in report.answers if a.agent == agent}
+              for label, (report, agent) in runs.items()}
     best_member = max(configs["code alone"], configs["logic alone"],
                       key=lambda s: s.overall.accuracy)
     best_label = "code alone" if best_member is configs["code alone"] else "logic alone"
